@@ -1,0 +1,63 @@
+"""Per-example attack losses.
+
+Every loss maps logits ``[B, K]`` (and labels ``[B]`` int) to a per-example loss
+``[B]`` float32 that an untargeted attacker *maximises*. Attacks sum the per-example
+losses before differentiating, so each example's gradient depends only on its own
+loss (as long as the model itself is per-example, i.e. BatchNorm in eval mode).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[..., jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy ``[B]`` with optional label smoothing.
+
+  Smoothing follows PyTorch's ``CrossEntropyLoss(label_smoothing=s)``: the target puts
+  ``1 - s + s/K`` on the true class and ``s/K`` on every other class.
+  """
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return -jnp.sum(onehot * log_probs, axis=-1)
+
+
+def margin(logits: jax.Array, labels: jax.Array, *, kappa: float | None = None) -> jax.Array:
+  """Carlini-Wagner margin ``max_{j != y} z_j - z_y`` ``[B]``.
+
+  Positive means misclassified. With ``kappa`` the loss is clipped at ``kappa``
+  (``min(margin, kappa)``), the C&W-inf form used by the papers' "C&W" rows: once the
+  margin exceeds kappa the example stops contributing gradient.
+  """
+  logits = logits.astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  true_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+  other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
+  value = other - true_logit
+  if kappa is not None:
+    value = jnp.minimum(value, kappa)
+  return value
+
+
+def kl_divergence(probs_ref: jax.Array, logits: jax.Array) -> jax.Array:
+  """``KL(p_ref || softmax(logits))`` per example ``[B]``.
+
+  ``probs_ref`` are fixed reference probabilities (TRADES: the clean prediction,
+  computed once before the attack). Terms with ``p_ref = 0`` contribute 0, matching
+  PyTorch's ``KLDivLoss``.
+  """
+  log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_p = jnp.log(jnp.where(probs_ref > 0, probs_ref, 1.0))
+  return jnp.sum(jnp.where(probs_ref > 0, probs_ref * (log_p - log_q), 0.0), axis=-1)
+
+
+LOSSES = ("ce", "margin", "kl")

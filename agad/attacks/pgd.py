@@ -1,0 +1,218 @@
+"""Projected gradient descent (Madry et al. 2018) and FGSM, L-inf and L2.
+
+An attack is an ``init``/``step`` pair of pure functions plus a driver
+(``agad.attacks.driver``):
+
+    state = pgd_init(key, x0, eps=..., norm=..., random_start=...)
+    state = pgd_step(loss_fn, x0, eps, step_size, state)   # repeated `steps` times
+
+``loss_fn(x) -> [B]`` (or ``loss_fn(x, key)`` for randomised models) is any per-example
+loss the attacker maximises (descends when ``targeted``). ``pgd`` builds it from a
+``logits_fn`` and a named loss; ``pgd_general`` takes it directly (TRADES' KL attack,
+targeted attacks, adaptive attacks through auxiliary heads).
+
+Update rules (per example, ``g = grad of sum_b loss_b``):
+  L-inf: x <- P(x + a * sign(g));  L2: x <- P(x + a * g / ||g||_2)
+with ``P`` the projection onto the eps-ball around ``x0`` intersected with [0, 1]^d.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from agad.attacks import driver as driver_lib
+from agad.attacks import losses
+
+NORMS = ("linf", "l2")
+RANDOM_STARTS = ("uniform", "normal", "none")
+
+
+class PGDState(NamedTuple):
+  x: jax.Array    # [B, H, W, C] current iterate
+  key: jax.Array  # PRNG key for randomised models
+
+
+def _per_example(value: jax.Array | float, x: jax.Array) -> jax.Array:
+  """Scalar or ``[B]`` -> array broadcastable against ``x`` ``[B, ...]``."""
+  value = jnp.asarray(value, jnp.float32)
+  if value.ndim == 1:
+    if value.shape[0] != x.shape[0]:
+      raise ValueError(f"per-example eps/step has shape {value.shape}, batch is {x.shape[0]}")
+    value = value.reshape((-1,) + (1,) * (x.ndim - 1))
+  elif value.ndim != 0:
+    raise ValueError(f"eps/step must be a scalar or [B], got shape {value.shape}")
+  return value
+
+
+def _l2_norm(v: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
+
+
+def project(x: jax.Array, x0: jax.Array, eps: jax.Array | float, norm: str = "linf") -> jax.Array:
+  """Projects ``x`` onto ``{||x - x0|| <= eps} ∩ [0, 1]^d``."""
+  eps = _per_example(eps, x0)
+  delta = x - x0
+  if norm == "linf":
+    delta = jnp.clip(delta, -eps, eps)
+  elif norm == "l2":
+    delta = delta * jnp.minimum(1.0, eps / (_l2_norm(delta) + 1e-12))
+  else:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
+  return jnp.clip(x0 + delta, 0.0, 1.0)
+
+
+def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
+             random_start: str = "uniform") -> PGDState:
+  """Starting point: x0, x0 + U(-eps, eps) (L2: uniform in the ball) or x0 + 0.001 N(0, 1)."""
+  start_key, key = jax.random.split(key)
+  eps_b = _per_example(eps, x0)
+  if random_start == "none":
+    x = x0
+  elif random_start == "normal":
+    x = x0 + 0.001 * jax.random.normal(start_key, x0.shape, x0.dtype)
+  elif random_start == "uniform":
+    if norm == "linf":
+      x = x0 + jax.random.uniform(start_key, x0.shape, x0.dtype, -1.0, 1.0) * eps_b
+    else:
+      k1, k2 = jax.random.split(start_key)
+      direction = jax.random.normal(k1, x0.shape, x0.dtype)
+      direction = direction / (_l2_norm(direction) + 1e-12)
+      dim = x0[0].size
+      radius = jax.random.uniform(k2, (x0.shape[0],) + (1,) * (x0.ndim - 1)) ** (1.0 / dim)
+      x = x0 + direction * radius * eps_b
+  else:
+    raise ValueError(f"random_start {random_start!r} is not one of {RANDOM_STARTS}")
+  if norm not in NORMS:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
+  # TRADES' 0.001 N(0,1) start is clipped to [0, 1] only (it is far inside the ball).
+  return PGDState(x=project(x, x0, eps, norm) if random_start != "normal" else jnp.clip(x, 0.0, 1.0),
+                  key=key)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
+  """The step function for a static configuration (cached so jit caches hit)."""
+
+  def step(loss_fn, x0, eps, step_size, state: PGDState) -> PGDState:
+    key, sub = jax.random.split(state.key)
+    if stochastic:
+      total = lambda x: jnp.sum(loss_fn(x, sub))
+    else:
+      total = lambda x: jnp.sum(loss_fn(x))
+    grad = jax.grad(total)(state.x)
+    if targeted:
+      grad = -grad
+    size = _per_example(step_size, x0)
+    if norm == "linf":
+      x = state.x + size * jnp.sign(grad)
+    else:
+      x = state.x + size * grad / (_l2_norm(grad) + 1e-12)
+    return PGDState(x=project(x, x0, eps, norm), key=key)
+
+  return step
+
+
+def pgd_step(loss_fn, x0, eps, step_size, state: PGDState, *, norm: str = "linf",
+             targeted: bool = False, stochastic: bool = False) -> PGDState:
+  """One PGD step (see module docstring)."""
+  return _step_rule(norm, targeted, stochastic)(loss_fn, x0, eps, step_size, state)
+
+
+def pgd_general(loss_fn: Callable, images: jax.Array, key: jax.Array, *, eps, step_size,
+                steps: int, norm: str = "linf", random_start: str = "uniform",
+                targeted: bool = False, stochastic: bool = False, driver: str = "auto",
+                chunk: int = 10) -> jax.Array:
+  """PGD maximising (or, if ``targeted``, minimising) a per-example ``loss_fn(x) -> [B]``.
+
+  Args:
+    loss_fn: ``x [B,H,W,C] -> [B]`` (``(x, key) -> [B]`` if ``stochastic``). For the
+      ``"host"`` driver pass a ``jax.tree_util.Partial`` to avoid a recompile per call.
+    images: ``[B, H, W, C]`` float32 in [0, 1].
+    eps, step_size: scalars or ``[B]``.
+  Returns:
+    ``[B, H, W, C]`` adversarial images in the eps-ball and in [0, 1], gradient-stopped.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  state = pgd_init(key, images, eps=eps, norm=norm, random_start=random_start)
+  step = Partial(_step_rule(norm, targeted, stochastic), driver_lib.as_partial(loss_fn),
+                 images, jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
+  state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
+  return jax.lax.stop_gradient(state.x)
+
+
+@functools.lru_cache(maxsize=None)
+def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothing: float) -> Callable:
+  """``(logits_fn, labels, probs_ref, x[, key]) -> [B]`` for a loss name or callable."""
+  if callable(loss):
+    per_example = loss
+  elif loss == "ce":
+    per_example = functools.partial(losses.cross_entropy, label_smoothing=label_smoothing)
+  elif loss == "margin":
+    per_example = functools.partial(losses.margin, kappa=kappa)
+  elif loss == "kl":
+    per_example = None
+  else:
+    raise ValueError(f"loss {loss!r} is not one of {losses.LOSSES} or a callable")
+
+  def fn(logits_fn, labels, probs_ref, x, key=None):
+    logits = logits_fn(x, key) if stochastic else logits_fn(x)
+    if per_example is None:
+      return losses.kl_divergence(probs_ref, logits)
+    return per_example(logits, labels)
+
+  return fn
+
+
+def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+        eps, step_size, steps: int, norm: str = "linf", random_start: str = "uniform",
+        loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
+        kappa: float | None = None, label_smoothing: float = 0.0, driver: str = "auto",
+        chunk: int = 10) -> jax.Array:
+  """PGD on a classifier. Stable public entry point.
+
+  Args:
+    logits_fn: ``images [B,H,W,C] float32 in [0,1] -> logits [B,K]``; with
+      ``stochastic=True`` it is called as ``logits_fn(images, key)`` with a fresh key
+      per step. Pass a ``jax.tree_util.Partial`` (e.g. from ``agad.make_logits_fn``) so
+      repeated calls reuse compiled code.
+    images: ``[B, H, W, C]`` float32 in [0, 1].
+    labels: ``[B]`` int true labels (targets when ``targeted``).
+    key: PRNG key (random start and randomised models).
+    eps, step_size: scalar or ``[B]`` in [0, 1] pixel units (L-inf) or L2 norm units.
+    steps: number of gradient steps.
+    norm: ``"linf"`` (sign steps) or ``"l2"`` (normalised gradient steps).
+    random_start: ``"uniform"``, ``"normal"`` (0.001 N(0, 1), as TRADES) or ``"none"``.
+    loss: ``"ce"``, ``"margin"`` (C&W, clipped at ``kappa`` if given), ``"kl"``
+      (``KL(p_clean || p_adv)`` with clean probabilities computed once) or a callable
+      ``(logits, labels) -> [B]``.
+    targeted: labels are targets and the loss is descended.
+  Returns:
+    Adversarial images ``[B, H, W, C]``, inside the ball and [0, 1], gradient-stopped.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f"labels shape {labels.shape} does not match batch {images.shape[0]}")
+  logits_fn = driver_lib.as_partial(logits_fn)
+  probs_ref = None
+  if loss == "kl":
+    clean = logits_fn(images, key) if stochastic else logits_fn(images)
+    probs_ref = jax.lax.stop_gradient(jax.nn.softmax(clean.astype(jnp.float32), axis=-1))
+  loss_fn = Partial(_named_loss(loss, stochastic, kappa, label_smoothing), logits_fn, labels, probs_ref)
+  return pgd_general(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
+                     random_start=random_start, targeted=targeted, stochastic=stochastic,
+                     driver=driver, chunk=chunk)
+
+
+def fgsm(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
+         norm: str = "linf", loss: str | Callable = "ce", **kwargs) -> jax.Array:
+  """FGSM (Goodfellow et al. 2015): one step of size eps from the clean image."""
+  return pgd(logits_fn, images, labels, key, eps=eps, step_size=eps, steps=1, norm=norm,
+             random_start="none", loss=loss, **kwargs)

@@ -1,0 +1,246 @@
+"""``train_and_evaluate(config, workdir)``: the whole training program.
+
+Resumes from the latest checkpoint in ``workdir`` automatically (exactly: TrainState
+and the input iterator state are restored together), refuses to resume when a
+trajectory field of the config changed, validates on a split carved from train after
+every epoch and keeps the best checkpoint by validation robust accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from agad import data as data_lib
+from agad.training import builders
+from agad.training import checkpoint as ckpt_lib
+from agad.training import records
+from agad.training import sharding
+from agad.training import step as step_lib
+from agad.training.state import TrainState, init_train_state
+
+# Config fields that define the training trajectory: resuming with any of them
+# changed would silently mix two different runs.
+TRAJECTORY_FIELDS = ("seed", "batch_size", "num_epochs", "model", "objective", "attack",
+                     "data", "optim", "ema_decay", "init")
+
+
+def trajectory(config: Any) -> dict:
+  full = json.loads(config.to_json_best_effort())
+  return {k: full.get(k) for k in TRAJECTORY_FIELDS}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def trajectory_diff(old: dict, new: dict) -> list[str]:
+  a, b = _flatten(old), _flatten(new)
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+class Trainer:
+  """Builds everything once; ``run()`` trains to the end (or ``stop_after_steps``)."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.mesh = sharding.make_mesh()
+    sharding.check_divisible(config.batch_size, self.mesh)
+    self.exp = builders.build_experiment(config)
+    self.steps_per_epoch = data_lib.steps_per_epoch(len(self.exp.splits.train), config.batch_size)
+    self.total_steps = int(math.ceil(config.num_epochs * self.steps_per_epoch))
+    self.tx, self.schedule = builders.build_optimizer(config, self.exp, self.steps_per_epoch)
+    self.train_traces = 0  # Python-side trace counter: must stay 1 per process.
+
+    replicated = sharding.replicated(self.mesh)
+    batch_sharding = sharding.data_sharded(self.mesh)
+    self.batch_sharding = batch_sharding
+    train_step = step_lib.make_train_step(self.exp.objective, self.tx, ema_decay=config.ema_decay,
+                                          schedule=self.schedule)
+
+    def counted_train_step(state, batch):
+      self.train_traces += 1
+      return train_step(state, batch)
+
+    self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding),
+                              out_shardings=(replicated, replicated), donate_argnums=(0,))
+    eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack)
+    self.eval_step = jax.jit(eval_step, in_shardings=(replicated, replicated, batch_sharding, replicated),
+                             out_shardings=batch_sharding)
+    self.finite = jax.jit(step_lib.tree_all_finite)
+    self.init_fn = jax.jit(
+        lambda key, batch: init_train_state(self.exp.model, self.exp.objective, self.tx, batch, key,
+                                            ema_decay=config.ema_decay),
+        out_shardings=replicated)
+
+  # ------------------------------------------------------------------ state
+  def _sample_batch(self) -> dict:
+    h, w, c = self.exp.info.image_shape
+    return {"image": np.zeros((1, h, w, c), np.float32), "label": np.zeros((1,), np.int32)}
+
+  def initial_state(self) -> TrainState:
+    state = self.init_fn(jax.random.key(self.config.seed), self._sample_batch())
+    if self.config.init.workdir:
+      state = builders.apply_init_from(state, self.config.init)
+    return state
+
+  # ------------------------------------------------------------- validation
+  def validate(self, state: TrainState) -> dict:
+    cfg = self.config.validation
+    params = state.ema_params if (cfg.use_ema and self.config.ema_decay > 0) else state.params
+    counts = {"clean": 0, "robust": 0}
+    n = 0
+    key = jax.random.key(cfg.seed)
+    for i, batch in enumerate(data_lib.eval_batches(self.exp.splits.val, batch_size=cfg.batch_size,
+                                                    multiple_of=self.mesh.devices.size,
+                                                    full_batches=True)):
+      mask = batch.pop("mask")
+      out = self.eval_step(params, state.model_state,
+                           data_lib.shard_batch(batch, self.batch_sharding),
+                           jax.random.fold_in(key, i))
+      out = jax.device_get(out)
+      for k in counts:
+        counts[k] += int(np.sum(out[k] * mask))
+      n += int(mask.sum())
+    result = {"val/clean_accuracy": counts["clean"] / max(n, 1),
+              "val/robust_accuracy": counts["robust"] / max(n, 1), "val/n": n}
+    return result
+
+  # ------------------------------------------------------------------- run
+  def run(self) -> TrainState:
+    config = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    try:
+      return self._run(ckpt)
+    finally:
+      ckpt.close()
+
+  def _run(self, ckpt: ckpt_lib.Checkpointer) -> TrainState:
+    config = self.config
+    fingerprint = trajectory(config)
+    state = self.initial_state()
+    iterator = data_lib.train_iterator(
+        self.exp.splits.train, global_batch_size=config.batch_size, seed=config.seed,
+        augment=self.exp.info.augment, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+      meta = ckpt.read_meta(latest)
+      diff = trajectory_diff(meta.get("trajectory", {}), fingerprint)
+      if diff:
+        raise ValueError(
+            f"refusing to resume {self.workdir}: the config changed trajectory fields since the "
+            f"checkpoint at step {latest}:\n  " + "\n  ".join(diff) +
+            "\nUse a new --workdir, or restore the original values.")
+      if latest >= self.total_steps:
+        logging.info("workdir %s already finished (step %d of %d); nothing to do.",
+                     self.workdir, latest, self.total_steps)
+        state, _, _ = ckpt.restore(latest, ckpt_lib.abstract_like(state))
+        return state
+      state, data_state, _ = ckpt.restore(latest, ckpt_lib.abstract_like(state))
+      iterator.set_state(data_state)
+      start = latest
+      logging.info("resumed from step %d", start)
+    else:
+      records.write_json(os.path.join(self.workdir, "config.json"),
+                         json.loads(config.to_json_best_effort()))
+
+    record_path = os.path.join(self.workdir, "run_record.json")
+    history = []
+    if os.path.exists(record_path):
+      with open(record_path) as f:
+        history = json.load(f).get("launches", [])
+    history.append(dict(records.run_record(config), start_step=start))
+    records.write_json(record_path, {"launches": history})
+
+    writer = records.MetricsWriter(self.workdir)
+    prefetch = data_lib.prefetch_to_device(iterator, size=config.prefetch, sharding=self.batch_sharding)
+    stop_at = self.total_steps
+    if config.stop_after_steps:
+      stop_at = min(stop_at, config.stop_after_steps)
+    pending: list[dict] = []
+    last_good_metrics: dict = {}
+    t_log = time.time()
+    steps_since_log = 0
+    t_start = time.time()
+    step = start
+    logging.info("training %s on %s: %d steps (%d per epoch), global batch %d on %d device(s)",
+                 config.objective.name, config.data.name, self.total_steps, self.steps_per_epoch,
+                 config.batch_size, self.mesh.devices.size)
+    try:
+      while step < stop_at:
+        batch = next(prefetch)
+        state, metrics = self.train_step(state, batch)
+        pending.append(metrics)
+        step += 1
+        steps_since_log += 1
+        epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
+        if step % config.log_every_steps == 0 or epoch_end or step == stop_at:
+          scalars = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+          pending.clear()
+          if not math.isfinite(scalars["loss"]):
+            raise NonFiniteError(
+                f"non-finite training loss {scalars['loss']} at step {step}; the last good "
+                f"checkpoint (step {ckpt.latest_step()}) is kept. Lower optim.lr or check the data.")
+          now = time.time()
+          rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
+          eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
+          scalars["images_per_sec"] = rate
+          writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
+          logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.4g | %.0f img/s, ETA %s",
+                       step, self.total_steps, step / self.steps_per_epoch, scalars["loss"],
+                       scalars.get("accuracy", float("nan")), scalars.get("lr", float("nan")),
+                       rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+          t_log, steps_since_log = now, 0
+        save_now = (epoch_end or step == stop_at or
+                    (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0))
+        if epoch_end:
+          val = self.validate(state)
+          last_good_metrics = val
+          writer.write(step, val)
+          logging.info("validation at step %d: clean %.4f robust %.4f (n=%d)", step,
+                       val["val/clean_accuracy"], val["val/robust_accuracy"], val["val/n"])
+        if save_now:
+          self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
+                     last_good_metrics if epoch_end else {})
+    finally:
+      prefetch.close()
+      writer.close()
+    logging.info("trained %d steps in %.1f s", step - start, time.time() - t_start)
+    return state
+
+  def _save(self, ckpt, step, state, data_state, fingerprint, metrics) -> None:
+    if not bool(self.finite(state)):
+      raise NonFiniteError(f"the train state has non-finite values at step {step}; not saving it. "
+                           f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+    meta = {"step": step, "epoch": step / self.steps_per_epoch, "trajectory": fingerprint,
+            "metrics": metrics}
+    ckpt.save(step, state, data_state=data_state, meta=meta)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+  """Trains ``config`` in ``workdir`` (resuming if possible) and returns the final state."""
+  return Trainer(config, workdir).run()

@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedules (optax).
+
+SGD with momentum and coupled weight decay as PyTorch's ``SGD(weight_decay=...)``
+computes it (``g <- g + wd * w`` before momentum), which is what every seed
+implementation uses. Schedules are defined in epochs and converted to steps.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+from flax import traverse_util
+
+SCHEDULES = ("piecewise", "cosine", "constant")
+
+
+def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
+  """``cfg``: lr, schedule, warmup_epochs, boundaries (epochs), decay_factor."""
+  total = max(1, int(round(num_epochs * steps_per_epoch)))
+  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  if cfg.schedule == "constant":
+    main = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == "piecewise":
+    bounds = {int(round(b * steps_per_epoch)) - warmup: cfg.decay_factor for b in cfg.boundaries}
+    main = optax.piecewise_constant_schedule(cfg.lr, bounds)
+  elif cfg.schedule == "cosine":
+    main = optax.cosine_decay_schedule(cfg.lr, max(1, total - warmup))
+  else:
+    raise ValueError(f"optim.schedule {cfg.schedule!r} is not one of {SCHEDULES}")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+
+
+def _path_labels(params: Any, frozen_patterns: list[str]) -> Any:
+  flat = traverse_util.flatten_dict(params, sep="/")
+  labels = {k: ("frozen" if any(re.search(p, k) for p in frozen_patterns) else "trainable")
+            for k in flat}
+  return traverse_util.unflatten_dict(labels, sep="/")
+
+
+def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *,
+                   frozen: list[str] | None = None, params: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD(momentum, nesterov) + weight decay; parameters matching ``frozen`` regexes
+  (on '/'-joined paths) get zero updates (``optax.multi_transform``)."""
+  schedule = make_schedule(cfg, steps_per_epoch, num_epochs)
+  if cfg.name != "sgd":
+    raise ValueError(f"optim.name {cfg.name!r} is not supported; use 'sgd'")
+  tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                   optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  if frozen:
+    if params is None:
+      raise ValueError("freezing parameters needs the parameter tree")
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                               _path_labels(params, frozen))
+  return tx, schedule

@@ -1,0 +1,68 @@
+"""The compiled train and validation steps (one program each, no host round-trips)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from agad.attacks import pgd as pgd_lib
+from agad.objectives import base
+from agad.training.state import TrainState
+
+
+def make_train_step(objective: base.Objective, tx: optax.GradientTransformation, *,
+                    ema_decay: float, schedule: optax.Schedule | None = None) -> Callable:
+  """``(state, batch) -> (state, metrics)``: attack with ``generate``, then one update."""
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.key, state.step)
+    k_gen, k_loss = jax.random.split(key)
+    adv = objective.generate(state.params, state.model_state, state.aux_state, batch, k_gen, state.step)
+    adv = jax.tree.map(jax.lax.stop_gradient, adv)
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (loss, (model_state, aux_state, metrics)), grads = grad_fn(
+        state.params, state.model_state, state.aux_state, batch, adv, k_loss, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay > 0:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    else:
+      ema = state.ema_params
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state, aux_state=aux_state, ema_params=ema)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model, attack_cfg: Any) -> Callable:
+  """``(params, model_state, batch, key) -> {'clean': [B] bool, 'robust': [B] bool}``.
+
+  Eval-mode BN (running statistics) for both the attack and the verdict; the
+  attack is PGD from ``attack_cfg`` (eps, step_size, steps, norm, random_start),
+  fully unrolled in the program. Padded rows are reported with ``mask`` by the caller.
+  """
+
+  def eval_step(params, model_state, batch, key):
+    logits_fn = base.logits_fn_for(model, params, model_state, mode="eval")
+    clean = jnp.argmax(logits_fn(batch["image"]), -1) == batch["label"]
+    adv = pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=attack_cfg.eps,
+                      step_size=attack_cfg.step_size, steps=attack_cfg.steps,
+                      norm=attack_cfg.norm, random_start=attack_cfg.random_start,
+                      driver="unroll")
+    robust = jnp.logical_and(clean, jnp.argmax(logits_fn(adv), -1) == batch["label"])
+    return {"clean": clean, "robust": robust}
+
+  return eval_step
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -1,0 +1,32 @@
+"""Fashion-MNIST (offline, Debian package dataset-fashion-mnist): the default experiment.
+
+``--config=configs/fashion_mnist.py`` trains SmallCNN with PGD-AT at eps = 0.1
+(PGD-10) on this 2-core CPU; the recipe (a short cosine schedule) is recorded with
+its measured results in WORKSPACE.md.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  c = common.base_config()
+  c.data.name = "fashion_mnist"
+  c.data.val_size = 2000           # Carved from the 60k train images; 58k are trained on.
+  c.model.name = "smallcnn"
+  c.objective.name = "pgd_at"
+  c.batch_size = 128
+  c.num_epochs = 4
+  c.attack.eps = 0.1
+  c.attack.step_size = 0.025       # 2.5 * eps / steps.
+  c.attack.steps = 10
+  c.optim.lr = 0.05
+  c.optim.schedule = "cosine"
+  c.optim.warmup_epochs = 0.25
+  c.optim.weight_decay = 5e-4
+  c.validation.attack.eps = 0.1
+  c.validation.attack.step_size = 0.025
+  c.validation.attack.steps = 10
+  c.eval.eps = 0.1
+  c.eval.step_size = 0.01          # The main job's PGD-20 setting (issue 2).
+  c.eval.pgd_steps = 20
+  return common.apply_arg(c, arg)

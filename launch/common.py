@@ -1,0 +1,21 @@
+"""Shared absl set-up for the launch scripts."""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags, logging
+
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host GPU / Cloud TPU pod).")
+
+
+def init_runtime() -> None:
+  """Multi-host initialisation (behind --distributed) and logging to stderr."""
+  import jax
+  if flags.FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.set_verbosity(logging.INFO)
+  logging.info("JAX %s: process %d/%d, devices %s (XLA_FLAGS=%r)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.devices(),
+               os.environ.get("XLA_FLAGS", ""))

@@ -1,0 +1,28 @@
+"""Train a model: ``python -m launch.train --config=configs/fashion_mnist.py --workdir=DIR``.
+
+Resumes from the latest checkpoint in ``--workdir``; re-running a finished workdir
+exits 0 promptly. Override any field: ``--config.optim.lr=0.05``.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:smallcnn,pgd_at.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the run record.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.init_runtime()
+  from agad.training import loop
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

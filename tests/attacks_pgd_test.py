@@ -1,0 +1,160 @@
+"""PGD / FGSM: projection, analytic optimum on a linear model, drivers, losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from agad import attacks
+
+H, W, C = 4, 4, 1
+
+
+def _linear_logits(w, b, x):
+  """Binary linear model: logits [-s, s] with s = <w, x> + b."""
+  s = x.reshape(x.shape[0], -1) @ w + b
+  return jnp.stack([-s, s], -1)
+
+
+def _model(seed=0):
+  w = jnp.asarray(np.random.RandomState(seed).randn(H * W * C), jnp.float32)
+  return w, Partial(_linear_logits, w, jnp.float32(0.1))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_project_stays_in_ball_and_box(norm):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x0 = jax.random.uniform(k1, (5, H, W, C))
+  x = x0 + 3.0 * jax.random.normal(k2, x0.shape)
+  eps = jnp.array([0.0, 0.01, 0.1, 0.5, 2.0])
+  p = attacks.project(x, x0, eps, norm)
+  assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
+  d = (p - x0).reshape(5, -1)
+  size = jnp.abs(d).max(1) if norm == "linf" else jnp.linalg.norm(d, axis=1)
+  assert np.all(np.asarray(size) <= np.asarray(eps) + 1e-6)
+  # Projection is idempotent.
+  np.testing.assert_allclose(attacks.project(p, x0, eps, norm), p, atol=1e-6)
+
+
+@pytest.mark.parametrize("driver", ["unroll", "loop", "host"])
+def test_pgd_linf_reaches_analytic_optimum_of_linear_model(driver):
+  w, logits_fn = _model()
+  # Mid-range pixels (no box clipping) and pixels near the box edge (clipping binds).
+  x = jnp.concatenate([jnp.full((2, H, W, C), 0.5), jnp.full((2, H, W, C), 0.97)])
+  y = jnp.array([1, 0, 1, 0])
+  eps = 0.1
+  adv = attacks.pgd(logits_fn, x, y, jax.random.key(1), eps=eps, step_size=0.04, steps=5,
+                    driver=driver)
+  # CE of class y grows as the margin toward y shrinks: move against y's direction.
+  direction = jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
+  expected = jnp.clip(x + eps * direction, 0.0, 1.0)
+  np.testing.assert_allclose(adv, expected, atol=1e-6)
+
+
+def test_pgd_l2_reaches_analytic_optimum_of_linear_model():
+  w, logits_fn = _model(1)
+  x = jnp.full((2, H, W, C), 0.5)
+  y = jnp.array([1, 0])
+  eps = 0.3
+  adv = attacks.pgd(logits_fn, x, y, jax.random.key(0), eps=eps, step_size=0.1, steps=10,
+                    norm="l2", random_start="none")
+  unit = (w / jnp.linalg.norm(w)).reshape(1, H, W, C)
+  expected = x + eps * jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * unit
+  np.testing.assert_allclose(adv, expected, atol=1e-5)
+
+
+def test_targeted_descends_toward_target_and_per_example_eps():
+  w, logits_fn = _model(2)
+  x = jnp.full((3, H, W, C), 0.5)
+  targets = jnp.array([1, 0, 1])
+  eps = jnp.array([0.0, 0.05, 0.2])
+  adv = attacks.pgd(logits_fn, x, targets, jax.random.key(0), eps=eps, step_size=0.1, steps=3,
+                    targeted=True, random_start="none")
+  direction = jnp.where(targets == 1, 1.0, -1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
+  np.testing.assert_allclose(adv, x + eps[:, None, None, None] * direction, atol=1e-6)
+
+
+def test_drivers_agree_and_random_start_is_in_ball():
+  _, logits_fn = _model(3)
+  x = jax.random.uniform(jax.random.key(4), (6, H, W, C))
+  y = jnp.array([0, 1, 0, 1, 0, 1])
+  kw = dict(eps=0.05, step_size=0.01, steps=3, loss="margin")
+  outs = [attacks.pgd(logits_fn, x, y, jax.random.key(5), driver=d, **kw)
+          for d in ("unroll", "loop", "host")]
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+  np.testing.assert_allclose(outs[0], outs[2], atol=1e-6)
+  start = attacks.pgd_init(jax.random.key(6), x, eps=0.05).x
+  assert float(jnp.abs(start - x).max()) <= 0.05 + 1e-6
+  assert float(jnp.abs(start - x).max()) > 0.0
+
+
+def test_pgd_is_jittable_and_stops_gradient():
+  _, logits_fn = _model(4)
+  x = jnp.full((2, H, W, C), 0.5)
+  y = jnp.array([0, 1])
+  f = lambda x: jnp.sum(attacks.pgd(logits_fn, x, y, jax.random.key(0), eps=0.1, step_size=0.05, steps=2))
+  assert float(jnp.abs(jax.grad(f)(x)).sum()) == 0.0
+  np.testing.assert_allclose(jax.jit(f)(x), f(x), rtol=1e-6)
+
+
+def test_fgsm_is_one_sign_step_from_clean():
+  w, logits_fn = _model(5)
+  x = jnp.full((2, H, W, C), 0.5)
+  y = jnp.array([1, 0])
+  adv = attacks.fgsm(logits_fn, x, y, jax.random.key(0), eps=0.03)
+  direction = jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
+  np.testing.assert_allclose(adv, x + 0.03 * direction, atol=1e-6)
+
+
+def test_losses_hand_computed():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+  labels = jnp.array([0, 0])
+  lse = np.log(np.exp([2.0, 0.0, -1.0]).sum())
+  np.testing.assert_allclose(attacks.cross_entropy(logits, labels)[0], lse - 2.0, rtol=1e-6)
+  # Label smoothing 0.3 over 3 classes: target (0.8, 0.1, 0.1).
+  logp = np.array([2.0, 0.0, -1.0]) - lse
+  np.testing.assert_allclose(attacks.cross_entropy(logits, labels, label_smoothing=0.3)[0],
+                             -(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2]), rtol=1e-6)
+  np.testing.assert_allclose(attacks.margin(logits, labels), [-2.0, 1.0])
+  np.testing.assert_allclose(attacks.margin(logits, labels, kappa=0.5), [-2.0, 0.5])
+  p = jax.nn.softmax(logits[1])
+  np.testing.assert_allclose(attacks.kl_divergence(p[None], logits[1:])[0], 0.0, atol=1e-7)
+  q = jnp.array([[1.0, 0.0, 0.0]])
+  np.testing.assert_allclose(attacks.kl_divergence(q, logits[:1])[0], -logp[0], rtol=1e-6)
+
+
+def test_kl_attack_from_normal_start_increases_kl():
+  _, logits_fn = _model(6)
+  x = jax.random.uniform(jax.random.key(7), (4, H, W, C), minval=0.2, maxval=0.8)
+  y = jnp.zeros(4, jnp.int32)
+  adv = attacks.pgd(logits_fn, x, y, jax.random.key(8), eps=0.1, step_size=0.02, steps=5,
+                    loss="kl", random_start="normal")
+  p = jax.nn.softmax(logits_fn(x))
+  assert np.all(np.asarray(attacks.kl_divergence(p, logits_fn(adv))) > 1e-4)
+
+
+def test_stochastic_logits_fn_gets_fresh_keys():
+  seen = []
+
+  def noisy(x, key):
+    seen.append(key)
+    return _linear_logits(jnp.ones(H * W * C), 0.0, x + 0.01 * jax.random.normal(key, x.shape))
+
+  x = jnp.full((2, H, W, C), 0.5)
+  attacks.pgd(noisy, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.05, steps=2,
+              stochastic=True, driver="unroll")
+  assert len(seen) == 2
+
+
+def test_bad_arguments_are_named():
+  _, logits_fn = _model()
+  x = jnp.full((2, H, W, C), 0.5)
+  with pytest.raises(ValueError, match="norm 'l3'"):
+    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, norm="l3")
+  with pytest.raises(ValueError, match="loss 'hinge'"):
+    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, loss="hinge")
+  with pytest.raises(ValueError, match="labels shape"):
+    attacks.pgd(logits_fn, x, jnp.array([0, 1, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1)
+  with pytest.raises(ValueError, match="driver"):
+    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, driver="gpu")
