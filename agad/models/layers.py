@@ -1,0 +1,273 @@
+"""Building blocks shared by every agad backbone.
+
+Conventions: activations are NHWC; inputs are pixels in [0, 1] and the per-dataset
+mean/std normalisation runs inside the model; parameters and BatchNorm statistics are
+float32 while convolutions and dense layers compute in the model's ``dtype``; logits are
+always float32.
+
+Sites. Every named point of a backbone goes through :func:`site`, which (1) runs the
+plug-in registered for that name, if any, (2) sows the value into the
+``'intermediates'`` collection and (3) routes it through ``perturb`` so that
+``jax.grad`` with respect to the ``'perturbations'`` collection is the gradient at that
+tap. Sites inside a residual unit live in the unit's child module, so their entries nest
+under it (``tree['stage3_unit4']['stage3.unit4.branch']``); :func:`find_tap` looks a site
+up at any depth. ``init`` also returns the zero ``'perturbations'`` collection: keep only
+``params``/``batch_stats`` in training state and pass perturbations when a tap gradient
+is wanted (absent perturbations make ``perturb`` a no-op).
+
+Plug-ins. ``plugins`` maps a site name to a zero-argument factory returning a fresh
+linen module, called as ``plugin(features, *, train, labels) -> features`` (same shape);
+it may ``sow('aux', ...)`` auxiliary logits. A plain dict is accepted and frozen into a
+``FrozenDict`` on construction: linen hashes module attributes (``jax.jit`` with a static
+model, lifted transforms) and a dict is unhashable.
+
+Norm factories. ``norm(name=...)`` returns a module called as
+``module(x, *, train, norm_ctx)``: :class:`BatchNorm` (default) or
+``functools.partial(MultiBranchBatchNorm, num_branches=K)``. ``train=True`` normalises
+with batch statistics and updates ``batch_stats`` (apply with
+``mutable=['batch_stats']``); ``train=False`` uses the running averages.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import FrozenDict
+
+Array = Any
+
+# PyTorch's kaiming_normal_(mode='fan_out') as used by the reference ResNet/WRN/VGG code;
+# 'normal' is untruncated, like PyTorch's.
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
+# init scale sets the activation scale.
+KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
+  """``(x - mean) / std`` over the channel axis; x ``[B, H, W, C]``, mean/std ``[C]`` or ``[1]``."""
+  return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
+
+def max_pool_2x2(x: Array) -> Array:
+  """2x2, stride-2 max pool, ``[B, H, W, C] -> [B, H // 2, W // 2, C]``.
+
+  Written as reshape + max because the gradient of ``nn.max_pool`` (a reduce-window) is
+  slow on XLA:CPU. An odd trailing row/column is cropped, which is what a VALID 2x2
+  pool (PyTorch's ``MaxPool2d(2)``) does anyway.
+  """
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class BatchNorm(nn.BatchNorm):
+  """``nn.BatchNorm`` with PyTorch's defaults and the agad norm interface.
+
+  ``(x [..., C], *, train, norm_ctx) -> [..., C]`` in ``x.dtype``. ``norm_ctx`` is
+  ignored. momentum 0.9 / epsilon 1e-5 are PyTorch's momentum 0.1 / eps 1e-5 (flax
+  weights the old average by momentum). Statistics are computed in float32; the output is
+  cast back so bf16 compute stays bf16. Set ``axis_name`` (via ``functools.partial``) for
+  per-device statistics under ``shard_map``.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
+    del norm_ctx
+    return super().__call__(x, use_running_average=not train).astype(x.dtype)
+
+
+class MultiBranchBatchNorm(nn.Module):
+  """K independent BatchNorms (own scale/bias and running stats), for AFA.
+
+  ``(x [B, ..., C], *, train, norm_ctx) -> [B, ..., C]``. Routing by ``norm_ctx``:
+
+  * ``None`` -> branch 0;
+  * ``{'branch': k}`` (python int) -> branch k only, so in training only branch k's
+    statistics update and only its scale/bias receive gradients;
+  * ``{'mix': w}`` with ``w`` ``[B, K]`` -> ``sum_k w[:, k] * BN_k(x)``, every branch in
+    the current mode (all of them update their statistics in training).
+  """
+
+  num_branches: int = 2
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
+    ctx = norm_ctx or {}
+    branches = [BatchNorm(name=f'branch{k}') for k in range(self.num_branches)]
+    if 'mix' in ctx:
+      w = jnp.asarray(ctx['mix'])
+      w = w.reshape(w.shape[:1] + (1,) * (x.ndim - 1) + w.shape[1:])  # [B, 1, .., 1, K]
+      out = sum(w[..., k] * bn(x, train=train) for k, bn in enumerate(branches))
+      return out.astype(x.dtype)
+    k = ctx.get('branch', 0)
+    if self.is_initializing():
+      # Every branch must own its variables even if init routes to one of them; flax
+      # does not update running stats during init, so this has no other effect.
+      for bn in branches:
+        bn(x, train=train)
+    return branches[k](x, train=train)
+
+
+def conv(m: nn.Module, x: Array, features: int, kernel: int = 3, stride: int = 1, *,
+         name: str, bias: bool = False, padding: int | None = None,
+         init: Callable = KAIMING_FAN_OUT) -> Array:
+  """Square conv in ``m.dtype``: ``[B, H, W, Cin] -> [B, H', W', features]``.
+
+  Padding defaults to ``kernel // 2`` on both sides (PyTorch's ``padding=1`` for 3x3);
+  'SAME' would pad stride-2 convs asymmetrically and shift the sampling grid.
+  """
+  p = kernel // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=p, use_bias=bias,
+                 kernel_init=init, dtype=m.dtype, name=name)(x)
+
+
+def norm_act(m: nn.Module, x: Array, name: str, *, train: bool, norm_ctx, relu: bool = True):
+  """``m.norm(name=name)`` then (optionally) ReLU; shape preserving."""
+  x = m.norm(name=name)(x, train=train, norm_ctx=norm_ctx)
+  return nn.relu(x) if relu else x
+
+
+def site(m: nn.Module, name: str, x: Array, *, train: bool, labels: Array | None) -> Array:
+  """Plug-in point + tap named ``name`` inside module ``m``; returns x's replacement.
+
+  Must be called from ``m``'s compact method. The plug-in, if ``m.plugins`` has one, is
+  built as child ``plugin_<name with '.' -> '_'>`` of ``m``.
+  """
+  factory = (m.plugins or {}).get(name)
+  if factory is not None:
+    # The factory builds the module inside m's compact scope, which binds it under an
+    # auto-generated name; clone() rebinds it under a stable, site-derived name so
+    # checkpoints do not depend on the plug-in's class. The discarded binding never
+    # creates variables.
+    plugin = factory().clone(parent=m, name='plugin_' + name.replace('.', '_'))
+    x = plugin(x, train=train, labels=labels)
+  m.sow('intermediates', name, x)
+  return m.perturb(name, x)
+
+
+def find_tap(tree: Mapping, name: str):
+  """The entry for site ``name`` at any depth of a nested collection.
+
+  Works on 'intermediates' (a tuple of sown values), 'perturbations' and their gradients.
+  """
+  for path, value in traverse_util.flatten_dict(tree).items():
+    if path[-1] == name:
+      return value
+  raise KeyError(f'no tap named {name!r}')
+
+
+class Backbone(nn.Module):
+  """Attributes and helpers common to all backbones.
+
+  Attributes:
+    num_classes: logits width.
+    mean, std: per-channel normalisation constants (tuples), applied first.
+    dtype: compute dtype; params stay float32 and logits are returned as float32.
+    norm: norm factory (see module docstring).
+    plugins: site name -> zero-argument module factory, or None.
+
+  Subclasses define ``stage_sizes`` (residual units, or conv layers, per stage) and a
+  compact ``__call__(x, *, train, labels=None, norm_ctx=None) -> [B, num_classes]``.
+  """
+
+  num_classes: int
+  mean: tuple
+  std: tuple
+  dtype: Any = jnp.float32
+  norm: Callable[..., nn.Module] = BatchNorm
+  plugins: Mapping[str, Callable[[], nn.Module]] | None = None
+
+  def __post_init__(self):
+    if self.plugins is not None and not isinstance(self.plugins, FrozenDict):
+      object.__setattr__(self, 'plugins', FrozenDict(self.plugins))
+    super().__post_init__()
+
+  def prepare(self, x: Array) -> Array:
+    """Pixels ``[B, H, W, C]`` in [0, 1] -> normalised input in the compute dtype."""
+    return normalize(x, self.mean, self.std).astype(self.dtype)
+
+  def residual_stages(self, x, unit: type['Unit'], widths: Sequence[int], *, train, labels,
+                      norm_ctx):
+    """Stages of residual units; the first unit of every stage after the first strides 2.
+
+    Sites ``stage{s}`` after each stage (1-indexed); units are children named
+    ``stage{s}_unit{i}`` with their own ``stage{s}.unit{i}.branch`` site.
+    """
+    for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
+      for i in range(n):
+        tap = f'stage{s}.unit{i}'
+        x = unit(features=width, stride=2 if s > 1 and i == 0 else 1, tap=tap,
+                 dtype=self.dtype, norm=self.norm, plugins=self.plugins,
+                 name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=norm_ctx)
+      x = site(self, f'stage{s}', x, train=train, labels=labels)
+    return x
+
+  def plain_stages(self, x, widths: Sequence[int], *, batch_norm: bool, padding=None,
+                   init: Callable = KAIMING_FAN_OUT, tap_before_pool: int = 0, train, labels,
+                   norm_ctx):
+    """VGG-style stages: ``stage_sizes[s]`` conv(-BN)-ReLU layers then a 2x2 max pool.
+
+    Sites: ``stem`` after the first conv(-BN)-ReLU, ``stage{s}`` after each pool except
+    for stage ``tap_before_pool``, tapped before its pool (FSR's VGG placement).
+    """
+    for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
+      for i in range(n):
+        x = conv(self, x, width, bias=True, padding=padding, init=init, name=f'stage{s}_conv{i}')
+        x = (norm_act(self, x, f'stage{s}_bn{i}', train=train, norm_ctx=norm_ctx)
+             if batch_norm else nn.relu(x))
+        if s == 1 and i == 0:
+          x = site(self, 'stem', x, train=train, labels=labels)
+      if s == tap_before_pool:
+        x = max_pool_2x2(site(self, f'stage{s}', x, train=train, labels=labels))
+      else:
+        x = site(self, f'stage{s}', max_pool_2x2(x), train=train, labels=labels)
+    return x
+
+  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False, train, labels):
+    """``features`` site, GAP (or flatten), Dense-ReLU per ``hidden``, ``embedding`` site, logits.
+
+    ``[B, H, W, C] -> [B, num_classes]`` float32.
+    """
+    x = site(self, 'features', x, train=train, labels=labels)
+    x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
+    for j, width in enumerate(hidden):
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}')(x))
+    x = site(self, 'embedding', x, train=train, labels=labels)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    return logits.astype(jnp.float32)
+
+
+class Unit(nn.Module):
+  """Base of residual units.
+
+  ``(x [B, H, W, Cin], *, train, labels, norm_ctx) -> [B, H / stride, W / stride, Cout]``.
+
+  ``tap`` is the unit's site prefix (``stage3.unit4``); ``plugins``/``norm``/``dtype``
+  are handed down by the backbone because child modules cannot see its attributes.
+  """
+
+  features: int
+  stride: int
+  tap: str
+  dtype: Any
+  norm: Callable[..., nn.Module]
+  plugins: Mapping[str, Callable[[], nn.Module]] | None
+
+  def shortcut(self, x, out: int, *, batch_norm: bool, train, norm_ctx, project_from=None):
+    """x if the shape is kept, else a strided 1x1 projection (+BN if ``batch_norm``).
+
+    The projection reads ``project_from`` (default x): pre-activation units project the
+    activated input but pass the raw input through the identity.
+    """
+    if self.stride == 1 and x.shape[-1] == out:
+      return x
+    y = conv(self, x if project_from is None else project_from, out, 1, self.stride,
+             name='shortcut_conv')
+    if batch_norm:
+      y = norm_act(self, y, 'shortcut_bn', train=train, norm_ctx=norm_ctx, relu=False)
+    return y

@@ -1,0 +1,40 @@
+"""Backbones by name: ``build_model('wrn34_10', num_classes=10, mean=..., std=...)``."""
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from agad.models.layers import BatchNorm
+from agad.models.preact import PreActResNet18, WideResNet
+from agad.models.resnet import Bottleneck, ResNet, TinyBNNet
+from agad.models.smallcnn import SmallCNN
+from agad.models.vgg import VGG16
+
+_P = functools.partial
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    'smallcnn': SmallCNN,
+    'resnet18': _P(ResNet, stage_sizes=(2, 2, 2, 2)),
+    'resnet34': _P(ResNet, stage_sizes=(3, 4, 6, 3)),
+    'resnet50': _P(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),
+    'preact_resnet18': PreActResNet18,
+    'wrn34_10': _P(WideResNet, depth=34, widen_factor=10),
+    'wrn28_10': _P(WideResNet, depth=28, widen_factor=10),
+    'wrn16_8': _P(WideResNet, depth=16, widen_factor=8),
+    'vgg16': VGG16,
+    'tiny_bn': TinyBNNet,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
+                dtype=jnp.float32, plugins: Mapping[str, Callable[[], nn.Module]] | None = None,
+                norm: Callable[..., nn.Module] | None = None) -> nn.Module:
+  """The backbone ``name`` (one of MODEL_NAMES); ``norm=None`` means :class:`BatchNorm`."""
+  if name not in _BUILDERS:
+    raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+  # Tuples of floats keep the module hashable whatever sequence type the config used.
+  return _BUILDERS[name](num_classes=num_classes, mean=tuple(map(float, mean)),
+                         std=tuple(map(float, std)), dtype=dtype, plugins=plugins,
+                         norm=norm or BatchNorm)

@@ -1,0 +1,36 @@
+"""SmallCNN, the MNIST network of TRADES (Zhang et al. 2019).
+
+Conv(32)-ReLU-Conv(32)-ReLU-pool, Conv(64)-ReLU-Conv(64)-ReLU-pool (3x3 valid convs with
+bias), flatten, Dense(200)-ReLU-Dense(200)-ReLU, Dense(num_classes). TRADES puts a
+Dropout(0.5) after the first Dense; it is omitted so the model stays deterministic (no
+rng plumbing through attacks) — use a plug-in at ``embedding`` if it is wanted.
+
+Tap / site table (28x28x1 input; 32x32x3 in brackets):
+
+  stem        [B, 26, 26, 32]  ([30, 30])   after the first conv-ReLU
+  stage1      [B, 12, 12, 32]  ([14, 14])   after the first pool
+  stage2      [B, 4, 4, 64]    ([5, 5])     after the second pool
+  features    = stage2                      before flattening
+  embedding   [B, 200]                      after the second Dense-ReLU
+
+Parameters, 10 classes: 320 + 9,248 + 18,496 + 36,928 (convs) + 205,000 + 40,200 + 2,010
+(dense) = 312,202 for 28x28x1; 427,978 for 32x32x3 (conv1 896, fc0 1600*200+200).
+"""
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+
+from agad.models.layers import KAIMING_FAN_IN, Backbone
+
+
+class SmallCNN(Backbone):
+  """``x [B, H, W, C] in [0, 1] -> logits [B, num_classes]``; ``norm`` is unused (no BN)."""
+
+  stage_sizes = (2, 2)
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
+    x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=False, padding=0,
+                          init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
+    return self.head(x, hidden=(200, 200), flatten=True, train=train, labels=labels)
