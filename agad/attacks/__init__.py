@@ -2,7 +2,7 @@
 
 from agad.attacks.driver import DRIVERS, iterate, resolve_driver
 from agad.attacks.losses import cross_entropy, kl_divergence, margin
-from agad.attacks.pgd import (PGDState, fgsm, pgd, pgd_general, pgd_init, pgd_step,
+from agad.attacks.iterative import (PGDState, fgsm, pgd, pgd_general, pgd_init, pgd_step,
                               project)
 
 __all__ = [

@@ -17,7 +17,7 @@ import numpy as np
 
 from agad import data as data_lib
 from agad.attacks import driver as driver_lib
-from agad.attacks import pgd as pgd_lib
+from agad.attacks import iterative as pgd_lib
 from agad.training import sharding as sharding_lib
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from agad.attacks import pgd as pgd_lib
+from agad.attacks import iterative as pgd_lib
 from agad.objectives import base
 
 

@@ -98,6 +98,7 @@ def read_checkpoint_state(workdir: str, step: Any = "latest") -> tuple[dict, int
   path = os.path.join(directory, str(step), "state")
   with ocp.StandardCheckpointer() as checkpointer:
     raw = checkpointer.restore(path)  # no target: nested dicts
+  del raw["key"]  # A typed PRNG key; nothing outside the trainer needs it.
   return jax.tree.map(np.asarray, raw), step
 
 

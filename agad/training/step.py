@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agad.attacks import pgd as pgd_lib
+from agad.attacks import iterative as pgd_lib
 from agad.objectives import base
 from agad.training.state import TrainState
 
@@ -31,7 +31,7 @@ def make_train_step(objective: base.Objective, tx: optax.GradientTransformation,
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
     else:
       ema = state.ema_params
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,

@@ -1,0 +1,303 @@
+"""AutoAttack (Croce & Hein, ICML 2020) in JAX: a per-example worst case over an ensemble.
+
+``version="standard"`` (L-inf): APGD-CE (100 iterations, 1 restart) -> APGD-T (targeted
+DLR, 9 targets x 100 iterations) -> FAB-T (9 targets x 100 iterations) -> Square (5000
+queries, p_init 0.8, no schedule rescaling). ``"plus"``: APGD-CE and APGD-DLR with 5
+restarts, FAB with 5 restarts, Square, APGD-T, FAB-T. ``"rand"`` (for randomised models,
+``logits_fn(x, key)`` with ``stochastic=True``): APGD-CE and APGD-DLR with EOT over 20
+draws. Constants are those of fra31/auto-attack (``autoattack.py``, ``set_version``).
+
+Each attack runs only on the points still robust and starts from the clean image. A
+point becomes non-robust only when its candidate, re-classified by a separate forward
+pass, is misclassified, finite, inside the eps-ball (1e-6 slack for float rounding) and
+inside [0, 1]; its adversarial is then stored. Points never broken keep the clean image.
+
+The shrinking robust set is processed in batches of at most ``batch_size`` rows padded
+(with copies of a real row, masked out) to a bucket size: ``batch_size`` or a power of
+two below it (down to ``min_bucket``). Every attack therefore compiles at most once per
+bucket size, and repeated evaluations reuse the compiled programs.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agad.attacks import apgd as apgd_lib
+from agad.attacks import dlr as dlr_lib
+from agad.attacks import driver as driver_lib
+from agad.attacks import fab as fab_lib
+from agad.attacks import square as square_lib
+
+VERSIONS = ("standard", "plus", "rand", "custom")
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+_NORM_SLACK = 1e-6
+
+
+def bucket_sizes(batch_size: int, min_bucket: int = 8) -> list[int]:
+  """``batch_size`` and the powers of two below it down to ``min_bucket``, descending."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  sizes = {batch_size}
+  power = 1
+  while power < batch_size:
+    if power >= min(min_bucket, batch_size):
+      sizes.add(power)
+    power *= 2
+  return sorted(sizes, reverse=True)
+
+
+def _bucket_for(n: int, sizes: Sequence[int]) -> int:
+  return min(s for s in sizes if s >= n)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _predict(logits_fn, x, key, stochastic: bool):
+  return apgd_lib.call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _verify(logits_fn, x0, x_adv, labels, eps, key, stochastic: bool, norm: str):
+  """Separate forward pass: misclassified, finite, inside the eps-ball and [0, 1]."""
+  logits = apgd_lib.call_logits(logits_fn, x_adv, key, stochastic)
+  flat = x_adv.reshape(x_adv.shape[0], -1)
+  finite = jnp.all(jnp.isfinite(flat), axis=-1)
+  in_box = jnp.all((flat >= 0.0) & (flat <= 1.0), axis=-1)
+  in_ball = apgd_lib.lp_norm(x_adv - x0, norm) <= eps + _NORM_SLACK
+  wrong = jnp.argmax(logits, axis=-1) != labels
+  return wrong & finite & in_box & in_ball, jnp.argmax(logits, axis=-1)
+
+
+def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
+          square_queries: int, eot_iter: int, num_classes: int,
+          n_target_classes: int) -> tuple[list[tuple[str, dict]], list[str]]:
+  """``[(attack name, settings)]`` for a version, plus warnings about skipped attacks."""
+  flags = []
+  if version == "standard":
+    names, restarts = ["apgd-ce", "apgd-t", "fab-t", "square"], 1
+  elif version == "plus":
+    names, restarts = ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"], 5
+  elif version == "rand":
+    names, restarts = ["apgd-ce", "apgd-dlr"], 1
+  elif version == "custom":
+    if not attacks:
+      raise ValueError(f"version='custom' needs attacks=, a list from {ATTACKS}")
+    names, restarts = list(attacks), 1
+  else:
+    raise ValueError(f"version {version!r} is not one of {VERSIONS}")
+  if attacks is not None and version != "custom":
+    raise ValueError("attacks= is only used with version='custom'")
+  unknown = [a for a in names if a not in ATTACKS]
+  if unknown:
+    raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+  if norm != "linf":
+    unsupported = [a for a in names if a in ("fab", "fab-t", "square")]
+    if unsupported:
+      raise NotImplementedError(
+          f"{unsupported} are implemented for norm='linf' only; for norm={norm!r} use "
+          "version='custom' with attacks=['apgd-ce', 'apgd-t'] (and say so in reports)")
+  n_targets = min(n_target_classes, num_classes - 1)
+  if n_targets < n_target_classes and any(a in ("apgd-t", "fab-t") for a in names):
+    flags.append(f"only {num_classes} classes: targeted attacks use {n_targets} targets, "
+                 f"not {n_target_classes}")
+  plan = []
+  for name in names:
+    if name in ("apgd-dlr",) and num_classes < 3:
+      flags.append(f"{name} skipped: DLR needs >= 3 classes, the model has {num_classes}")
+      continue
+    if name == "apgd-t" and num_classes < 4:
+      flags.append(f"{name} skipped: targeted DLR needs >= 4 classes, the model has {num_classes}")
+      continue
+    if name in ("apgd-ce", "apgd-dlr"):
+      settings = dict(loss=name[5:], steps=steps, restarts=restarts,
+                      eot_iter=eot_iter if version == "rand" else 1)
+    elif name == "apgd-t":
+      settings = dict(loss="dlr-targeted", steps=steps, restarts=1, eot_iter=1,
+                      n_targets=n_targets)
+    elif name == "fab":
+      settings = dict(steps=steps, restarts=restarts, targeted=False)
+    elif name == "fab-t":
+      settings = dict(steps=steps, restarts=1, targeted=True, n_targets=n_targets)
+    else:
+      settings = dict(n_queries=square_queries, p_init=0.8, restarts=1)
+    plan.append((name, settings))
+  return plan, flags
+
+
+def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: float,
+               norm: str = "linf", version: str = "standard", batch_size: int = 250,
+               steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
+               attacks: Sequence[str] | None = None, stochastic: bool = False,
+               eot_iter: int = 20, min_bucket: int = 8, verbose: bool = False,
+               driver: str = "auto", chunk: int | None = None,
+               square_chunk: int = 20) -> dict[str, Any]:
+  """Runs AutoAttack and returns per-example results. Stable public entry point.
+
+  Args:
+    logits_fn: ``images [B,H,W,C] float32 in [0,1] -> logits [B,K]`` of the deployed
+      model (eval-mode BN, fp32); ``(images, key)`` if ``stochastic``. Pass a
+      ``jax.tree_util.Partial`` (e.g. from ``agad.make_logits_fn``) to reuse compiles.
+    images: ``[N, H, W, C]`` in [0, 1] (numpy or jax); labels: ``[N]`` int.
+    key: PRNG key; eps: radius in [0, 1] pixel units (L-inf) or L2 units.
+    version: ``"standard"``, ``"plus"``, ``"rand"`` or ``"custom"`` (with ``attacks``).
+    batch_size: largest bucket; steps: APGD/FAB iterations; square_queries: Square budget.
+    eot_iter: EOT draws per APGD step for ``version="rand"``.
+  Returns:
+    dict with ``robust`` ``[N]`` bool numpy, ``adversarial`` ``[N,H,W,C]`` float32 numpy
+    (clean image where never broken), ``per_attack`` (ordered attack name -> robust
+    accuracy after that attack), ``clean_accuracy``, ``robust_accuracy``, ``std_error``,
+    ``broken_by`` ``[N]`` str (``"clean"``, an attack name, or ``""`` if robust),
+    ``adversarial_predictions`` ``[N]``, ``times`` (seconds per attack), ``flags``
+    (warnings in the spirit of the reference's checks) and ``n``.
+  """
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels).astype(np.int32)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f"labels shape {labels.shape} does not match N={images.shape[0]}")
+  if images.size and (images.min() < 0.0 or images.max() > 1.0):
+    raise ValueError("images must lie in [0, 1]; normalise inside the model, not outside")
+  if np.ndim(eps) != 0 or not eps > 0:
+    raise ValueError(f"eps must be a positive scalar, got {eps!r}")
+  logits_fn = driver_lib.as_partial(logits_fn)
+  eps32 = jnp.float32(eps)
+  n = images.shape[0]
+  sizes = bucket_sizes(batch_size, min_bucket)
+  flags: list[str] = []
+  start_time = time.time()
+
+  def batches(indices: np.ndarray):
+    """Yields (real indices, padded indices, valid mask) per batch of the robust set."""
+    for start in range(0, len(indices), batch_size):
+      real = indices[start:start + batch_size]
+      bucket = _bucket_for(len(real), sizes)
+      padded = np.concatenate([real, np.repeat(real[:1], bucket - len(real))])
+      yield start, real, padded, np.arange(bucket) < len(real)
+
+  # Clean pass.
+  clean_logits = np.zeros((n, 0), np.float32)
+  if n:
+    parts = []
+    for start, real, padded, _ in batches(np.arange(n)):
+      out = _predict(logits_fn, jnp.asarray(images[padded]), jax.random.fold_in(key, 10_000 + start),
+                     stochastic)
+      parts.append(np.asarray(out)[:len(real)])
+    clean_logits = np.concatenate(parts)
+  num_classes = clean_logits.shape[-1] if n else 0
+  robust = (clean_logits.argmax(-1) == labels) if n else np.zeros((0,), bool)
+  clean_accuracy = float(robust.mean()) if n else float("nan")
+  broken_by = np.where(robust, "", "clean").astype(object)
+  adversarial = images.copy()
+  adv_pred = clean_logits.argmax(-1).astype(np.int32) if n else np.zeros((0,), np.int32)
+  if n and np.all(clean_logits <= 1.0 + 1e-5) and np.all(clean_logits >= -1e-5) and np.all(
+      np.abs(clean_logits.sum(-1) - 1.0) < 1e-5):
+    flags.append("the outputs look like probabilities (softmax); pass logits")
+  if stochastic and version != "rand":
+    flags.append("stochastic model evaluated without EOT; consider version='rand'")
+
+  plan, plan_flags = _plan(version, attacks, norm, steps, square_queries, eot_iter,
+                           max(num_classes, 2), n_target_classes) if n else ([], [])
+  flags += plan_flags
+  ranked = (dlr_lib.ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes,
+                                                                       num_classes - 1)))
+            if n and num_classes >= 2 else None)
+  ranked = np.asarray(ranked) if ranked is not None else None
+  if verbose:
+    print(f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
+          f"n={n}, clean accuracy {clean_accuracy:.2%}")
+
+  per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
+  times: dict[str, float] = {}
+  zero_grad_points = 0
+  for stage, (name, settings) in enumerate(plan):
+    stage_start = time.time()
+    n_rounds = settings.get("n_targets", 1)
+    for round_index in range(n_rounds):
+      indices = np.nonzero(robust)[0]
+      if len(indices) == 0:
+        break
+      for start, real, padded, valid in batches(indices):
+        x = jnp.asarray(images[padded])
+        y = jnp.asarray(labels[padded])
+        valid_j = jnp.asarray(valid)
+        run_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stage),
+                                                        round_index), start)
+        targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
+        if name.startswith("apgd"):
+          result = apgd_lib.apgd_attack(
+              logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
+              loss=settings["loss"], restarts=settings["restarts"],
+              targets=targets if name == "apgd-t" else None, eot_iter=settings["eot_iter"],
+              stochastic=stochastic, valid=valid_j, driver=driver, chunk=chunk)
+          zero_grad_points += int(np.sum(np.asarray(result.zero_grad) & valid))
+          candidate = result.adversarial
+        elif name.startswith("fab"):
+          result = fab_lib.fab_attack(
+              logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
+              targeted=settings["targeted"], targets=targets if settings["targeted"] else None,
+              restarts=settings["restarts"], stochastic=stochastic, valid=valid_j,
+              stop_when_within_eps=True, driver=driver, chunk=chunk or 10)
+          candidate = result.adversarial
+        else:
+          result = square_lib.square_attack(
+              logits_fn, x, y, run_key, eps=eps32, norm=norm, n_queries=settings["n_queries"],
+              p_init=settings["p_init"], restarts=settings["restarts"], stochastic=stochastic,
+              valid=valid_j, driver=driver, chunk=square_chunk)
+          candidate = result.adversarial
+        ok, pred = _verify(logits_fn, x, candidate, y, eps32, jax.random.fold_in(run_key, 1),
+                           stochastic, norm)
+        ok = np.asarray(ok)[:len(real)]
+        broken = real[ok]
+        robust[broken] = False
+        adversarial[broken] = np.asarray(candidate)[:len(real)][ok]
+        adv_pred[broken] = np.asarray(pred)[:len(real)][ok]
+        broken_by[broken] = name
+    per_attack[name] = float(robust.mean())
+    times[name] = time.time() - stage_start
+    if verbose:
+      print(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
+            f"({times[name]:.1f} s)")
+
+  if zero_grad_points:
+    flags.append(f"{zero_grad_points} attacked points had an exactly zero input gradient at "
+                 "the APGD start: gradient masking? (try BPDA or rely on Square)")
+  names_run = list(per_attack)
+  if len(names_run) > 1 and names_run[-1] == "square":
+    white_box = per_attack[names_run[-2]]
+    if per_attack["square"] < white_box - 0.002:
+      flags.append(f"Square lowered robust accuracy by {white_box - per_attack['square']:.2%} "
+                   "after the white-box attacks: gradient masking?")
+  if verbose:
+    for flag in flags:
+      print(f"[autoattack] warning: {flag}")
+    if n:
+      delta = apgd_lib.lp_norm(jnp.asarray(adversarial - images), norm)
+      print(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
+            f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
+            f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
+            f"total {time.time() - start_time:.1f} s")
+  robust_accuracy = float(robust.mean()) if n else float("nan")
+  return {
+      "robust": robust,
+      "adversarial": adversarial,
+      "per_attack": per_attack,
+      "clean_accuracy": clean_accuracy,
+      "robust_accuracy": robust_accuracy,
+      "std_error": math.sqrt(robust_accuracy * (1 - robust_accuracy) / n) if n else float("nan"),
+      "broken_by": broken_by,
+      "adversarial_predictions": adv_pred,
+      "times": times,
+      "flags": flags,
+      "n": n,
+      "eps": float(eps),
+      "norm": norm,
+      "version": version,
+  }

@@ -1,0 +1,148 @@
+"""Channel-wise activation suppressing (Bai et al. ICLR 2021), as coded in
+bymavis/CAS_ICLR2021 (``Standard_Adv_Training/models/resnet_cas.py``, ``train.py``,
+``attack/reg_attack.py``). The parent of AGAIN and FSR.
+
+Plug-in (``CASPlugin``, one per site): an auxiliary ``Linear(C, num_classes)`` on the
+global-average-pooled input features gives aux logits (sown as ``aux/cas_logits``); the
+features are multiplied channel-wise by the *raw, signed* weight row of that layer,
+``W[y]`` in training (true labels) and ``W[argmax aux logits]`` at test. The head's
+weight is the mask, so it also receives gradient through the masked path.
+
+Objective (``cas``, PGD-AT based): ``CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y)``
+(official ``--beta 2``). Attack: PGD on the same combined loss through the eval-mode
+model, i.e. running BN statistics and predicted-label masks, from a uniform start
+(``random_start=True``). The update runs in train mode with true-label masks; BN running
+statistics are updated by that adversarial pass only. ``adaptive_loss``: the same
+combined per-example loss through the eval-mode model.
+
+Placement: the trainer builds the model with ``plugins=plugins_for(spec, config, K)``;
+``cas.sites`` lists the sites (default ``("features",)``; official ResNet-18 puts one
+head after each of the two units of layer4).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from agad.attacks import losses as attack_losses
+from agad.objectives import base, defaults
+from agad.objectives.plugins import register_plugins
+from agad.objectives.registry import register_objective
+
+AUX_NAME = "cas_logits"
+
+
+def _torch_linear_init(fan_in: int):
+  """PyTorch ``nn.Linear`` default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class CASPlugin(nn.Module):
+  """``plugin(features, *, train, labels) -> features`` for a ``[B, H, W, C]`` or ``[B, C]`` site.
+
+  With ``train`` and labels given, the mask is ``W[labels]``; otherwise (eval mode, or no
+  labels) ``W[argmax aux_logits]``. ``W`` is the ``[K, C]`` weight (stored as the
+  ``[C, K]`` kernel).
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
+    channels = features.shape[-1]
+    init = _torch_linear_init(channels)
+    kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
+    bias = self.param("bias", init, (self.num_classes,), jnp.float32)
+    pooled = jnp.mean(features.astype(jnp.float32), axis=tuple(range(1, features.ndim - 1)))
+    logits = pooled @ kernel + bias
+    self.sow("aux", AUX_NAME, logits)
+    if train and labels is not None:
+      index = labels
+    else:
+      index = jnp.argmax(logits, axis=-1)
+    mask = jnp.take(kernel.T, index, axis=0)  # [B, C]: W[index]
+    mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
+    return features * mask.astype(features.dtype)
+
+
+def aux_logits(aux: dict, name: str = AUX_NAME) -> list[jax.Array]:
+  """All arrays sown under ``name`` anywhere in an ``aux`` collection (sorted by path)."""
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if name in keys:
+      found.append((jax.tree_util.keystr(path), leaf))
+  return [leaf.astype(jnp.float32) for _, leaf in sorted(found, key=lambda t: t[0])]
+
+
+def cas_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
+  """``CE(f(x), y) + weight * mean_k CE(aux_k(x), y)`` per example ``[B]``."""
+  heads = aux_logits(aux)
+  if not heads:
+    raise ValueError(f"the CAS objective found no '{AUX_NAME}' in the model's 'aux' collection: "
+                     "build the model with plugins=agad.objectives.plugins_for(spec, config, num_classes)")
+  main = attack_losses.cross_entropy(logits, labels)
+  extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
+  return main + weight * extra
+
+
+def _without_aux(model_state):
+  return {k: v for k, v in model_state.items() if k != "aux"}
+
+
+def cas_plugins(config: Any, num_classes: int) -> dict:
+  """``{site: factory}`` for ``config.objective.cas.sites``."""
+  cfg = defaults.objective_config(config, "cas")
+  sites = (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
+  return {site: functools.partial(CASPlugin, num_classes=num_classes) for site in sites}
+
+
+def cas(model, config) -> base.Objective:
+  """CAS objective (PGD-AT + CAS heads); hyperparameters from ``config.objective.cas``."""
+  cfg = defaults.objective_config(config, "cas")
+  attack = defaults.TrainingAttack(model, config, cfg)
+  weight = float(cfg.weight)
+
+  def combined_fn(net, params, model_state, labels, mode):
+    model_state = _without_aux(model_state)
+
+    def fn(x):
+      out = base.forward(net, params, model_state, x, mode=mode, labels=labels)
+      return cas_per_example(out.logits, out.aux, labels, weight)
+
+    return fn
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state, step
+    return attack.general(combined_fn(model, params, model_state, batch["label"], attack.bn), batch["image"], key)
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del key, step
+    labels = batch["label"]
+    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels)
+    value = jnp.mean(cas_per_example(out.logits, out.aux, labels, weight))
+    heads = aux_logits(out.aux)
+    metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
+               "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+    return value, ({**model_state, **out.model_state}, aux_state, metrics)
+
+  def adaptive_loss(net, variables):
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return lambda x, labels: combined_fn(net, params, model_state, labels, "eval")(x)
+
+  return base.Objective("cas", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update="adversarial"), adaptive_loss)
+
+
+register_objective("cas")(cas)
+register_plugins("cas")(cas_plugins)

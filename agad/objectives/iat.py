@@ -1,0 +1,81 @@
+"""Interpolated adversarial training (Lamb et al. 2019). There is no official code.
+
+agad's version, after the paper's Algorithm 1 and the ndb796 reimplementation
+(``interpolated_adversarial_training.py``, whose ``benign_loss`` is undefined at run time):
+
+1. ``x' = PGD(x, y)`` on the *unmixed* batch (CE, ``config.attack``; uniform start).
+2. Clean half: ``lam_c ~ Beta(a, a)``, permutation ``pi_c``; ``x_c = lam_c x + (1 - lam_c) x[pi_c]``;
+   ``L_c = lam_c CE(f(x_c), y) + (1 - lam_c) CE(f(x_c), y[pi_c])`` (batch means).
+3. Adversarial half: the same with an independent ``lam_a``, ``pi_a`` on ``x'``.
+4. ``loss = (L_c + L_a) / 2``.
+
+Choices (documented in WORKSPACE.md): ``a = 1`` (Beta(1, 1) = U(0, 1), the
+reimplementation's ``mixup_alpha``); one scalar lambda per half per step (mixup's
+convention), independent draws per half (``independent_mixing``); two train-mode passes,
+clean-mixed then adversarial-mixed, each updating the BN running statistics (as the
+reimplementation's two ``net(...)`` calls). The reimplementation attacks the live
+train-mode network, so its 7 attack passes also update the running statistics; agad
+attacks in eval mode (``attack_bn``) so that only the two training passes do. Plug-ins
+that read labels see the unpermuted ``y``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from agad.attacks import losses as attack_losses
+from agad.objectives import base, defaults
+from agad.objectives.registry import register_objective
+
+
+def mixup_batch(key: jax.Array, images: jax.Array, alpha: float):
+  """``(mixed, perm, lam)``: ``lam x + (1 - lam) x[perm]`` with ``lam ~ Beta(alpha, alpha)``."""
+  k_lam, k_perm = jax.random.split(key)
+  lam = jax.random.beta(k_lam, alpha, alpha) if alpha > 0 else jnp.float32(1.0)
+  lam = lam.astype(jnp.float32)
+  perm = jax.random.permutation(k_perm, images.shape[0])
+  mixed = lam * images + (1.0 - lam) * images[perm]
+  return mixed, perm, lam
+
+
+def mixup_cross_entropy(logits: jax.Array, labels: jax.Array, perm: jax.Array, lam) -> jax.Array:
+  """``lam * mean CE(logits, y) + (1 - lam) * mean CE(logits, y[perm])``."""
+  ce_a = jnp.mean(attack_losses.cross_entropy(logits, labels))
+  ce_b = jnp.mean(attack_losses.cross_entropy(logits, labels[perm]))
+  return lam * ce_a + (1.0 - lam) * ce_b
+
+
+def iat(model, config) -> base.Objective:
+  """IAT objective; hyperparameters from ``config.objective.iat`` (see defaults)."""
+  cfg = defaults.objective_config(config, "iat")
+  attack = defaults.TrainingAttack(model, config, cfg)
+  alpha = float(cfg.mixup_alpha)
+  independent = bool(cfg.independent_mixing)
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state, step
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce")
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del step
+    labels = batch["label"]
+    k_clean, k_adv = jax.random.split(key)
+    if not independent:
+      k_adv = k_clean
+    halves = {}
+    for kind, images, k in (("clean", batch["image"], k_clean), ("adv", adv, k_adv)):
+      mixed, perm, lam = mixup_batch(k, images, alpha)
+      out = base.forward(model, params, model_state, mixed, mode="train", labels=labels)
+      model_state = out.model_state
+      halves[kind] = (mixup_cross_entropy(out.logits, labels, perm, lam), lam)
+    value = 0.5 * (halves["clean"][0] + halves["adv"][0])
+    metrics = {"loss_clean_mix": halves["clean"][0], "loss_adv_mix": halves["adv"][0],
+               "lam_clean": halves["clean"][1], "lam_adv": halves["adv"][1]}
+    return value, (model_state, aux_state, metrics)
+
+  return base.Objective("iat", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update="clean-mixed, adversarial-mixed (two passes)"))
+
+
+register_objective("iat")(iat)

@@ -1,0 +1,75 @@
+"""MART (Wang et al. 2020), as coded in YisenWang/MART ``mart.py``.
+
+With ``p = softmax f(x)``, ``p' = softmax f(x')`` and ``y_hat = argmax_{j != y} p'_j``:
+
+    loss = mean_b CE(f(x'_b), y_b) + mean_b -log(1.0001 - p'_{b, y_hat} + 1e-12)
+           + beta * (1/B) * sum_b [sum_k p_{b,k} (log p_{b,k} - log(p'_{b,k} + 1e-12))]
+                                  * (1.0000001 - p_{b, y_b})
+
+Attack: PGD on mean CE from ``x + 0.001 N(0, 1)`` in eval mode (``mart.py``; the paper's
+uniform start is not what the code does). Loss: train mode, ``model(x)`` then
+``model(x_adv)``, each updating the BN running statistics (``bn_updates="clean,adv"``).
+Gradients flow through the clean probabilities in both the KL and the ``(1 - p_y)``
+weight, as in the official code (nothing is detached).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from agad.objectives import base, defaults
+from agad.objectives.registry import register_objective
+from agad.objectives.trades import train_passes
+
+
+def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
+              beta: float) -> jax.Array:
+  """The scalar MART minimises (``mart.py``, reductions and constants included).
+
+  Stable public API (external checks call it). ``logits_* [B, K]``, ``labels [B]`` int.
+  """
+  logits_clean = logits_clean.astype(jnp.float32)
+  logits_adv = logits_adv.astype(jnp.float32)
+  batch_size = logits_adv.shape[0]
+  adv_probs = jax.nn.softmax(logits_adv, axis=-1)
+  # torch.argsort(adv_probs)[:, -2:]; new_y = second-largest if the largest is y.
+  top2 = jnp.argsort(adv_probs, axis=-1)[:, -2:]
+  new_y = jnp.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
+  boosted = -jnp.take_along_axis(jnp.log(1.0001 - adv_probs + 1e-12), new_y[:, None], axis=-1)[:, 0]
+  loss_adv = base.cross_entropy_mean(logits_adv, labels) + jnp.mean(boosted)
+
+  nat_probs = jax.nn.softmax(logits_clean, axis=-1)
+  true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1)[:, 0]
+  # nn.KLDivLoss(reduction='none')(log(adv_probs + 1e-12), nat_probs):
+  # target * (log target - input), 0 where target == 0.
+  log_nat = jax.nn.log_softmax(logits_clean, axis=-1)
+  kl = jnp.where(nat_probs > 0, nat_probs * (log_nat - jnp.log(adv_probs + 1e-12)), 0.0)
+  loss_robust = (1.0 / batch_size) * jnp.sum(jnp.sum(kl, axis=1) * (1.0000001 - true_probs))
+  return loss_adv + float(beta) * loss_robust
+
+
+def mart(model, config) -> base.Objective:
+  """MART objective; hyperparameters from ``config.objective.mart`` (see defaults)."""
+  cfg = defaults.objective_config(config, "mart")
+  attack = defaults.TrainingAttack(model, config, cfg)
+  order = defaults.bn_pass_order(cfg.bn_updates)
+  beta = float(cfg.beta)
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state, step
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce")
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del key, step
+    logits_clean, logits_adv, model_state = train_passes(model, params, model_state, batch, adv, order)
+    value = mart_loss(logits_clean, logits_adv, batch["label"], beta=beta)
+    metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
+               "adv_accuracy": base.accuracy(logits_adv, batch["label"])}
+    return value, (model_state, aux_state, metrics)
+
+  return base.Objective("mart", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
+
+
+register_objective("mart")(mart)

@@ -1,0 +1,98 @@
+"""TRADES (Zhang et al. 2019), as coded in yaodongyu/TRADES ``trades.py``.
+
+    min  CE(f(x), y) + beta * (1/B) * sum_b KL(p(x_b) || p(x'_b))
+    x' = argmax_{||x' - x||_inf <= eps} sum_b KL(p(x_b) || p(x'_b))
+
+Attack: PGD on the summed KL from ``x + 0.001 N(0, 1)`` with the model in eval mode
+(``model.eval()``), the clean prediction computed once (it does not change during the
+attack). Loss: the model in train mode; ``KLDivLoss(size_average=False) / batch_size``
+with gradients through *both* the clean and the adversarial distribution.
+
+BatchNorm (``bn_policy``): attack on running statistics; the running statistics are
+updated by the train-mode passes of the loss in the official order, ``trades.py`` calling
+``model(x)`` (CE), then ``model(x_adv)`` and ``model(x)`` again (KL): three updates
+``clean, adv, clean`` (config ``bn_updates``). The repeated clean pass gives identical
+logits, so the gradient flows through the first clean and the first adversarial pass
+and the extra pass only advances the running statistics (on stop-gradient parameters;
+XLA merges its forward with the first one).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from agad.objectives import base, defaults
+from agad.objectives.registry import register_objective
+
+
+def kl_clean_adv(logits_clean: jax.Array, logits_adv: jax.Array) -> jax.Array:
+  """Per-example ``KL(softmax(clean) || softmax(adv))`` ``[B]``, differentiable in both.
+
+  PyTorch ``KLDivLoss(log_softmax(adv), softmax(clean))`` elementwise is
+  ``p * (log p - log q)`` with 0 where ``p = 0``.
+  """
+  log_p = jax.nn.log_softmax(logits_clean.astype(jnp.float32), axis=-1)
+  log_q = jax.nn.log_softmax(logits_adv.astype(jnp.float32), axis=-1)
+  p = jnp.exp(log_p)
+  return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def trades_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
+                beta: float) -> jax.Array:
+  """The scalar TRADES minimises: ``mean CE(clean, y) + beta * (1/B) sum KL(p_clean || p_adv)``.
+
+  Stable public API (external checks call it). ``logits_* [B, K]``, ``labels [B]`` int.
+  """
+  batch_size = logits_clean.shape[0]
+  natural = base.cross_entropy_mean(logits_clean, labels)
+  robust = jnp.sum(kl_clean_adv(logits_clean, logits_adv)) / batch_size
+  return natural + beta * robust
+
+
+def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...]):
+  """Train-mode passes over clean and adversarial images in ``order``, threading BN state.
+
+  Returns ``(logits_clean, logits_adv, model_state)``: the logits of the first pass of
+  each kind (the ones differentiated) and the running statistics after every pass.
+  Later passes over the same images run on stop-gradient parameters (identical logits;
+  they only advance the running statistics, as the repeated forward calls of the
+  official PyTorch code do).
+  """
+  images = {"clean": batch["image"], "adv": adv}
+  logits = {}
+  for kind in order:
+    p = params if kind not in logits else jax.lax.stop_gradient(params)
+    out = base.forward(model, p, model_state, images[kind], mode="train", labels=batch["label"])
+    model_state = out.model_state
+    logits.setdefault(kind, out.logits)
+  return logits["clean"], logits["adv"], model_state
+
+
+def trades(model, config) -> base.Objective:
+  """TRADES objective; hyperparameters from ``config.objective.trades`` (see defaults)."""
+  cfg = defaults.objective_config(config, "trades")
+  attack = defaults.TrainingAttack(model, config, cfg)
+  order = defaults.bn_pass_order(cfg.bn_updates)
+  beta = float(cfg.beta)
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state, step
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="kl")
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del key, step
+    logits_clean, logits_adv, model_state = train_passes(model, params, model_state, batch, adv, order)
+    value = trades_loss(logits_clean, logits_adv, batch["label"], beta=beta)
+    natural = base.cross_entropy_mean(logits_clean, batch["label"])
+    robust = jnp.mean(kl_clean_adv(logits_clean, logits_adv))
+    metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
+               "adv_accuracy": base.accuracy(logits_adv, batch["label"]),
+               "loss_natural": natural, "loss_robust": robust}
+    return value, (model_state, aux_state, metrics)
+
+  return base.Objective("trades", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
+
+
+register_objective("trades")(trades)

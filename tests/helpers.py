@@ -1,0 +1,30 @@
+"""Shared test fixtures: a tiny synthetic config that trains in seconds."""
+
+from configs import fashion_mnist
+
+
+def tiny_config(objective: str = "pgd_at", model: str = "tiny_bn", **overrides):
+  c = fashion_mnist.get_config(f"{model},{objective},smoke")
+  c.data.name = "synthetic"
+  c.data.num_train = 96
+  c.data.num_test = 32
+  c.data.val_size = 16
+  c.data.max_train = None
+  c.data.max_test = None
+  c.data.image_shape = (8, 8, 1)
+  c.batch_size = 16
+  c.num_epochs = 2
+  c.attack.steps = 2
+  c.validation.attack.steps = 1
+  c.validation.batch_size = 16
+  c.eval.batch_size = 16
+  c.eval.pgd_steps = 2
+  c.log_every_steps = 2
+  c.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c

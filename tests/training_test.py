@@ -1,0 +1,161 @@
+"""Training: sharded == single device, no recompiles, exact resume, config errors."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from agad import models
+from agad.objectives import pgd_at, standard
+from agad.training import loop, sharding, state as state_lib, step as step_lib
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup(objective_name="pgd_at"):
+  config = tiny_config()
+  model = models.build_model("tiny_bn", num_classes=10, mean=(0.5,), std=(0.25,))
+  objective = pgd_at(model, config.attack) if objective_name == "pgd_at" else standard(model)
+  tx = optax.sgd(0.1, momentum=0.9)
+  key = jax.random.key(0)
+  x = jax.random.uniform(key, (16, 8, 8, 1))
+  y = jax.random.randint(jax.random.key(1), (16,), 0, 10)
+  batch = {"image": x, "label": y}
+  state = state_lib.init_train_state(model, objective, tx, batch, jax.random.key(2), ema_decay=0.9)
+  return model, objective, tx, state, batch
+
+
+def _jitted_step(objective, tx, mesh):
+  fn = step_lib.make_train_step(objective, tx, ema_decay=0.9)
+  rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep)), rep, data
+
+
+def test_sharded_step_equals_single_device_step():
+  assert jax.device_count() == 4, "conftest should provide 4 CPU devices"
+  _, objective, tx, state, batch = _setup()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    step, rep, data = _jitted_step(objective, tx, mesh)
+    s = jax.device_put(state, rep)
+    for _ in range(2):
+      s, metrics = step(s, jax.device_put(batch, data))
+    results.append((jax.device_get(s), jax.device_get(metrics)))
+  (s1, m1), (s4, m4) = results
+  # SyncBN: the 4-device program computes BN statistics over the global batch.
+  chex.assert_trees_all_close(s1.params, s4.params, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(s1.model_state, s4.model_state, atol=2e-5, rtol=2e-5)
+  chex.assert_trees_all_close(s1.ema_params, s4.ema_params, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  # The step really changed things (the comparison is not vacuous).
+  assert not np.allclose(jax.tree.leaves(s1.params)[0], jax.tree.leaves(state.params)[0])
+  assert int(s4.step) == 2
+
+
+def test_train_step_compiles_once():
+  _, objective, tx, state, batch = _setup("standard")
+  fn = step_lib.make_train_step(objective, tx, ema_decay=0.0)
+  fn = jax.jit(chex.assert_max_traces(fn, n=1))
+  for i in range(3):
+    state, _ = fn(state, {"image": batch["image"] * (i + 1) / 4, "label": batch["label"]})
+
+
+def test_pgd_at_generate_uses_eval_bn_and_does_not_touch_stats():
+  model, objective, _, state, batch = _setup()
+  adv = objective.generate(state.params, state.model_state, state.aux_state, batch, jax.random.key(0), 0)
+  assert float(jnp.abs(adv - batch["image"]).max()) <= tiny_config().attack.eps + 1e-6
+  _, (new_model_state, _, _) = objective.loss(state.params, state.model_state, state.aux_state,
+                                               batch, adv, jax.random.key(1), 0)
+  # The loss pass (train mode) updates BN statistics; generate returned only images.
+  assert not np.allclose(jax.tree.leaves(new_model_state)[0], jax.tree.leaves(state.model_state)[0])
+
+
+def _final_params(workdir):
+  import agad
+  return jax.device_get(agad.load(workdir, "latest").variables)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+  config = tiny_config()
+  full = loop.Trainer(config, str(tmp_path / "full"))
+  full.run()
+  assert full.train_traces == 1
+
+  stopped = tiny_config(stop_after_steps=5)
+  loop.Trainer(stopped, str(tmp_path / "resumed")).run()
+  resumed = loop.Trainer(tiny_config(), str(tmp_path / "resumed"))
+  resumed.run()
+  assert resumed.train_traces == 1  # No recompilation after restore.
+  a, b = _final_params(tmp_path / "full"), _final_params(tmp_path / "resumed")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y)
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+  """A run killed with SIGKILL mid-training resumes to the same parameters."""
+  overrides = ["--config.data.name=synthetic", "--config.data.num_train=96",
+               "--config.data.num_test=32", "--config.data.val_size=16",
+               "--config.data.image_shape=(8, 8, 1)", "--config.batch_size=16",
+               "--config.num_epochs=4", "--config.attack.steps=2",
+               "--config.validation.attack.steps=1", "--config.validation.batch_size=16",
+               "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=False",
+               "--config.log_every_steps=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  base = [sys.executable, "-m", "launch.train", "--config=configs/fashion_mnist.py:tiny_bn,pgd_at,smoke"]
+  ref = str(tmp_path / "ref")
+  subprocess.run(base + [f"--workdir={ref}"] + overrides, cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(base + [f"--workdir={killed}"] + overrides, cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckdir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+    if steps and max(steps) >= 6:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "training finished before it could be killed; lengthen the run"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  assert max(steps) < 24  # It really was interrupted.
+  subprocess.run(base + [f"--workdir={killed}"] + overrides, cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  a, b = _final_params(ref), _final_params(killed)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y)
+
+
+def test_finished_workdir_returns_promptly_and_changed_trajectory_is_refused(tmp_path):
+  workdir = str(tmp_path / "w")
+  loop.Trainer(tiny_config(num_epochs=1), workdir).run()
+  again = loop.Trainer(tiny_config(num_epochs=1), workdir)
+  again.run()
+  assert again.train_traces == 0  # Nothing trained, nothing compiled.
+  with pytest.raises(ValueError, match=r"optim.lr: 0.01 -> 0.5"):
+    loop.Trainer(tiny_config(num_epochs=1, **{"optim.lr": 0.5}), workdir).run()
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  workdir = str(tmp_path / "nan")
+  config = tiny_config(**{"optim.lr": 1e30, "log_every_steps": 1})
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    loop.Trainer(config, workdir).run()
+  ckdir = os.path.join(workdir, "checkpoints")
+  assert not [d for d in os.listdir(ckdir) if d.isdigit()]
+
+
+def test_indivisible_batch_is_a_clear_error():
+  with pytest.raises(ValueError, match="does not divide by the 4 devices"):
+    sharding.check_divisible(18, sharding.make_mesh())
