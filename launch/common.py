@@ -16,6 +16,10 @@ def init_runtime() -> None:
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
   logging.set_verbosity(logging.INFO)
+  # Orbax logs every save phase at INFO; keep its warnings, drop its chatter.
+  import logging as py_logging
+  py_logging.getLogger("absl").addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "orbax" not in r.pathname)
   logging.info("JAX %s: process %d/%d, devices %s (XLA_FLAGS=%r)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices(),
                os.environ.get("XLA_FLAGS", ""))

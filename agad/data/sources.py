@@ -291,3 +291,14 @@ def load_dataset(cfg) -> DatasetSplits:
   if max_test is not None and max_test < len(test):
     test = subset(test, np.arange(max_test))
   return DatasetSplits(train, val, test, info)
+
+
+def dataset_info(cfg) -> DatasetInfo:
+  """Static facts of a configured dataset without reading any data (benchmarks)."""
+  if cfg.name == 'synthetic':
+    shape = tuple(cfg.image_shape)
+    return DatasetInfo('synthetic', int(cfg.num_classes), shape, (0.5,) * shape[-1],
+                       (0.25,) * shape[-1], 'none')
+  if cfg.name not in _INFOS:
+    raise ValueError(f'unknown dataset name {cfg.name!r}; valid names: {DATASET_NAMES}.')
+  return _INFOS[cfg.name]

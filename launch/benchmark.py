@@ -1,0 +1,110 @@
+"""Benchmarks that print figures (never timed assertions in tests).
+
+Train mode (default): compile time and steady-state images/s of the jitted
+adversarial-training step of a config on synthetic inputs, plus peak memory
+(process RSS on CPU, device peak bytes on GPU/TPU).
+
+  python -m launch.benchmark --config=configs/cifar10.py:resnet18,pgd_at --batch_size=128
+  python -m launch.benchmark --config=configs/fashion_mnist.py --steps=10
+  python -m launch.benchmark --config=configs/fashion_mnist.py --mode=eval   # PGD-20 images/s
+"""
+
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
+flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
+flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: AT step; eval: PGD-k attack.")
+flags.DEFINE_integer("pgd_steps", 20, "eval mode: PGD steps.")
+flags.DEFINE_string("driver", "auto", "eval mode: attack driver (auto|unroll|loop|host).")
+flags.mark_flags_as_required(["config"])
+
+
+def peak_memory() -> str:
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return f"device peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
+  return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def synthetic_batch(info, batch_size, sharding):
+  h, w, c = info.image_shape
+  rng = np.random.RandomState(0)
+  batch = {"image": rng.rand(batch_size, h, w, c).astype(np.float32),
+           "label": rng.randint(0, info.num_classes, batch_size).astype(np.int32)}
+  return jax.device_put(batch, sharding)
+
+
+def main(argv):
+  del argv
+  common.init_runtime()
+  from agad.attacks import iterative
+  from agad.training import builders, sharding, state as state_lib, step as step_lib
+  from agad import data as data_lib
+  from agad.api import make_logits_fn
+
+  config = FLAGS.config
+  batch_size = FLAGS.batch_size or config.batch_size
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(batch_size, mesh)
+  info = data_lib.dataset_info(config.data)  # Synthetic inputs: no dataset needed.
+  model = builders.build_model(config, info)
+  from agad import objectives
+  objective = objectives.build_objective(config.objective.name, model, config)
+  tx, schedule = builders.optim.make_optimizer(config.optim, 100, config.num_epochs)
+  rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  batch = synthetic_batch(info, batch_size, data)
+  state = jax.jit(lambda k, b: state_lib.init_train_state(model, objective, tx, b, k, ema_decay=config.ema_decay),
+                  out_shardings=rep)(jax.random.key(0), batch)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  what = (f"{config.model.name} ({n_params / 1e6:.2f}M params) {config.objective.name} "
+          f"PGD-{config.attack.steps} on {info.image_shape}, global batch {batch_size}, "
+          f"{mesh.devices.size} x {jax.devices()[0].device_kind}, dtype {config.model.dtype}")
+
+  if FLAGS.mode == "train":
+    step = jax.jit(step_lib.make_train_step(objective, tx, ema_decay=config.ema_decay),
+                   in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(FLAGS.steps):
+      t = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    print(f"[train] {what}: first step (compile+run) {compile_s:.1f} s; "
+          f"steady {med:.3f} s/step (median of {len(times)}), {batch_size / med:.0f} images/s; {peak_memory()}")
+  else:
+    variables = {"params": state.params, **state.model_state}
+    logits_fn = make_logits_fn(model, variables)
+    eps, size = config.eval.eps, config.eval.step_size
+    run = lambda k: iterative.pgd(logits_fn, batch["image"], batch["label"], k, eps=eps, step_size=size,
+                                  steps=FLAGS.pgd_steps, driver=FLAGS.driver)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(jax.random.key(0)))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(FLAGS.steps):
+      t = time.perf_counter()
+      jax.block_until_ready(run(jax.random.key(i + 1)))
+      times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    print(f"[eval] PGD-{FLAGS.pgd_steps} driver={FLAGS.driver} on {what}: first call {compile_s:.1f} s; "
+          f"steady {med:.3f} s/batch, {batch_size / med:.0f} images/s; {peak_memory()}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+"""End to end: launch.train then launch.evaluate on real Fashion-MNIST (smoke config)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import agad
+from agad.evaluation import evaluate_pgd
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+
+
+def _run(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, **kw)
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST),
+                    reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
+def test_train_then_evaluate_smoke(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+              f"--workdir={workdir}"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "validation at step" in out.stderr
+  for name in ("config.json", "run_record.json", "metrics.jsonl"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  record = json.load(open(os.path.join(workdir, "run_record.json")))["launches"][0]
+  assert record["packages"]["jax"] == jax.__version__ and record["devices"]
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert any("val/robust_accuracy" in l for l in lines)
+
+  out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  step = agad.load(workdir, "best").step
+  report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}.json")))
+  clean, pgd = report["records"]
+  assert clean["n"] == pgd["n"] == 128  # smoke: the first 128 test images.
+  assert 0.0 <= pgd["accuracy"] <= clean["accuracy"] <= 1.0
+  p = clean["accuracy"]
+  assert abs(clean["stderr"] - np.sqrt(p * (1 - p) / 128)) < 1e-9
+
+  # The report matches an in-process evaluation of the loaded checkpoint.
+  loaded = agad.load(workdir, "best")
+  result = evaluate_pgd(loaded.logits_fn, loaded.experiment.splits.test, eps=0.1, step_size=0.01,
+                        steps=3, batch_size=64, log=None)
+  assert result["clean_record"]["accuracy"] == clean["accuracy"]
+
+  # Re-running the finished workdir exits 0 without training.
+  again = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+                f"--workdir={workdir}"], timeout=120)
+  assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_unknown_override_and_bad_arg_fail():
+  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+              "--workdir=/tmp/never", "--config.optim.learning_rate=0.1"])
+  assert out.returncode != 0 and "learning_rate" in out.stderr
+  out = _run(["launch.train", "--config=configs/fashion_mnist.py:resnet99,pgd_at",
+              "--workdir=/tmp/never"])
+  assert out.returncode != 0 and "unknown model 'resnet99'" in out.stderr
