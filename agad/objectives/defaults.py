@@ -8,7 +8,8 @@ The training attack itself (eps, step_size, steps, norm, random_start, bn, drive
 "use ``config.attack``".
 
 ``objective_config(config, name)`` merges ``config.objective.<name>`` (when present) over
-these defaults, so a dataset config only lists what it changes.
+these defaults, so a dataset config only lists what it changes. ``TrainingAttack`` is
+the training PGD of an objective (``config.attack`` plus the objective's overrides).
 """
 
 from __future__ import annotations
@@ -102,12 +103,7 @@ def objective_config(config: Any, name: str) -> ml_collections.ConfigDict:
     raise KeyError(f"no defaults for objective {name!r}; known: {sorted(defaults.keys())}")
   merged = _as_dict(defaults[name])
   objective_cfg = getattr(config, "objective", None) if config is not None else None
-  user = {}
-  if objective_cfg is not None:
-    try:
-      user = _as_dict(objective_cfg.get(name) if hasattr(objective_cfg, "get") else getattr(objective_cfg, name, None))
-    except (AttributeError, KeyError, TypeError):
-      user = {}
+  user = _as_dict(getattr(objective_cfg, name, None) if objective_cfg is not None else None)
   unknown = sorted(set(user) - set(merged))
   if unknown:
     raise KeyError(f"config.objective.{name} has unknown fields {unknown}; known: {sorted(merged)}")

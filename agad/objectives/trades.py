@@ -55,9 +55,9 @@ def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...])
 
   Returns ``(logits_clean, logits_adv, model_state)``: the logits of the first pass of
   each kind (the ones differentiated) and the running statistics after every pass.
-  Later passes over the same images run on stop-gradient parameters (identical logits;
-  they only advance the running statistics, as the repeated forward calls of the
-  official PyTorch code do).
+  Later passes over the same images give identical logits and only advance the running
+  statistics, as the repeated forward calls of the official PyTorch code do (their
+  parameters are stop-gradient to make explicit that they are not differentiated).
   """
   images = {"clean": batch["image"], "adv": adv}
   logits = {}
