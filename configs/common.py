@@ -88,6 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.restarts = 1              # PGD restarts (per-example worst case).
   c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
   c.eval.params = "params"         # params | ema.
+  c.eval.preset = "pgd"            # pgd (clean + PGD-k) | full (every attack + checks) | autoattack.
+  c.eval.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
+  c.eval.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
+  c.eval.cw_steps = 30             # C&W-inf: PGD steps on the margin.
+  c.eval.cw_step_size = 2 / 255    # C&W-inf: step size.
+  c.eval.cache = True              # Cache per-example results under WORKDIR/eval/cache.
   c.eval.seed = 0                  # Attack randomness.
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -29,4 +29,5 @@ def get_config(arg: str | None = None):
   c.eval.eps = 0.1
   c.eval.step_size = 0.01          # The main job's PGD-20 setting (issue 2).
   c.eval.pgd_steps = 20
+  c.eval.cw_step_size = 0.01
   return common.apply_arg(c, arg)

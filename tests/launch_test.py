@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import agad
-from agad.evaluation import evaluate_pgd
+from agad.evaluation import AttackSpec, Suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
@@ -40,7 +40,8 @@ def test_train_then_evaluate_smoke(tmp_path):
   out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best"])
   assert out.returncode == 0, out.stderr[-3000:]
   step = agad.load(workdir, "best").step
-  report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}.json")))
+  report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
+  assert os.path.exists(os.path.join(workdir, "eval", f"report_step{step}_pgd.md"))
   clean, pgd = report["records"]
   assert clean["n"] == pgd["n"] == 128  # smoke: the first 128 test images.
   assert 0.0 <= pgd["accuracy"] <= clean["accuracy"] <= 1.0
@@ -49,9 +50,15 @@ def test_train_then_evaluate_smoke(tmp_path):
 
   # The report matches an in-process evaluation of the loaded checkpoint.
   loaded = agad.load(workdir, "best")
-  result = evaluate_pgd(loaded.logits_fn, loaded.experiment.splits.test, eps=0.1, step_size=0.01,
-                        steps=3, batch_size=64, log=None)
-  assert result["clean_record"]["accuracy"] == clean["accuracy"]
+  suite = Suite(loaded.logits_fn, loaded.experiment.splits.test, batch_size=64, log=None)
+  record = suite.run(AttackSpec.make("clean", "clean", eps=0.1))
+  assert record["accuracy"] == clean["accuracy"]
+  # The cached PGD rows are reused by a second evaluation (no recomputation).
+  out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  again = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
+  assert all(r["cached_chunks"] == 1 for r in again["records"])
+  assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in report["records"]]
 
   # Re-running the finished workdir exits 0 without training.
   again = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",

@@ -1,3 +1,5 @@
-"""Honest robustness evaluation: per-example results, standard errors, reports."""
+"""Honest robustness evaluation: per-example results, standard errors, checks, reports."""
 
-from agad.evaluation.robustness import accuracy_record, evaluate_pgd, stderr
+from agad.evaluation.robustness import accuracy_record, stderr
+from agad.evaluation.suite import AttackSpec, Suite, params_hash, run_suite
+from agad.evaluation.presets import PRESETS, build_specs

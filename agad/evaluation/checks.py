@@ -1,0 +1,114 @@
+"""Automatic gradient-masking and evaluation-sanity checks (warnings in the report).
+
+After Carlini et al. 2019, Athalye et al. 2018 and AutoAttack's flags: each check
+returns human-readable warnings; an empty list means nothing suspicious was seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agad import data as data_lib
+from agad.attacks import losses
+
+WHITE_BOX = ("fgsm", "pgd", "cw", "adaptive", "apgd-ce", "apgd-t", "fab-t", "autoattack")
+BLACK_BOX = ("square", "transfer")
+
+
+def _by_kind(records, kinds):
+  return [r for r in records if r.get("kind") in kinds]
+
+
+def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float = 1.0,
+                    blackbox_pp: float = 0.2, sweep_tolerance_pp: float = 0.5) -> list[str]:
+  """Checks on the accuracies of a finished suite (see module docstring)."""
+  w: list[str] = []
+  records = report["records"]
+  acc = {r["attack"]: 100 * r["accuracy"] for r in records}
+  fgsm = _by_kind(records, ("fgsm",))
+  iterative = [r for r in _by_kind(records, ("pgd", "cw", "apgd-ce")) if r.get("eps") == report["eps"]]
+  for f in fgsm:
+    for r in iterative:
+      if 100 * r["accuracy"] > 100 * f["accuracy"] + 0.5:
+        w.append(f"iterative attack {r['attack']} ({100 * r['accuracy']:.2f}%) is weaker than "
+                 f"FGSM ({100 * f['accuracy']:.2f}%): gradients may be masked or the step size is wrong")
+  white = [r for r in _by_kind(records, WHITE_BOX) if r.get("eps") == report["eps"]]
+  best_white = min((100 * r["accuracy"] for r in white), default=None)
+  for r in _by_kind(records, BLACK_BOX):
+    if best_white is not None and 100 * r["accuracy"] < best_white - blackbox_pp:
+      w.append(f"black-box {r['attack']} ({100 * r['accuracy']:.2f}%) beats every white-box attack "
+               f"(best {best_white:.2f}%): a sign of gradient masking")
+  pgd = {(r.get("steps"), r.get("restarts", 1), r.get("loss", "ce")): r for r in _by_kind(records, ("pgd",))
+         if r.get("eps") == report["eps"]}
+  for (steps, restarts, loss), r in pgd.items():
+    for (s2, r2, l2), other in pgd.items():
+      if l2 == loss and ((s2 > steps and r2 == restarts) or (r2 > restarts and s2 == steps)):
+        drop = 100 * (r["accuracy"] - other["accuracy"])
+        if drop > converge_pp:
+          w.append(f"{r['attack']} -> {other['attack']}: accuracy still falls by {drop:.2f} pp "
+                   f"(> {converge_pp} pp): the attack has not converged")
+  aa = [r for r in _by_kind(records, ("autoattack",))]
+  for a in aa:
+    for (steps, restarts, loss), r in pgd.items():
+      gap = 100 * (r["accuracy"] - a["accuracy"])
+      if loss == "ce" and gap > aa_gap_pp:
+        w.append(f"PGD-CE ({r['attack']}, {100 * r['accuracy']:.2f}%) is {gap:.2f} pp above "
+                 f"AutoAttack ({100 * a['accuracy']:.2f}%): PGD alone overstates robustness here")
+  sweep = sorted((r["eps"], 100 * r["accuracy"]) for r in eps_sweep(report))
+  for (e1, a1), (e2, a2) in zip(sweep, sweep[1:]):
+    if a2 > a1 + sweep_tolerance_pp:
+      w.append(f"accuracy rises with eps ({a1:.2f}% at {e1:.4g} -> {a2:.2f}% at {e2:.4g}): "
+               "the attack is failing at larger radii")
+  for e, a in sweep:
+    if e >= 0.5 and a > 1.0:
+      w.append(f"accuracy {a:.2f}% at eps={e:.4g} (>= 0.5) should be ~0: unbounded attacks must succeed")
+  v = report.get("verification") or {}
+  bad = {k: v[k] for k in ("nonfinite", "outside_ball", "outside_box", "not_misclassified") if v.get(k)}
+  if bad:
+    w.append(f"re-verification of stored adversarial examples failed: {bad} of {v.get('checked')}")
+  return w
+
+
+def eps_sweep(report: dict) -> list[dict]:
+  """PGD-CE records with the sweep's step count and one restart, at several eps."""
+  steps = report.get("sweep_steps")
+  return [r for r in _by_kind(report["records"], ("pgd",))
+          if r.get("steps") == steps and r.get("restarts", 1) == 1 and r.get("loss", "ce") == "ce"]
+
+
+def steps_sweep(report: dict) -> list[dict]:
+  """PGD-CE records at the main eps with one restart, at several step counts."""
+  return [r for r in _by_kind(report["records"], ("pgd",))
+          if r.get("eps") == report["eps"] and r.get("restarts", 1) == 1 and r.get("loss", "ce") == "ce"]
+
+
+def input_gradient_stats(logits_fn, images, labels) -> dict:
+  """Fraction of examples whose CE input gradient is exactly zero or non-finite."""
+  grad = jax.jit(jax.grad(lambda f, x, y: jnp.sum(losses.cross_entropy(f(x), y)), argnums=1))(
+      logits_fn, images, labels)
+  flat = np.asarray(grad).reshape(len(images), -1)
+  return {"zero": float(np.mean(np.all(flat == 0, axis=1))),
+          "nonfinite": float(np.mean(~np.all(np.isfinite(flat), axis=1)))}
+
+
+def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5) -> list[str]:
+  """Checks on the model itself: zero / NaN input gradients and randomness."""
+  w: list[str] = []
+  batch = data_lib.read_batch(source, np.asarray(indices))
+  images = jnp.asarray(batch["image"], jnp.float32) / 255.0
+  labels = jnp.asarray(batch["label"])
+  stats = input_gradient_stats(logits_fn, images, labels)
+  if stats["nonfinite"] > 0:
+    w.append(f"{100 * stats['nonfinite']:.1f}% of examples have non-finite input gradients")
+  if stats["zero"] > 0.01:
+    w.append(f"{100 * stats['zero']:.1f}% of examples have exactly zero input gradients "
+             "(quantisation or saturation masks gradients: use BPDA, EOT or a black-box attack)")
+  outs = [np.asarray(jax.jit(lambda f, x: f(x))(logits_fn, images)) for _ in range(repeats)]
+  if any(not np.allclose(outs[0], o, atol=1e-5) for o in outs[1:]):
+    w.append("the model's outputs change across repeated forward passes: it is randomised; "
+             "evaluate with EOT (version='rand')")
+  return w

@@ -1,0 +1,43 @@
+"""Attack lists for ``launch.evaluate`` built from ``config.eval``.
+
+``pgd``: clean + PGD-k (fast; the main job's report).
+``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, C&W-inf (PGD on the
+kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
+surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
+(the sweep), PGD at 1, 5 and 10 steps (the steps curve).
+"""
+
+from __future__ import annotations
+
+from agad.evaluation.suite import AttackSpec
+
+PRESETS = ("pgd", "full", "autoattack")
+
+
+def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: bool = False) -> list[AttackSpec]:
+  if preset not in PRESETS:
+    raise ValueError(f"eval preset {preset!r} is not one of {PRESETS}")
+  eps, step, k = float(eval_cfg.eps), float(eval_cfg.step_size), int(eval_cfg.pgd_steps)
+  pgd = lambda steps, e=eps, restarts=1, size=None: AttackSpec.make(
+      f"pgd-{steps}" + (f"x{restarts}" if restarts > 1 else "") + (f"@eps={e:.4g}" if e != eps else ""),
+      "pgd", eps=e, step_size=size if size is not None else step * e / eps, steps=steps,
+      restarts=restarts, loss="ce", random_start="uniform")
+  clean = AttackSpec.make("clean", "clean", eps=eps)
+  if preset == "pgd":
+    return [clean, pgd(k, restarts=int(eval_cfg.restarts))]
+  aa = AttackSpec.make(f"autoattack-{eval_cfg.aa_version}", "autoattack", eps=eps,
+                       version=str(eval_cfg.aa_version))
+  if preset == "autoattack":
+    return [clean, aa]
+  specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
+           AttackSpec.make(f"cw-{eval_cfg.cw_steps}", "cw", eps=eps, step_size=float(eval_cfg.cw_step_size),
+                           steps=int(eval_cfg.cw_steps), kappa=float(eval_cfg.cw_kappa))]
+  if adaptive:
+    specs.append(AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k))
+  if surrogate:
+    specs.append(AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k))
+  specs.append(aa)
+  # The eps sweep keeps step/eps fixed; eps = 0.5 must drive accuracy to ~0.
+  specs += [pgd(k, e=f * eps) for f in (0.25, 0.5, 1.5, 2.0)] + [pgd(k, e=0.5, size=0.05)]
+  specs += [pgd(s) for s in (1, 5, 10) if s != k]
+  return specs

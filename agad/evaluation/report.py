@@ -1,0 +1,55 @@
+"""Report rendering: a Markdown table and plots of accuracy vs eps and vs PGD steps."""
+
+from __future__ import annotations
+
+import os
+
+
+def markdown(report: dict) -> str:
+  lines = [f"Robustness of `{report.get('model', '?')}` ({report.get('objective', '?')}) on "
+           f"{report.get('dataset', '?')} {report.get('split', 'test')}, n = {report['n']}, "
+           f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32", "",
+           "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
+           "|---|---|---|---|---|---|"]
+  skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over"}
+  for r in report["records"] + [report["worst_case"]]:
+    settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in r.items() if k not in skip)
+    wall = f"{r['wall_time_s']:.0f}" if "wall_time_s" in r else ""
+    lines.append(f"| {r['attack']} | {settings} | {100 * r['accuracy']:.2f} | {100 * r['stderr']:.2f} "
+                 f"| {r['n']} | {wall} |")
+    for stage, acc in (r.get("per_attack") or {}).items():
+      lines.append(f"| &nbsp;&nbsp;after {stage} | | {100 * acc:.2f} | | | |")
+  if report.get("warnings"):
+    lines += ["", "**Warnings**", ""] + [f"- {w}" for w in report["warnings"]]
+  else:
+    lines += ["", "No gradient-masking check fired."]
+  return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, directory: str) -> list[str]:
+  """Accuracy vs eps and vs PGD steps, from the suite's PGD-CE records."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from agad.evaluation import checks
+  written = []
+  for sweep, key, label, rows in (("eps", "eps", "eps", checks.eps_sweep(report)),
+                                  ("steps", "steps", "PGD steps", checks.steps_sweep(report))):
+    pts = sorted((r[key], 100 * r["accuracy"], 100 * r["stderr"]) for r in rows)
+    if len(pts) < 2:
+      continue
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    xs, ys, es = zip(*pts)
+    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2)
+    ax.set_xlabel(label)
+    ax.set_ylabel("robust accuracy (%)")
+    if sweep == "steps":
+      ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(directory, f"accuracy_vs_{sweep}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+  return written
