@@ -298,7 +298,7 @@ def dataset_info(cfg) -> DatasetInfo:
   if cfg.name == 'synthetic':
     shape = tuple(cfg.image_shape)
     return DatasetInfo('synthetic', int(cfg.num_classes), shape, (0.5,) * shape[-1],
-                       (0.25,) * shape[-1], 'none')
+                       (0.2,) * shape[-1], 'none')
   if cfg.name not in _INFOS:
     raise ValueError(f'unknown dataset name {cfg.name!r}; valid names: {DATASET_NAMES}.')
   return _INFOS[cfg.name]

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
 from agad import data as data_lib
 from agad.attacks import losses
@@ -95,19 +96,30 @@ def input_gradient_stats(logits_fn, images, labels) -> dict:
           "nonfinite": float(np.mean(~np.all(np.isfinite(flat), axis=1)))}
 
 
-def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5) -> list[str]:
-  """Checks on the model itself: zero / NaN input gradients and randomness."""
+def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
+                 stochastic: bool = False) -> list[str]:
+  """Checks on the model itself: zero / NaN input gradients and randomness.
+
+  Repeated forward passes run eagerly (a host-side random model would hide behind a
+  jit cache); a ``stochastic`` model is called with a different key each time.
+  """
+  from agad.attacks import driver as driver_lib
+  logits_fn = driver_lib.as_partial(logits_fn)
   w: list[str] = []
   batch = data_lib.read_batch(source, np.asarray(indices))
   images = jnp.asarray(batch["image"], jnp.float32) / 255.0
   labels = jnp.asarray(batch["label"])
-  stats = input_gradient_stats(logits_fn, images, labels)
+  grad_fn = Partial(lambda f, k, x: f(x, k), logits_fn, jax.random.key(seed)) if stochastic else logits_fn
+  stats = input_gradient_stats(grad_fn, images, labels)
   if stats["nonfinite"] > 0:
     w.append(f"{100 * stats['nonfinite']:.1f}% of examples have non-finite input gradients")
   if stats["zero"] > 0.01:
     w.append(f"{100 * stats['zero']:.1f}% of examples have exactly zero input gradients "
              "(quantisation or saturation masks gradients: use BPDA, EOT or a black-box attack)")
-  outs = [np.asarray(jax.jit(lambda f, x: f(x))(logits_fn, images)) for _ in range(repeats)]
+  if stochastic:
+    outs = [np.asarray(logits_fn(images, jax.random.key(seed + i))) for i in range(repeats)]
+  else:
+    outs = [np.asarray(logits_fn(images)) for _ in range(repeats)]
   if any(not np.allclose(outs[0], o, atol=1e-5) for o in outs[1:]):
     w.append("the model's outputs change across repeated forward passes: it is randomised; "
              "evaluate with EOT (version='rand')")

@@ -1,0 +1,131 @@
+"""Evaluation suite: worst case, cache, re-verification, gradient-masking checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from agad.data import ArraySource
+from agad.evaluation import AttackSpec, Suite, build_specs, checks, run_suite
+from agad.evaluation.report import markdown, plots
+
+SHAPE = (6, 6, 1)
+
+
+def _templates_source(n=48, seed=0):
+  rng = np.random.default_rng(seed)
+  templates = rng.uniform(0.2, 0.8, (3, *SHAPE)).astype(np.float32)
+  labels = rng.integers(0, 3, n)
+  images = np.clip(templates[labels] + rng.normal(0, 0.03, (n, *SHAPE)), 0, 1)
+  return ArraySource((images * 255).round().astype(np.uint8), labels), jnp.asarray(templates)
+
+
+def _nearest_template(templates, x):
+  """Linear nearest-template classifier: logits_k = 2 <x, t_k> - ||t_k||^2."""
+  flat = x.reshape(x.shape[0], -1)
+  t = templates.reshape(templates.shape[0], -1)
+  return 2.0 * flat @ t.T - jnp.sum(t * t, -1)
+
+
+def _quantised(templates, x):
+  """Gradient masking by input quantisation (zero gradient almost everywhere)."""
+  return _nearest_template(templates, jax.lax.stop_gradient(jnp.round(x * 4) / 4))
+
+
+def test_worst_case_cache_and_verification(tmp_path):
+  source, templates = _templates_source()
+  logits_fn = Partial(_nearest_template, templates)
+  specs = [AttackSpec.make("clean", "clean", eps=0.3),
+           AttackSpec.make("fgsm", "fgsm", eps=0.3),
+           AttackSpec.make("pgd-5", "pgd", eps=0.3, step_size=0.1, steps=5, restarts=1)]
+  suite = Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), model_hash="m1",
+                chunk=16, log=None)
+  recs = [suite.run(s) for s in specs]
+  clean, fgsm, pgd = (r["accuracy"] for r in recs)
+  assert clean > 0.9           # the classifier works
+  assert pgd < 0.1             # and is not robust at eps 0.3
+  assert pgd <= clean and fgsm <= clean
+  worst = suite.worst_case()
+  assert worst["accuracy"] <= min(clean, fgsm, pgd)
+  assert worst["stderr"] == pytest.approx(np.sqrt(worst["accuracy"] * (1 - worst["accuracy"]) / 48))
+  v = suite.verify(0.3)
+  assert v["checked"] == int(round(48 * (1 - worst["accuracy"])))
+  assert v["outside_ball"] == v["outside_box"] == v["nonfinite"] == 0
+  # Clean-misclassified points store their clean image; the rest must be misclassified.
+  assert v["not_misclassified"] <= int(round(48 * (1 - clean)))
+
+  # A corrupted stored adversarial (outside the ball) is caught.
+  pos = next(iter(suite.adversarial))
+  suite.adversarial[pos] = np.clip(suite.adversarial[pos] + 0.5, 0, 1)
+  assert suite.verify(0.3)["outside_ball"] >= 1
+
+  # Second suite: same hash and settings -> cached; a new setting or model is recomputed.
+  again = Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), model_hash="m1", chunk=16, log=None)
+  rec = again.run(specs[2])
+  assert rec["cached_chunks"] == 3 and rec["accuracy"] == pgd
+  other = again.run(AttackSpec.make("pgd-5", "pgd", eps=0.2, step_size=0.1, steps=5, restarts=1))
+  assert other["cached_chunks"] == 0
+  new_model = Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), model_hash="m2", chunk=16, log=None)
+  assert new_model.run(specs[2])["cached_chunks"] == 0
+
+
+def test_masked_gradients_fire_the_checks():
+  source, templates = _templates_source(seed=1)
+  masked = Partial(_quantised, templates)
+  report = run_suite(masked, source, [AttackSpec.make("clean", "clean", eps=0.1),
+                                      AttackSpec.make("fgsm", "fgsm", eps=0.1),
+                                      AttackSpec.make("pgd-5", "pgd", eps=0.1, step_size=0.03, steps=5, restarts=1)],
+                     eps=0.1, batch_size=16, log=None)
+  assert any("zero input gradients" in w for w in report["warnings"]), report["warnings"]
+
+
+def test_report_warnings_on_hand_made_records():
+  rec = lambda name, kind, acc, **kw: {"attack": name, "kind": kind, "accuracy": acc, "stderr": 0.01,
+                                       "n": 1000, "eps": kw.pop("eps", 0.1), **kw}
+  report = {"eps": 0.1, "sweep_steps": 20, "records": [
+      rec("fgsm", "fgsm", 0.50),
+      rec("pgd-20", "pgd", 0.60, steps=20, restarts=1, loss="ce"),      # weaker than FGSM
+      rec("pgd-100", "pgd", 0.55, steps=100, restarts=1, loss="ce"),    # not converged
+      rec("square", "square", 0.40),                                     # black-box wins
+      rec("autoattack", "autoattack", 0.45),                             # big PGD-AA gap
+      rec("pgd-20@0.2", "pgd", 0.65, eps=0.2, steps=20, restarts=1, loss="ce"),  # rises with eps
+      rec("pgd-20@0.5", "pgd", 0.30, eps=0.5, steps=20, restarts=1, loss="ce"),  # not ~0 at 0.5
+  ]}
+  w = " | ".join(checks.report_warnings(report))
+  for needle in ("weaker than FGSM", "beats every white-box", "has not converged",
+                 "above AutoAttack", "rises with eps", "should be ~0"):
+    assert needle in w, needle
+  clean_report = {"eps": 0.1, "sweep_steps": 20, "records": [
+      rec("fgsm", "fgsm", 0.60), rec("pgd-20", "pgd", 0.50, steps=20, restarts=1, loss="ce"),
+      rec("pgd-100", "pgd", 0.496, steps=100, restarts=1, loss="ce"),
+      rec("pgd-20@0.5", "pgd", 0.0, eps=0.5, steps=20, restarts=1, loss="ce")]}
+  assert checks.report_warnings(clean_report) == []
+
+
+def test_randomised_model_is_flagged():
+  source, templates = _templates_source(seed=2)
+  rng = np.random.default_rng(0)
+  noisy = lambda x: _nearest_template(templates, x) + rng.normal(size=(x.shape[0], 3))
+  assert any("randomised" in m for m in checks.model_checks(noisy, source, np.arange(8)))
+  stochastic = lambda x, key: _nearest_template(templates, x) + jax.random.normal(key, (x.shape[0], 3))
+  assert any("randomised" in m for m in checks.model_checks(stochastic, source, np.arange(8), stochastic=True))
+  deterministic = Partial(_nearest_template, templates)
+  assert checks.model_checks(deterministic, source, np.arange(8)) == []
+
+
+def test_presets_markdown_and_plots(tmp_path):
+  from configs import fashion_mnist
+  cfg = fashion_mnist.get_config("").eval
+  names = [s.name for s in build_specs(cfg, preset="full", adaptive=True)]
+  for needle in ("clean", "fgsm", "pgd-20", "pgd-100", "pgd-20x5", "cw-30", "adaptive-pgd-20",
+                 "autoattack-standard", "pgd-20@eps=0.5"):
+    assert needle in names, needle
+  rec = lambda acc, **kw: {"attack": "a", "kind": "pgd", "accuracy": acc, "stderr": 0.01, "n": 10,
+                           "restarts": 1, "loss": "ce", **kw}
+  report = {"n": 10, "eps": 0.1, "norm": "linf", "sweep_steps": 20, "warnings": ["w1"],
+            "records": [rec(0.5, eps=0.1, steps=20), rec(0.2, eps=0.2, steps=20), rec(0.6, eps=0.1, steps=5)],
+            "worst_case": {"attack": "worst-case", "accuracy": 0.2, "stderr": 0.1, "n": 10}}
+  text = markdown(report)
+  assert "| a |" in text and "w1" in text and "50.00" in text
+  assert len(plots(report, str(tmp_path))) == 2
