@@ -5,7 +5,16 @@ from agad.attacks.losses import cross_entropy, kl_divergence, margin
 from agad.attacks.iterative import (PGDState, fgsm, pgd, pgd_general, pgd_init, pgd_step,
                               project)
 
+from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
+from agad.attacks.apgd import APGDResult, apgd, apgd_attack, apgd_checkpoints, apgd_targeted
+from agad.attacks.fab import FABResult, fab, fab_attack
+from agad.attacks.square import SquareResult, square, square_attack
+from agad.attacks.autoattack import autoattack
+
 __all__ = [
+    "dlr", "dlr_targeted", "ranked_targets", "APGDResult", "apgd", "apgd_attack",
+    "apgd_checkpoints", "apgd_targeted", "FABResult", "fab", "fab_attack", "SquareResult",
+    "square", "square_attack", "autoattack",
     "DRIVERS", "iterate", "resolve_driver", "cross_entropy", "kl_divergence", "margin",
     "PGDState", "fgsm", "pgd", "pgd_general", "pgd_init", "pgd_step", "project",
 ]

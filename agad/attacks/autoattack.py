@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agad.attacks import apgd as apgd_lib
-from agad.attacks import dlr as dlr_lib
 from agad.attacks import driver as driver_lib
-from agad.attacks import fab as fab_lib
-from agad.attacks import square as square_lib
+from agad.attacks.apgd import apgd_attack, call_logits, lp_norm
+from agad.attacks.dlr import ranked_targets
+from agad.attacks.fab import fab_attack
+from agad.attacks.square import square_attack
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -60,24 +60,24 @@ def _bucket_for(n: int, sizes: Sequence[int]) -> int:
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _predict(logits_fn, x, key, stochastic: bool):
-  return apgd_lib.call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
+  return call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
 def _verify(logits_fn, x0, x_adv, labels, eps, key, stochastic: bool, norm: str):
   """Separate forward pass: misclassified, finite, inside the eps-ball and [0, 1]."""
-  logits = apgd_lib.call_logits(logits_fn, x_adv, key, stochastic)
+  logits = call_logits(logits_fn, x_adv, key, stochastic)
   flat = x_adv.reshape(x_adv.shape[0], -1)
   finite = jnp.all(jnp.isfinite(flat), axis=-1)
   in_box = jnp.all((flat >= 0.0) & (flat <= 1.0), axis=-1)
-  in_ball = apgd_lib.lp_norm(x_adv - x0, norm) <= eps + _NORM_SLACK
+  in_ball = lp_norm(x_adv - x0, norm) <= eps + _NORM_SLACK
   wrong = jnp.argmax(logits, axis=-1) != labels
   return wrong & finite & in_box & in_ball, jnp.argmax(logits, axis=-1)
 
 
 def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
-          square_queries: int, eot_iter: int, num_classes: int,
-          n_target_classes: int) -> tuple[list[tuple[str, dict]], list[str]]:
+          square_queries: int, eot_iter: int, num_classes: int, n_target_classes: int,
+          stochastic: bool) -> tuple[list[tuple[str, dict]], list[str]]:
   """``[(attack name, settings)]`` for a version, plus warnings about skipped attacks."""
   flags = []
   if version == "standard":
@@ -118,6 +118,8 @@ def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
     if name in ("apgd-ce", "apgd-dlr"):
       settings = dict(loss=name[5:], steps=steps, restarts=restarts,
                       eot_iter=eot_iter if version == "rand" else 1)
+      if version == "custom" and stochastic:
+        settings["eot_iter"] = eot_iter
     elif name == "apgd-t":
       settings = dict(loss="dlr-targeted", steps=steps, restarts=1, eot_iter=1,
                       n_targets=n_targets)
@@ -148,7 +150,11 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     key: PRNG key; eps: radius in [0, 1] pixel units (L-inf) or L2 units.
     version: ``"standard"``, ``"plus"``, ``"rand"`` or ``"custom"`` (with ``attacks``).
     batch_size: largest bucket; steps: APGD/FAB iterations; square_queries: Square budget.
-    eot_iter: EOT draws per APGD step for ``version="rand"``.
+    eot_iter: EOT draws per APGD step for ``version="rand"`` (and ``"custom"`` with
+      ``stochastic``).
+    n_target_classes: targets of APGD-T and FAB-T (capped at ``K - 1``).
+    min_bucket: smallest bucket size; chunk / square_chunk: steps per compiled chunk
+      (defaults: 10 for APGD and FAB, fewer with EOT; 20 queries for Square).
   Returns:
     dict with ``robust`` ``[N]`` bool numpy, ``adversarial`` ``[N,H,W,C]`` float32 numpy
     (clean image where never broken), ``per_attack`` (ordered attack name -> robust
@@ -187,8 +193,8 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   if n:
     parts = []
     for start, real, padded, _ in batches(np.arange(n)):
-      out = _predict(logits_fn, jnp.asarray(images[padded]), jax.random.fold_in(key, 10_000 + start),
-                     stochastic)
+      out = _predict(logits_fn, jnp.asarray(images[padded]),
+                     jax.random.fold_in(key, 10_000 + start), stochastic)
       parts.append(np.asarray(out)[:len(real)])
     clean_logits = np.concatenate(parts)
   num_classes = clean_logits.shape[-1] if n else 0
@@ -204,9 +210,9 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     flags.append("stochastic model evaluated without EOT; consider version='rand'")
 
   plan, plan_flags = _plan(version, attacks, norm, steps, square_queries, eot_iter,
-                           max(num_classes, 2), n_target_classes) if n else ([], [])
+                           max(num_classes, 2), n_target_classes, stochastic) if n else ([], [])
   flags += plan_flags
-  ranked = (dlr_lib.ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes,
+  ranked = (ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes,
                                                                        num_classes - 1)))
             if n and num_classes >= 2 else None)
   ranked = np.asarray(ranked) if ranked is not None else None
@@ -232,7 +238,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
                                                         round_index), start)
         targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
         if name.startswith("apgd"):
-          result = apgd_lib.apgd_attack(
+          result = apgd_attack(
               logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
               loss=settings["loss"], restarts=settings["restarts"],
               targets=targets if name == "apgd-t" else None, eot_iter=settings["eot_iter"],
@@ -240,14 +246,14 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
           zero_grad_points += int(np.sum(np.asarray(result.zero_grad) & valid))
           candidate = result.adversarial
         elif name.startswith("fab"):
-          result = fab_lib.fab_attack(
+          result = fab_attack(
               logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
               targeted=settings["targeted"], targets=targets if settings["targeted"] else None,
               restarts=settings["restarts"], stochastic=stochastic, valid=valid_j,
               stop_when_within_eps=True, driver=driver, chunk=chunk or 10)
           candidate = result.adversarial
         else:
-          result = square_lib.square_attack(
+          result = square_attack(
               logits_fn, x, y, run_key, eps=eps32, norm=norm, n_queries=settings["n_queries"],
               p_init=settings["p_init"], restarts=settings["restarts"], stochastic=stochastic,
               valid=valid_j, driver=driver, chunk=square_chunk)
@@ -279,7 +285,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     for flag in flags:
       print(f"[autoattack] warning: {flag}")
     if n:
-      delta = apgd_lib.lp_norm(jnp.asarray(adversarial - images), norm)
+      delta = lp_norm(jnp.asarray(adversarial - images), norm)
       print(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
             f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
             f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "

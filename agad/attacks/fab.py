@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from agad.attacks import apgd as common
-from agad.attacks import dlr as dlr_lib
 from agad.attacks import driver as driver_lib
+from agad.attacks.apgd import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
+                               nothing_left, per_example, run_steps)
+from agad.attacks.dlr import ranked_targets
 
 _NO_ADVERSARIAL = 1e10
 
@@ -56,9 +57,8 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
   room = jnp.where(towards_one, 1.0 - t, t)
   abs_w = jnp.abs(w)
 
-  order = jnp.argsort(-room, axis=-1)                       # largest room first
-  room_sorted = jnp.take_along_axis(room, order, axis=-1)
-  weight_sorted = jnp.take_along_axis(abs_w, order, axis=-1)
+  # Largest room first; a multi-operand sort avoids gathers (slow to compile on CPU).
+  _, room_sorted, weight_sorted = jax.lax.sort((-room, room, abs_w), dimension=1, num_keys=1)
   slope = jnp.cumsum(weight_sorted, axis=-1)                 # S_k: coordinates still moving
   total = jnp.sum(weight_sorted * room_sorted, axis=-1, keepdims=True)
   saturated = total - jnp.cumsum(weight_sorted * room_sorted, axis=-1)  # R_k
@@ -66,13 +66,19 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
 
   reachable = c < f_at_breaks[:, 0]                          # c < F(max room)
   segment = jnp.clip(jnp.sum(f_at_breaks > c[:, None], axis=-1) - 1, 0, t.shape[-1] - 1)
-  slope_k = jnp.take_along_axis(slope, segment[:, None], axis=-1)[:, 0]
-  saturated_k = jnp.take_along_axis(saturated, segment[:, None], axis=-1)[:, 0]
+  at_segment = jnp.arange(t.shape[-1])[None, :] == segment[:, None]
+  slope_k = jnp.sum(jnp.where(at_segment, slope, 0.0), axis=-1)
+  saturated_k = jnp.sum(jnp.where(at_segment, saturated, 0.0), axis=-1)
   lam = jnp.maximum((c - saturated_k) / jnp.where(slope_k > 0, slope_k, 1.0), 0.0)
   lam = jnp.where(reachable, lam, jnp.inf)
   direction = jnp.where(towards_one, 1.0, -1.0)
   d = direction * jnp.minimum(lam[:, None], room)
   return jnp.where(w != 0, d, 0.0)
+
+
+def _select(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[b, index[b]]`` as a one-hot sum (gathers compile slowly on XLA:CPU)."""
+  return jnp.sum(jnp.where(jax.nn.one_hot(index, values.shape[-1], dtype=bool), values, 0.0), -1)
 
 
 class FABState(NamedTuple):
@@ -93,34 +99,35 @@ def _step_rule(targeted: bool, stochastic: bool) -> Callable:
   tag = "fab-t" if targeted else "fab"
 
   def step(logits_fn, x0, labels, targets, alpha_max, eta, beta, state: FABState) -> FABState:
-    common.count_trace(tag, state.x)
+    count_trace(tag, state.x)
     batch = x0.shape[0]
-    key, grad_key, pred_key = jax.random.split(state.key, 3)
+    if stochastic:
+      key, grad_key, pred_key = jax.random.split(state.key, 3)
+    else:  # random-number ops are slow to compile when unrolled; skip them if unused
+      key = grad_key = pred_key = state.key
     x = state.x
     if targeted:
       def gap(v):
-        logits = common.call_logits(logits_fn, v, grad_key, stochastic)
-        diff = (jnp.take_along_axis(logits, targets[:, None], -1)
-                - jnp.take_along_axis(logits, labels[:, None], -1))[:, 0]
+        logits = call_logits(logits_fn, v, grad_key, stochastic)
+        diff = _select(logits, targets) - _select(logits, labels)
         return jnp.sum(diff), diff
       grad, df = jax.grad(gap, has_aux=True)(x)
       w = grad.reshape(batch, -1)
     else:
-      logits, vjp = jax.vjp(lambda v: common.call_logits(logits_fn, v, grad_key, stochastic), x)
+      logits, vjp = jax.vjp(lambda v: call_logits(logits_fn, v, grad_key, stochastic), x)
       num_classes = logits.shape[-1]
       basis = jnp.broadcast_to(jnp.eye(num_classes, dtype=logits.dtype)[:, None, :],
                                (num_classes, batch, num_classes))
       jac = jax.vmap(lambda ct: vjp(ct)[0])(basis)             # [K, B, ...]
       jac = jnp.moveaxis(jac, 0, 1).reshape(batch, num_classes, -1)
-      true_logit = jnp.take_along_axis(logits, labels[:, None], -1)
-      true_grad = jnp.take_along_axis(jac, labels[:, None, None], axis=1)
-      diffs = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), _NO_ADVERSARIAL,
-                        logits - true_logit)
+      true_class = jax.nn.one_hot(labels, num_classes, dtype=bool)
+      true_grad = jnp.sum(jnp.where(true_class[:, :, None], jac, 0.0), axis=1, keepdims=True)
+      diffs = jnp.where(true_class, _NO_ADVERSARIAL, logits - _select(logits, labels)[:, None])
       grads = jac - true_grad
       distance = jnp.abs(diffs) / (1e-12 + jnp.sum(jnp.abs(grads), axis=-1))
-      closest = jnp.argmin(distance, axis=-1)
-      df = jnp.take_along_axis(diffs, closest[:, None], -1)[:, 0]
-      w = jnp.take_along_axis(grads, closest[:, None, None], axis=1)[:, 0]
+      closest = jax.nn.one_hot(jnp.argmin(distance, axis=-1), num_classes, dtype=bool)
+      df = jnp.sum(jnp.where(closest, diffs, 0.0), axis=-1)
+      w = jnp.sum(jnp.where(closest[:, :, None], grads, 0.0), axis=1)
     x_flat = x.reshape(batch, -1)
     x0_flat = x0.reshape(batch, -1)
     b = -df + jnp.sum(w * x_flat, axis=-1)
@@ -133,14 +140,14 @@ def _step_rule(targeted: bool, stochastic: bool) -> Callable:
     x_new = jnp.clip((x_flat + eta * d_x) * (1.0 - alpha) + (x0_flat + eta * d_0) * alpha,
                      0.0, 1.0).reshape(x.shape)
 
-    logits_new = common.call_logits(logits_fn, x_new, pred_key, stochastic)
+    logits_new = call_logits(logits_fn, x_new, pred_key, stochastic)
     is_adv = jnp.argmax(logits_new, axis=-1) != labels
-    distance_new = common.lp_norm(x_new - x0, "linf")
+    distance_new = lp_norm(x_new - x0, "linf")
     better = is_adv & (distance_new < state.best_norm)
-    return FABState(
-        x=common.bwhere(is_adv, x0 + (x_new - x0) * beta, x_new),
-        best=common.bwhere(better, x_new, state.best),
-        best_norm=jnp.where(better, distance_new, state.best_norm), key=key)
+    return barrier(FABState(
+        x=bwhere(is_adv, x0 + (x_new - x0) * beta, x_new),
+        best=bwhere(better, x_new, state.best),
+        best_norm=jnp.where(better, distance_new, state.best_norm), key=key))
 
   return step
 
@@ -170,29 +177,30 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   else:
     targets = jnp.zeros_like(labels)
   logits_fn = driver_lib.as_partial(logits_fn)
-  eps_b = common.per_example(eps, images)
+  eps_b = per_example(eps, images)
   eps_vec = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), labels.shape)
   step = Partial(_step_rule(targeted, stochastic), logits_fn, images, labels, targets,
                  jnp.float32(alpha_max), jnp.float32(eta), jnp.float32(beta))
   done = None
   if stop_when_within_eps:
-    done = lambda s: common.nothing_left(s.best_norm > eps_vec, valid)
+    done = lambda s: nothing_left(s.best_norm > eps_vec, valid)
 
   best, best_norm = images, jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32)
   for restart in range(restarts):
-    if restart > 0 and common.nothing_left(best_norm > eps_vec, valid):
+    if restart > 0 and nothing_left(best_norm > eps_vec, valid):
       break
     run_key = jax.random.fold_in(key, restart)
     start_key, run_key = jax.random.split(run_key)
     x = images
     if restart > 0:
       u = jax.random.uniform(start_key, images.shape, jnp.float32, -1.0, 1.0)
-      x = jnp.clip(images + 0.5 * eps_b * common.normalize(u, "linf"), 0.0, 1.0)
-    state = FABState(x=x, best=images, best_norm=jnp.full(labels.shape, _NO_ADVERSARIAL),
+      x = jnp.clip(images + 0.5 * eps_b * normalize(u, "linf"), 0.0, 1.0)
+    state = FABState(x=x, best=images,
+                     best_norm=jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32),
                      key=run_key)
-    state = common.run_steps(step, state, steps, driver=driver, chunk=chunk, done=done)
+    state = run_steps(step, state, steps, driver=driver, chunk=chunk, done=done)
     take = (state.best_norm < best_norm) & (best_norm > eps_vec)
-    best = common.bwhere(take, state.best, best)
+    best = bwhere(take, state.best, best)
     best_norm = jnp.where(take, state.best_norm, best_norm)
   return FABResult(jax.lax.stop_gradient(best), best_norm > eps_vec, best_norm)
 
@@ -218,17 +226,17 @@ def fab(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
                 eta=eta, beta=beta, stochastic=stochastic, driver=driver, chunk=chunk)
   if not targeted:
     result = fab_attack(logits_fn, images, labels, key, targeted=False, **kwargs)
-    return common.bwhere(result.robust, images, result.adversarial)
-  clean = common.call_logits(logits_fn, images, key, stochastic)
+    return bwhere(result.robust, images, result.adversarial)
+  clean = call_logits(logits_fn, images, key, stochastic)
   n_targets = min(n_target_classes, clean.shape[-1] - 1)
-  ranked = dlr_lib.ranked_targets(clean, n_targets)
+  ranked = ranked_targets(clean, n_targets)
   adversarial, robust = images, jnp.ones(images.shape[:1], bool)
   for j in range(n_targets):
     result = fab_attack(logits_fn, images, labels, jax.random.fold_in(key, j), targeted=True,
                         targets=ranked[:, j], **kwargs)
     broken = robust & ~result.robust
-    adversarial = common.bwhere(broken, result.adversarial, adversarial)
+    adversarial = bwhere(broken, result.adversarial, adversarial)
     robust = robust & result.robust
-    if common.nothing_left(robust, None):
+    if nothing_left(robust, None):
       break
   return adversarial

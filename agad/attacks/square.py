@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from agad.attacks import apgd as common
 from agad.attacks import driver as driver_lib
 from agad.attacks import losses
+from agad.attacks.apgd import (barrier, bwhere, call_logits, count_trace, nothing_left,
+                               per_example, run_steps)
 
 SQUARE_LOSSES = ("margin", "ce")
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -73,7 +74,7 @@ def _margin_and_loss_rule(loss: str, stochastic: bool) -> Callable:
     raise ValueError(f"loss {loss!r} is not one of {SQUARE_LOSSES}")
 
   def fn(logits_fn, labels, x, key):
-    logits = common.call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
+    logits = call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
     margin = -losses.margin(logits, labels)
     value = margin if loss == "margin" else -losses.cross_entropy(logits, labels)
     return margin, value
@@ -89,7 +90,7 @@ def _init_rule(loss: str, stochastic: bool) -> Callable:
     stripe_key, loss_key, key = jax.random.split(key, 3)
     batch, _, width, channels = x0.shape
     signs = jax.random.rademacher(stripe_key, (batch, 1, width, channels), jnp.float32)
-    x = jnp.clip(x0 + common.per_example(eps, x0) * signs, 0.0, 1.0)
+    x = jnp.clip(x0 + per_example(eps, x0) * signs, 0.0, 1.0)
     margin, value = margin_and_loss(logits_fn, labels, x, loss_key)
     return SquareState(x_best=x, margin=margin, loss=value,
                        queries=jnp.ones((batch,), jnp.int32), it=jnp.zeros((), jnp.int32),
@@ -98,37 +99,53 @@ def _init_rule(loss: str, stochastic: bool) -> Callable:
   return jax.jit(init)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw(key: jax.Array, n_queries: int, batch: int, channels: int):
+  """All random choices of a run, drawn at once: unrolled random-number ops compile slowly.
+
+  Returns corner uniforms ``[n_queries, B, 2]`` float32 and channel signs
+  ``[n_queries, B, C]`` int8 (about ``n_queries * B * (8 + C)`` bytes).
+  """
+  corner_key, sign_key = jax.random.split(key)
+  uniforms = jax.random.uniform(corner_key, (n_queries, batch, 2), jnp.float32)
+  signs = jax.random.rademacher(sign_key, (n_queries, batch, channels), jnp.int8)
+  return uniforms, signs
+
+
 @functools.lru_cache(maxsize=None)
 def _step_rule(loss: str, stochastic: bool) -> Callable:
   margin_and_loss = _margin_and_loss_rule(loss, stochastic)
 
-  def step(logits_fn, x0, labels, eps, sizes, state: SquareState) -> SquareState:
-    common.count_trace("square", state.x_best)
+  def step(logits_fn, x0, labels, eps, sizes, uniforms, signs, state: SquareState) -> SquareState:
+    count_trace("square", state.x_best)
     batch, height, width, channels = x0.shape
-    key, pos_key, sign_key, loss_key = jax.random.split(state.key, 4)
-    side = sizes[jnp.minimum(state.it, sizes.shape[0] - 1)]
-    corner = jnp.floor(jax.random.uniform(pos_key, (2, batch))
-                       * jnp.stack([height - side, width - side])[:, None].astype(jnp.float32))
-    top, left = corner[0].astype(jnp.int32), corner[1].astype(jnp.int32)
+    key, loss_key = jax.random.split(state.key) if stochastic else (state.key, state.key)
+    it = jnp.minimum(state.it, sizes.shape[0] - 1)
+    side = jax.lax.dynamic_index_in_dim(sizes, it, keepdims=False)
+    room = jnp.stack([height - side, width - side]).astype(jnp.float32)
+    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)     # [B, 2]
+    corner = jnp.floor(draw * room[None, :]).astype(jnp.int32)
+    top, left = corner[:, 0], corner[:, 1]
     rows = jnp.arange(height)[None, :]
     cols = jnp.arange(width)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)     # [B, H]
     in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)   # [B, W]
     window = (in_rows[:, :, None] & in_cols[:, None, :])[..., None]     # [B, H, W, 1]
-    signs = jax.random.rademacher(sign_key, (batch, 1, 1, channels), jnp.float32)
-    eps_b = common.per_example(eps, x0)
-    x_new = state.x_best + jnp.where(window, 2.0 * eps_b * signs, 0.0)
+    channel_signs = jax.lax.dynamic_index_in_dim(signs, it, keepdims=False)
+    channel_signs = channel_signs.astype(jnp.float32)[:, None, None, :]  # [B, 1, 1, C]
+    eps_b = per_example(eps, x0)
+    x_new = state.x_best + jnp.where(window, 2.0 * eps_b * channel_signs, 0.0)
     x_new = jnp.clip(jnp.clip(x_new, x0 - eps_b, x0 + eps_b), 0.0, 1.0)
 
     margin, value = margin_and_loss(logits_fn, labels, x_new, loss_key)
     active = state.margin > 0.0
     lower = value < state.loss
     accept = active & (lower | (margin <= 0.0))
-    return SquareState(
-        x_best=common.bwhere(accept, x_new, state.x_best),
+    return barrier(SquareState(
+        x_best=bwhere(accept, x_new, state.x_best),
         margin=jnp.where(accept, margin, state.margin),
         loss=jnp.where(active & lower, value, state.loss),
-        queries=state.queries + active.astype(jnp.int32), it=state.it + 1, key=key)
+        queries=state.queries + active.astype(jnp.int32), it=state.it + 1, key=key))
 
   return step
 
@@ -159,23 +176,26 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
   sizes = jnp.asarray(square_sizes(images.shape[1], images.shape[2], n_queries, p_init,
                                    rescale_schedule))
   init = _init_rule(loss, stochastic)
-  step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes)
-  done = lambda s: common.nothing_left(s.margin > 0.0, valid)
+  done = lambda s: nothing_left(s.margin > 0.0, valid)
 
   best = None
   for restart in range(restarts):
-    if best is not None and common.nothing_left(best.robust, valid):
+    if best is not None and nothing_left(best.robust, valid):
       break
-    state = init(logits_fn, images, labels, eps, jax.random.fold_in(key, restart))
+    init_key, draw_key = jax.random.split(jax.random.fold_in(key, restart))
+    state = init(logits_fn, images, labels, eps, init_key)
     if not done(state):
-      state = common.run_steps(step, state, n_queries, driver=driver, chunk=chunk, done=done,
+      uniforms, signs = _draw(draw_key, n_queries, images.shape[0], images.shape[-1])
+      step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes,
+                     uniforms, signs)
+      state = run_steps(step, state, n_queries, driver=driver, chunk=chunk, done=done,
                                check_every=check_every)
     result = SquareResult(state.x_best, state.margin > 0.0, state.queries)
     if best is None:
       best = result
     else:
       newly = best.robust & ~result.robust
-      best = SquareResult(common.bwhere(newly, result.adversarial, best.adversarial),
+      best = SquareResult(bwhere(newly, result.adversarial, best.adversarial),
                           best.robust & result.robust, best.queries + result.queries)
   return SquareResult(jax.lax.stop_gradient(best.adversarial), best.robust, best.queries)
 

@@ -1,0 +1,199 @@
+"""AutoAttack: worst case over its attacks, re-verification, masking, compile budget."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+# Modules by path: agad.attacks re-exports the functions apgd, fab, square and
+# autoattack, which shadow the submodules of the same names as package attributes.
+apgd_lib = importlib.import_module("agad.attacks.apgd")
+aa = importlib.import_module("agad.attacks.autoattack")
+fab_lib = importlib.import_module("agad.attacks.fab")
+square_lib = importlib.import_module("agad.attacks.square")
+
+SHAPE = (4, 4, 3)
+DIM = 48
+CLASSES = 10
+
+
+def _mlp(w1, w2, x):
+  return jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
+
+
+def _quantised_linear(w, b, x):
+  # Input quantisation with no straight-through gradient: every input gradient is 0.
+  q = jax.lax.stop_gradient(jnp.round(x * 8) / 8)
+  return q.reshape(q.shape[0], -1) @ w + b
+
+
+def _bucket_model(w1, w2, x):  # used by the compile-count test only (fresh jit caches)
+  return jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
+
+
+def _weights(seed, hidden=32):
+  rng = np.random.RandomState(seed)
+  return (jnp.asarray(rng.randn(DIM, hidden).astype(np.float32)),
+          jnp.asarray(rng.randn(hidden, CLASSES).astype(np.float32)))
+
+
+def _images(n, seed):
+  return np.asarray(jax.random.uniform(jax.random.key(seed), (n,) + SHAPE))
+
+
+def _robust_accuracy(logits_fn, x_adv, x, y, eps):
+  wrong = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1)) != y
+  inside = np.abs(np.asarray(x_adv) - x).reshape(len(x), -1).max(1) <= eps + 1e-6
+  return float(np.mean(~(wrong & inside)))
+
+
+def test_bucket_sizes():
+  assert aa.bucket_sizes(250) == [250, 128, 64, 32, 16, 8]
+  assert aa.bucket_sizes(16, min_bucket=4) == [16, 8, 4]
+  assert aa.bucket_sizes(5, min_bucket=8) == [5]
+
+
+def test_verification_rejects_candidates_outside_the_threat_model():
+  w = jnp.zeros((DIM, CLASSES)).at[:, 1].set(1.0)  # class 1 wins as soon as sum(x) > 0
+  logits_fn = Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w)
+  x0 = jnp.zeros((5,) + SHAPE)
+  y = jnp.zeros((5,), jnp.int32)
+  eps = 0.1
+  candidates = jnp.stack([
+      x0[0] + eps,                        # misclassified, on the ball's edge: accepted
+      x0[1] + 2 * eps,                    # misclassified but outside the ball
+      x0[2] - eps + 0.5,                  # misclassified but outside the ball
+      x0[3].at[0, 0, 0].set(jnp.nan),     # not finite
+      x0[4],                              # inside, but still correct
+  ])
+  ok, _ = aa._verify(logits_fn, x0, candidates, y, jnp.float32(eps), jax.random.key(0), False,
+                     "linf")
+  np.testing.assert_array_equal(ok, [True, False, False, False, False])
+  x1 = jnp.full((1,) + SHAPE, 0.95)
+  ok, _ = aa._verify(logits_fn, x1, x1 + 0.08, jnp.zeros((1,), jnp.int32), jnp.float32(eps),
+                     jax.random.key(0), False, "linf")
+  assert not bool(ok[0])  # inside the ball but outside [0, 1]
+
+
+def test_standard_is_a_verified_worst_case_over_its_attacks():
+  logits_fn = Partial(_mlp, *_weights(0))
+  x = _images(32, 1)
+  y = np.array(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  y[:2] = (y[:2] + 1) % CLASSES  # two clean mistakes: never attacked
+  eps = 0.04
+  res = aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=eps, steps=10, square_queries=100,
+                      batch_size=32, min_bucket=32)
+
+  assert list(res["per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  values = [res["clean_accuracy"]] + list(res["per_attack"].values())
+  assert all(a >= b for a, b in zip(values, values[1:]))
+  assert res["clean_accuracy"] == pytest.approx(30 / 32)
+  assert res["robust_accuracy"] == pytest.approx(float(res["robust"].mean()))
+  assert list(res["per_attack"].values())[-1] == pytest.approx(float(res["robust"].mean()))
+  assert 0.0 < res["robust_accuracy"] < res["clean_accuracy"]  # a case that can tell
+  robust, adv = res["robust"], res["adversarial"]
+  assert robust.dtype == bool and robust.shape == (32,)
+  assert adv.dtype == np.float32 and adv.shape == x.shape
+  assert not robust[:2].any() and list(res["broken_by"][:2]) == ["clean", "clean"]
+  np.testing.assert_array_equal(adv[robust], x[robust])
+  np.testing.assert_array_equal(adv[:2], x[:2])
+  broken = ~robust
+  broken[:2] = False
+  assert broken.any()
+  pred = np.asarray(jnp.argmax(logits_fn(jnp.asarray(adv)), -1))
+  assert np.all(pred[broken] != y[broken])
+  assert np.abs(adv - x).reshape(32, -1).max(1)[broken].max() <= eps + 1e-6
+  assert adv.min() >= 0.0 and adv.max() <= 1.0
+
+  # Each component alone (same budget) is no stronger than the ensemble.
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+  alone = {
+      "apgd-ce": apgd_lib.apgd(logits_fn, xj, yj, jax.random.key(1), eps=eps, steps=10),
+      "apgd-t": apgd_lib.apgd_targeted(logits_fn, xj, yj, jax.random.key(2), eps=eps, steps=10),
+      "fab-t": fab_lib.fab(logits_fn, xj, yj, jax.random.key(3), eps=eps, steps=10),
+      "square": square_lib.square(logits_fn, xj, yj, jax.random.key(4), eps=eps, n_queries=100),
+  }
+  for name, x_adv in alone.items():
+    assert res["robust_accuracy"] <= _robust_accuracy(logits_fn, x_adv, x, y, eps), name
+
+
+def test_masked_gradients_defeat_apgd_but_not_square():
+  rng = np.random.RandomState(0)
+  logits_fn = Partial(_quantised_linear, jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
+                      jnp.asarray(rng.randn(CLASSES).astype(np.float32)))
+  x = _images(32, 1)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  eps = 0.2
+  alone = apgd_lib.apgd(logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.key(0), eps=eps,
+                        steps=10)
+  assert _robust_accuracy(logits_fn, alone, x, y, eps) >= 0.9
+  res = aa.autoattack(logits_fn, x, y, jax.random.key(1), eps=eps, version="custom",
+                      attacks=["apgd-ce", "square"], steps=10, square_queries=300,
+                      batch_size=32, min_bucket=32)
+  assert res["per_attack"]["apgd-ce"] >= 0.9
+  assert res["per_attack"]["square"] <= 0.4
+  assert any("zero input gradient" in f for f in res["flags"])
+  assert any("Square lowered" in f for f in res["flags"])
+
+
+def test_one_compile_per_bucket_size_and_none_on_a_second_run():
+  logits_fn = Partial(_bucket_model, *_weights(5, hidden=16))
+  y_of = lambda x: np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  chunk, square_chunk = 3, 10
+  kwargs = dict(eps=0.03, steps=6, square_queries=20, batch_size=16, min_bucket=8, chunk=chunk,
+                square_chunk=square_chunk, n_target_classes=2)
+  before = dict(apgd_lib.TRACE_COUNTS)
+  x = _images(24, 7)
+  res = aa.autoattack(logits_fn, x, y_of(x), jax.random.key(0), **kwargs)
+  new = {k: v - before.get(k, 0) for k, v in apgd_lib.TRACE_COUNTS.items()
+         if v != before.get(k, 0)}
+  assert new, "no step was traced"
+  expected = {"apgd-ce": chunk, "apgd-dlr-targeted": chunk, "fab-t": chunk, "square": square_chunk}
+  for (tag, batch), traces in new.items():
+    assert batch in (16, 8), (tag, batch)
+    # One compiled chunk of `chunk` unrolled steps per (attack, bucket): a recompile
+    # (new shapes, a new closure, a changed step function) would double the count.
+    assert traces == expected[tag], (tag, batch, traces)
+  assert len({batch for _, batch in new}) >= 2  # the shrinking set used several buckets
+  assert 0.0 < res["robust_accuracy"] < 1.0
+
+  snapshot = dict(apgd_lib.TRACE_COUNTS)
+  x2 = _images(24, 8)
+  aa.autoattack(logits_fn, x2, y_of(x2), jax.random.key(1), **kwargs)
+  second = {k: v - snapshot.get(k, 0) for k, v in apgd_lib.TRACE_COUNTS.items()
+            if v != snapshot.get(k, 0)}
+  for (tag, batch), traces in second.items():
+    # A second evaluation reuses every compiled (attack, bucket); only a bucket size
+    # the first run did not need may compile, once.
+    assert (tag, batch) not in new and traces == expected[tag], (tag, batch, traces)
+
+
+def test_rand_version_uses_eot_on_a_stochastic_model():
+  w1, w2 = _weights(3)
+
+  def noisy(x, key):
+    return _mlp(w1, w2, x + 0.02 * jax.random.normal(key, x.shape))
+
+  x = _images(8, 2)
+  y = np.asarray(jnp.argmax(_mlp(w1, w2, jnp.asarray(x)), -1))
+  res = aa.autoattack(Partial(noisy), x, y, jax.random.key(0), eps=0.3, version="rand",
+                      stochastic=True, eot_iter=2, steps=4, batch_size=8, min_bucket=8)
+  assert list(res["per_attack"]) == ["apgd-ce", "apgd-dlr"]
+  assert res["robust_accuracy"] <= 0.25
+
+
+def test_argument_errors_and_public_entry_point():
+  logits_fn = Partial(_mlp, *_weights(0))
+  x = _images(4, 0)
+  y = np.zeros(4, np.int32)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    aa.autoattack(logits_fn, x * 2, y, jax.random.key(0), eps=0.1)
+  with pytest.raises(ValueError, match="version"):
+    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, version="fast")
+  with pytest.raises(NotImplementedError, match="linf"):
+    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, norm="l2")
+  autoattack_api = importlib.import_module("agad.evaluation.autoattack_api")
+  assert autoattack_api.autoattack is aa.autoattack

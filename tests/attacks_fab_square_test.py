@@ -1,0 +1,176 @@
+"""FAB (L-inf projection, targeted attack) and Square (schedule, accept rule, strength)."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from agad.attacks import losses
+
+# Modules by path: agad.attacks re-exports the functions apgd, fab, square and
+# autoattack, which shadow the submodules of the same names as package attributes.
+apgd_lib = importlib.import_module("agad.attacks.apgd")
+fab_lib = importlib.import_module("agad.attacks.fab")
+square_lib = importlib.import_module("agad.attacks.square")
+
+SHAPE = (4, 4, 3)
+DIM = 48
+CLASSES = 10
+
+
+def _linear(w, b, x):
+  return x.reshape(x.shape[0], -1) @ w + b
+
+
+def _linear_model(seed=0):
+  rng = np.random.RandomState(seed)
+  return Partial(_linear, jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
+                 jnp.asarray(rng.randn(CLASSES).astype(np.float32)))
+
+
+def _data(logits_fn, n=16, seed=1):
+  x = jax.random.uniform(jax.random.key(seed), (n,) + SHAPE)
+  return x, jnp.argmax(logits_fn(x), -1)
+
+
+def _accuracy(logits_fn, x_adv, y):
+  return float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == y))
+
+
+# ----------------------------------------------------------------------------- FAB
+
+
+def _min_linf_by_bisection(t, w, b):
+  """Smallest lam with the hyperplane reachable in the box within ||d||_inf <= lam."""
+  c = w @ t - b
+  if c < 0:
+    w, c = -w, -c
+  room = np.where(w < 0, 1 - t, t)
+  reach = lambda lam: np.sum(np.abs(w) * np.minimum(lam, room))
+  if reach(1.0) < c:
+    return None
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if reach(mid) < c else (lo, mid)
+  return hi
+
+
+def test_linf_projection_is_the_smallest_box_constrained_move():
+  rng = np.random.RandomState(0)
+  n, d = 64, 12
+  t = rng.rand(n, d)
+  w = rng.randn(n, d) * (rng.rand(n, d) > 0.2)
+  b = t.__mul__(w).sum(1) + rng.randn(n) * rng.choice([0.05, 0.5, 5.0], n)
+  delta = np.asarray(fab_lib.project_linf_hyperplane_box(
+      jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)))
+  reachable = 0
+  for i in range(n):
+    moved = t[i] + delta[i]
+    assert moved.min() >= -1e-6 and moved.max() <= 1 + 1e-6
+    assert np.all(delta[i][w[i] == 0] == 0)
+    lam = _min_linf_by_bisection(t[i], w[i], b[i])
+    if lam is None:  # unreachable: the box corner furthest towards the hyperplane
+      assert abs(w[i] @ moved - b[i]) <= abs(w[i] @ t[i] - b[i]) + 1e-5
+      continue
+    reachable += 1
+    np.testing.assert_allclose(w[i] @ moved, b[i], atol=1e-4)
+    np.testing.assert_allclose(np.abs(delta[i]).max(), lam, atol=1e-5)
+  assert reachable > n // 2
+
+
+def test_fab_targeted_finds_small_adversarials_within_eps():
+  logits_fn = _linear_model(0)
+  x, y = _data(logits_fn, n=16, seed=2)
+  targets = jnp.argsort(logits_fn(x), -1)[:, -2]
+  result = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.3, steps=10,
+                              targets=targets)
+  assert not bool(result.robust.any())
+  norms = apgd_lib.lp_norm(result.adversarial - x, "linf")
+  np.testing.assert_allclose(norms, result.norm, rtol=1e-5)
+  assert float(norms.max()) <= 0.3
+  assert _accuracy(logits_fn, result.adversarial, y) == 0.0
+  # Minimum norm: on a linear model FAB lands just past the linearised (= true)
+  # boundary, so a slightly smaller radius must fail for at least one point.
+  smaller = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.5 * float(norms.min()),
+                               steps=10, targets=targets)
+  assert bool(smaller.robust.all())
+  # The public entry point loops over ranked targets and returns clean images where it fails.
+  adv = fab_lib.fab(logits_fn, x, y, jax.random.key(1), eps=0.3, steps=10, n_target_classes=2)
+  assert _accuracy(logits_fn, adv, y) == 0.0
+  assert float(apgd_lib.lp_norm(adv - x, "linf").max()) <= 0.3 + 1e-6
+
+
+def test_fab_untargeted_runs():
+  logits_fn = _linear_model(1)
+  x, y = _data(logits_fn, n=8, seed=3)
+  adv = fab_lib.fab(logits_fn, x, y, jax.random.key(0), eps=0.3, steps=5, targeted=False)
+  assert _accuracy(logits_fn, adv, y) == 0.0
+
+
+# --------------------------------------------------------------------------- Square
+
+
+def test_square_schedule_matches_the_reference():
+  # p halves after queries 10, 50, 200, 500, 1000, 2000, 4000 (0-based, "it > threshold").
+  assert square_lib.square_p(10) == 0.8 and square_lib.square_p(11) == 0.4
+  assert square_lib.square_p(4000) == 0.8 / 64 and square_lib.square_p(4001) == 0.8 / 128
+  # Rescaled (not AutoAttack's default): query 6 of 100 counts as 600.
+  assert square_lib.square_p(6, n_queries=100, rescale_schedule=True) == 0.8 / 16
+  # 32x32 images: side = round(sqrt(p * 1024)), by hand: 28.6 -> 29, 20.2 -> 20, 14.3 -> 14,
+  # 10.1 -> 10, 7.2 -> 7, 5.06 -> 5, 3.58 -> 4, 2.53 -> 3.
+  sizes = square_lib.square_sizes(32, 32, 5000)
+  assert [int(sizes[i]) for i in (0, 11, 51, 201, 501, 1001, 2001, 4001)] == [
+      29, 20, 14, 10, 7, 5, 4, 3]
+  assert int(square_lib.square_sizes(4, 4, 1)[0]) == 4  # never larger than the image
+
+
+def test_square_accepts_only_improvements_and_stays_in_ball():
+  logits_fn = _linear_model(2)
+  x, y = _data(logits_fn, n=16, seed=4)
+  eps = 0.05
+  result = square_lib.square_attack(logits_fn, x, y, jax.random.key(0), eps=eps, n_queries=40)
+  adv = result.adversarial
+  assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+  assert float(apgd_lib.lp_norm(adv - x, "linf").max()) <= eps + 1e-6
+  # Every pixel sits at the ball's edge or a box face (stripes and squares are +-eps).
+  delta = np.abs(np.asarray(adv - x))
+  at_edge = np.isclose(delta, eps, atol=1e-6) | (np.asarray(adv) == 0) | (np.asarray(adv) == 1)
+  assert at_edge.all()
+  # The kept margin is the margin of the returned point and never above the start's.
+  logits = logits_fn(adv)
+  margin = -losses.margin(logits, y)
+  start = square_lib._init_rule("margin", False)(logits_fn, x, y, jnp.float32(eps),
+                                                   jax.random.split(jax.random.fold_in(
+                                                       jax.random.key(0), 0))[0])
+  assert bool(jnp.all(margin <= start.margin + 1e-5))
+  assert bool(jnp.all((margin > 0) == result.robust))
+
+
+def test_square_breaks_a_non_robust_model():
+  logits_fn = _linear_model(3)
+  x, y = _data(logits_fn, n=16, seed=5)
+  result = square_lib.square_attack(logits_fn, x, y, jax.random.key(0), eps=0.3, n_queries=200)
+  assert _accuracy(logits_fn, result.adversarial, y) <= 1 / 16
+  # Early exit: an already-broken batch spends no queries beyond the start.
+  assert int(result.queries.max()) < 200
+
+
+def test_loop_driver_matches_host_driver():
+  # The GPU/TPU path (jitted fori_loop blocks) must give the CPU path's results.
+  logits_fn = _linear_model(4)
+  x, y = _data(logits_fn, n=8, seed=6)
+  key = jax.random.key(0)
+  targets = jnp.argsort(logits_fn(x), -1)[:, -2]
+  runs = {
+      "apgd": lambda d: apgd_lib.apgd_attack(logits_fn, x, y, key, eps=0.02, steps=6, loss="dlr",
+                                             driver=d, chunk=3).adversarial,
+      "fab": lambda d: fab_lib.fab_attack(logits_fn, x, y, key, eps=0.05, steps=4, targets=targets,
+                                          driver=d, chunk=2).adversarial,
+      "square": lambda d: square_lib.square_attack(logits_fn, x, y, key, eps=0.05, n_queries=20,
+                                                   driver=d, chunk=5, check_every=10).adversarial,
+  }
+  for name, run in runs.items():
+    np.testing.assert_allclose(run("loop"), run("host"), atol=1e-6, err_msg=name)
