@@ -41,6 +41,8 @@ from jax.tree_util import Partial
 # functions apgd, fab, square and autoattack, its attributes of those names are the
 # functions, not these modules.
 from agad.attacks import driver as driver_lib
+from agad.attacks.driver import is_traced
+from agad.attacks.iterative import per_example, project
 from agad.attacks import losses
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
 
@@ -61,33 +63,6 @@ def count_trace(tag: str, x: jax.Array) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def per_example(value, x: jax.Array) -> jax.Array:
-  """Scalar or ``[B]`` -> float32 array broadcastable against ``x`` ``[B, ...]``."""
-  value = jnp.asarray(value, jnp.float32)
-  if value.ndim == 1:
-    if value.shape[0] != x.shape[0]:
-      raise ValueError(f"per-example eps has shape {value.shape}, batch is {x.shape[0]}")
-    return value.reshape((-1,) + (1,) * (x.ndim - 1))
-  if value.ndim != 0:
-    raise ValueError(f"eps must be a scalar or [B], got shape {value.shape}")
-  return value
-
-
-def project(x: jax.Array, x0: jax.Array, eps, norm: str = "linf") -> jax.Array:
-  """Projects ``x`` onto ``{||x - x0|| <= eps} ∩ [0, 1]^d`` (ball first, then the box,
-  as the reference and ``agad.attacks.project`` do)."""
-  eps_b = per_example(eps, x0)
-  delta = x - x0
-  if norm == "linf":
-    delta = jnp.clip(delta, -eps_b, eps_b)
-  elif norm == "l2":
-    length = lp_norm(delta, "l2").reshape((-1,) + (1,) * (x.ndim - 1))
-    delta = delta * jnp.minimum(1.0, eps_b / (length + 1e-12))
-  else:
-    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
-  return jnp.clip(x0 + delta, 0.0, 1.0)
 
 
 def lp_norm(v: jax.Array, norm: str) -> jax.Array:
@@ -166,10 +141,6 @@ def run_steps(step: Callable, state: Any, num_steps: int, *, driver: str = "auto
     if done is not None and completed < num_steps and done(state):
       break
   return state
-
-
-def is_traced(*trees: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def nothing_left(robust: jax.Array, valid: jax.Array | None) -> bool:

@@ -28,8 +28,8 @@ from jax.tree_util import Partial
 DRIVERS = ("auto", "unroll", "loop", "host")
 
 
-def _is_traced(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+def is_traced(*trees: Any) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def resolve_driver(driver: str, *trees: Any) -> str:
@@ -38,7 +38,7 @@ def resolve_driver(driver: str, *trees: Any) -> str:
     raise ValueError(f"attack driver {driver!r} is not one of {DRIVERS}")
   if driver != "auto":
     return driver
-  if _is_traced(trees):
+  if is_traced(trees):
     return "unroll"
   return "host" if jax.default_backend() == "cpu" else "loop"
 
@@ -67,7 +67,7 @@ def iterate(step: Callable[[Any], Any], state: Any, num_steps: int, *,
     return state
   if driver == "loop":
     return jax.lax.fori_loop(0, num_steps, lambda _, s: step(s), state)
-  if _is_traced((state, step)):
+  if is_traced((state, step)):
     raise ValueError("attack driver 'host' cannot run under jit; use driver='unroll' or 'loop'")
   step = as_partial(step)
   done = 0

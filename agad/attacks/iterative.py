@@ -37,7 +37,7 @@ class PGDState(NamedTuple):
   key: jax.Array  # PRNG key for randomised models
 
 
-def _per_example(value: jax.Array | float, x: jax.Array) -> jax.Array:
+def per_example(value: jax.Array | float, x: jax.Array) -> jax.Array:
   """Scalar or ``[B]`` -> array broadcastable against ``x`` ``[B, ...]``."""
   value = jnp.asarray(value, jnp.float32)
   if value.ndim == 1:
@@ -55,7 +55,7 @@ def _l2_norm(v: jax.Array) -> jax.Array:
 
 def project(x: jax.Array, x0: jax.Array, eps: jax.Array | float, norm: str = "linf") -> jax.Array:
   """Projects ``x`` onto ``{||x - x0|| <= eps} ∩ [0, 1]^d``."""
-  eps = _per_example(eps, x0)
+  eps = per_example(eps, x0)
   delta = x - x0
   if norm == "linf":
     delta = jnp.clip(delta, -eps, eps)
@@ -70,7 +70,7 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
              random_start: str = "uniform") -> PGDState:
   """Starting point: x0, x0 + U(-eps, eps) (L2: uniform in the ball) or x0 + 0.001 N(0, 1)."""
   start_key, key = jax.random.split(key)
-  eps_b = _per_example(eps, x0)
+  eps_b = per_example(eps, x0)
   if random_start == "none":
     x = x0
   elif random_start == "normal":
@@ -107,7 +107,7 @@ def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
     grad = jax.grad(total)(state.x)
     if targeted:
       grad = -grad
-    size = _per_example(step_size, x0)
+    size = per_example(step_size, x0)
     if norm == "linf":
       x = state.x + size * jnp.sign(grad)
     else:
