@@ -1,6 +1,7 @@
 """Attack lists for ``launch.evaluate`` built from ``config.eval``.
 
 ``pgd``: clean + PGD-k (fast; the main job's report).
+``table``: clean, PGD-k, C&W-inf (the objectives comparison).
 ``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from agad.evaluation.suite import AttackSpec
 
-PRESETS = ("pgd", "full", "autoattack")
+PRESETS = ("pgd", "table", "full", "autoattack")
 
 
 def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: bool = False) -> list[AttackSpec]:
@@ -23,15 +24,18 @@ def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: boo
       "pgd", eps=e, step_size=size if size is not None else step * e / eps, steps=steps,
       restarts=restarts, loss="ce", random_start="uniform")
   clean = AttackSpec.make("clean", "clean", eps=eps)
+  cw = AttackSpec.make(f"cw-{eval_cfg.cw_steps}", "cw", eps=eps, step_size=float(eval_cfg.cw_step_size),
+                       steps=int(eval_cfg.cw_steps), kappa=float(eval_cfg.cw_kappa))
   if preset == "pgd":
     return [clean, pgd(k, restarts=int(eval_cfg.restarts))]
+  if preset == "table":
+    return [clean, pgd(k), cw]
   aa = AttackSpec.make(f"autoattack-{eval_cfg.aa_version}", "autoattack", eps=eps,
                        version=str(eval_cfg.aa_version))
   if preset == "autoattack":
     return [clean, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
-           AttackSpec.make(f"cw-{eval_cfg.cw_steps}", "cw", eps=eps, step_size=float(eval_cfg.cw_step_size),
-                           steps=int(eval_cfg.cw_steps), kappa=float(eval_cfg.cw_kappa))]
+           cw]
   if adaptive:
     specs.append(AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k))
   if surrogate:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 4's comparison table on Fashion-MNIST with a short recipe: every base objective
+# trained on SmallCNN (eps 0.1, PGD-10 training attack), evaluated on the first 1,000
+# test images with clean, PGD-20, C&W-inf (and AutoAttack with PRESET=full).
+#   bash launch/objectives_table.sh [RUNS_DIR] [EXTRA --config.* overrides...]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+RUNS="${1:-runs/objectives}"; shift || true
+PRESET="${PRESET:-table}"
+for obj in standard pgd_at trades mart alp iat trades+awp cas; do
+  dir="$RUNS/${obj//+/_}"
+  start=$(date +%s)
+  "$PYTHON" -m launch.train --config="configs/fashion_mnist.py:smallcnn,$obj" --workdir="$dir" \
+      --config.num_epochs="${EPOCHS:-2}" --config.data.max_train="${MAX_TRAIN:-20000}" "$@"
+  "$PYTHON" -m launch.evaluate --workdir="$dir" --step=best --preset="$PRESET" --num_examples=1000
+  echo "$obj wall $(( $(date +%s) - start )) s" | tee -a "$RUNS/walltimes.txt"
+done
