@@ -175,3 +175,25 @@ def test_every_objective_trains_through_the_loop(tmp_path, spec):
   assert sum(moved) > len(moved) // 2
   lines = [json.loads(l) for l in open(tmp_path / spec.replace("+", "_") / "metrics.jsonl")]
   assert any("val/robust_accuracy" in l for l in lines)
+
+
+def test_init_from_copies_maps_and_freezes(tmp_path):
+  source = str(tmp_path / "teacher")
+  loop.Trainer(tiny_config(num_epochs=1), source).run()
+  import agad
+  teacher = jax.device_get(agad.load(source, "latest").variables)
+
+  config = tiny_config(num_epochs=1, **{"init.workdir": source, "init.freeze": "^stem_"})
+  student = loop.Trainer(config, str(tmp_path / "student"))
+  start = jax.device_get(student.initial_state())
+  for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(teacher["params"])):
+    assert np.array_equal(a, b)
+  chex.assert_trees_all_equal(start.model_state, {"batch_stats": teacher["batch_stats"]})
+  final = jax.device_get(student.run().params)
+  np.testing.assert_array_equal(final["stem_conv"]["kernel"], teacher["params"]["stem_conv"]["kernel"])
+  assert not np.allclose(final["classifier"]["kernel"], teacher["params"]["classifier"]["kernel"])
+
+  # A param_map pointing at a missing source path is an error naming it.
+  bad = tiny_config(num_epochs=1, **{"init.workdir": source, "init.param_map": "classifier=head"})
+  with pytest.raises(ValueError, match="classifier/bias <- head/bias: missing in source"):
+    loop.Trainer(bad, str(tmp_path / "bad")).initial_state()
