@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attack.random_start = "uniform"  # uniform | normal (0.001 N(0,1)) | none.
   c.attack.bn = "eval"             # BN during the attack: eval (running stats) | batch (batch stats, not updated).
   c.attack.driver = "unroll"       # unroll (CPU) | loop (GPU/TPU): see agad/attacks/driver.py.
+  c.attack.eps_warmup_steps = 0    # Ramp eps and step size linearly over the first N steps (0 = off).
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"             # Only SGD (+momentum) is used by the seed papers.

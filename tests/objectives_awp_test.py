@@ -118,7 +118,7 @@ def test_awp_warmup_gives_zero_perturbation(setup):
 def test_train_step_reuses_adv_and_updates_unperturbed_weights(setup):
   cfg, model, _, _, _, batch, _ = setup
   calls = {"generate": 0, "loss_adv": []}
-  base_obj = pgd_at(model, cfg.attack)
+  base_obj = pgd_at(model, cfg)
 
   def generate(*args):
     calls["generate"] += 1

@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _setup(objective_name="pgd_at"):
   config = tiny_config()
   model = models.build_model("tiny_bn", num_classes=10, mean=(0.5,), std=(0.25,))
-  objective = pgd_at(model, config.attack) if objective_name == "pgd_at" else standard(model)
+  objective = pgd_at(model, config) if objective_name == "pgd_at" else standard(model)
   tx = optax.sgd(0.1, momentum=0.9)
   key = jax.random.key(0)
   x = jax.random.uniform(key, (16, 8, 8, 1))
@@ -197,3 +197,16 @@ def test_init_from_copies_maps_and_freezes(tmp_path):
   bad = tiny_config(num_epochs=1, **{"init.workdir": source, "init.param_map": "classifier=head"})
   with pytest.raises(ValueError, match="classifier/bias <- head/bias: missing in source"):
     loop.Trainer(bad, str(tmp_path / "bad")).initial_state()
+
+
+def test_eps_warmup_ramps_the_training_attack():
+  from agad.objectives import defaults
+  config = tiny_config(**{"attack.eps_warmup_steps": 4, "attack.eps": 0.2, "attack.step_size": 0.05})
+  attack = defaults.TrainingAttack(None, config, None)
+  for step, frac in ((0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)):
+    eps, size = attack.radius(step)
+    np.testing.assert_allclose([eps, size], [0.2 * frac, 0.05 * frac], rtol=1e-6)
+  model, objective, _, state, batch = _setup()
+  objective = pgd_at(model, config)
+  adv = objective.generate(state.params, state.model_state, {}, batch, jax.random.key(0), jnp.int32(0))
+  assert float(jnp.abs(adv - batch["image"]).max()) <= 0.05 + 1e-6

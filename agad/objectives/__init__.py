@@ -4,7 +4,7 @@ from agad.objectives.base import (BNPolicy, ModelOutput, Objective, accuracy,
                                   cross_entropy_mean, forward, logits_fn_for)
 from agad.objectives.registry import (OBJECTIVES, TRANSFORMS, build_objective, parse,
                                       register_objective, register_transform)
-from agad.objectives.standard import attack_from_config, pgd_at, standard
+from agad.objectives.standard import pgd_at, standard
 from agad.objectives.alp import alp, alp_loss
 from agad.objectives.awp import awp, awp_perturbation, weight_perturbation
 from agad.objectives.cas import CASPlugin, cas, cas_plugins

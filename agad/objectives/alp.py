@@ -47,7 +47,7 @@ def alp(model, config) -> base.Objective:
   weight, smoothing, target_kind = float(cfg.weight), float(cfg.label_smoothing), cfg.target
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
+    del aux_state
     images = batch["image"]
     k_target, k_attack = jax.random.split(key)
     clean = attack.logits_fn(params, model_state)(images)
@@ -57,7 +57,7 @@ def alp(model, config) -> base.Objective:
       target = jnp.argmin(clean, -1) if target_kind == "least_likely" else jnp.argmax(clean, -1)
     target = jax.lax.stop_gradient(target)
     return attack(params, model_state, images, target, k_attack, loss="ce",
-                  targeted=target_kind != "untargeted")
+                  targeted=target_kind != "untargeted", step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del key, step

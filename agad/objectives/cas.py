@@ -122,8 +122,8 @@ def cas(model, config) -> base.Objective:
     return fn
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
-    return attack.general(combined_fn(model, params, model_state, batch["label"], attack.bn), batch["image"], key)
+    del aux_state
+    return attack.general(combined_fn(model, params, model_state, batch["label"], attack.bn), batch["image"], key, step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del key, step

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from agad.attacks import iterative as pgd_lib
@@ -122,7 +123,9 @@ class TrainingAttack:
 
   ``bn`` and ``random_start`` come from the objective's ``attack_bn``/``random_start``
   fields when set, otherwise from ``config.attack``; eps, step_size, steps, norm and
-  driver always come from ``config.attack``.
+  driver always come from ``config.attack``. ``config.attack.eps_warmup_steps`` (W > 0)
+  ramps the radius and step size linearly, ``eps * min(1, (step + 1) / W)``, so the
+  first updates see weak attacks (a recipe option for short schedules, off by default).
   """
 
   def __init__(self, model, config: Any, objective_cfg: Any):
@@ -135,6 +138,7 @@ class TrainingAttack:
     self.steps = attack_cfg.steps
     self.norm = attack_cfg.norm
     self.driver = getattr(attack_cfg, "driver", "auto")
+    self.eps_warmup_steps = int(getattr(attack_cfg, "eps_warmup_steps", 0) or 0)
     if self.bn not in ("eval", "batch"):
       raise ValueError(f"training-attack BN mode {self.bn!r} must be 'eval' or 'batch' "
                        "('train' would update running statistics during the attack)")
@@ -142,16 +146,26 @@ class TrainingAttack:
   def logits_fn(self, params, model_state):
     return base.logits_fn_for(self.model, params, model_state, mode=self.bn)
 
-  def __call__(self, params, model_state, images, labels, key, *, loss="ce", targeted=False):
+  def radius(self, step=None):
+    """``(eps, step_size)`` at training step ``step`` (the warm-up ramp, if any)."""
+    if not self.eps_warmup_steps or step is None:
+      return self.eps, self.step_size
+    scale = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / self.eps_warmup_steps)
+    return self.eps * scale, self.step_size * scale
+
+  def __call__(self, params, model_state, images, labels, key, *, loss="ce", targeted=False,
+               step=None):
     """PGD on a named loss (``"ce"``, ``"kl"``, ...) through the objective's BN mode."""
-    return pgd_lib.pgd(self.logits_fn(params, model_state), images, labels, key, eps=self.eps,
-                       step_size=self.step_size, steps=self.steps, norm=self.norm,
+    eps, step_size = self.radius(step)
+    return pgd_lib.pgd(self.logits_fn(params, model_state), images, labels, key, eps=eps,
+                       step_size=step_size, steps=self.steps, norm=self.norm,
                        random_start=self.random_start, loss=loss, targeted=targeted,
                        driver=self.driver)
 
-  def general(self, loss_fn, images, key):
+  def general(self, loss_fn, images, key, *, step=None):
     """PGD maximising a per-example ``loss_fn(x) -> [B]`` (built by the caller)."""
-    return pgd_lib.pgd_general(loss_fn, images, key, eps=self.eps, step_size=self.step_size,
+    eps, step_size = self.radius(step)
+    return pgd_lib.pgd_general(loss_fn, images, key, eps=eps, step_size=step_size,
                                steps=self.steps, norm=self.norm, random_start=self.random_start,
                                driver=self.driver)
 

@@ -54,8 +54,8 @@ def iat(model, config) -> base.Objective:
   independent = bool(cfg.independent_mixing)
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce")
+    del aux_state
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step

@@ -57,8 +57,8 @@ def mart(model, config) -> base.Objective:
   beta = float(cfg.beta)
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce")
+    del aux_state
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del key, step

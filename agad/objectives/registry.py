@@ -56,4 +56,4 @@ def build_objective(spec: str, model, config) -> base.Objective:
 from agad.objectives import standard as _standard  # noqa: E402
 
 register_objective("standard")(lambda model, config: _standard.standard(model))
-register_objective("pgd_at")(lambda model, config: _standard.pgd_at(model, config.attack))
+register_objective("pgd_at")(lambda model, config: _standard.pgd_at(model, config))

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
-from agad.attacks import iterative as pgd_lib
 from agad.objectives import base
 
 
@@ -32,31 +29,15 @@ def standard(model, *, label_smoothing: float = 0.0) -> base.Objective:
                         base.BNPolicy(attack="none", update="clean"))
 
 
-def attack_from_config(model, attack_cfg: Any, *, loss: str = "ce"):
-  """The training attack ``(params, model_state, batch, key) -> x_adv`` from ``config.attack``.
-
-  ``attack_cfg`` fields: eps, step_size, steps, norm, random_start, bn ("eval"|"batch"),
-  driver ("unroll" inside the train step on CPU; "loop" on GPU/TPU).
-  """
-
-  def run(params, model_state, batch, key, *, loss_override=None, random_start=None):
-    logits_fn = base.logits_fn_for(model, params, model_state, mode=attack_cfg.bn)
-    return pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=attack_cfg.eps,
-                       step_size=attack_cfg.step_size, steps=attack_cfg.steps, norm=attack_cfg.norm,
-                       random_start=random_start or attack_cfg.random_start,
-                       loss=loss_override or loss, driver=attack_cfg.driver)
-
-  return run
-
-
-def pgd_at(model, attack_cfg: Any) -> base.Objective:
-  """Madry PGD-AT: CE on PGD examples; BN updated by the adversarial forward pass."""
-  attack = attack_from_config(model, attack_cfg)
+def pgd_at(model, config: Any) -> base.Objective:
+  """Madry PGD-AT: CE on PGD examples (``config.attack``); BN updated by the adversarial pass."""
+  from agad.objectives import defaults  # defaults imports base; keep the import local.
+  attack = defaults.TrainingAttack(model, config, None)
   clean = standard(model)
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
-    return attack(params, model_state, batch, key)
+    del aux_state
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
 
   return clean._replace(name="pgd_at", generate=generate,
-                        bn_policy=base.BNPolicy(attack=attack_cfg.bn, update="adversarial"))
+                        bn_policy=base.BNPolicy(attack=attack.bn, update="adversarial"))

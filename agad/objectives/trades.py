@@ -77,8 +77,8 @@ def trades(model, config) -> base.Objective:
   beta = float(cfg.beta)
 
   def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state, step
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="kl")
+    del aux_state
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="kl", step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del key, step
