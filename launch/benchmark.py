@@ -7,6 +7,10 @@ adversarial-training step of a config on synthetic inputs, plus peak memory
   python -m launch.benchmark --config=configs/cifar10.py:resnet18,pgd_at --batch_size=128
   python -m launch.benchmark --config=configs/fashion_mnist.py --steps=10
   python -m launch.benchmark --config=configs/fashion_mnist.py --mode=eval   # PGD-20 images/s
+  python -m launch.benchmark --mode=autoattack --workdir=runs/x --num_examples=500
+
+AutoAttack's cost depends on how robust the model is (each stage runs only on points
+still robust), so its mode measures a trained checkpoint on real test images.
 """
 
 import resource
@@ -21,13 +25,16 @@ from ml_collections import config_flags
 from launch import common
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config to benchmark.", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config to benchmark (train/eval modes).", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's).")
 flags.DEFINE_integer("steps", 5, "Timed steps after the warm-up step.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: AT step; eval: PGD-k attack.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "autoattack"],
+                  "train: AT step; eval: PGD-k attack; autoattack: AA standard on a checkpoint.")
+flags.DEFINE_string("workdir", None, "autoattack mode: the trained workdir to attack.")
+flags.DEFINE_integer("num_examples", 500, "autoattack mode: first N test images.")
 flags.DEFINE_integer("pgd_steps", 20, "eval mode: PGD steps.")
 flags.DEFINE_string("driver", "auto", "eval mode: attack driver (auto|unroll|loop|host).")
-flags.mark_flags_as_required(["config"])
+
 
 
 def peak_memory() -> str:
@@ -53,6 +60,10 @@ def main(argv):
   from agad import data as data_lib
   from agad.api import make_logits_fn
 
+  if FLAGS.mode == "autoattack":
+    return benchmark_autoattack()
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required for the train and eval modes")
   config = FLAGS.config
   batch_size = FLAGS.batch_size or config.batch_size
   mesh = sharding.make_mesh()
@@ -104,6 +115,27 @@ def main(argv):
     med = float(np.median(times))
     print(f"[eval] PGD-{FLAGS.pgd_steps} driver={FLAGS.driver} on {what}: first call {compile_s:.1f} s; "
           f"steady {med:.3f} s/batch, {batch_size / med:.0f} images/s; {peak_memory()}")
+
+
+def benchmark_autoattack():
+  from agad import api, data as data_lib
+  from agad.attacks import autoattack
+  if not FLAGS.workdir:
+    raise app.UsageError("--mode=autoattack needs --workdir of a trained run")
+  loaded = api.load(FLAGS.workdir, "best")
+  test = loaded.experiment.splits.test
+  batch = data_lib.read_batch(test, np.arange(min(FLAGS.num_examples, len(test))))
+  images = batch["image"].astype(np.float32) / 255.0
+  eps = float(loaded.config.eval.eps)
+  t0 = time.perf_counter()
+  out = autoattack(loaded.logits_fn, images, batch["label"], jax.random.key(0), eps=eps,
+                   version="standard", batch_size=FLAGS.batch_size or 250)
+  wall = time.perf_counter() - t0
+  times = {k: round(v, 1) for k, v in (out.get("times") or {}).items()}
+  print(f"[autoattack] {loaded.config.model.name} {loaded.config.objective.name} step {loaded.step}, "
+        f"{len(images)} images, eps {eps:.4g}: {wall:.0f} s wall ({len(images) / wall:.2f} images/s, "
+        f"compiles included); clean {100 * out['clean_accuracy']:.2f}% -> robust "
+        f"{100 * float(np.mean(out['robust'])):.2f}%; per stage {times}; {peak_memory()}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ def build_model(config: Any, info: Any):
   """The backbone of ``config.model`` with the plug-ins the objective asks for."""
   if config.model.dtype not in DTYPES:
     raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {sorted(DTYPES)}")
-  plugins = objectives_lib.plugins_for(config.objective.name, config, info.num_classes) \
-      if hasattr(objectives_lib, "plugins_for") else None
+  plugins = objectives_lib.plugins_for(config.objective.name, config, info.num_classes)
   return models_lib.build_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
                                 std=info.std, dtype=DTYPES[config.model.dtype],
                                 plugins=plugins or None)

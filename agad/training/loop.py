@@ -182,7 +182,7 @@ class Trainer:
     if config.stop_after_steps:
       stop_at = min(stop_at, config.stop_after_steps)
     pending: list[dict] = []
-    last_good_metrics: dict = {}
+    epoch_metrics: dict = {}
     t_log = time.time()
     steps_since_log = 0
     t_start = time.time()
@@ -219,13 +219,13 @@ class Trainer:
                     (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0))
         if epoch_end:
           val = self.validate(state)
-          last_good_metrics = val
+          epoch_metrics = val
           writer.write(step, val)
           logging.info("validation at step %d: clean %.4f robust %.4f (n=%d)", step,
                        val["val/clean_accuracy"], val["val/robust_accuracy"], val["val/n"])
         if save_now:
           self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
-                     last_good_metrics if epoch_end else {})
+                     epoch_metrics if epoch_end else {})
     finally:
       prefetch.close()
       writer.close()
