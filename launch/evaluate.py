@@ -29,6 +29,7 @@ flags.DEFINE_string("preset", None, "pgd | full | autoattack (default: config.ev
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images (default: config.eval.num_examples).")
 flags.DEFINE_string("surrogate", None, "Workdir of a surrogate model for the transfer attack.")
 flags.DEFINE_string("output", None, "Report directory (default: WORKDIR/eval).")
+flags.DEFINE_integer("chunk", 1000, "Examples per cache entry: an interrupted run resumes chunk by chunk.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -67,7 +68,7 @@ def main(argv):
       loaded.logits_fn, test, specs, eps=float(eval_cfg.eps), indices=indices,
       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed),
       cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None, model_hash=model_hash,
-      adaptive_loss=adaptive, surrogate=surrogate, log=logging.info,
+      adaptive_loss=adaptive, surrogate=surrogate, log=logging.info, chunk=FLAGS.chunk,
       sweep_steps=int(eval_cfg.pgd_steps),
       meta={"workdir": os.path.abspath(FLAGS.workdir), "step": loaded.step, "params": eval_cfg.params,
             "dataset": saved.data.name, "split": "test", "model": saved.model.name,
