@@ -18,9 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from agad.objectives import base, defaults
+from agad.objectives import base
 from agad.objectives.registry import register_objective
-from agad.objectives.trades import train_passes
+from agad.objectives.trades import paired_objective
 
 
 def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
@@ -51,25 +51,8 @@ def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
 
 def mart(model, config) -> base.Objective:
   """MART objective; hyperparameters from ``config.objective.mart`` (see defaults)."""
-  cfg = defaults.objective_config(config, "mart")
-  attack = defaults.TrainingAttack(model, config, cfg)
-  order = defaults.bn_pass_order(cfg.bn_updates)
-  beta = float(cfg.beta)
-
-  def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
-
-  def loss(params, model_state, aux_state, batch, adv, key, step):
-    del key, step
-    logits_clean, logits_adv, model_state = train_passes(model, params, model_state, batch, adv, order)
-    value = mart_loss(logits_clean, logits_adv, batch["label"], beta=beta)
-    metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
-               "adv_accuracy": base.accuracy(logits_adv, batch["label"])}
-    return value, (model_state, aux_state, metrics)
-
-  return base.Objective("mart", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
+  pair_loss = lambda lc, la, y, cfg: (mart_loss(lc, la, y, beta=float(cfg.beta)), {})
+  return paired_objective("mart", model, config, attack_loss="ce", pair_loss=pair_loss)
 
 
 register_objective("mart")(mart)

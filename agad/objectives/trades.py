@@ -69,30 +69,42 @@ def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...])
   return logits["clean"], logits["adv"], model_state
 
 
-def trades(model, config) -> base.Objective:
-  """TRADES objective; hyperparameters from ``config.objective.trades`` (see defaults)."""
-  cfg = defaults.objective_config(config, "trades")
+def paired_objective(name: str, model, config, *, attack_loss: str, pair_loss) -> base.Objective:
+  """An objective on clean and adversarial logits of the same batch (TRADES, MART).
+
+  ``pair_loss(logits_clean, logits_adv, labels, cfg) -> (value, extra_metrics)``; the
+  attack maximises ``attack_loss`` through the objective's BN mode; the loss runs the
+  train-mode passes in ``config.objective.<name>.bn_updates`` order.
+  """
+  cfg = defaults.objective_config(config, name)
   attack = defaults.TrainingAttack(model, config, cfg)
   order = defaults.bn_pass_order(cfg.bn_updates)
-  beta = float(cfg.beta)
 
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="kl", step=step)
+    return attack(params, model_state, batch["image"], batch["label"], key, loss=attack_loss, step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del key, step
     logits_clean, logits_adv, model_state = train_passes(model, params, model_state, batch, adv, order)
-    value = trades_loss(logits_clean, logits_adv, batch["label"], beta=beta)
-    natural = base.cross_entropy_mean(logits_clean, batch["label"])
-    robust = jnp.mean(kl_clean_adv(logits_clean, logits_adv))
+    value, extra = pair_loss(logits_clean, logits_adv, batch["label"], cfg)
     metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
-               "adv_accuracy": base.accuracy(logits_adv, batch["label"]),
-               "loss_natural": natural, "loss_robust": robust}
+               "adv_accuracy": base.accuracy(logits_adv, batch["label"]), **extra}
     return value, (model_state, aux_state, metrics)
 
-  return base.Objective("trades", base.no_aux_state, generate, loss,
+  return base.Objective(name, base.no_aux_state, generate, loss,
                         base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
+
+
+def trades(model, config) -> base.Objective:
+  """TRADES objective; hyperparameters from ``config.objective.trades`` (see defaults)."""
+
+  def pair_loss(logits_clean, logits_adv, labels, cfg):
+    value = trades_loss(logits_clean, logits_adv, labels, beta=float(cfg.beta))
+    return value, {"loss_natural": base.cross_entropy_mean(logits_clean, labels),
+                   "loss_robust": jnp.mean(kl_clean_adv(logits_clean, logits_adv))}
+
+  return paired_objective("trades", model, config, attack_loss="kl", pair_loss=pair_loss)
 
 
 register_objective("trades")(trades)
