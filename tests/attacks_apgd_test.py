@@ -13,13 +13,8 @@ from jax.tree_util import Partial
 apgd_lib = importlib.import_module("agad.attacks.apgd")
 dlr_lib = importlib.import_module("agad.attacks.dlr")
 
-SHAPE = (4, 4, 3)
-DIM = 48
-CLASSES = 10
-
-
-def _linear(w, b, x):
-  return x.reshape(x.shape[0], -1) @ w + b
+from tests.helpers import ATTACK_CLASSES as CLASSES, ATTACK_DIM as DIM, ATTACK_SHAPE as SHAPE
+from tests.helpers import linear_logits as _linear
 
 
 def _mlp(w1, w2, x):

@@ -15,13 +15,8 @@ apgd_lib = importlib.import_module("agad.attacks.apgd")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")
 
-SHAPE = (4, 4, 3)
-DIM = 48
-CLASSES = 10
-
-
-def _linear(w, b, x):
-  return x.reshape(x.shape[0], -1) @ w + b
+from tests.helpers import ATTACK_CLASSES as CLASSES, ATTACK_DIM as DIM, ATTACK_SHAPE as SHAPE
+from tests.helpers import linear_logits as _linear
 
 
 def _linear_model(seed=0):

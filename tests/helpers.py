@@ -28,3 +28,14 @@ def tiny_config(objective: str = "pgd_at", model: str = "tiny_bn", **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+# Shared toy classifier of the attack tests: 4x4x3 inputs, 10 classes, linear logits.
+ATTACK_SHAPE = (4, 4, 3)
+ATTACK_DIM = 48
+ATTACK_CLASSES = 10
+
+
+def linear_logits(w, b, x):
+  """``x [B, 4, 4, 3] -> x_flat @ w + b`` (wrap in ``jax.tree_util.Partial``)."""
+  return x.reshape(x.shape[0], -1) @ w + b
