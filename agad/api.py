@@ -61,7 +61,8 @@ def load(workdir: str, step: Any = "best", *, params: str = "params", config=Non
   """Restores a checkpoint of ``workdir``.
 
   Args:
-    step: ``"best"`` (highest validation robust accuracy), ``"latest"`` or a number.
+    step: ``"best"`` (highest validation robust accuracy; clean accuracy for standard
+      training, see ``checkpoint.best_metric``), ``"latest"`` or a number.
     params: ``"params"`` or ``"ema"`` (the EMA weights, if the run kept them).
   """
   config = config or load_config(workdir)

@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2            # Latest checkpoints kept (plus the best by validation).
   c.checkpoint.every_steps = 0     # Extra checkpoints every N steps (0: only at epoch ends).
   c.checkpoint.async_save = True   # Orbax async saving.
+  c.checkpoint.best_metric = ""    # Picks step=best: val/robust_accuracy | val/clean_accuracy
+                                   # ('' = clean for objective 'standard', robust otherwise).
 
   c.init = ml_collections.ConfigDict()     # Start from another run's weights.
   c.init.workdir = ""              # Source workdir ('' = random init).

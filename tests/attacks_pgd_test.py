@@ -158,3 +158,45 @@ def test_bad_arguments_are_named():
     attacks.pgd(logits_fn, x, jnp.array([0, 1, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1)
   with pytest.raises(ValueError, match="driver"):
     attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, driver="gpu")
+
+
+def test_bim_is_pgd_from_clean_image():
+  w, logits_fn = _model(6)
+  x = jax.random.uniform(jax.random.key(7), (3, H, W, C))
+  y = jnp.array([0, 1, 0])
+  kw = dict(eps=0.05, step_size=0.02, steps=4)
+  np.testing.assert_allclose(attacks.bim(logits_fn, x, y, jax.random.key(1), **kw),
+                             attacks.pgd(logits_fn, x, y, jax.random.key(2), random_start="none", **kw),
+                             atol=1e-7)
+
+
+def test_mim_reaches_linear_optimum_and_keeps_ball():
+  w, logits_fn = _model(8)
+  x = jnp.concatenate([jnp.full((2, H, W, C), 0.5), jnp.full((2, H, W, C), 0.97)])
+  y = jnp.array([1, 0, 1, 0])
+  adv = attacks.mim(logits_fn, x, y, jax.random.key(0), eps=0.1, steps=10)
+  direction = jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
+  # Default step eps / steps: ten sign steps along a fixed direction land on the corner.
+  np.testing.assert_allclose(adv, jnp.clip(x + 0.1 * direction, 0.0, 1.0), atol=1e-6)
+  adv2 = attacks.mim(logits_fn, x, y, jax.random.key(0), eps=0.1, steps=10, norm="l2")
+  assert np.all(np.linalg.norm(np.asarray(adv2 - x).reshape(4, -1), axis=1) <= 0.1 + 1e-5)
+
+
+def test_mim_velocity_matches_hand_computation():
+  """Two steps on a quadratic per-example loss, against the update rule written in NumPy."""
+  target = jax.random.uniform(jax.random.key(3), (2, H, W, C))
+  weights = jnp.linspace(0.5, 2.0, H * W * C).reshape(1, H, W, C)
+  loss_fn = lambda x: -jnp.sum(weights * (x - target) ** 2, axis=(1, 2, 3))
+  x0 = jnp.full((2, H, W, C), 0.5)
+  mu, a, eps = 0.7, 0.03, 0.05
+  step = attacks.iterative._mim_rule("linf", False, False)
+  state = attacks.MIMState(x=x0, velocity=jnp.zeros_like(x0), key=jax.random.key(0))
+  for _ in range(2):
+    state = step(loss_fn, x0, jnp.float32(eps), jnp.float32(a), jnp.float32(mu), state)
+  xn, v = np.asarray(x0), np.zeros(x0.shape, np.float32)
+  for _ in range(2):
+    g = -2.0 * np.asarray(weights) * (xn - np.asarray(target))
+    v = mu * v + g / np.abs(g).reshape(2, -1).sum(1).reshape(2, 1, 1, 1)
+    xn = np.clip(np.clip(xn + a * np.sign(v), 0.5 - eps, 0.5 + eps), 0, 1)
+  np.testing.assert_allclose(state.velocity, v, rtol=1e-5)
+  np.testing.assert_allclose(state.x, xn, atol=1e-6)

@@ -210,3 +210,24 @@ def test_eps_warmup_ramps_the_training_attack():
   objective = pgd_at(model, config)
   adv = objective.generate(state.params, state.model_state, {}, batch, jax.random.key(0), jnp.int32(0))
   assert float(jnp.abs(adv - batch["image"]).max()) <= 0.05 + 1e-6
+
+
+def test_best_checkpoint_metric_depends_on_objective(tmp_path):
+  from agad.training import builders, checkpoint as ckpt_lib
+  assert ckpt_lib.best_metric_for(tiny_config("standard")) == "val/clean_accuracy"
+  assert ckpt_lib.best_metric_for(tiny_config("trades")) == "val/robust_accuracy"
+  with pytest.raises(ValueError, match="best_metric"):
+    ckpt_lib.best_metric_for(tiny_config("trades", **{"checkpoint.best_metric": "test/acc"}))
+  # Step 1 is the robust best, step 2 the clean best.
+  metrics = {1: {"val/clean_accuracy": 0.7, "val/robust_accuracy": 0.4},
+             2: {"val/clean_accuracy": 0.9, "val/robust_accuracy": 0.1}}
+  for metric, expected in (("val/clean_accuracy", 2), ("val/robust_accuracy", 1)):
+    directory = str(tmp_path / metric.replace("/", "_"))
+    ckpt = ckpt_lib.Checkpointer(directory, best_metric=metric, async_save=False)
+    for step, m in metrics.items():
+      ckpt.save(step, {"w": np.full((2,), step, np.float32)}, data_state={},
+                meta={"metrics": m, "best_metric": metric})
+    ckpt.close()
+    # The metric recorded in the metadata wins over the reader's default.
+    assert builders.resolve_step(directory, "best", best_metric="val/robust_accuracy") == expected
+    assert builders.resolve_step(directory, "best", best_metric="val/clean_accuracy") == expected

@@ -2,8 +2,8 @@
 
 from agad.attacks.driver import DRIVERS, iterate, resolve_driver
 from agad.attacks.losses import cross_entropy, kl_divergence, margin
-from agad.attacks.iterative import (PGDState, fgsm, pgd, pgd_general, pgd_init, pgd_step,
-                              project)
+from agad.attacks.iterative import (MIMState, PGDState, bim, fgsm, mim, pgd, pgd_general,
+                                   pgd_init, pgd_step, project)
 
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
 from agad.attacks.apgd import APGDResult, apgd, apgd_attack, apgd_checkpoints, apgd_targeted
@@ -16,5 +16,5 @@ __all__ = [
     "apgd_checkpoints", "apgd_targeted", "FABResult", "fab", "fab_attack", "SquareResult",
     "square", "square_attack", "autoattack",
     "DRIVERS", "iterate", "resolve_driver", "cross_entropy", "kl_divergence", "margin",
-    "PGDState", "fgsm", "pgd", "pgd_general", "pgd_init", "pgd_step", "project",
+    "MIMState", "PGDState", "bim", "mim", "fgsm", "pgd", "pgd_general", "pgd_init", "pgd_step", "project",
 ]

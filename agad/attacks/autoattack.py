@@ -36,6 +36,11 @@ from agad.attacks.dlr import ranked_targets
 from agad.attacks.fab import fab_attack
 from agad.attacks.square import square_attack
 
+def _log(message: str) -> None:
+  """A progress line, flushed so that it shows at once in logs redirected to a file."""
+  print(message, flush=True)
+
+
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 _NORM_SLACK = 1e-6
@@ -217,7 +222,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
             if n and num_classes >= 2 else None)
   ranked = np.asarray(ranked) if ranked is not None else None
   if verbose:
-    print(f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
+    _log(f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
           f"n={n}, clean accuracy {clean_accuracy:.2%}")
 
   per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -266,10 +271,14 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
         adversarial[broken] = np.asarray(candidate)[:len(real)][ok]
         adv_pred[broken] = np.asarray(pred)[:len(real)][ok]
         broken_by[broken] = name
+      if verbose and (n_rounds > 1 or len(indices) > batch_size):
+        _log(f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
+             f"{len(indices)} points attacked, robust accuracy now {robust.mean():.2%} "
+             f"({time.time() - stage_start:.0f} s into the stage)")
     per_attack[name] = float(robust.mean())
     times[name] = time.time() - stage_start
     if verbose:
-      print(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
+      _log(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
             f"({times[name]:.1f} s)")
 
   if zero_grad_points:
@@ -283,10 +292,10 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
                    "after the white-box attacks: gradient masking?")
   if verbose:
     for flag in flags:
-      print(f"[autoattack] warning: {flag}")
+      _log(f"[autoattack] warning: {flag}")
     if n:
       delta = lp_norm(jnp.asarray(adversarial - images), norm)
-      print(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
+      _log(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
             f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
             f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
             f"total {time.time() - start_time:.1f} s")

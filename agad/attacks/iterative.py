@@ -1,4 +1,4 @@
-"""Projected gradient descent (Madry et al. 2018) and FGSM, L-inf and L2.
+"""Projected gradient descent (Madry et al. 2018), BIM, MIM and FGSM, L-inf and L2.
 
 An attack is an ``init``/``step`` pair of pure functions plus a driver
 (``agad.attacks.driver``):
@@ -168,6 +168,27 @@ def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothin
   return fn
 
 
+def _checked(images, labels) -> tuple[jax.Array, jax.Array]:
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f"labels shape {labels.shape} does not match batch {images.shape[0]}")
+  return images, labels
+
+
+def _classifier_loss(logits_fn, images, labels, key, *, loss, stochastic, kappa,
+                     label_smoothing) -> Partial:
+  """``x -> [B]`` (``(x, key) -> [B]``) for a named loss on a classifier, as a Partial."""
+  logits_fn = driver_lib.as_partial(logits_fn)
+  probs_ref = None
+  if loss == "kl":
+    clean = logits_fn(images, key) if stochastic else logits_fn(images)
+    probs_ref = jax.lax.stop_gradient(jax.nn.softmax(clean.astype(jnp.float32), axis=-1))
+  return Partial(_named_loss(loss, stochastic, kappa, label_smoothing), logits_fn, labels, probs_ref)
+
+
 def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
         eps, step_size, steps: int, norm: str = "linf", random_start: str = "uniform",
         loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
@@ -194,18 +215,9 @@ def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   Returns:
     Adversarial images ``[B, H, W, C]``, inside the ball and [0, 1], gradient-stopped.
   """
-  images = jnp.asarray(images, jnp.float32)
-  labels = jnp.asarray(labels)
-  if images.ndim != 4:
-    raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
-  if labels.shape != images.shape[:1]:
-    raise ValueError(f"labels shape {labels.shape} does not match batch {images.shape[0]}")
-  logits_fn = driver_lib.as_partial(logits_fn)
-  probs_ref = None
-  if loss == "kl":
-    clean = logits_fn(images, key) if stochastic else logits_fn(images)
-    probs_ref = jax.lax.stop_gradient(jax.nn.softmax(clean.astype(jnp.float32), axis=-1))
-  loss_fn = Partial(_named_loss(loss, stochastic, kappa, label_smoothing), logits_fn, labels, probs_ref)
+  images, labels = _checked(images, labels)
+  loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
+                             kappa=kappa, label_smoothing=label_smoothing)
   return pgd_general(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
                      random_start=random_start, targeted=targeted, stochastic=stochastic,
                      driver=driver, chunk=chunk)
@@ -216,3 +228,61 @@ def fgsm(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arr
   """FGSM (Goodfellow et al. 2015): one step of size eps from the clean image."""
   return pgd(logits_fn, images, labels, key, eps=eps, step_size=eps, steps=1, norm=norm,
              random_start="none", loss=loss, **kwargs)
+
+
+def bim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
+        step_size, steps: int, **kwargs) -> jax.Array:
+  """BIM / I-FGSM (Kurakin et al. 2017): PGD from the clean image (no random start)."""
+  return pgd(logits_fn, images, labels, key, eps=eps, step_size=step_size, steps=steps,
+             random_start="none", **kwargs)
+
+
+class MIMState(NamedTuple):
+  x: jax.Array         # [B, H, W, C] current iterate
+  velocity: jax.Array  # [B, H, W, C] accumulated L1-normalised gradient
+  key: jax.Array
+
+
+@functools.lru_cache(maxsize=None)
+def _mim_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
+  """MIM step: g <- decay g + grad / ||grad||_1, then a sign (L2: normalised) step on g."""
+
+  def step(loss_fn, x0, eps, step_size, decay, state: MIMState) -> MIMState:
+    key, sub = jax.random.split(state.key)
+    total = (lambda x: jnp.sum(loss_fn(x, sub))) if stochastic else (lambda x: jnp.sum(loss_fn(x)))
+    grad = jax.grad(total)(state.x)
+    if targeted:
+      grad = -grad
+    l1 = jnp.sum(jnp.abs(grad), axis=tuple(range(1, grad.ndim)), keepdims=True)
+    velocity = decay * state.velocity + grad / (l1 + 1e-12)
+    size = per_example(step_size, x0)
+    if norm == "linf":
+      x = state.x + size * jnp.sign(velocity)
+    else:
+      x = state.x + size * velocity / (_l2_norm(velocity) + 1e-12)
+    return MIMState(x=project(x, x0, eps, norm), velocity=velocity, key=key)
+
+  return step
+
+
+def mim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
+        steps: int = 10, step_size=None, decay: float = 1.0, norm: str = "linf",
+        loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
+        kappa: float | None = None, driver: str = "auto", chunk: int = 10) -> jax.Array:
+  """Momentum iterative method (Dong et al. 2018), from the clean image.
+
+  ``step_size`` defaults to ``eps / steps`` and ``decay`` (mu) to 1.0, the paper's
+  setting. Other arguments as :func:`pgd`.
+  """
+  if norm not in NORMS:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
+  images, labels = _checked(images, labels)
+  loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
+                             kappa=kappa, label_smoothing=0.0)
+  eps = jnp.asarray(eps, jnp.float32)
+  size = eps / steps if step_size is None else jnp.asarray(step_size, jnp.float32)
+  state = MIMState(x=images, velocity=jnp.zeros_like(images), key=key)
+  step = Partial(_mim_rule(norm, targeted, stochastic), loss_fn, images, eps, size,
+                 jnp.asarray(decay, jnp.float32))
+  state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
+  return jax.lax.stop_gradient(state.x)

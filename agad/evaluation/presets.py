@@ -2,7 +2,7 @@
 
 ``pgd``: clean + PGD-k (fast; the main job's report).
 ``table``: clean, PGD-k, C&W-inf (the objectives comparison).
-``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, C&W-inf (PGD on the
+``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, MIM-k (mu 1, step eps/k), C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
 (the sweep), PGD at 1, 5 and 10 steps (the steps curve).
@@ -35,7 +35,7 @@ def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: boo
   if preset == "autoattack":
     return [clean, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
-           cw]
+           AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0), cw]
   if adaptive:
     specs.append(AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k))
   if surrogate:

@@ -37,7 +37,7 @@ from agad.evaluation import robustness
 class AttackSpec:
   """One row of the report. ``kind`` picks the runner; ``settings`` are its arguments.
 
-  kinds: clean, fgsm, pgd (loss ce|margin|dlr..., restarts), cw (PGD on the
+  kinds: clean, fgsm, pgd (loss ce|margin|dlr..., restarts), mim (momentum), cw (PGD on the
   kappa-clipped margin), adaptive (PGD on the defense's adaptive loss), transfer (PGD on
   a surrogate, evaluated on the target), square, apgd-ce, apgd-t, fab-t, autoattack.
   """
@@ -96,6 +96,10 @@ def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=
     return lambda x, y, k: iterative.fgsm(logits_fn, x, y, k, eps=kw["eps"], norm=kw.get("norm", "linf"))
   if kind == "pgd":
     return lambda x, y, k: _pgd_like(logits_fn, x, y, k, kw, loss=kw.get("loss", "ce"))
+  if kind == "mim":
+    return lambda x, y, k: iterative.mim(logits_fn, x, y, k, eps=kw["eps"], steps=kw["steps"],
+                                         step_size=kw.get("step_size"), decay=kw.get("decay", 1.0),
+                                         norm=kw.get("norm", "linf"))
   if kind == "cw":
     return lambda x, y, k: _pgd_like(logits_fn, x, y, k, kw, loss="margin", kappa=kw.get("kappa", 50.0))
   if kind == "adaptive":
@@ -182,7 +186,7 @@ class Suite:
     kw = spec.kw
     out = autoattack(self.logits_fn, images, batch["label"], key, eps=kw["eps"],
                      norm=kw.get("norm", "linf"), version=kw.get("version", "standard"),
-                     batch_size=self.batch_size)
+                     batch_size=self.batch_size, verbose=True)
     return np.asarray(out["robust"]), np.asarray(out["adversarial"], np.float32), out.get("per_attack", {})
 
   def run(self, spec: AttackSpec) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -67,10 +68,21 @@ def parse_param_map(spec: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def resolve_step(directory: str, step: Any) -> int:
-  """'latest' | 'best' | int -> a saved step number in a checkpoint directory."""
-  from agad.training.checkpoint import Checkpointer
-  ckpt = Checkpointer(directory)
+def resolve_step(directory: str, step: Any, *, best_metric: str | None = None) -> int:
+  """'latest' | 'best' | int -> a saved step number in a checkpoint directory.
+
+  ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``,
+  see ``checkpoint.best_metric_for``) picks "best" for checkpoints that predate the
+  metric being recorded in their metadata.
+  """
+  from agad.training import checkpoint as ckpt_lib
+  if best_metric is None:
+    config_path = os.path.join(os.path.dirname(os.path.abspath(directory)), "config.json")
+    best_metric = ckpt_lib.BEST_METRIC
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        best_metric = ckpt_lib.best_metric_for(json.load(f))
+  ckpt = ckpt_lib.Checkpointer(directory, best_metric=best_metric)
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -18,6 +18,22 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val/robust_accuracy"
+BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
+
+
+def best_metric_for(config: Any) -> str:
+  """The validation metric that picks the "best" checkpoint of a run.
+
+  ``checkpoint.best_metric`` if set; otherwise clean validation accuracy for standard
+  (non-adversarial) training and robust validation accuracy for everything else.
+  """
+  chosen = str(config.get("checkpoint", {}).get("best_metric", "") or "")
+  if not chosen:
+    objective = str(config.get("objective", {}).get("name", ""))
+    chosen = "val/clean_accuracy" if objective == "standard" else BEST_METRIC
+  if chosen not in BEST_METRICS:
+    raise ValueError(f"checkpoint.best_metric={chosen!r} is not one of {BEST_METRICS}")
+  return chosen
 
 
 class Checkpointer:
@@ -46,10 +62,15 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def best_step(self) -> int | None:
-    """The step with the highest validation metric among saved checkpoints."""
+    """The step with the highest validation metric among saved checkpoints.
+
+    The metric is the one recorded in each checkpoint's metadata (``best_metric``,
+    written by the trainer), else this checkpointer's ``best_metric``.
+    """
     best, best_value = None, None
     for step in self.all_steps():
-      value = self.read_meta(step).get("metrics", {}).get(self.best_metric)
+      meta = self.read_meta(step)
+      value = meta.get("metrics", {}).get(meta.get("best_metric") or self.best_metric)
       if value is not None and (best_value is None or value > best_value):
         best, best_value = step, value
     return best

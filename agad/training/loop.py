@@ -131,6 +131,7 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                  keep=config.checkpoint.keep,
+                                 best_metric=ckpt_lib.best_metric_for(config),
                                  async_save=config.checkpoint.async_save)
     try:
       return self._run(ckpt)
@@ -237,7 +238,7 @@ class Trainer:
       raise NonFiniteError(f"the train state has non-finite values at step {step}; not saving it. "
                            f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
     meta = {"step": step, "epoch": step / self.steps_per_epoch, "trajectory": fingerprint,
-            "metrics": metrics}
+            "metrics": metrics, "best_metric": ckpt.best_metric}
     ckpt.save(step, state, data_state=data_state, meta=meta)
 
 
