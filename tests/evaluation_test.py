@@ -129,3 +129,24 @@ def test_presets_markdown_and_plots(tmp_path):
   text = markdown(report)
   assert "| a |" in text and "w1" in text and "50.00" in text
   assert len(plots(report, str(tmp_path))) == 2
+
+
+def test_autoattack_stages_are_cached_and_aggregated_over_chunks(tmp_path):
+  source, templates = _templates_source(n=32, seed=2)
+  logits_fn = Partial(_nearest_template, templates)
+  spec = AttackSpec.make("aa", "autoattack", eps=0.14, version="standard")  # ~half robust
+  kw = dict(batch_size=16, cache_dir=str(tmp_path), model_hash="m", chunk=16, log=None)
+  first = Suite(logits_fn, source, **kw).run(spec)
+  stages = first["per_attack"]
+  # Three classes: APGD-T is skipped (the targeted DLR loss needs four), as in the reference.
+  assert list(stages) == ["apgd-ce", "fab-t", "square"]
+  values = list(stages.values())
+  assert all(a >= b for a, b in zip(values, values[1:]))  # monotone over stages
+  assert values[-1] == pytest.approx(first["accuracy"])
+  assert 0.0 < first["accuracy"] < 1.0, "eps must leave some points robust for this test"
+  assert set(first["per_attack_time_s"]) == set(stages)
+  again = Suite(logits_fn, source, **kw).run(spec)
+  assert again["cached_chunks"] == 2
+  assert again["per_attack"] == stages and again["accuracy"] == first["accuracy"]
+  assert "| &nbsp;&nbsp;after square |" in markdown(
+      {"n": 32, "eps": 0.14, "norm": "linf", "records": [again], "worst_case": again})

@@ -11,15 +11,20 @@ def markdown(report: dict) -> str:
            f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32", "",
            "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
            "|---|---|---|---|---|---|"]
-  skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over"}
+  skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over",
+          "per_attack_time_s", "per_attack_note"}
   for r in report["records"] + [report["worst_case"]]:
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.items() if k not in skip)
     wall = f"{r['wall_time_s']:.0f}" if "wall_time_s" in r else ""
     lines.append(f"| {r['attack']} | {settings} | {100 * r['accuracy']:.2f} | {100 * r['stderr']:.2f} "
                  f"| {r['n']} | {wall} |")
+    stage_times = r.get("per_attack_time_s") or {}
     for stage, acc in (r.get("per_attack") or {}).items():
-      lines.append(f"| &nbsp;&nbsp;after {stage} | | {100 * acc:.2f} | | | |")
+      t = f"{stage_times[stage]:.0f}" if stage in stage_times else ""
+      lines.append(f"| &nbsp;&nbsp;after {stage} | | {100 * acc:.2f} | | | {t} |")
+    if r.get("per_attack_note"):
+      lines.append(f"| &nbsp;&nbsp;({r['per_attack_note']}) | | | | | |")
   if report.get("warnings"):
     lines += ["", "**Warnings**", ""] + [f"- {w}" for w in report["warnings"]]
   else:

@@ -117,11 +117,35 @@ def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=
   if kind == "square":
     return lambda x, y, k: attacks_lib.square(logits_fn, x, y, k, eps=kw["eps"],
                                               n_queries=kw.get("queries", 5000),
-                                              p_init=kw.get("p_init", 0.8))
+                                              p_init=kw.get("p_init", 0.8),
+                                              norm=kw.get("norm", "linf"))
   if kind == "apgd-ce":
     return lambda x, y, k: attacks_lib.apgd(logits_fn, x, y, k, eps=kw["eps"], steps=kw.get("steps", 100),
-                                            loss="ce")
+                                            loss="ce", norm=kw.get("norm", "linf"))
   raise ValueError(f"unknown attack kind {kind!r} in {spec.name!r}")
+
+
+def _autoattack_stages(chunks: list[dict | None]) -> dict:
+  """Per-stage robust accuracy and wall time of AutoAttack, aggregated over chunks.
+
+  Exact, from each example's ``broken_by`` (the stage that first broke it): robust
+  accuracy after stage s counts examples neither misclassified clean nor broken by any
+  stage up to s. Chunks cached before stages were stored make the breakdown partial.
+  """
+  known = [c for c in chunks if c is not None]
+  if not known:
+    return {"per_attack_note": "per-stage results not cached for these chunks"}
+  order = known[0]["order"]
+  broken_by = np.concatenate([np.asarray(c["broken_by"]).astype(str) for c in known])
+  out = {"per_attack": {}, "per_attack_time_s": {
+      name: float(sum(c["times"].get(name, 0.0) for c in known)) for name in order}}
+  for s, name in enumerate(order):
+    gone = np.isin(broken_by, ["clean"] + order[:s + 1])
+    out["per_attack"][name] = float(1.0 - gone.mean())
+  if len(known) < len(chunks):
+    out["per_attack_note"] = (f"per-stage figures over {int(broken_by.size)} examples of "
+                              f"{len(known)}/{len(chunks)} chunks (older cache entries lack them)")
+  return out
 
 
 class Suite:
@@ -187,30 +211,38 @@ class Suite:
     out = autoattack(self.logits_fn, images, batch["label"], key, eps=kw["eps"],
                      norm=kw.get("norm", "linf"), version=kw.get("version", "standard"),
                      batch_size=self.batch_size, verbose=True)
-    return np.asarray(out["robust"]), np.asarray(out["adversarial"], np.float32), out.get("per_attack", {})
+    stages = {"order": list(out["per_attack"]), "times": out["times"],
+              "broken_by": np.asarray(out["broken_by"]).astype(str)}
+    return np.asarray(out["robust"]), np.asarray(out["adversarial"], np.float32), stages
 
   def run(self, spec: AttackSpec) -> dict:
     """Runs (or loads from cache) one attack on all examples; returns its record."""
     t0 = time.time()
-    robust, adv, cached_chunks, per_attack = [], [], 0, {}
+    robust, adv, cached_chunks, stages = [], [], 0, []
     for c, start in enumerate(range(0, len(self.indices), self.chunk)):
       chunk_indices = self.indices[start:start + self.chunk]
       path = self._cache_path(spec, chunk_indices)
       if path and os.path.exists(path):
         with np.load(path) as f:
           r, a = f["robust"], f["adversarial"]
+          if spec.kind == "autoattack":  # Entries written before stages were cached lack them.
+            stages.append(json.loads(str(f["stages"])) if "stages" in f else None)
+            if stages[-1] is not None:
+              stages[-1]["broken_by"] = f["broken_by"]
         cached_chunks += 1
       else:
         key = jax.random.fold_in(jax.random.key(self.seed), c)
         if spec.kind == "autoattack":
-          r, a, stages = self._run_chunk_autoattack(spec, chunk_indices, key)
-          for k, v in stages.items():
-            per_attack.setdefault(k, []).append((float(v), len(chunk_indices)))
+          r, a, chunk_stages = self._run_chunk_autoattack(spec, chunk_indices, key)
+          stages.append(chunk_stages)
+          extra = {"broken_by": chunk_stages["broken_by"],
+                   "stages": json.dumps({k: chunk_stages[k] for k in ("order", "times")})}
         else:
           r, a = self._run_chunk_batched(spec, chunk_indices, key)
+          extra = {}
         if path:
           tmp = path + ".tmp.npz"
-          np.savez(tmp, robust=r, adversarial=a)
+          np.savez(tmp, robust=r, adversarial=a, **extra)
           os.replace(tmp, path)
       robust.append(r)
       adv.append(a)
@@ -224,9 +256,8 @@ class Suite:
     record = robustness.accuracy_record(robust, attack=spec.name, kind=spec.kind, **spec.kw,
                                         wall_time_s=time.time() - t0,
                                         cached_chunks=cached_chunks)
-    if per_attack:
-      record["per_attack"] = {k: sum(v * n for v, n in vals) / sum(n for _, n in vals)
-                              for k, vals in per_attack.items()}
+    if stages:
+      record.update(_autoattack_stages(stages))
     self.results[spec.name] = {"robust": robust, "record": record}
     return record
 
