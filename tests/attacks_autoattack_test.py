@@ -193,7 +193,7 @@ def test_argument_errors_and_public_entry_point():
     aa.autoattack(logits_fn, x * 2, y, jax.random.key(0), eps=0.1)
   with pytest.raises(ValueError, match="version"):
     aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, version="fast")
-  with pytest.raises(NotImplementedError, match="linf"):
-    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, norm="l2")
+  with pytest.raises(ValueError, match="norm"):
+    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, norm="l1")
   autoattack_api = importlib.import_module("agad.evaluation.autoattack_api")
   assert autoattack_api.autoattack is aa.autoattack

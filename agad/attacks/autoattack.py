@@ -1,8 +1,9 @@
 """AutoAttack (Croce & Hein, ICML 2020) in JAX: a per-example worst case over an ensemble.
 
-``version="standard"`` (L-inf): APGD-CE (100 iterations, 1 restart) -> APGD-T (targeted
-DLR, 9 targets x 100 iterations) -> FAB-T (9 targets x 100 iterations) -> Square (5000
-queries, p_init 0.8, no schedule rescaling). ``"plus"``: APGD-CE and APGD-DLR with 5
+``version="standard"`` (L-inf and L2, same settings for both, as the reference):
+APGD-CE (100 iterations, 1 restart) -> APGD-T (targeted DLR, 9 targets x 100 iterations)
+-> FAB-T (9 targets x 100 iterations) -> Square (5000 queries, p_init 0.8, no schedule
+rescaling). ``"plus"``: APGD-CE and APGD-DLR with 5
 restarts, FAB with 5 restarts, Square, APGD-T, FAB-T. ``"rand"`` (for randomised models,
 ``logits_fn(x, key)`` with ``stochastic=True``): APGD-CE and APGD-DLR with EOT over 20
 draws. Constants are those of fra31/auto-attack (``autoattack.py``, ``set_version``).
@@ -43,6 +44,7 @@ def _log(message: str) -> None:
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+NORMS = ("linf", "l2")
 _NORM_SLACK = 1e-6
 
 
@@ -102,12 +104,8 @@ def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
   unknown = [a for a in names if a not in ATTACKS]
   if unknown:
     raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
-  if norm != "linf":
-    unsupported = [a for a in names if a in ("fab", "fab-t", "square")]
-    if unsupported:
-      raise NotImplementedError(
-          f"{unsupported} are implemented for norm='linf' only; for norm={norm!r} use "
-          "version='custom' with attacks=['apgd-ce', 'apgd-t'] (and say so in reports)")
+  if norm not in NORMS:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   n_targets = min(n_target_classes, num_classes - 1)
   if n_targets < n_target_classes and any(a in ("apgd-t", "fab-t") for a in names):
     flags.append(f"only {num_classes} classes: targeted attacks use {n_targets} targets, "
@@ -153,6 +151,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
       ``jax.tree_util.Partial`` (e.g. from ``agad.make_logits_fn``) to reuse compiles.
     images: ``[N, H, W, C]`` in [0, 1] (numpy or jax); labels: ``[N]`` int.
     key: PRNG key; eps: radius in [0, 1] pixel units (L-inf) or L2 units.
+    norm: ``"linf"`` or ``"l2"`` (every attack and version supports both).
     version: ``"standard"``, ``"plus"``, ``"rand"`` or ``"custom"`` (with ``attacks``).
     batch_size: largest bucket; steps: APGD/FAB iterations; square_queries: Square budget.
     eot_iter: EOT draws per APGD step for ``version="rand"`` (and ``"custom"`` with

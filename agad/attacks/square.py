@@ -1,7 +1,7 @@
-"""Square Attack (Andriushchenko et al., ECCV 2020), L-inf, score-based black box.
+"""Square Attack (Andriushchenko et al., ECCV 2020), L-inf and L2, score-based black box.
 
 Minimises the margin ``z_y - max_{j != y} z_j`` (or ``-CE``) with random search, per
-example:
+example. L-inf:
 
   start:  x = clip(x0 + eps * s),  s in {-1, +1}, one sign per (column, channel)
           (vertical stripes)
@@ -13,11 +13,27 @@ example:
           (query counts rescaled to a 10000-query budget only if ``rescale_schedule``;
           AutoAttack does not rescale).
 
+L2 (``delta = x - x0``; every norm below is per example, the window norms per channel):
+
+  start:  a 5 x 5 grid of tiles of side ``s = H // 5`` (offset ``(H - 5 s) // 2``), each
+          ``meta_pseudo_gaussian_pert(s)`` (maybe transposed) times one random sign per
+          channel; ``x = clip(x0 + eps * delta / ||delta||_2, 0, 1)``
+  query:  side ``s = max(round(sqrt(p_q * H * W)), 3)``, made odd, at most min(H, W); two
+          random windows W1, W2 of side s. In W1 the new perturbation is
+          ``pert(s) * sign_c + delta|W1 / ||delta|W1||``, rescaled per channel to norm
+          ``sqrt(max(eps^2 - ||delta||^2, 0) / C + ||delta|W1∪W2||^2)``; W2 is zeroed
+          (W1 wins where they overlap); then ``x = clip(x0 + eps * delta / ||delta||, 0, 1)``.
+          Same accept rule and p schedule as L-inf.
+
 Constants and the accept rule follow fra31/auto-attack ``square.py`` (including its
 corner draw ``floor(U * (H - s))``, which never uses the last position). Unlike the
 reference, which draws one square position and one channel sign per query for the whole
 batch, each example draws its own (as in the original Square Attack code), so a result
-does not depend on which other examples share the batch (or on padding rows).
+does not depend on which other examples share the batch (or on padding rows); for L2 this
+includes the random transposes of ``pert(s)`` (the reference draws one per call of its
+``eta``). For images smaller than 5 x 5 (where the reference's L2 start divides by
+``H // 5 = 0``) the start uses tiles of side 1; tiles that cross the image border are
+cropped (the reference fails on them unless the crossing side is 1).
 """
 
 from __future__ import annotations
@@ -33,9 +49,10 @@ from jax.tree_util import Partial
 
 from agad.attacks import driver as driver_lib
 from agad.attacks import losses
-from agad.attacks.apgd import (barrier, bwhere, call_logits, count_trace, nothing_left,
-                               per_example, run_steps)
+from agad.attacks.apgd import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
+                               nothing_left, per_example, run_steps)
 
+NORMS = ("linf", "l2")
 SQUARE_LOSSES = ("margin", "ce")
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -49,14 +66,91 @@ def square_p(iteration: int, p_init: float = 0.8, n_queries: int = 5000,
 
 
 def square_sizes(height: int, width: int, n_queries: int, p_init: float = 0.8,
-                 rescale_schedule: bool = False) -> np.ndarray:
-  """Square side for every query ``[n_queries]`` int32 (Python ``round``, as the reference)."""
+                 rescale_schedule: bool = False, norm: str = "linf") -> np.ndarray:
+  """Square side for every query ``[n_queries]`` int32 (Python ``round``, as the reference).
+
+  L-inf: ``max(round(sqrt(p H W)), 1)``; L2: ``max(round(sqrt(p H W)), 3)``, plus one if
+  even; both capped at ``min(H, W)`` (last, so an L2 side can be even).
+  """
+  if norm not in NORMS:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   sizes = []
   for it in range(n_queries):
     p = square_p(it, p_init, n_queries, rescale_schedule)
-    side = max(int(round(math.sqrt(p * height * width))), 1)
+    side = int(round(math.sqrt(p * height * width)))
+    if norm == "linf":
+      side = max(side, 1)
+    else:
+      side = max(side, 3)
+      side += 1 - side % 2
     sizes.append(min(side, height, width))
   return np.asarray(sizes, np.int32)
+
+
+def _pert_rectangle(rows: int, cols: int) -> np.ndarray:
+  """``[rows, cols]`` nested rectangles around the centre ``(rows // 2, cols // 2)``.
+
+  Ring k (Chebyshev distance k from the centre, cropped to the rectangle) adds
+  ``1 / (k + 1)^2`` to itself and every ring outside it, up to ``max(rows, cols) // 2``:
+  entry = ``sum_{k = dist}^{K - 1} 1 / (k + 1)^2``. Unit L2 norm.
+  """
+  n_rings = max(rows // 2, cols // 2) + 1
+  tail = np.cumsum((1.0 / np.arange(1, n_rings + 1) ** 2)[::-1])[::-1]  # tail[m] = sum_{k>=m}
+  dist = np.maximum(np.abs(np.arange(rows)[:, None] - rows // 2),
+                    np.abs(np.arange(cols)[None, :] - cols // 2))
+  values = tail[dist] if rows and cols else np.zeros((rows, cols))
+  return values / max(np.sqrt(np.sum(values ** 2)), 1e-300)
+
+
+def meta_pseudo_gaussian_pert(side: int) -> np.ndarray:
+  """The L2 Square window pattern ``[side, side]`` float64, unit L2 norm.
+
+  Top ``side // 2`` rows: a rectangle of nested rings (``_pert_rectangle``); bottom
+  rows: minus one. The reference's ``eta(s)`` (fra31/auto-attack) and
+  ``meta_pseudo_gaussian_pert`` (the Square Attack code) before their random transpose.
+  """
+  top = _pert_rectangle(side // 2, side)
+  bottom = -_pert_rectangle(side - side // 2, side)
+  pattern = np.concatenate([top, bottom], axis=0)
+  return pattern / np.sqrt(np.sum(pattern ** 2))
+
+
+def _l2_patterns(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Patterns of every distinct side, zero-padded: ``[U, S, S]`` float32, index ``[Q]``."""
+  distinct = sorted(set(int(v) for v in sizes)) or [1]   # [1]: no queries at all
+  largest = max(distinct)
+  table = np.zeros((len(distinct), largest, largest), np.float32)
+  for i, side in enumerate(distinct):
+    table[i, :side, :side] = meta_pseudo_gaussian_pert(side)
+  index = np.searchsorted(np.asarray(distinct), sizes).astype(np.int32)
+  return table, index
+
+
+def l2_start_tiles(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The tiles of the L2 start: one-hot ``[T, H, W]`` and the pattern maps ``[H, W]``.
+
+  Tiles of side ``s = H // 5`` (1 for ``H < 5``) from row and column ``(H - 5 s) // 2``,
+  ``H // s`` rows by ``W // s`` columns, cropped to the image. Returns the tile one-hot,
+  and every tile's pattern placed in the image, as drawn and transposed (float32).
+  """
+  side = max(height // 5, 1)
+  offset = max((height - 5 * side) // 2, 0)
+  pattern = meta_pseudo_gaussian_pert(side)
+  masks, plain, flipped = [], np.zeros((height, width)), np.zeros((height, width))
+  for i in range(height // side):
+    top = offset + i * side
+    for j in range(width // side):
+      left = offset + j * side
+      rows, cols = min(side, height - top), min(side, width - left)
+      if rows <= 0 or cols <= 0:
+        continue
+      mask = np.zeros((height, width), bool)
+      mask[top:top + rows, left:left + cols] = True
+      masks.append(mask)
+      plain[top:top + rows, left:left + cols] = pattern[:rows, :cols]
+      flipped[top:top + rows, left:left + cols] = pattern.T[:rows, :cols]
+  return (np.stack(masks).astype(np.float32), plain.astype(np.float32),
+          flipped.astype(np.float32))
 
 
 class SquareState(NamedTuple):
@@ -83,14 +177,23 @@ def _margin_and_loss_rule(loss: str, stochastic: bool) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _init_rule(loss: str, stochastic: bool) -> Callable:
+def _init_rule(loss: str, stochastic: bool, norm: str = "linf") -> Callable:
   margin_and_loss = _margin_and_loss_rule(loss, stochastic)
 
   def init(logits_fn, x0, labels, eps, key) -> SquareState:
     stripe_key, loss_key, key = jax.random.split(key, 3)
-    batch, _, width, channels = x0.shape
-    signs = jax.random.rademacher(stripe_key, (batch, 1, width, channels), jnp.float32)
-    x = jnp.clip(x0 + per_example(eps, x0) * signs, 0.0, 1.0)
+    batch, height, width, channels = x0.shape
+    if norm == "linf":
+      signs = jax.random.rademacher(stripe_key, (batch, 1, width, channels), jnp.float32)
+      x = jnp.clip(x0 + per_example(eps, x0) * signs, 0.0, 1.0)
+    else:
+      tiles, plain, flipped = (jnp.asarray(a) for a in l2_start_tiles(height, width))
+      sign_key, flip_key = jax.random.split(stripe_key)
+      signs = jax.random.rademacher(sign_key, (batch, tiles.shape[0], channels), jnp.float32)
+      flip = jax.random.bernoulli(flip_key, 0.5, (batch, tiles.shape[0])).astype(jnp.float32)
+      delta = (jnp.einsum("thw,btc->bhwc", tiles * plain, signs * (1.0 - flip[..., None])) +
+               jnp.einsum("thw,btc->bhwc", tiles * flipped, signs * flip[..., None]))
+      x = jnp.clip(x0 + per_example(eps, x0) * normalize(delta, "l2"), 0.0, 1.0)
     margin, value = margin_and_loss(logits_fn, labels, x, loss_key)
     return SquareState(x_best=x, margin=margin, loss=value,
                        queries=jnp.ones((batch,), jnp.int32), it=jnp.zeros((), jnp.int32),
@@ -112,6 +215,38 @@ def _draw(key: jax.Array, n_queries: int, batch: int, channels: int):
   return uniforms, signs
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_l2(key: jax.Array, n_queries: int, batch: int, channels: int):
+  """As ``_draw`` for L2: uniforms ``[n_queries, B, 5]`` (two corners, then the pattern's
+  transpose, taken when above 0.5) and channel signs ``[n_queries, B, C]`` int8."""
+  corner_key, sign_key = jax.random.split(key)
+  uniforms = jax.random.uniform(corner_key, (n_queries, batch, 5), jnp.float32)
+  signs = jax.random.rademacher(sign_key, (n_queries, batch, channels), jnp.int8)
+  return uniforms, signs
+
+
+def _accept(state: SquareState, x_new, margin, value, key) -> SquareState:
+  """The reference's rule: keep a lower loss or a misclassified point; stop at margin <= 0."""
+  active = state.margin > 0.0
+  lower = value < state.loss
+  accept = active & (lower | (margin <= 0.0))
+  return barrier(SquareState(
+      x_best=bwhere(accept, x_new, state.x_best),
+      margin=jnp.where(accept, margin, state.margin),
+      loss=jnp.where(active & lower, value, state.loss),
+      queries=state.queries + active.astype(jnp.int32), it=state.it + 1, key=key))
+
+
+def _window(top: jax.Array, left: jax.Array, side: jax.Array, height: int,
+            width: int) -> jax.Array:
+  """``[B, H, W, 1]`` bool: the ``side x side`` square at ``(top, left)`` ``[B]``."""
+  rows = jnp.arange(height)[None, :]
+  cols = jnp.arange(width)[None, :]
+  in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)     # [B, H]
+  in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)   # [B, W]
+  return (in_rows[:, :, None] & in_cols[:, None, :])[..., None]
+
+
 @functools.lru_cache(maxsize=None)
 def _step_rule(loss: str, stochastic: bool) -> Callable:
   margin_and_loss = _margin_and_loss_rule(loss, stochastic)
@@ -125,12 +260,7 @@ def _step_rule(loss: str, stochastic: bool) -> Callable:
     room = jnp.stack([height - side, width - side]).astype(jnp.float32)
     draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)     # [B, 2]
     corner = jnp.floor(draw * room[None, :]).astype(jnp.int32)
-    top, left = corner[:, 0], corner[:, 1]
-    rows = jnp.arange(height)[None, :]
-    cols = jnp.arange(width)[None, :]
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)     # [B, H]
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)   # [B, W]
-    window = (in_rows[:, :, None] & in_cols[:, None, :])[..., None]     # [B, H, W, 1]
+    window = _window(corner[:, 0], corner[:, 1], side, height, width)   # [B, H, W, 1]
     channel_signs = jax.lax.dynamic_index_in_dim(signs, it, keepdims=False)
     channel_signs = channel_signs.astype(jnp.float32)[:, None, None, :]  # [B, 1, 1, C]
     eps_b = per_example(eps, x0)
@@ -138,14 +268,60 @@ def _step_rule(loss: str, stochastic: bool) -> Callable:
     x_new = jnp.clip(jnp.clip(x_new, x0 - eps_b, x0 + eps_b), 0.0, 1.0)
 
     margin, value = margin_and_loss(logits_fn, labels, x_new, loss_key)
-    active = state.margin > 0.0
-    lower = value < state.loss
-    accept = active & (lower | (margin <= 0.0))
-    return barrier(SquareState(
-        x_best=bwhere(accept, x_new, state.x_best),
-        margin=jnp.where(accept, margin, state.margin),
-        loss=jnp.where(active & lower, value, state.loss),
-        queries=state.queries + active.astype(jnp.int32), it=state.it + 1, key=key))
+    return _accept(state, x_new, margin, value, key)
+
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def _step_rule_l2(loss: str, stochastic: bool) -> Callable:
+  margin_and_loss = _margin_and_loss_rule(loss, stochastic)
+
+  def step(logits_fn, x0, labels, eps, sizes, pattern_index, patterns, uniforms, signs,
+           state: SquareState) -> SquareState:
+    count_trace("square-l2", state.x_best)
+    batch, height, width, channels = x0.shape
+    key, loss_key = jax.random.split(state.key) if stochastic else (state.key, state.key)
+    it = jnp.minimum(state.it, sizes.shape[0] - 1)
+    side = jax.lax.dynamic_index_in_dim(sizes, it, keepdims=False)
+    pattern = jax.lax.dynamic_index_in_dim(
+        patterns, jax.lax.dynamic_index_in_dim(pattern_index, it, keepdims=False),
+        keepdims=False)                                                  # [S, S], zero-padded
+    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)   # [B, 5]
+    room = jnp.stack([height - side, width - side] * 2).astype(jnp.float32)
+    corner = jnp.floor(draw[:, :4] * room[None, :]).astype(jnp.int32)
+    top, left = corner[:, 0], corner[:, 1]
+    window = _window(top, left, side, height, width)                     # W1, gets new mass
+    cleared = _window(corner[:, 2], corner[:, 3], side, height, width)   # W2, zeroed
+
+    delta = state.x_best - x0
+    sq = jnp.square(delta)
+    window_sum = lambda v, m: jnp.sum(jnp.where(m, v, 0.0), axis=(1, 2))  # [B, C]
+    norm_window = jnp.sqrt(window_sum(sq, window))
+    norm_union = jnp.sqrt(window_sum(sq, window | cleared))
+    norm_image = lp_norm(delta, "l2")
+
+    # pert(s) (or its transpose) at (top, left): placed[b, i, j] = P[i - top, j - left].
+    flip = (draw[:, 4] > 0.5)[:, None, None]
+    oriented = jnp.where(flip, pattern.T[None], pattern[None])          # [B, S, S]
+    span = jnp.arange(pattern.shape[0])
+    rows = (jnp.arange(height)[None, :, None] - top[:, None, None]) == span  # [B, H, S]
+    cols = (jnp.arange(width)[None, :, None] - left[:, None, None]) == span  # [B, W, S]
+    placed = jnp.einsum("bik,bkl,bjl->bij", rows.astype(jnp.float32), oriented,
+                        cols.astype(jnp.float32))
+    channel_signs = jax.lax.dynamic_index_in_dim(signs, it, keepdims=False).astype(jnp.float32)
+    fresh = placed[..., None] * channel_signs[:, None, None, :]
+    fresh = fresh + jnp.where(window, delta, 0.0) / (1e-12 + norm_window[:, None, None, :])
+    norm_fresh = jnp.sqrt(window_sum(jnp.square(fresh), window))
+    eps_vec = jnp.broadcast_to(eps, (batch,))
+    target = jnp.sqrt(jnp.maximum(jnp.square(eps_vec) - jnp.square(norm_image), 0.0)[:, None]
+                      / channels + jnp.square(norm_union))               # [B, C]
+    fresh = fresh / (1e-12 + norm_fresh[:, None, None, :]) * target[:, None, None, :]
+    delta = jnp.where(window, fresh, jnp.where(cleared, 0.0, delta))
+    x_new = jnp.clip(x0 + per_example(eps, x0) * normalize(delta, "l2"), 0.0, 1.0)
+
+    margin, value = margin_and_loss(logits_fn, labels, x_new, loss_key)
+    return _accept(state, x_new, margin, value, key)
 
   return step
 
@@ -163,8 +339,8 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
                   driver: str = "auto", chunk: int = 20,
                   check_every: int = 100) -> SquareResult:
   """Square Attack with per-example results; stops once no valid example is left."""
-  if norm != "linf":
-    raise NotImplementedError(f"Square is implemented for norm='linf' only, got {norm!r}")
+  if norm not in NORMS:
+    raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   images = jnp.asarray(images, jnp.float32)
   labels = jnp.asarray(labels, jnp.int32)
   if images.ndim != 4:
@@ -173,9 +349,12 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
     raise ValueError(f"labels shape {labels.shape} does not match batch {images.shape[0]}")
   logits_fn = driver_lib.as_partial(logits_fn)
   eps = jnp.asarray(eps, jnp.float32)
-  sizes = jnp.asarray(square_sizes(images.shape[1], images.shape[2], n_queries, p_init,
-                                   rescale_schedule))
-  init = _init_rule(loss, stochastic)
+  sizes = square_sizes(images.shape[1], images.shape[2], n_queries, p_init, rescale_schedule,
+                       norm)
+  if norm == "l2":
+    patterns, pattern_index = (jnp.asarray(a) for a in _l2_patterns(sizes))
+  sizes = jnp.asarray(sizes)
+  init = _init_rule(loss, stochastic, norm)
   done = lambda s: nothing_left(s.margin > 0.0, valid)
 
   best = None
@@ -185,9 +364,14 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
     init_key, draw_key = jax.random.split(jax.random.fold_in(key, restart))
     state = init(logits_fn, images, labels, eps, init_key)
     if not done(state):
-      uniforms, signs = _draw(draw_key, n_queries, images.shape[0], images.shape[-1])
-      step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes,
-                     uniforms, signs)
+      if norm == "linf":
+        uniforms, signs = _draw(draw_key, n_queries, images.shape[0], images.shape[-1])
+        step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes,
+                       uniforms, signs)
+      else:
+        uniforms, signs = _draw_l2(draw_key, n_queries, images.shape[0], images.shape[-1])
+        step = Partial(_step_rule_l2(loss, stochastic), logits_fn, images, labels, eps, sizes,
+                       pattern_index, patterns, uniforms, signs)
       state = run_steps(step, state, n_queries, driver=driver, chunk=chunk, done=done,
                                check_every=check_every)
     result = SquareResult(state.x_best, state.margin > 0.0, state.queries)
@@ -204,12 +388,13 @@ def square(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.A
            eps, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,
            restarts: int = 1, rescale_schedule: bool = False, loss: str = "margin",
            stochastic: bool = False, driver: str = "auto", chunk: int = 20) -> jax.Array:
-  """Square Attack (L-inf). Stable public entry point.
+  """Square Attack (L-inf or L2). Stable public entry point.
 
   Args:
     logits_fn: ``images [B,H,W,C] -> logits [B,K]`` (``(images, key)`` if ``stochastic``);
       only its outputs are used (no gradients).
     images: ``[B, H, W, C]`` float32 in [0, 1]; labels ``[B]`` int; eps scalar or ``[B]``.
+    norm: ``"linf"`` or ``"l2"``.
     n_queries: queries per restart (AutoAttack: 5000); p_init: initial square fraction.
   Returns:
     ``[B, H, W, C]`` best point per example (misclassified where the attack succeeded),
