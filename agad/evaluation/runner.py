@@ -1,0 +1,76 @@
+"""``evaluate(workdir, ...)``: the whole evaluation of a training run's checkpoint.
+
+What ``python -m launch.evaluate`` does, as a library call: restore the checkpoint
+(eval-mode BN, fp32, "best" chosen on the validation split), build the preset's attack
+specs from the run's ``eval`` config, run the cached suite on the first ``num_examples``
+test images, and write the JSON report, Markdown table and plots.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from agad.evaluation import presets, report as report_lib, suite as suite_lib
+
+
+def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
+             num_examples: int | None = None, surrogate: str | None = None,
+             output: str | None = None, chunk: int = 1000, eval_config=None,
+             log: Callable | None = print) -> tuple[dict, str]:
+  """Evaluates ``workdir``'s checkpoint; returns ``(report, path stem of the files)``.
+
+  Args:
+    workdir: training workdir (``config.json`` and ``checkpoints/``).
+    step: ``"best"`` (validation metric), ``"latest"`` or a step number.
+    preset: ``pgd | table | full | autoattack`` (default: the run's ``eval.preset``).
+    num_examples: first N test images (default: ``eval.num_examples``; None = all).
+    surrogate: workdir of a surrogate model for the transfer attack.
+    output: report directory (default ``WORKDIR/eval``; the cache lives under it).
+    chunk: examples per cache entry (an interrupted run resumes chunk by chunk).
+    eval_config: an ``eval`` ConfigDict overriding the saved one.
+  """
+  from agad import api
+  from agad.training import records
+
+  from configs import common as config_common
+
+  saved = api.load_config(workdir)
+  # Workdirs saved before a field existed still evaluate: defaults under the saved values.
+  eval_cfg = config_common.base_config().eval
+  eval_cfg.update(eval_config if eval_config is not None else saved.eval)
+  preset = preset or eval_cfg.preset
+  if preset not in presets.PRESETS:
+    raise ValueError(f"preset {preset!r} is not one of {presets.PRESETS}")
+  loaded = api.load(workdir, step, params=eval_cfg.params, config=saved)
+  test = loaded.experiment.splits.test
+  n = num_examples or eval_cfg.num_examples
+  indices = None if n is None else list(range(min(int(n), len(test))))
+  adaptive_factory = loaded.experiment.objective.adaptive_loss
+  adaptive = adaptive_factory(loaded.model, loaded.variables) if adaptive_factory else None
+  surrogate_fn = api.load(surrogate, "best").logits_fn if surrogate else None
+  specs = presets.build_specs(eval_cfg, preset=preset, adaptive=adaptive is not None,
+                              surrogate=surrogate_fn is not None)
+  out_dir = output or os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  model_hash = suite_lib.params_hash(loaded.variables)
+  log = log or (lambda *_: None)
+  log(f"evaluating {workdir} step {loaded.step} ({eval_cfg.params}, hash {model_hash}) on "
+      f"{len(test) if indices is None else len(indices)} test images: "
+      + ", ".join(s.name for s in specs))
+  report = suite_lib.run_suite(
+      loaded.logits_fn, test, specs, eps=float(eval_cfg.eps), indices=indices,
+      batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed),
+      cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None, model_hash=model_hash,
+      adaptive_loss=adaptive, surrogate=surrogate_fn, log=log, chunk=chunk,
+      sweep_steps=int(eval_cfg.pgd_steps),
+      meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": eval_cfg.params,
+            "dataset": saved.data.name, "split": "test", "model": saved.model.name,
+            "objective": saved.objective.name, "bn": "eval (running statistics)", "dtype": "float32",
+            "preset": preset})
+  stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
+  records.write_json(stem + ".json", report)
+  with open(stem + ".md", "w") as f:
+    f.write(report_lib.markdown(report))
+  report_lib.plots(report, out_dir)
+  return report, stem
