@@ -226,7 +226,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
 
   per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
   times: dict[str, float] = {}
-  zero_grad_points = 0
+  zero_grad = np.zeros((n,), bool)  # points with an exactly zero gradient in some APGD run
   for stage, (name, settings) in enumerate(plan):
     stage_start = time.time()
     n_rounds = settings.get("n_targets", 1)
@@ -247,7 +247,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
               loss=settings["loss"], restarts=settings["restarts"],
               targets=targets if name == "apgd-t" else None, eot_iter=settings["eot_iter"],
               stochastic=stochastic, valid=valid_j, driver=driver, chunk=chunk)
-          zero_grad_points += int(np.sum(np.asarray(result.zero_grad) & valid))
+          zero_grad[real[np.asarray(result.zero_grad)[:len(real)]]] = True
           candidate = result.adversarial
         elif name.startswith("fab"):
           result = fab_attack(
@@ -280,8 +280,8 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
       _log(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
             f"({times[name]:.1f} s)")
 
-  if zero_grad_points:
-    flags.append(f"{zero_grad_points} attacked points had an exactly zero input gradient at "
+  if zero_grad.any():
+    flags.append(f"{int(zero_grad.sum())} points had an exactly zero input gradient at "
                  "the APGD start: gradient masking? (try BPDA or rely on Square)")
   names_run = list(per_attack)
   if len(names_run) > 1 and names_run[-1] == "square":

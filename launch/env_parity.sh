@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Dev-only: creates .venv-parity (Python >= 3.12) with agad's pinned requirements, agad
+# itself (editable), and the reference PyTorch AutoAttack (pyautoattack==0.2.0, whose
+# attack files match fra31/auto-attack@a392200) on torch==2.13.0, for
+# `python -m launch.parity_autoattack`. torch and pyautoattack are never agad runtime
+# dependencies: they live only in this venv. Idempotent; source it or run it.
+#
+# torch comes from the PyTorch CPU index when that is reachable, else from PyPI (whose
+# Linux wheel is the CUDA build: ~3 GB with its nvidia-* dependencies, but it runs on
+# CPU all the same).
+set -euo pipefail
+AGAD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$AGAD_ROOT"
+
+TORCH_VERSION=2.13.0
+PYAUTOATTACK_VERSION=0.2.0
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+py_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; }
+
+find_python() {
+  local c root="${PYENV_ROOT:-}"
+  if [ -z "$root" ] && command -v pyenv >/dev/null 2>&1; then root="$(pyenv root)"; fi
+  [ -n "$root" ] || root="$HOME/.pyenv"
+  # Prefer pyenv's 3.12 (the version agad's .venv uses), then anything >= 3.12 on PATH.
+  for c in "$root"/versions/3.12*/bin/python3 "$root"/versions/3.1[3-9]*/bin/python3; do
+    if [ -x "$c" ] && py_ok "$c"; then echo "$c"; return 0; fi
+  done
+  for c in python3.12 python3.13 python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && py_ok "$(command -v "$c")"; then
+      command -v "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+VENV="$AGAD_ROOT/.venv-parity"
+if [ ! -x "$VENV/bin/python" ] || ! py_ok "$VENV/bin/python"; then
+  PY="$(find_python)" || {
+    echo "the parity venv needs Python >= 3.12 (jax 0.12 / flax 0.12); none found" >&2
+    exit 1
+  }
+  echo "[agad-parity] creating $VENV with $PY ($("$PY" --version))"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+fi
+
+STAMP="$VENV/.agad-parity-installed"
+PINS="torch==$TORCH_VERSION pyautoattack==$PYAUTOATTACK_VERSION"
+WANT="$( (cat requirements.txt pyproject.toml; echo "$PINS") | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  echo "[agad-parity] installing agad's requirements and $PINS"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements.txt
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  if "$VENV/bin/python" - "$TORCH_CPU_INDEX" <<'EOF' 2>/dev/null
+import sys, urllib.request
+urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)
+EOF
+  then
+    echo "[agad-parity] torch from the CPU index $TORCH_CPU_INDEX"
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" \
+      --extra-index-url https://pypi.org/simple
+  else
+    echo "[agad-parity] CPU index unreachable: torch from PyPI (CUDA build, runs on CPU)"
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
+  fi
+  "$VENV/bin/python" -m pip install -q --no-deps "pyautoattack==$PYAUTOATTACK_VERSION"
+  "$VENV/bin/python" -c \
+    "import torch, pyautoattack, agad; print('[agad-parity] torch', torch.__version__)"
+  echo "$WANT" > "$STAMP"
+fi
+PYTHON_PARITY="$VENV/bin/python"
+export PYTHON_PARITY
