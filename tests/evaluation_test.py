@@ -150,3 +150,27 @@ def test_autoattack_stages_are_cached_and_aggregated_over_chunks(tmp_path):
   assert again["per_attack"] == stages and again["accuracy"] == first["accuracy"]
   assert "| &nbsp;&nbsp;after square |" in markdown(
       {"n": 32, "eps": 0.14, "norm": "linf", "records": [again], "worst_case": again})
+
+
+def test_steps_curve_and_eps_sweep_do_not_fire_checks_or_enter_the_worst_case(tmp_path):
+  rec = lambda name, acc, steps, eps=0.1, step=0.01: {
+      "attack": name, "kind": "pgd", "accuracy": acc, "stderr": 0.01, "n": 1000, "eps": eps,
+      "steps": steps, "step_size": step, "restarts": 1, "loss": "ce"}
+  report = {"eps": 0.1, "sweep_steps": 20, "records": [
+      {"attack": "fgsm", "kind": "fgsm", "accuracy": 0.74, "stderr": 0.01, "n": 1000, "eps": 0.1},
+      rec("pgd-20", 0.72, 20), rec("pgd-100", 0.715, 100),
+      rec("pgd-1", 0.80, 1), rec("pgd-5", 0.77, 5),          # cannot reach the boundary
+      rec("pgd-10", 0.75, 10),                                # reaches it, but is the steps curve
+      {"attack": "aa", "kind": "autoattack", "accuracy": 0.70, "stderr": 0.01, "n": 1000, "eps": 0.1},
+      rec("pgd-20@eps=0.5", 0.0, 20, eps=0.5, step=0.05)]}
+  assert checks.report_warnings(report) == []
+  # The suite's verdict at eps 0.1 ignores a run at eps 0.5 (which breaks everything).
+  source, templates = _templates_source()
+  suite = Suite(Partial(_nearest_template, templates), source, batch_size=16, log=None, eps=0.05)
+  small = suite.run(AttackSpec.make("pgd-5", "pgd", eps=0.05, step_size=0.02, steps=5))
+  big = suite.run(AttackSpec.make("pgd-5@0.5", "pgd", eps=0.5, step_size=0.2, steps=5))
+  assert big["accuracy"] < small["accuracy"]
+  worst = suite.worst_case()
+  assert worst["accuracy"] == small["accuracy"] and worst["over"] == ["pgd-5"]
+  v = suite.verify(0.05)
+  assert v["outside_ball"] == 0 and v["checked"] == int(round(48 * (1 - small["accuracy"])))

@@ -154,7 +154,7 @@ class Suite:
   def __init__(self, logits_fn, source, *, indices=None, batch_size: int = 500, seed: int = 0,
                cache_dir: str | None = None, model_hash: str | None = None,
                adaptive_loss: Callable | None = None, surrogate=None, chunk: int = 1000,
-               log: Callable | None = print, mesh=None):
+               log: Callable | None = print, mesh=None, eps: float | None = None):
     from agad.training import sharding as sharding_lib
     self.logits_fn = driver_lib.as_partial(logits_fn)
     self.source = source
@@ -166,6 +166,9 @@ class Suite:
     self.log = log or (lambda *_: None)
     self.mesh = mesh or sharding_lib.make_mesh()
     self.data_sharding = sharding_lib.data_sharded(self.mesh)
+    # The threat model of the verdict: only attacks at this eps enter the worst case and
+    # the stored adversarials (sweeps at other radii are reported, never combined).
+    self.eps = eps
     self.results: dict[str, dict] = {}
     self.adversarial: dict[int, np.ndarray] = {}  # position in indices -> adversarial image
 
@@ -251,23 +254,33 @@ class Suite:
                f"{np.concatenate(robust).mean():.4f} ({time.time() - t0:.0f} s)")
     robust = np.concatenate(robust)
     adv = np.concatenate(adv)
-    for pos in np.nonzero(~robust)[0]:
-      self.adversarial.setdefault(int(pos), adv[pos])
+    in_threat_model = self._in_threat_model(spec)
+    if in_threat_model:
+      for pos in np.nonzero(~robust)[0]:
+        self.adversarial.setdefault(int(pos), adv[pos])
     record = robustness.accuracy_record(robust, attack=spec.name, kind=spec.kind, **spec.kw,
                                         wall_time_s=time.time() - t0,
                                         cached_chunks=cached_chunks)
     if stages:
       record.update(_autoattack_stages(stages))
-    self.results[spec.name] = {"robust": robust, "record": record}
+    self.results[spec.name] = {"robust": robust, "record": record,
+                               "in_threat_model": in_threat_model}
     return record
 
   # ---------------------------------------------------------------- verdict
+  def _in_threat_model(self, spec: AttackSpec) -> bool:
+    eps = spec.kw.get("eps")
+    return self.eps is None or eps is None or abs(float(eps) - float(self.eps)) <= 1e-9
+
   def worst_case(self) -> dict:
+    """Per-example minimum over every attack run at the suite's eps."""
     robust = np.ones(len(self.indices), bool)
-    for r in self.results.values():
-      robust &= r["robust"]
-    return robustness.accuracy_record(robust, attack="worst-case",
-                                      over=sorted(self.results))
+    over = []
+    for name, r in self.results.items():
+      if r.get("in_threat_model", True):
+        robust &= r["robust"]
+        over.append(name)
+    return robustness.accuracy_record(robust, attack="worst-case", over=sorted(over))
 
   def verify(self, eps: float, norm: str = "linf") -> dict:
     """Re-checks every stored adversarial: finite, in the ball and [0, 1], misclassified
@@ -302,7 +315,7 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
   ``meta``: extra fields stored in the report (dataset, model, step, ...).
   """
   from agad.evaluation import checks
-  suite = Suite(logits_fn, source, **suite_kwargs)
+  suite = Suite(logits_fn, source, eps=eps, **suite_kwargs)
   t0 = time.time()
   records = [suite.run(spec) for spec in specs]
   verification = suite.verify(eps, norm)
