@@ -64,6 +64,9 @@ def test_worst_case_cache_and_verification(tmp_path):
   again = Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), model_hash="m1", chunk=16, log=None)
   rec = again.run(specs[2])
   assert rec["cached_chunks"] == 3 and rec["accuracy"] == pgd
+  # The record keeps the compute time of the cached chunks, not the time to load them.
+  assert rec["wall_time_s"] == pytest.approx(recs[2]["wall_time_s"], rel=1e-6)
+  assert rec["this_run_s"] < rec["wall_time_s"] + 5
   other = again.run(AttackSpec.make("pgd-5", "pgd", eps=0.2, step_size=0.1, steps=5, restarts=1))
   assert other["cached_chunks"] == 0
   new_model = Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), model_hash="m2", chunk=16, log=None)

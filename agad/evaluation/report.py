@@ -12,11 +12,12 @@ def markdown(report: dict) -> str:
            "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
            "|---|---|---|---|---|---|"]
   skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over",
-          "per_attack_time_s", "per_attack_note"}
+          "per_attack_time_s", "per_attack_note", "this_run_s"}
   for r in report["records"] + [report["worst_case"]]:
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.items() if k not in skip)
-    wall = f"{r['wall_time_s']:.0f}" if "wall_time_s" in r else ""
+    wall = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else (
+        "(not cached)" if "wall_time_s" in r else "")
     lines.append(f"| {r['attack']} | {settings} | {100 * r['accuracy']:.2f} | {100 * r['stderr']:.2f} "
                  f"| {r['n']} | {wall} |")
     stage_times = r.get("per_attack_time_s") or {}

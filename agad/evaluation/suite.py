@@ -222,12 +222,14 @@ class Suite:
     """Runs (or loads from cache) one attack on all examples; returns its record."""
     t0 = time.time()
     robust, adv, cached_chunks, stages = [], [], 0, []
+    compute_s: list[float | None] = []  # per chunk: seconds it took when computed
     for c, start in enumerate(range(0, len(self.indices), self.chunk)):
       chunk_indices = self.indices[start:start + self.chunk]
       path = self._cache_path(spec, chunk_indices)
       if path and os.path.exists(path):
         with np.load(path) as f:
           r, a = f["robust"], f["adversarial"]
+          compute_s.append(float(f["wall_s"]) if "wall_s" in f else None)
           if spec.kind == "autoattack":  # Entries written before stages were cached lack them.
             stages.append(json.loads(str(f["stages"])) if "stages" in f else None)
             if stages[-1] is not None:
@@ -235,6 +237,7 @@ class Suite:
         cached_chunks += 1
       else:
         key = jax.random.fold_in(jax.random.key(self.seed), c)
+        chunk_t0 = time.time()
         if spec.kind == "autoattack":
           r, a, chunk_stages = self._run_chunk_autoattack(spec, chunk_indices, key)
           stages.append(chunk_stages)
@@ -243,6 +246,8 @@ class Suite:
         else:
           r, a = self._run_chunk_batched(spec, chunk_indices, key)
           extra = {}
+        compute_s.append(time.time() - chunk_t0)
+        extra["wall_s"] = compute_s[-1]
         if path:
           tmp = path + ".tmp.npz"
           np.savez(tmp, robust=r, adversarial=a, **extra)
@@ -259,7 +264,9 @@ class Suite:
       for pos in np.nonzero(~robust)[0]:
         self.adversarial.setdefault(int(pos), adv[pos])
     record = robustness.accuracy_record(robust, attack=spec.name, kind=spec.kind, **spec.kw,
-                                        wall_time_s=time.time() - t0,
+                                        wall_time_s=(sum(compute_s) if None not in compute_s
+                                                     else None),
+                                        this_run_s=time.time() - t0,
                                         cached_chunks=cached_chunks)
     if stages:
       record.update(_autoattack_stages(stages))
