@@ -16,23 +16,7 @@ TORCH_VERSION=2.13.0
 PYAUTOATTACK_VERSION=0.2.0
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
-py_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; }
-
-find_python() {
-  local c root="${PYENV_ROOT:-}"
-  if [ -z "$root" ] && command -v pyenv >/dev/null 2>&1; then root="$(pyenv root)"; fi
-  [ -n "$root" ] || root="$HOME/.pyenv"
-  # Prefer pyenv's 3.12 (the version agad's .venv uses), then anything >= 3.12 on PATH.
-  for c in "$root"/versions/3.12*/bin/python3 "$root"/versions/3.1[3-9]*/bin/python3; do
-    if [ -x "$c" ] && py_ok "$c"; then echo "$c"; return 0; fi
-  done
-  for c in python3.12 python3.13 python3 python; do
-    if command -v "$c" >/dev/null 2>&1 && py_ok "$(command -v "$c")"; then
-      command -v "$c"; return 0
-    fi
-  done
-  return 1
-}
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"
 
 VENV="$AGAD_ROOT/.venv-parity"
 if [ ! -x "$VENV/bin/python" ] || ! py_ok "$VENV/bin/python"; then
