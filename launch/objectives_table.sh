@@ -3,11 +3,12 @@
 # trained on SmallCNN (eps 0.1, PGD-10 training attack), evaluated on the first 1,000
 # test images with clean, PGD-20, C&W-inf (and AutoAttack with PRESET=full).
 #   bash launch/objectives_table.sh [RUNS_DIR] [EXTRA --config.* overrides...]
+# OBJECTIVES="trades+awp trades" picks rows (all eight by default); EPOCHS, MAX_TRAIN, PRESET.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 RUNS="${1:-runs/objectives}"; shift || true
 PRESET="${PRESET:-table}"
-for obj in standard pgd_at trades mart alp iat trades+awp cas; do
+for obj in ${OBJECTIVES:-standard pgd_at trades mart alp iat trades+awp cas}; do
   dir="$RUNS/${obj//+/_}"
   extra=()
   # MART collapses to a constant output at lr 0.05 on the BN-free SmallCNN (WORKSPACE.md);

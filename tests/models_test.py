@@ -114,6 +114,24 @@ class ArchitectureTest(parameterized.TestCase):
     chex.assert_shape([taps['stage1'][0], taps['stage2'][0], taps['embedding'][0]],
                       [(2, 12, 12, 32), (2, 4, 4, 64), (2, 200)])
 
+  def test_smallcnn_init_is_trades_reference(self):
+    # TRADES' small_cnn.py: kaiming_normal_ convs with zero bias, nn.Linear defaults for fc1/fc2
+    # (kernel and bias U(+-1/sqrt(fan_in))), classifier zero -> uniform output at init.
+    model = build_model('smallcnn', num_classes=10, mean=(0.13,), std=(0.31,))
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+    p = model.init(jax.random.key(0), x, train=False)['params']
+    np.testing.assert_array_equal(model.apply({'params': p}, x, train=False), np.zeros((3, 10)))
+    self.assertEqual(float(jnp.abs(p['classifier']['kernel']).max()), 0.0)
+    for name, fan_in in (('fc0', 1024), ('fc1', 200)):
+      for leaf in ('kernel', 'bias'):
+        w = np.asarray(p[name][leaf])
+        bound = 1 / np.sqrt(fan_in)
+        self.assertLessEqual(np.abs(w).max(), bound)
+        self.assertGreater(np.abs(w).max(), 0.9 * bound)  # uniform over the whole range
+    k = np.asarray(p['stage2_conv1']['kernel'])  # fan_in 3*3*64, std sqrt(2/fan_in)
+    np.testing.assert_allclose(k.std(), np.sqrt(2 / 576), rtol=0.05)
+    self.assertEqual(float(jnp.abs(p['stage2_conv1']['bias']).max()), 0.0)
+
   def test_registry(self):
     with self.assertRaisesRegex(ValueError, 'wrn34_10.*tiny_bn'):
       build_model('wrn_34_10', **RGB)

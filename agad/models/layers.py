@@ -28,10 +28,12 @@ with batch statistics and updates ``batch_stats`` (apply with
 ``mutable=['batch_stats']``); ``train=False`` uses the running averages.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict
@@ -44,6 +46,18 @@ KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
 # init scale sets the activation scale.
 KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+# PyTorch's nn.Linear default (kaiming_uniform_ with a = sqrt(5)): kernel U(+-1/sqrt(fan_in)).
+TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_linear_bias(fan_in: int) -> Callable:
+  """PyTorch's nn.Linear default bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
@@ -228,17 +242,24 @@ class Backbone(nn.Module):
         x = site(self, f'stage{s}', max_pool_2x2(x), train=train, labels=labels)
     return x
 
-  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False, train, labels):
+  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False, torch_dense: bool = False,
+           zero_classifier: bool = False, train, labels):
     """``features`` site, GAP (or flatten), Dense-ReLU per ``hidden``, ``embedding`` site, logits.
 
-    ``[B, H, W, C] -> [B, num_classes]`` float32.
+    ``[B, H, W, C] -> [B, num_classes]`` float32. ``torch_dense``: the hidden Dense layers
+    take PyTorch's nn.Linear default init (flax's LeCun normal otherwise);
+    ``zero_classifier``: the classifier starts at zero (uniform output at init).
     """
     x = site(self, 'features', x, train=train, labels=labels)
     x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
     for j, width in enumerate(hidden):
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}')(x))
+      inits = (dict(kernel_init=TORCH_LINEAR_KERNEL, bias_init=torch_linear_bias(x.shape[-1]))
+               if torch_dense else {})
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}', **inits)(x))
     x = site(self, 'embedding', x, train=train, labels=labels)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+    zeros = nn.initializers.zeros
+    inits = dict(kernel_init=zeros, bias_init=zeros) if zero_classifier else {}
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier', **inits)(x)
     return logits.astype(jnp.float32)
 
 

@@ -5,6 +5,12 @@ bias), flatten, Dense(200)-ReLU-Dense(200)-ReLU, Dense(num_classes). TRADES puts
 Dropout(0.5) after the first Dense; it is omitted so the model stays deterministic (no
 rng plumbing through attacks) — use a plug-in at ``embedding`` if it is wanted.
 
+Init as in TRADES' ``models/small_cnn.py``: conv kernels Kaiming normal (fan-in) with zero
+biases, the two hidden Dense layers PyTorch's nn.Linear default, and the classifier (kernel
+and bias) zero, so the network starts at the uniform output. Without the zero classifier the
+BN-free net starts with CE ~3.6 and input-gradient norms ~60, and AWP's first steps (or
+MART's at lr 0.05) push it into dead ReLUs (WORKSPACE.md).
+
 Tap / site table (28x28x1 input; 32x32x3 in brackets):
 
   stem        [B, 26, 26, 32]  ([30, 30])   after the first conv-ReLU
@@ -33,4 +39,5 @@ class SmallCNN(Backbone):
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=False, padding=0,
                           init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
-    return self.head(x, hidden=(200, 200), flatten=True, train=train, labels=labels)
+    return self.head(x, hidden=(200, 200), flatten=True, torch_dense=True, zero_classifier=True,
+                     train=train, labels=labels)
