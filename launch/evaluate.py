@@ -23,7 +23,7 @@ config_flags.DEFINE_config_file("config", None, "Config whose eval.* fields set 
                                 "(default: the workdir's saved config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 flags.DEFINE_string("step", "best", "best (by the validation metric: robust accuracy; clean for standard training) | latest | a step number.")
-flags.DEFINE_string("preset", None, "pgd | table | full | autoattack (default: config.eval.preset).")
+flags.DEFINE_string("preset", None, "pgd | table | table_aa | full | autoattack (default: config.eval.preset).")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images (default: config.eval.num_examples).")
 flags.DEFINE_string("surrogate", None, "Workdir of a surrogate model for the transfer attack.")
 flags.DEFINE_string("output", None, "Report directory (default: WORKDIR/eval).")

@@ -124,6 +124,11 @@ def test_presets_markdown_and_plots(tmp_path):
   for needle in ("clean", "fgsm", "pgd-20", "pgd-100", "pgd-20x5", "cw-30", "adaptive-pgd-20",
                  "autoattack-standard", "pgd-20@eps=0.5"):
     assert needle in names, needle
+  table_aa = [s.name for s in build_specs(cfg, preset="table_aa", adaptive=True)]
+  assert table_aa == ["clean", "pgd-20", "cw-30", "adaptive-pgd-20", "autoattack-standard"]
+  # Same specs (hence the same cache entries) as the table preset's.
+  assert build_specs(cfg, preset="table_aa")[:3] == build_specs(cfg, preset="table")
+  assert "adaptive-pgd-20" not in [s.name for s in build_specs(cfg, preset="table_aa")]
   rec = lambda acc, **kw: {"attack": "a", "kind": "pgd", "accuracy": acc, "stderr": 0.01, "n": 10,
                            "restarts": 1, "loss": "ce", **kw}
   report = {"n": 10, "eps": 0.1, "norm": "linf", "sweep_steps": 20, "warnings": ["w1"],

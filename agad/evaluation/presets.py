@@ -2,6 +2,8 @@
 
 ``pgd``: clean + PGD-k (fast; the main job's report).
 ``table``: clean, PGD-k, C&W-inf (the objectives comparison).
+``table_aa``: ``table`` plus the defense's adaptive attack (if it has one) and AutoAttack, so the
+report's worst case covers all of them (the cached ``table`` attacks are reused).
 ``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, MIM-k (mu 1, step eps/k), C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from agad.evaluation.suite import AttackSpec
 
-PRESETS = ("pgd", "table", "full", "autoattack")
+PRESETS = ("pgd", "table", "table_aa", "full", "autoattack")
 
 
 def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: bool = False) -> list[AttackSpec]:
@@ -34,10 +36,13 @@ def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: boo
                        version=str(eval_cfg.aa_version))
   if preset == "autoattack":
     return [clean, aa]
+  adaptive_spec = [AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k)
+                   ] if adaptive else []
+  if preset == "table_aa":
+    return [clean, pgd(k), cw, *adaptive_spec, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
            AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0), cw]
-  if adaptive:
-    specs.append(AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k))
+  specs += adaptive_spec
   if surrogate:
     specs.append(AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k))
   specs.append(aa)

@@ -23,7 +23,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   Args:
     workdir: training workdir (``config.json`` and ``checkpoints/``).
     step: ``"best"`` (validation metric), ``"latest"`` or a step number.
-    preset: ``pgd | table | full | autoattack`` (default: the run's ``eval.preset``).
+    preset: ``pgd | table | table_aa | full | autoattack`` (default: the run's ``eval.preset``).
     num_examples: first N test images (default: ``eval.num_examples``; None = all).
     surrogate: workdir of a surrogate model for the transfer attack.
     output: report directory (default ``WORKDIR/eval``; the cache lives under it).

@@ -211,9 +211,12 @@ class Trainer:
           eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
           scalars["images_per_sec"] = rate
           writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
-          logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.4g | %.0f img/s, ETA %s",
+          # Objectives that train on adversarial inputs only (CAS) report no clean accuracy.
+          acc_key = "accuracy" if "accuracy" in scalars else "adv_accuracy"
+          logging.info("step %d/%d epoch %.2f loss %.4f %s %.3f lr %.4g | %.0f img/s, ETA %s",
                        step, self.total_steps, step / self.steps_per_epoch, scalars["loss"],
-                       scalars.get("accuracy", float("nan")), scalars.get("lr", float("nan")),
+                       acc_key.replace("accuracy", "acc"), scalars.get(acc_key, float("nan")),
+                       scalars.get("lr", float("nan")),
                        rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
           t_log, steps_since_log = now, 0
         save_now = (epoch_end or step == stop_at or
