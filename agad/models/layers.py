@@ -46,12 +46,11 @@ KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
 # init scale sets the activation scale.
 KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
-# PyTorch's nn.Linear default (kaiming_uniform_ with a = sqrt(5)): kernel U(+-1/sqrt(fan_in)).
-TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+def torch_linear_uniform(fan_in: int) -> Callable:
+  """PyTorch's nn.Linear default init for kernel and bias alike: ``U(+-1/sqrt(fan_in))``.
 
-
-def torch_linear_bias(fan_in: int) -> Callable:
-  """PyTorch's nn.Linear default bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+  (kaiming_uniform_ with a = sqrt(5) on the weight reduces to this bound.)
+  """
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key, shape, dtype=jnp.float32):
@@ -253,7 +252,8 @@ class Backbone(nn.Module):
     x = site(self, 'features', x, train=train, labels=labels)
     x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
     for j, width in enumerate(hidden):
-      inits = (dict(kernel_init=TORCH_LINEAR_KERNEL, bias_init=torch_linear_bias(x.shape[-1]))
+      init = torch_linear_uniform(x.shape[-1])
+      inits = (dict(kernel_init=init, bias_init=init)
                if torch_dense else {})
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}', **inits)(x))
     x = site(self, 'embedding', x, train=train, labels=labels)

@@ -30,21 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from agad.attacks import losses as attack_losses
+from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
 from agad.objectives.plugins import register_plugins
 from agad.objectives.registry import register_objective
 
 AUX_NAME = "cas_logits"
-
-
-def _torch_linear_init(fan_in: int):
-  """PyTorch ``nn.Linear`` default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for W and b."""
-  bound = 1.0 / float(fan_in) ** 0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 class CASPlugin(nn.Module):
@@ -59,7 +50,7 @@ class CASPlugin(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
     channels = features.shape[-1]
-    init = _torch_linear_init(channels)
+    init = torch_linear_uniform(channels)
     kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
     bias = self.param("bias", init, (self.num_classes,), jnp.float32)
     pooled = jnp.mean(features.astype(jnp.float32), axis=tuple(range(1, features.ndim - 1)))
