@@ -129,6 +129,9 @@ def test_presets_markdown_and_plots(tmp_path):
   # Same specs (hence the same cache entries) as the table preset's.
   assert build_specs(cfg, preset="table_aa")[:3] == build_specs(cfg, preset="table")
   assert "adaptive-pgd-20" not in [s.name for s in build_specs(cfg, preset="table_aa")]
+  variants = build_specs(cfg, preset="table_aa", adaptive=("", "st"))
+  assert [s.name for s in variants][3:5] == ["adaptive-pgd-20", "adaptive-st-pgd-20"]
+  assert variants[3] == build_specs(cfg, preset="table_aa", adaptive=True)[3]  # same cache key
   rec = lambda acc, **kw: {"attack": "a", "kind": "pgd", "accuracy": acc, "stderr": 0.01, "n": 10,
                            "restarts": 1, "loss": "ce", **kw}
   report = {"n": 10, "eps": 0.1, "norm": "linf", "sweep_steps": 20, "warnings": ["w1"],
@@ -182,3 +185,29 @@ def test_steps_curve_and_eps_sweep_do_not_fire_checks_or_enter_the_worst_case(tm
   assert worst["accuracy"] == small["accuracy"] and worst["over"] == ["pgd-5"]
   v = suite.verify(0.05)
   assert v["outside_ball"] == 0 and v["checked"] == int(round(48 * (1 - small["accuracy"])))
+
+
+def test_adaptive_loss_variants_are_picked_by_name():
+  source, templates = _templates_source(n=16, seed=3)
+  logits_fn = Partial(_nearest_template, templates)
+  def ce(x, y):
+    logp = jax.nn.log_softmax(_nearest_template(templates, x))
+    return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+
+  variants = {"": ce, "descend": lambda x, y: -ce(x, y)}
+  suite = Suite(logits_fn, source, batch_size=16, log=None, adaptive_loss=variants)
+  specs = {v: s for v, s in zip(("", "descend"), build_specs_adaptive(("", "descend")))}
+  ascend = suite.run(specs[""])["accuracy"]
+  descend = suite.run(specs["descend"])["accuracy"]
+  clean = suite.run(AttackSpec.make("clean", "clean", eps=0.3))["accuracy"]
+  assert ascend < clean == descend  # descending the CE never breaks a correct point
+  with pytest.raises(ValueError, match="variant 'nope'.*'descend'"):
+    suite.run(AttackSpec.make("x", "adaptive", eps=0.3, step_size=0.1, steps=2, variant="nope"))
+  single = Suite(logits_fn, source, batch_size=16, log=None, adaptive_loss=ce)
+  with pytest.raises(ValueError, match="single adaptive loss"):
+    single.run(specs["descend"])
+
+
+def build_specs_adaptive(variants):
+  from agad.evaluation.presets import adaptive_specs
+  return adaptive_specs(variants, eps=0.3, step=0.1, k=5)

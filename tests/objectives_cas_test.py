@@ -68,6 +68,27 @@ def _apply(model, params, state, x, *, train, labels):
   return logits, aux
 
 
+def test_straight_through_mask_keeps_value_and_adds_the_soft_mask_gradient():
+  feats = jax.random.normal(jax.random.key(0), (3, 2, 2, 5))
+  r = jax.random.normal(jax.random.key(2), (3, 2, 2, 5))
+  hard_plugin, st_plugin = CASPlugin(num_classes=4), CASPlugin(num_classes=4, straight_through=True)
+  variables = hard_plugin.init(jax.random.key(1), feats, train=False)
+  kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+  f = lambda p, z: jnp.sum(p.apply(variables, z, train=False, mutable=["aux"])[0] * r)
+  np.testing.assert_allclose(f(st_plugin, feats), f(hard_plugin, feats), rtol=1e-6)
+
+  def soft_path(z):  # d/dz of sum(sg(z) * softmax(aux(z)) @ W * r): the extra BPDA term
+    soft = jax.nn.softmax(z.mean(axis=(1, 2)) @ kernel + bias, -1) @ kernel.T
+    return jnp.sum(jax.lax.stop_gradient(z) * soft[:, None, None, :] * r)
+
+  expected = jax.grad(lambda z: f(hard_plugin, z))(feats) + jax.grad(soft_path)(feats)
+  np.testing.assert_allclose(jax.grad(lambda z: f(st_plugin, z))(feats), expected, rtol=1e-5, atol=1e-6)
+  # Training with labels is unaffected by the flag.
+  labels = jnp.array([0, 1, 2])
+  out_t = st_plugin.apply(variables, feats, train=True, labels=labels, mutable=["aux"])[0]
+  np.testing.assert_allclose(out_t, feats * kernel.T[labels][:, None, None, :], rtol=1e-6)
+
+
 def test_train_masks_follow_labels_eval_masks_follow_prediction(setup):
   _, model, params, state, batch = setup
   x, y = batch["image"], batch["label"]
@@ -100,10 +121,17 @@ def test_attack_and_adaptive_loss_use_eval_mode_combined_loss(setup):
   cfg, model, params, state, batch = setup
   obj = cas(model, cfg)
   x, y = batch["image"], batch["label"]
-  fn = obj.adaptive_loss(model, {"params": params, **state})
+  variants = obj.adaptive_loss(model, {"params": params, **state})
+  assert set(variants) == {"", "st"}
+  fn = variants[""]
   logits, aux = _apply(model, params, state, x, train=False, labels=y)
   expected = attack_losses.cross_entropy(logits, y) + 2.0 * attack_losses.cross_entropy(aux, y)
   np.testing.assert_allclose(fn(x, y), expected, rtol=1e-5)
+  # The straight-through variant has the same value but a different input gradient.
+  np.testing.assert_allclose(variants["st"](x, y), expected, rtol=1e-5)
+  g_hard = jax.grad(lambda z: jnp.sum(fn(z, y)))(x)
+  g_st = jax.grad(lambda z: jnp.sum(variants["st"](z, y)))(x)
+  assert not np.allclose(g_hard, g_st, atol=1e-7)
   assert fn(x, y).shape == (B,)
   adv = obj.generate(params, state, {}, batch, jax.random.key(4), 0)
   assert float(jnp.sum(fn(adv, y))) > float(jnp.sum(fn(x, y)))  # the attack ascends it

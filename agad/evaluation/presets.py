@@ -17,7 +17,18 @@ from agad.evaluation.suite import AttackSpec
 PRESETS = ("pgd", "table", "table_aa", "full", "autoattack")
 
 
-def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: bool = False) -> list[AttackSpec]:
+def adaptive_specs(variants, eps: float, step: float, k: int) -> list[AttackSpec]:
+  """One PGD-k spec per adaptive-loss variant: ``adaptive-pgd-k`` for ``""``, else
+  ``adaptive-<variant>-pgd-k``; ``variants`` True means the single default one."""
+  if variants is True:
+    variants = ("",)
+  return [AttackSpec.make(f"adaptive-{v + '-' if v else ''}pgd-{k}", "adaptive", eps=eps,
+                          step_size=step, steps=k, **({"variant": v} if v else {}))
+          for v in (variants or ())]
+
+
+def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = False) -> list[AttackSpec]:
+  """``adaptive``: False, True (one adaptive loss) or the defense's variant names."""
   if preset not in PRESETS:
     raise ValueError(f"eval preset {preset!r} is not one of {PRESETS}")
   eps, step, k = float(eval_cfg.eps), float(eval_cfg.step_size), int(eval_cfg.pgd_steps)
@@ -36,8 +47,7 @@ def build_specs(eval_cfg, *, preset: str, adaptive: bool = False, surrogate: boo
                        version=str(eval_cfg.aa_version))
   if preset == "autoattack":
     return [clean, aa]
-  adaptive_spec = [AttackSpec.make(f"adaptive-pgd-{k}", "adaptive", eps=eps, step_size=step, steps=k)
-                   ] if adaptive else []
+  adaptive_spec = adaptive_specs(adaptive, eps, step, k)
   if preset == "table_aa":
     return [clean, pgd(k), cw, *adaptive_spec, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),

@@ -105,6 +105,15 @@ def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=
   if kind == "adaptive":
     if adaptive_loss is None:
       raise ValueError(f"attack {spec.name!r} needs the defense's adaptive loss; none was given")
+    variant = kw.get("variant", "")
+    if not callable(adaptive_loss):
+      if variant not in adaptive_loss:
+        raise ValueError(f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the "
+                         f"defense has {sorted(adaptive_loss)}")
+      adaptive_loss = adaptive_loss[variant]
+    elif variant:
+      raise ValueError(f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the "
+                       "defense has a single adaptive loss (variant '')")
     make = _adaptive_loss_partial(adaptive_loss)
     return lambda x, y, k: iterative.pgd_general(
         make(y), x, k, eps=kw["eps"], step_size=kw["step_size"], steps=kw["steps"],

@@ -49,8 +49,10 @@ class Objective(NamedTuple):
   generate: Callable[..., PyTree]
   loss: Callable[..., tuple[jax.Array, tuple[PyTree, PyTree, dict]]]
   bn_policy: BNPolicy
-  # (model, variables) -> loss_fn(x, labels) -> [B] an informed attacker maximises;
-  # None means "cross-entropy on the logits" is already the adaptive attack.
+  # (model, variables) -> loss_fn(x, labels) -> [B] an informed attacker maximises, or a
+  # dict {variant: loss_fn} of several (variant "" is reported as adaptive-pgd-k, the others
+  # as adaptive-<variant>-pgd-k); None means "cross-entropy on the logits" is already the
+  # adaptive attack.
   adaptive_loss: Callable[..., Callable] | None = None
 
 

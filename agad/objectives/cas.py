@@ -43,9 +43,12 @@ class CASPlugin(nn.Module):
 
   With ``train`` and labels given, the mask is ``W[labels]``; otherwise (eval mode, or no
   labels) ``W[argmax aux_logits]``. ``W`` is the ``[K, C]`` weight (stored as the
-  ``[C, K]`` kernel).
+  ``[C, K]`` kernel). ``straight_through`` (adaptive attacks only, BPDA): the forward value
+  is unchanged, the predicted-label mask's gradient is that of the soft mask
+  ``softmax(aux_logits) @ W``, so an attacker also sees how the prediction would move it.
   """
   num_classes: int
+  straight_through: bool = False
 
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
@@ -61,6 +64,9 @@ class CASPlugin(nn.Module):
     else:
       index = jnp.argmax(logits, axis=-1)
     mask = jnp.take(kernel.T, index, axis=0)  # [B, C]: W[index]
+    if self.straight_through and not (train and labels is not None):
+      soft = jax.nn.softmax(logits, axis=-1) @ kernel.T  # [B, C]
+      mask = mask + soft - jax.lax.stop_gradient(soft)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
     return features * mask.astype(features.dtype)
 
@@ -88,6 +94,20 @@ def cas_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: flo
 
 def _without_aux(model_state):
   return {k: v for k, v in model_state.items() if k != "aux"}
+
+
+def straight_through_model(net):
+  """``net`` with every CAS plug-in switched to straight-through masks (same parameters)."""
+  plugins = dict(net.plugins or {})
+  found = False
+  for site, factory in plugins.items():
+    if isinstance(factory, functools.partial) and factory.func is CASPlugin:
+      plugins[site] = functools.partial(CASPlugin, **{**factory.keywords, "straight_through": True})
+      found = True
+  if not found:
+    raise ValueError("straight_through_model: the model has no CAS plug-in; build it with "
+                     "plugins=agad.objectives.plugins_for(spec, config, num_classes)")
+  return net.clone(plugins=plugins)
 
 
 def cas_plugins(config: Any, num_classes: int) -> dict:
@@ -127,9 +147,13 @@ def cas(model, config) -> base.Objective:
     return value, ({**model_state, **out.model_state}, aux_state, metrics)
 
   def adaptive_loss(net, variables):
+    """``""``: the combined loss through the aux heads (hard predicted-label masks);
+    ``"st"``: the same value, gradients through the masks by straight-through softmax."""
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    return lambda x, labels: combined_fn(net, params, model_state, labels, "eval")(x)
+    st_net = straight_through_model(net)
+    return {"": lambda x, labels: combined_fn(net, params, model_state, labels, "eval")(x),
+            "st": lambda x, labels: combined_fn(st_net, params, model_state, labels, "eval")(x)}
 
   return base.Objective("cas", base.no_aux_state, generate, loss,
                         base.BNPolicy(attack=attack.bn, update="adversarial"), adaptive_loss)
