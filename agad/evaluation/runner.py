@@ -49,8 +49,8 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   adaptive_factory = loaded.experiment.objective.adaptive_loss
   adaptive = adaptive_factory(loaded.model, loaded.variables) if adaptive_factory else None
   surrogate_fn = api.load(surrogate, "best").logits_fn if surrogate else None
-  variants = False if adaptive is None else (True if callable(adaptive) else tuple(adaptive))
-  specs = presets.build_specs(eval_cfg, preset=preset, adaptive=variants,
+  specs = presets.build_specs(eval_cfg, preset=preset,
+                              adaptive=tuple(suite_lib.adaptive_variants(adaptive) or ()),
                               surrogate=surrogate_fn is not None)
   out_dir = output or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)

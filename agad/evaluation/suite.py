@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -88,8 +89,15 @@ def _adaptive_loss_partial(adaptive_loss: Callable) -> Callable:
   return lambda labels: Partial(fn, labels)
 
 
+def adaptive_variants(adaptive_loss) -> dict[str, Callable] | None:
+  """An objective's adaptive loss as ``{variant: loss}``: one callable is variant ``""``."""
+  if adaptive_loss is None or isinstance(adaptive_loss, Mapping):
+    return adaptive_loss
+  return {"": adaptive_loss}
+
+
 def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=None) -> Callable:
-  """``(x, y, key) -> x_adv`` for the per-batch kinds."""
+  """``(x, y, key) -> x_adv`` for the per-batch kinds; ``adaptive_loss`` is ``{variant: loss}``."""
   kw = spec.kw
   kind = spec.kind
   if kind == "fgsm":
@@ -106,15 +114,12 @@ def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=
     if adaptive_loss is None:
       raise ValueError(f"attack {spec.name!r} needs the defense's adaptive loss; none was given")
     variant = kw.get("variant", "")
-    if not callable(adaptive_loss):
-      if variant not in adaptive_loss:
-        raise ValueError(f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the "
-                         f"defense has {sorted(adaptive_loss)}")
-      adaptive_loss = adaptive_loss[variant]
-    elif variant:
+    if variant not in adaptive_loss:
+      has = ("a single adaptive loss (variant '')" if set(adaptive_loss) == {""}
+             else sorted(adaptive_loss))
       raise ValueError(f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the "
-                       "defense has a single adaptive loss (variant '')")
-    make = _adaptive_loss_partial(adaptive_loss)
+                       f"defense has {has}")
+    make = _adaptive_loss_partial(adaptive_loss[variant])
     return lambda x, y, k: iterative.pgd_general(
         make(y), x, k, eps=kw["eps"], step_size=kw["step_size"], steps=kw["steps"],
         norm=kw.get("norm", "linf"), random_start=kw.get("random_start", "uniform"))
@@ -162,7 +167,7 @@ class Suite:
 
   def __init__(self, logits_fn, source, *, indices=None, batch_size: int = 500, seed: int = 0,
                cache_dir: str | None = None, model_hash: str | None = None,
-               adaptive_loss: Callable | None = None, surrogate=None, chunk: int = 1000,
+               adaptive_loss: Callable | Mapping | None = None, surrogate=None, chunk: int = 1000,
                log: Callable | None = print, mesh=None, eps: float | None = None):
     from agad.training import sharding as sharding_lib
     self.logits_fn = driver_lib.as_partial(logits_fn)
@@ -171,7 +176,7 @@ class Suite:
     self.batch_size, self.seed, self.chunk = batch_size, seed, max(chunk, batch_size)
     self.cache_dir = cache_dir
     self.model_hash = model_hash or "unhashed"
-    self.adaptive_loss, self.surrogate = adaptive_loss, surrogate
+    self.adaptive_loss, self.surrogate = adaptive_variants(adaptive_loss), surrogate
     self.log = log or (lambda *_: None)
     self.mesh = mesh or sharding_lib.make_mesh()
     self.data_sharding = sharding_lib.data_sharded(self.mesh)

@@ -46,6 +46,8 @@ KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
 # init scale sets the activation scale.
 KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
 def torch_linear_uniform(fan_in: int) -> Callable:
   """PyTorch's nn.Linear default init for kernel and bias alike: ``U(+-1/sqrt(fan_in))``.
 
@@ -252,9 +254,8 @@ class Backbone(nn.Module):
     x = site(self, 'features', x, train=train, labels=labels)
     x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
     for j, width in enumerate(hidden):
-      init = torch_linear_uniform(x.shape[-1])
-      inits = (dict(kernel_init=init, bias_init=init)
-               if torch_dense else {})
+      init = torch_linear_uniform(x.shape[-1]) if torch_dense else None
+      inits = dict(kernel_init=init, bias_init=init) if torch_dense else {}
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}', **inits)(x))
     x = site(self, 'embedding', x, train=train, labels=labels)
     zeros = nn.initializers.zeros
