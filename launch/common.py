@@ -8,13 +8,19 @@ from absl import flags, logging
 
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first (multi-host GPU / Cloud TPU pod).")
+flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest"],
+                  "jax_default_matmul_precision for every dot and convolution (unset: JAX's "
+                  "default, which lets GPUs use TF32 and TPUs bf16 passes for float32). "
+                  "'highest' gives full float32 on GPU, as on CPU.")
 
 
 def init_runtime() -> None:
-  """Multi-host initialisation (behind --distributed) and logging to stderr."""
+  """Multi-host initialisation (behind --distributed), matmul precision, logging to stderr."""
   import jax
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
+  if flags.FLAGS.matmul_precision:
+    jax.config.update("jax_default_matmul_precision", flags.FLAGS.matmul_precision)
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save phase at INFO; keep its warnings, drop its chatter.
   import logging as py_logging

@@ -200,3 +200,25 @@ def test_mim_velocity_matches_hand_computation():
     xn = np.clip(np.clip(xn + a * np.sign(v), 0.5 - eps, 0.5 + eps), 0, 1)
   np.testing.assert_allclose(state.velocity, v, rtol=1e-5)
   np.testing.assert_allclose(state.x, xn, atol=1e-6)
+
+
+@pytest.mark.parametrize("driver", ["loop", "host"])
+def test_eager_drivers_trace_the_step_once_for_new_arrays(driver):
+  """Outside jit, the loop and host drivers compile once per step function: a second
+  call with new arrays (same shapes) must not re-trace the step (an eager fori_loop
+  re-traced and re-compiled on every call)."""
+  from agad.attacks import driver as driver_lib
+  traces = []
+
+  def step_fn(scale, state):
+    traces.append(1)  # Runs only while tracing.
+    return state * scale
+
+  step = Partial(step_fn, jnp.float32(0.5))
+  out = driver_lib.iterate(step, jnp.ones(3), 4, driver=driver, chunk=4)
+  np.testing.assert_allclose(out, np.full(3, 0.5 ** 4))
+  n = len(traces)
+  out = driver_lib.iterate(Partial(step_fn, jnp.float32(2.0)), jnp.full(3, 3.0, jnp.float32), 4,
+                           driver=driver, chunk=4)
+  np.testing.assert_allclose(out, np.full(3, 3.0 * 2.0 ** 4))
+  assert len(traces) == n, f"driver={driver} re-traced the step on a second call"

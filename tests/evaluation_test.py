@@ -139,6 +139,10 @@ def test_presets_markdown_and_plots(tmp_path):
             "worst_case": {"attack": "worst-case", "accuracy": 0.2, "stderr": 0.1, "n": 10}}
   text = markdown(report)
   assert "| a |" in text and "w1" in text and "50.00" in text
+  assert "matmul precision" not in text  # reports written before the field keep their header
+  header = markdown({**report, "device": "NVIDIA H100", "platform": "gpu",
+                     "matmul_precision": "default"}).splitlines()[0]
+  assert header.endswith("fp32 (default matmul precision, gpu: NVIDIA H100)")
   assert len(plots(report, str(tmp_path))) == 2
 
 

@@ -43,6 +43,7 @@ def test_train_then_evaluate_smoke(tmp_path):
   report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert os.path.exists(os.path.join(workdir, "eval", f"report_step{step}_pgd.md"))
   clean, pgd = report["records"]
+  assert (report["platform"], report["matmul_precision"]) == ("cpu", "default")
   assert clean["n"] == pgd["n"] == 128  # smoke: the first 128 test images.
   assert 0.0 <= pgd["accuracy"] <= clean["accuracy"] <= 1.0
   p = clean["accuracy"]
@@ -54,10 +55,11 @@ def test_train_then_evaluate_smoke(tmp_path):
   record = suite.run(AttackSpec.make("clean", "clean", eps=0.1))
   assert record["accuracy"] == clean["accuracy"]
   # The cached PGD rows are reused by a second evaluation (no recomputation).
-  out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best"])
+  out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best", "--matmul_precision=highest"])
   assert out.returncode == 0, out.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert all(r["cached_chunks"] == 1 for r in again["records"])
+  assert again["matmul_precision"] == "highest"
   assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in report["records"]]
 
   # Re-running the finished workdir exits 0 without training.

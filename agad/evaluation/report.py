@@ -8,7 +8,9 @@ import os
 def markdown(report: dict) -> str:
   lines = [f"Robustness of `{report.get('model', '?')}` ({report.get('objective', '?')}) on "
            f"{report.get('dataset', '?')} {report.get('split', 'test')}, n = {report['n']}, "
-           f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32", "",
+           f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32"
+           + (f" ({report['matmul_precision']} matmul precision, {report['platform']}: {report['device']})"
+              if "device" in report else ""), "",
            "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
            "|---|---|---|---|---|---|"]
   skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over",
