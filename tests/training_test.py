@@ -174,7 +174,11 @@ def test_every_objective_trains_through_the_loop(tmp_path, spec):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(final.params)))
   assert sum(moved) > len(moved) // 2
   lines = [json.loads(l) for l in open(tmp_path / spec.replace("+", "_") / "metrics.jsonl")]
-  assert any("val/robust_accuracy" in l for l in lines)
+  val = [l for l in lines if "val/robust_accuracy" in l]
+  assert val
+  # CAS declares an adaptive loss: validation also attacks it and keeps the worst case.
+  assert all(("val/pgd_robust_accuracy" in l) == (spec == "cas") for l in val)
+  assert all(l["val/robust_accuracy"] <= l.get("val/pgd_robust_accuracy", 1.0) for l in val)
 
 
 def test_init_from_copies_maps_and_freezes(tmp_path):
@@ -231,3 +235,37 @@ def test_best_checkpoint_metric_depends_on_objective(tmp_path):
     # The metric recorded in the metadata wins over the reader's default.
     assert builders.resolve_step(directory, "best", best_metric="val/robust_accuracy") == expected
     assert builders.resolve_step(directory, "best", best_metric="val/clean_accuracy") == expected
+
+
+def test_validation_step_adds_the_adaptive_attack_and_takes_the_worst_case():
+  """A model whose logits carry no input gradient fools PGD-CE; the objective's adaptive
+  loss (same logits, gradient intact) breaks it, and validation counts the worst case."""
+  import types
+  import flax.linen as nn
+
+  class MaskedLinear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False, labels=None, norm_ctx=None):
+      return jax.lax.stop_gradient(nn.Dense(3, name="fc")(x.reshape(x.shape[0], -1)))
+
+  def adaptive_factory(model, variables):
+    del model
+    fc = variables["params"]["fc"]
+    def loss(x, labels):
+      logits = x.reshape(x.shape[0], -1) @ fc["kernel"] + fc["bias"]
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
+    return {"": loss}
+
+  model = MaskedLinear()
+  x = jax.random.uniform(jax.random.key(0), (16, 2, 2, 1))
+  params = model.init(jax.random.key(1), x)["params"]
+  labels = jnp.argmax(model.apply({"params": params}, x), -1)  # every clean verdict correct
+  batch = {"image": x, "label": labels}
+  cfg = types.SimpleNamespace(eps=0.5, step_size=0.2, steps=5, norm="linf", random_start="none")
+  plain = step_lib.make_eval_step(model, cfg)(params, {}, batch, jax.random.key(2))
+  out = step_lib.make_eval_step(model, cfg, adaptive_factory)(params, {}, batch, jax.random.key(2))
+  assert bool(plain["clean"].all()) and bool(plain["robust_pgd"].all())  # PGD-CE is fooled
+  np.testing.assert_array_equal(plain["robust"], plain["robust_pgd"])
+  np.testing.assert_array_equal(out["robust_pgd"], plain["robust_pgd"])
+  assert bool(jnp.all(out["robust"] <= out["robust_pgd"]))
+  assert int(out["robust"].sum()) < 8, "the adaptive attack should break most points"

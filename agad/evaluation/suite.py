@@ -32,6 +32,7 @@ from agad import data as data_lib
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative
 from agad.evaluation import robustness
+from agad.objectives import base as objectives_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +90,7 @@ def _adaptive_loss_partial(adaptive_loss: Callable) -> Callable:
   return lambda labels: Partial(fn, labels)
 
 
-def adaptive_variants(adaptive_loss) -> dict[str, Callable] | None:
-  """An objective's adaptive loss as ``{variant: loss}``: one callable is variant ``""``."""
-  if adaptive_loss is None or isinstance(adaptive_loss, Mapping):
-    return adaptive_loss
-  return {"": adaptive_loss}
+adaptive_variants = objectives_base.adaptive_variants
 
 
 def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=None) -> Callable:

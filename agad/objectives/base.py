@@ -20,6 +20,7 @@ this interface, so new objectives and defenses never touch it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -54,6 +55,14 @@ class Objective(NamedTuple):
   # as adaptive-<variant>-pgd-k); None means "cross-entropy on the logits" is already the
   # adaptive attack.
   adaptive_loss: Callable[..., Callable] | None = None
+
+
+def adaptive_variants(adaptive_loss) -> dict[str, Callable] | None:
+  """An objective's adaptive loss (built for one model) as ``{variant: loss}``; a single
+  callable is variant ``""``."""
+  if adaptive_loss is None or isinstance(adaptive_loss, Mapping):
+    return adaptive_loss
+  return {"": adaptive_loss}
 
 
 class ModelOutput(NamedTuple):

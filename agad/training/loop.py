@@ -83,7 +83,9 @@ class Trainer:
 
     self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding),
                               out_shardings=(replicated, replicated), donate_argnums=(0,))
-    eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack)
+    eval_step = step_lib.make_eval_step(
+        self.exp.model, config.validation.attack,
+        adaptive_loss=self.exp.objective.adaptive_loss if config.validation.adaptive else None)
     self.eval_step = jax.jit(eval_step, in_shardings=(replicated, replicated, batch_sharding, replicated),
                              out_shardings=batch_sharding)
     self.finite = jax.jit(step_lib.tree_all_finite)
@@ -107,7 +109,7 @@ class Trainer:
   def validate(self, state: TrainState) -> dict:
     cfg = self.config.validation
     params = state.ema_params if (cfg.use_ema and self.config.ema_decay > 0) else state.params
-    counts = {"clean": 0, "robust": 0}
+    counts = {"clean": 0, "robust": 0, "robust_pgd": 0}
     n = 0
     key = jax.random.key(cfg.seed)
     for i, batch in enumerate(data_lib.eval_batches(self.exp.splits.val, batch_size=cfg.batch_size,
@@ -123,6 +125,8 @@ class Trainer:
       n += int(mask.sum())
     result = {"val/clean_accuracy": counts["clean"] / max(n, 1),
               "val/robust_accuracy": counts["robust"] / max(n, 1), "val/n": n}
+    if self.config.validation.adaptive and self.exp.objective.adaptive_loss is not None:
+      result["val/pgd_robust_accuracy"] = counts["robust_pgd"] / max(n, 1)
     return result
 
   # ------------------------------------------------------------------- run
@@ -225,8 +229,10 @@ class Trainer:
           val = self.validate(state)
           epoch_metrics = val
           writer.write(step, val)
-          logging.info("validation at step %d: clean %.4f robust %.4f (n=%d)", step,
-                       val["val/clean_accuracy"], val["val/robust_accuracy"], val["val/n"])
+          logging.info("validation at step %d: clean %.4f robust %.4f%s (n=%d)", step,
+                       val["val/clean_accuracy"], val["val/robust_accuracy"],
+                       f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
+                       if "val/pgd_robust_accuracy" in val else "", val["val/n"])
         if save_now:
           self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
                      epoch_metrics if epoch_end else {})

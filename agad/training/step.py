@@ -41,23 +41,35 @@ def make_train_step(objective: base.Objective, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model, attack_cfg: Any) -> Callable:
-  """``(params, model_state, batch, key) -> {'clean': [B] bool, 'robust': [B] bool}``.
+def make_eval_step(model, attack_cfg: Any, adaptive_loss: Callable | None = None) -> Callable:
+  """``(params, model_state, batch, key) -> {'clean', 'robust_pgd', 'robust'}`` ([B] bool).
 
   Eval-mode BN (running statistics) for both the attack and the verdict; the
   attack is PGD from ``attack_cfg`` (eps, step_size, steps, norm, random_start),
-  fully unrolled in the program. Padded rows are reported with ``mask`` by the caller.
+  fully unrolled in the program. ``adaptive_loss``: an objective's adaptive-loss factory
+  ``(model, variables) -> loss | {variant: loss}``; if given, PGD also maximises each
+  variant and ``robust`` is correct under every attack (``robust_pgd``: under PGD-CE
+  alone), so checkpoint choice is not fooled by a defense that masks CE gradients.
+  Padded rows are reported with ``mask`` by the caller.
   """
+  pgd_kw = dict(eps=attack_cfg.eps, step_size=attack_cfg.step_size, steps=attack_cfg.steps,
+                norm=attack_cfg.norm, random_start=attack_cfg.random_start, driver="unroll")
 
   def eval_step(params, model_state, batch, key):
     logits_fn = base.logits_fn_for(model, params, model_state, mode="eval")
-    clean = jnp.argmax(logits_fn(batch["image"]), -1) == batch["label"]
-    adv = pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=attack_cfg.eps,
-                      step_size=attack_cfg.step_size, steps=attack_cfg.steps,
-                      norm=attack_cfg.norm, random_start=attack_cfg.random_start,
-                      driver="unroll")
-    robust = jnp.logical_and(clean, jnp.argmax(logits_fn(adv), -1) == batch["label"])
-    return {"clean": clean, "robust": robust}
+    images, labels = batch["image"], batch["label"]
+    correct = lambda x: jnp.argmax(logits_fn(x), -1) == labels
+    clean = correct(images)
+    robust_pgd = jnp.logical_and(clean, correct(pgd_lib.pgd(logits_fn, images, labels, key, **pgd_kw)))
+    robust = robust_pgd
+    if adaptive_loss is not None:
+      variants = base.adaptive_variants(adaptive_loss(model, {"params": params, **model_state}))
+      for i, name in enumerate(sorted(variants)):
+        loss = variants[name]
+        adv = pgd_lib.pgd_general(lambda x, loss=loss: loss(x, labels), images,
+                                  jax.random.fold_in(key, i + 1), **pgd_kw)
+        robust = jnp.logical_and(robust, correct(adv))
+    return {"clean": clean, "robust_pgd": robust_pgd, "robust": robust}
 
   return eval_step
 
