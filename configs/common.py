@@ -74,9 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation.batch_size = 500    # Eval batch (padded to a multiple of the device count).
   c.validation.use_ema = True      # Validate the EMA params when ema_decay > 0.
   c.validation.seed = 1234         # Attack randomness for validation.
-  # Objectives with an adaptive loss (CAS and its children): validation PGD also maximises
-  # it, and robust accuracy (hence the best checkpoint) is the per-example worst case.
-  c.validation.adaptive = True
+  c.validation.adaptive = True    # Also PGD on the objective's adaptive loss (CAS family); worst case.
   c.validation.attack = ml_collections.ConfigDict()  # PGD for validation (eval-mode BN).
   c.validation.attack.eps = 8 / 255   # Validation radius (datasets set it to attack.eps).
   c.validation.attack.step_size = 2 / 255  # Validation PGD step size.
