@@ -140,9 +140,12 @@ def test_presets_markdown_and_plots(tmp_path):
   text = markdown(report)
   assert "| a |" in text and "w1" in text and "50.00" in text
   assert "matmul precision" not in text  # reports written before the field keep their header
-  header = markdown({**report, "device": "NVIDIA H100", "platform": "gpu",
-                     "matmul_precision": "default"}).splitlines()[0]
-  assert header.endswith("fp32 (default matmul precision, gpu: NVIDIA H100)")
+  here, there = "gpu: NVIDIA H100, default matmul precision", "cpu: cpu, default matmul precision"
+  report["records"][0]["computed_on"] = [there]
+  report["records"][1]["computed_on"] = [here]
+  text = markdown({**report, "computed_here": here})
+  assert text.splitlines()[0].endswith(f"fp32 ({here})")
+  assert f"- a: {there}" in text and text.count("- a: ") == 1  # only the row computed elsewhere
   assert len(plots(report, str(tmp_path))) == 2
 
 

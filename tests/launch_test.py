@@ -43,7 +43,8 @@ def test_train_then_evaluate_smoke(tmp_path):
   report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert os.path.exists(os.path.join(workdir, "eval", f"report_step{step}_pgd.md"))
   clean, pgd = report["records"]
-  assert (report["platform"], report["matmul_precision"]) == ("cpu", "default")
+  assert report["computed_here"].startswith("cpu: ") and report["computed_here"].endswith(", default matmul precision")
+  assert all(r["computed_on"] == [report["computed_here"]] for r in report["records"])
   assert clean["n"] == pgd["n"] == 128  # smoke: the first 128 test images.
   assert 0.0 <= pgd["accuracy"] <= clean["accuracy"] <= 1.0
   p = clean["accuracy"]
@@ -59,7 +60,11 @@ def test_train_then_evaluate_smoke(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert all(r["cached_chunks"] == 1 for r in again["records"])
-  assert again["matmul_precision"] == "highest"
+  assert again["computed_here"].endswith(", highest matmul precision")
+  # The rows came from the cache written at default precision, and the report says so.
+  assert all(r["computed_on"] == [report["computed_here"]] for r in again["records"])
+  md = open(os.path.join(workdir, "eval", f"report_step{step}_pgd.md")).read()
+  assert "computed elsewhere" in md and report["computed_here"] in md
   assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in report["records"]]
 
   # Re-running the finished workdir exits 0 without training.

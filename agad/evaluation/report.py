@@ -9,12 +9,11 @@ def markdown(report: dict) -> str:
   lines = [f"Robustness of `{report.get('model', '?')}` ({report.get('objective', '?')}) on "
            f"{report.get('dataset', '?')} {report.get('split', 'test')}, n = {report['n']}, "
            f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32"
-           + (f" ({report['matmul_precision']} matmul precision, {report['platform']}: {report['device']})"
-              if "device" in report else ""), "",
+           + (f" ({report['computed_here']})" if report.get("computed_here") else ""), "",
            "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
            "|---|---|---|---|---|---|"]
   skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over",
-          "per_attack_time_s", "per_attack_note", "this_run_s"}
+          "per_attack_time_s", "per_attack_note", "this_run_s", "computed_on"}
   for r in report["records"] + [report["worst_case"]]:
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.items() if k not in skip)
@@ -28,6 +27,12 @@ def markdown(report: dict) -> str:
       lines.append(f"| &nbsp;&nbsp;after {stage} | | {100 * acc:.2f} | | | {t} |")
     if r.get("per_attack_note"):
       lines.append(f"| &nbsp;&nbsp;({r['per_attack_note']}) | | | | | |")
+  here = report.get("computed_here")
+  elsewhere = [f"- {r['attack']}: {', '.join(w for w in r['computed_on'] if w != here)}"
+               for r in report["records"] if here and set(r.get("computed_on") or [here]) - {here}]
+  if elsewhere:
+    lines += ["", f"**Rows read from cache entries computed elsewhere** (this run: {here})", ""]
+    lines += elsewhere
   if report.get("warnings"):
     lines += ["", "**Warnings**", ""] + [f"- {w}" for w in report["warnings"]]
   else:

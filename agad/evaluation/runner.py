@@ -11,16 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-import jax
-
 from agad.evaluation import presets, report as report_lib, suite as suite_lib
-
-
-def compute_meta() -> dict:
-  """Where the numbers were computed: a GPU's TF32 (JAX's default matmul precision there)
-  can flip a near-tie example against a CPU's float32, so reports say which."""
-  return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-          "matmul_precision": str(jax.config.jax_default_matmul_precision or "default")}
 
 
 def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
@@ -77,7 +68,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
       meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": eval_cfg.params,
             "dataset": saved.data.name, "split": "test", "model": saved.model.name,
             "objective": saved.objective.name, "bn": "eval (running statistics)", "dtype": "float32",
-            "preset": preset, **compute_meta()})
+            "preset": preset})
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   records.write_json(stem + ".json", report)
   with open(stem + ".md", "w") as f:

@@ -159,6 +159,13 @@ def _autoattack_stages(chunks: list[dict | None]) -> dict:
   return out
 
 
+def compute_where() -> str:
+  """The backend, device and matmul precision computing now (stored with each cache entry:
+  a GPU's TF32 can flip a near-tie example against a CPU's float32)."""
+  precision = jax.config.jax_default_matmul_precision or "default"
+  return f"{jax.default_backend()}: {jax.devices()[0].device_kind}, {precision} matmul precision"
+
+
 class Suite:
   """Runs specs on a fixed example set with caching; see module docstring."""
 
@@ -180,6 +187,7 @@ class Suite:
     # The threat model of the verdict: only attacks at this eps enter the worst case and
     # the stored adversarials (sweeps at other radii are reported, never combined).
     self.eps = eps
+    self.where = compute_where()
     self.results: dict[str, dict] = {}
     self.adversarial: dict[int, np.ndarray] = {}  # position in indices -> adversarial image
 
@@ -234,6 +242,7 @@ class Suite:
     t0 = time.time()
     robust, adv, cached_chunks, stages = [], [], 0, []
     compute_s: list[float | None] = []  # per chunk: seconds it took when computed
+    where: set[str] = set()  # per chunk: where it was computed
     for c, start in enumerate(range(0, len(self.indices), self.chunk)):
       chunk_indices = self.indices[start:start + self.chunk]
       path = self._cache_path(spec, chunk_indices)
@@ -241,6 +250,7 @@ class Suite:
         with np.load(path) as f:
           r, a = f["robust"], f["adversarial"]
           compute_s.append(float(f["wall_s"]) if "wall_s" in f else None)
+          where.add(str(f["computed_on"]) if "computed_on" in f else "unrecorded")
           if spec.kind == "autoattack":  # Entries written before stages were cached lack them.
             stages.append(json.loads(str(f["stages"])) if "stages" in f else None)
             if stages[-1] is not None:
@@ -259,6 +269,8 @@ class Suite:
           extra = {}
         compute_s.append(time.time() - chunk_t0)
         extra["wall_s"] = compute_s[-1]
+        extra["computed_on"] = self.where
+        where.add(self.where)
         if path:
           tmp = path + ".tmp.npz"
           np.savez(tmp, robust=r, adversarial=a, **extra)
@@ -278,7 +290,8 @@ class Suite:
                                         wall_time_s=(sum(compute_s) if None not in compute_s
                                                      else None),
                                         this_run_s=time.time() - t0,
-                                        cached_chunks=cached_chunks)
+                                        cached_chunks=cached_chunks,
+                                        computed_on=sorted(where))
     if stages:
       record.update(_autoattack_stages(stages))
     self.results[spec.name] = {"robust": robust, "record": record,
@@ -340,7 +353,8 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
   report = {
       "n": int(len(suite.indices)), "eps": eps, "norm": norm, "model_hash": suite.model_hash,
       "records": records, "worst_case": suite.worst_case(), "verification": verification,
-      "wall_time_s": time.time() - t0, "sweep_steps": sweep_steps, **(meta or {}),
+      "wall_time_s": time.time() - t0, "sweep_steps": sweep_steps, "computed_here": suite.where,
+      **(meta or {}),
   }
   report["warnings"] = checks.report_warnings(report, **(checks_cfg or {}))
   report["warnings"] += checks.model_checks(suite.logits_fn, source, suite.indices[:min(len(suite.indices), 200)],
