@@ -132,6 +132,43 @@ class ArchitectureTest(parameterized.TestCase):
     np.testing.assert_allclose(k.std(), np.sqrt(2 / 576), rtol=0.05)
     self.assertEqual(float(jnp.abs(p['stage2_conv1']['bias']).max()), 0.0)
 
+  def test_backbone_inits_follow_their_reference_code(self):
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def params(name, **kw):
+      return jax.device_get(build_model(name, **RGB, **kw).init(jax.random.key(0), x, train=False)['params'])
+
+    def assert_uniform(w, bound):
+      w = np.asarray(w)
+      self.assertLessEqual(np.abs(w).max(), bound)
+      self.assertGreater(np.abs(w).max(), 0.9 * bound)
+      np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.1)
+
+    # kuangliu ResNet-18 / PreActResNet-18: PyTorch defaults, U(+-1/sqrt(fan_in)) everywhere.
+    for name in ('resnet18', 'preact_resnet18'):
+      p = params(name)
+      assert_uniform(p['stem_conv']['kernel'], 1 / np.sqrt(27))
+      assert_uniform(p['stage2_unit0']['conv1']['kernel'], 1 / np.sqrt(9 * 64))
+      assert_uniform(p['stage2_unit0']['shortcut_conv']['kernel'], 1 / np.sqrt(64))
+      assert_uniform(p['classifier']['kernel'], 1 / np.sqrt(512))
+      bias = np.asarray(p['classifier']['bias'])  # 10 draws: bounds only
+      self.assertLessEqual(np.abs(bias).max(), 1 / np.sqrt(512))
+      self.assertGreater(np.abs(bias).min(), 0.0)
+    # TRADES' WRN: convs N(0, 2 / (9 * Cout)), classifier PyTorch weight with zero bias.
+    p = params('wrn16_8')
+    np.testing.assert_allclose(np.asarray(p['stage3_unit0']['conv1']['kernel']).std(),
+                               np.sqrt(2 / (9 * 512)), rtol=0.05)
+    assert_uniform(p['classifier']['kernel'], 1 / np.sqrt(512))
+    self.assertEqual(float(np.abs(p['classifier']['bias']).max()), 0.0)
+    # vgg_fsr: convs Kaiming-normal fan_out with zero bias, Dense N(0, 0.01^2) with zero bias.
+    p = params('vgg16')
+    np.testing.assert_allclose(np.asarray(p['stage4_conv0']['kernel']).std(),
+                               np.sqrt(2 / (9 * 512)), rtol=0.05)
+    self.assertEqual(float(np.abs(p['stage4_conv0']['bias']).max()), 0.0)
+    for name in ('fc0', 'fc1', 'classifier'):
+      np.testing.assert_allclose(np.asarray(p[name]['kernel']).std(), 0.01, rtol=0.1)
+      self.assertEqual(float(np.abs(p[name]['bias']).max()), 0.0)
+
   def test_registry(self):
     with self.assertRaisesRegex(ValueError, 'wrn34_10.*tiny_bn'):
       build_model('wrn_34_10', **RGB)

@@ -46,6 +46,14 @@ KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
 # init scale sets the activation scale.
 KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+# PyTorch's nn.Conv2d default (kaiming_uniform_ with a = sqrt(5)): U(+-1/sqrt(fan_in)),
+# fan_in = kh * kw * Cin; kuangliu's ResNet/PreActResNet (MART, AWP, FSR code) keep it.
+TORCH_CONV_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# How Dense layers start, per reference code (``Backbone.dense_init``):
+#   'torch'        PyTorch's nn.Linear default, kernel and bias U(+-1/sqrt(fan_in)) (kuangliu)
+#   'torch_weight' that kernel, zero bias (TRADES/AWP/AGAIN wideresnet.py)
+#   'normal_0.01'  kernel N(0, 0.01^2), zero bias (torchvision VGG; FSR's vgg_fsr)
+DENSE_INITS = ('torch', 'torch_weight', 'normal_0.01')
 
 
 def torch_linear_uniform(fan_in: int) -> Callable:
@@ -128,17 +136,34 @@ class MultiBranchBatchNorm(nn.Module):
     return branches[k](x, train=train)
 
 
+def dense_inits(scheme: str, fan_in: int) -> dict:
+  """``kernel_init``/``bias_init`` of a Dense layer under one of ``DENSE_INITS``."""
+  if scheme == 'torch':
+    init = torch_linear_uniform(fan_in)
+    return dict(kernel_init=init, bias_init=init)
+  if scheme == 'torch_weight':
+    return dict(kernel_init=torch_linear_uniform(fan_in), bias_init=nn.initializers.zeros)
+  if scheme == 'normal_0.01':
+    return dict(kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+  raise ValueError(f'dense init {scheme!r} is not one of {DENSE_INITS}')
+
+
 def conv(m: nn.Module, x: Array, features: int, kernel: int = 3, stride: int = 1, *,
          name: str, bias: bool = False, padding: int | None = None,
-         init: Callable = KAIMING_FAN_OUT) -> Array:
+         init: Callable | None = None) -> Array:
   """Square conv in ``m.dtype``: ``[B, H, W, Cin] -> [B, H', W', features]``.
 
   Padding defaults to ``kernel // 2`` on both sides (PyTorch's ``padding=1`` for 3x3);
   'SAME' would pad stride-2 convs asymmetrically and shift the sampling grid.
+  ``init=None``: the module's ``conv_init`` (its reference code's). A bias starts at zero,
+  except under PyTorch's default conv init, where it is U(+-1/sqrt(fan_in)) too.
   """
   p = kernel // 2 if padding is None else padding
+  init = init or getattr(m, 'conv_init', KAIMING_FAN_OUT)
+  bias_init = (torch_linear_uniform(kernel * kernel * x.shape[-1]) if init is TORCH_CONV_DEFAULT
+               else nn.initializers.zeros)
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=p, use_bias=bias,
-                 kernel_init=init, dtype=m.dtype, name=name)(x)
+                 kernel_init=init, bias_init=bias_init, dtype=m.dtype, name=name)(x)
 
 
 def norm_act(m: nn.Module, x: Array, name: str, *, train: bool, norm_ctx, relu: bool = True):
@@ -197,6 +222,10 @@ class Backbone(nn.Module):
   norm: Callable[..., nn.Module] = BatchNorm
   plugins: Mapping[str, Callable[[], nn.Module]] | None = None
 
+  # Plain class constants (not fields): each backbone's reference-code init.
+  conv_init = staticmethod(KAIMING_FAN_OUT)
+  dense_init = 'torch'
+
   def __post_init__(self):
     if self.plugins is not None and not isinstance(self.plugins, FrozenDict):
       object.__setattr__(self, 'plugins', FrozenDict(self.plugins))
@@ -217,13 +246,13 @@ class Backbone(nn.Module):
       for i in range(n):
         tap = f'stage{s}.unit{i}'
         x = unit(features=width, stride=2 if s > 1 and i == 0 else 1, tap=tap,
-                 dtype=self.dtype, norm=self.norm, plugins=self.plugins,
+                 dtype=self.dtype, norm=self.norm, plugins=self.plugins, conv_init=self.conv_init,
                  name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=norm_ctx)
       x = site(self, f'stage{s}', x, train=train, labels=labels)
     return x
 
   def plain_stages(self, x, widths: Sequence[int], *, batch_norm: bool, padding=None,
-                   init: Callable = KAIMING_FAN_OUT, tap_before_pool: int = 0, train, labels,
+                   init: Callable | None = None, tap_before_pool: int = 0, train, labels,
                    norm_ctx):
     """VGG-style stages: ``stage_sizes[s]`` conv(-BN)-ReLU layers then a 2x2 max pool.
 
@@ -243,23 +272,22 @@ class Backbone(nn.Module):
         x = site(self, f'stage{s}', max_pool_2x2(x), train=train, labels=labels)
     return x
 
-  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False, torch_dense: bool = False,
+  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False,
            zero_classifier: bool = False, train, labels):
     """``features`` site, GAP (or flatten), Dense-ReLU per ``hidden``, ``embedding`` site, logits.
 
-    ``[B, H, W, C] -> [B, num_classes]`` float32. ``torch_dense``: the hidden Dense layers
-    take PyTorch's nn.Linear default init (flax's LeCun normal otherwise);
-    ``zero_classifier``: the classifier starts at zero (uniform output at init).
+    ``[B, H, W, C] -> [B, num_classes]`` float32. Dense layers start as ``dense_init``
+    says; ``zero_classifier``: the classifier starts at zero (uniform output at init).
     """
     x = site(self, 'features', x, train=train, labels=labels)
     x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
     for j, width in enumerate(hidden):
-      init = torch_linear_uniform(x.shape[-1]) if torch_dense else None
-      inits = dict(kernel_init=init, bias_init=init) if torch_dense else {}
+      inits = dense_inits(self.dense_init, x.shape[-1])
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}', **inits)(x))
     x = site(self, 'embedding', x, train=train, labels=labels)
     zeros = nn.initializers.zeros
-    inits = dict(kernel_init=zeros, bias_init=zeros) if zero_classifier else {}
+    inits = (dict(kernel_init=zeros, bias_init=zeros) if zero_classifier
+             else dense_inits(self.dense_init, x.shape[-1]))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier', **inits)(x)
     return logits.astype(jnp.float32)
 
@@ -279,6 +307,7 @@ class Unit(nn.Module):
   dtype: Any
   norm: Callable[..., nn.Module]
   plugins: Mapping[str, Callable[[], nn.Module]] | None
+  conv_init: Callable = KAIMING_FAN_OUT
 
   def shortcut(self, x, out: int, *, batch_norm: bool, train, norm_ctx, project_from=None):
     """x if the shape is kept, else a strided 1x1 projection (+BN if ``batch_norm``).

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 
-from agad.models.layers import Backbone, Unit, conv, norm_act, site
+from agad.models.layers import TORCH_CONV_DEFAULT, Backbone, Unit, conv, norm_act, site
 
 
 class PreActBlock(Unit):
@@ -66,6 +66,9 @@ class PreActResNet18(PreActNet):
 
   # Plain class constants, not dataclass fields: the layout is fixed.
   stem_width = 64
+  # Rice et al./AWP's preactresnet.py (kuangliu's) sets no init: PyTorch's defaults.
+  conv_init = staticmethod(TORCH_CONV_DEFAULT)
+  dense_init = 'torch'
   widths = (64, 128, 256, 512)
   stage_sizes = (2, 2, 2, 2)
 
@@ -77,6 +80,9 @@ class WideResNet(PreActNet):
   widen_factor: int = 10
 
   stem_width = 16
+  # TRADES' wideresnet.py (also AWP's and AGAIN's): convs N(0, 2 / (k * k * Cout)), the
+  # classifier's weight PyTorch's default and its bias zero.
+  dense_init = 'torch_weight'
 
   @property
   def stage_sizes(self) -> Sequence[int]:

@@ -4,7 +4,8 @@ CIFAR stem: 3x3 conv (stride 1) - BN - ReLU, no max pool. Stages of BasicBlock
 (ResNet-18 ``(2, 2, 2, 2)``, ResNet-34 ``(3, 4, 6, 3)``) or Bottleneck (ResNet-50
 ``(3, 4, 6, 3)``, expansion 4) units with widths 64/128/256/512; stages 2-4 halve the
 resolution; projection shortcut = 1x1 conv + BN where the shape changes. Then global
-average pooling and a linear classifier. Convs have no bias.
+average pooling and a linear classifier. Convs have no bias. Init: PyTorch's defaults
+(kuangliu sets none): convs and the classifier U(+-1/sqrt(fan_in)).
 
 Tap / site table for a ``[B, 32, 32, 3]`` input (e = 1 for BasicBlock, 4 for Bottleneck;
 w_s = 64 * 2^(s-1)):
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 
-from agad.models.layers import Backbone, Unit, conv, norm_act, site
+from agad.models.layers import TORCH_CONV_DEFAULT, Backbone, Unit, conv, norm_act, site
 
 
 class BasicBlock(Unit):
@@ -68,6 +69,10 @@ class ResNet(Backbone):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)
   block: type[Unit] = BasicBlock
+
+  # kuangliu/pytorch-cifar (MART's and FSR's ResNet-18) sets no init: PyTorch's defaults.
+  conv_init = staticmethod(TORCH_CONV_DEFAULT)
+  dense_init = 'torch'
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):

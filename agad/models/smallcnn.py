@@ -39,5 +39,5 @@ class SmallCNN(Backbone):
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=False, padding=0,
                           init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
-    return self.head(x, hidden=(200, 200), flatten=True, torch_dense=True, zero_classifier=True,
+    return self.head(x, hidden=(200, 200), flatten=True, zero_classifier=True,
                      train=train, labels=labels)

@@ -28,6 +28,9 @@ class VGG16(Backbone):
   """``x [B, H, W, C] in [0, 1] -> logits [B, num_classes]`` (float32)."""
 
   stage_sizes = (2, 2, 3, 3, 3)
+  # vgg_fsr's _initialize_weights (torchvision's): convs Kaiming-normal fan_out with zero
+  # bias (the Backbone default), Dense kernels N(0, 0.01^2) with zero bias.
+  dense_init = 'normal_0.01'
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
