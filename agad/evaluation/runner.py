@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 from agad.evaluation import presets, report as report_lib, suite as suite_lib
+from agad.objectives.base import adaptive_variants
 
 
 def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
@@ -50,7 +51,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   adaptive = adaptive_factory(loaded.model, loaded.variables) if adaptive_factory else None
   surrogate_fn = api.load(surrogate, "best").logits_fn if surrogate else None
   specs = presets.build_specs(eval_cfg, preset=preset,
-                              adaptive=tuple(suite_lib.adaptive_variants(adaptive) or ()),
+                              adaptive=tuple(adaptive_variants(adaptive) or ()),
                               surrogate=surrogate_fn is not None)
   out_dir = output or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)

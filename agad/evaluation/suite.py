@@ -32,7 +32,7 @@ from agad import data as data_lib
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative
 from agad.evaluation import robustness
-from agad.objectives import base as objectives_base
+from agad.objectives.base import adaptive_variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +88,6 @@ def _adaptive_loss_partial(adaptive_loss: Callable) -> Callable:
   """``labels -> Partial(x -> [B])`` with one stable function object (jit cache hits)."""
   fn = lambda labels, x: adaptive_loss(x, labels)
   return lambda labels: Partial(fn, labels)
-
-
-adaptive_variants = objectives_base.adaptive_variants
 
 
 def _batch_runner(spec: AttackSpec, logits_fn, *, adaptive_loss=None, surrogate=None) -> Callable:

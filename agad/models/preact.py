@@ -67,8 +67,7 @@ class PreActResNet18(PreActNet):
   # Plain class constants, not dataclass fields: the layout is fixed.
   stem_width = 64
   # Rice et al./AWP's preactresnet.py (kuangliu's) sets no init: PyTorch's defaults.
-  conv_init = staticmethod(TORCH_CONV_DEFAULT)
-  dense_init = 'torch'
+  conv_init = staticmethod(TORCH_CONV_DEFAULT)  # dense_init: the Backbone's 'torch'
   widths = (64, 128, 256, 512)
   stage_sizes = (2, 2, 2, 2)
 

@@ -71,8 +71,7 @@ class ResNet(Backbone):
   block: type[Unit] = BasicBlock
 
   # kuangliu/pytorch-cifar (MART's and FSR's ResNet-18) sets no init: PyTorch's defaults.
-  conv_init = staticmethod(TORCH_CONV_DEFAULT)
-  dense_init = 'torch'
+  conv_init = staticmethod(TORCH_CONV_DEFAULT)  # dense_init: the Backbone's 'torch'
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):

@@ -83,9 +83,10 @@ class Trainer:
 
     self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding),
                               out_shardings=(replicated, replicated), donate_argnums=(0,))
-    eval_step = step_lib.make_eval_step(
-        self.exp.model, config.validation.attack,
-        adaptive_loss=self.exp.objective.adaptive_loss if config.validation.adaptive else None)
+    # Validation also attacks the objective's adaptive loss, if it has one (CAS family).
+    self.adaptive_loss = self.exp.objective.adaptive_loss if config.validation.adaptive else None
+    eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack,
+                                        adaptive_loss=self.adaptive_loss)
     self.eval_step = jax.jit(eval_step, in_shardings=(replicated, replicated, batch_sharding, replicated),
                              out_shardings=batch_sharding)
     self.finite = jax.jit(step_lib.tree_all_finite)
@@ -125,7 +126,7 @@ class Trainer:
       n += int(mask.sum())
     result = {"val/clean_accuracy": counts["clean"] / max(n, 1),
               "val/robust_accuracy": counts["robust"] / max(n, 1), "val/n": n}
-    if self.config.validation.adaptive and self.exp.objective.adaptive_loss is not None:
+    if self.adaptive_loss is not None:
       result["val/pgd_robust_accuracy"] = counts["robust_pgd"] / max(n, 1)
     return result
 
