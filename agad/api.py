@@ -1,4 +1,8 @@
-"""Any checkpoint as a pure ``logits_fn`` for evaluation, notebooks and transfer attacks."""
+"""Any checkpoint as a pure ``logits_fn`` for evaluation, notebooks and transfer attacks.
+
+``load`` reads the run's ``config.json`` and checkpoint and builds only the model (with
+its plug-ins and norm layers): no training objective, no dataset, no frozen teacher.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 from jax.tree_util import Partial
 
+from agad import checkpoint as ckpt_lib
+from agad import data as data_lib
+from agad import defenses
 from agad.objectives import base
-from agad.training import builders
-from agad.training import checkpoint as ckpt_lib
 
 _EVAL_APPLY: dict[int, tuple[Any, Any]] = {}
 
@@ -46,7 +51,15 @@ class Loaded(NamedTuple):
   variables: dict   # {'params': ..., 'batch_stats': ...} ready for model.apply
   step: int
   logits_fn: Partial
-  experiment: builders.Experiment
+  info: Any         # the dataset's DatasetInfo (classes, shape, normalisation)
+
+  def splits(self):
+    """The run's dataset splits (read on demand: ``load`` itself reads no data)."""
+    return data_lib.load_dataset(self.config.data)
+
+  def objective(self):
+    """The run's training objective (for its adaptive attack); loads no frozen input."""
+    return defenses.build_objective(self.config.objective.name, self.model, self.config)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -65,18 +78,17 @@ def load(workdir: str, step: Any = "best", *, params: str = "params", config=Non
       training, see ``checkpoint.best_metric``), ``"latest"`` or a number.
     params: ``"params"`` or ``"ema"`` (the EMA weights, if the run kept them).
   """
+  if params not in ("params", "ema"):
+    raise ValueError(f"params={params!r}; use 'params' or 'ema'")
   config = config or load_config(workdir)
-  exp = builders.build_experiment(config)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = builders.resolve_step(directory, step)
-  raw, _ = builders.read_checkpoint_state(workdir, step)
+  info = data_lib.dataset_info(config.data)
+  model = defenses.build_model(config, info)
+  raw, step = ckpt_lib.read_state(workdir, step)
   if params == "ema":
     if not raw.get("ema_params"):
       raise ValueError(f"{workdir} kept no EMA weights (ema_decay was 0); use params='params'")
     weights = raw["ema_params"]
-  elif params == "params":
-    weights = raw["params"]
   else:
-    raise ValueError(f"params={params!r}; use 'params' or 'ema'")
+    weights = raw["params"]
   variables = jax.tree.map(jnp.asarray, {"params": weights, **(raw.get("model_state") or {})})
-  return Loaded(config, exp.model, variables, step, make_logits_fn(exp.model, variables), exp)
+  return Loaded(config, model, variables, step, make_logits_fn(model, variables), info)

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from agad import defenses
 from agad import models as models_lib
-
-
-def _objective_hparams() -> ml_collections.ConfigDict:
-  try:
-    from agad.objectives.defaults import objective_defaults
-  except ImportError:  # Objectives of issue 4 not installed yet.
-    return ml_collections.ConfigDict()
-  return objective_defaults()
+from agad.evaluation.defaults import eval_defaults
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,10 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "smallcnn"        # One of agad.models.MODEL_NAMES.
   c.model.dtype = "float32"        # Compute dtype: float32 | bfloat16 (params stay float32).
+  c.model.input_norm = "dataset"   # dataset (mean/std below) | per_image (ATAT) | none.
+  c.model.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: the dataset's; AGKD-BML: (0.5,)*3 ([-1, 1]).
+  c.model.std = ml_collections.FieldReference(None, field_type=tuple)   # None: the dataset's.
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "pgd_at"      # OBJECTIVE[+TRANSFORM...], e.g. trades+awp.
-  c.objective.update(_objective_hparams())  # Per-objective hyper-parameters (objective.<name>.*).
+  # objective.<name>.*: each name's DEFAULTS (its module's), added by apply_arg for the
+  # names of the spec, so --config.objective.<name>.<field>=... overrides work.
 
   c.attack = ml_collections.ConfigDict()   # The training attack (inner maximisation).
   c.attack.eps = 8 / 255           # L-inf radius in [0, 1] pixel units.
@@ -82,21 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation.attack.norm = "linf"        # linf | l2.
   c.validation.attack.random_start = "uniform"  # uniform | normal | none.
 
-  c.eval = ml_collections.ConfigDict()     # launch.evaluate defaults (test split).
-  c.eval.batch_size = 500          # Eval batch.
-  c.eval.pgd_steps = 20            # PGD-k on the test set.
-  c.eval.step_size = 2 / 255       # PGD step size.
-  c.eval.eps = 8 / 255             # Evaluation radius.
-  c.eval.restarts = 1              # PGD restarts (per-example worst case).
-  c.eval.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
-  c.eval.params = "params"         # params | ema.
-  c.eval.preset = "pgd"            # pgd (clean + PGD-k) | full (every attack + checks) | autoattack.
-  c.eval.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
-  c.eval.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
-  c.eval.cw_steps = 30             # C&W-inf: PGD steps on the margin.
-  c.eval.cw_step_size = 2 / 255    # C&W-inf: step size.
-  c.eval.cache = True              # Cache per-example results under WORKDIR/eval/cache.
-  c.eval.seed = 0                  # Attack randomness.
+  c.eval = eval_defaults()         # launch.evaluate defaults (test split): agad/evaluation/defaults.py.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 2            # Latest checkpoints kept (plus the best by validation).
@@ -110,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.step = "latest"           # latest | best | step number.
   c.init.param_map = ""            # 'dst_prefix=src_prefix,...' on '/'-joined paths ('' = identity).
   c.init.freeze = ""               # Comma-separated regexes of parameter paths to freeze.
+  c.init.keep_init = ""            # Comma-separated regexes: parameters the source lacks keep their init.
 
   c.log_every_steps = 50           # Host sync + log + non-finite check interval.
   c.prefetch = 2                   # Batches prefetched to devices.
@@ -128,9 +113,11 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
       raise ValueError(f"config arg {arg!r}: unknown model {parts[0]!r}; known: {sorted(models_lib.MODEL_NAMES)}")
     c.model.name = parts[0]
   if len(parts) == 2:
-    from agad.objectives import parse
-    parse(parts[1])  # Fails early with the list of known names.
+    defenses.parse(parts[1])  # Fails early with the list of known names.
     c.objective.name = parts[1]
+  if defenses.spec_names(c.objective.name)[0] == "standard":
+    c.checkpoint.best_metric = "val/clean_accuracy"  # Standard training is chosen on clean accuracy.
+  defenses.add_defaults(c)
   if smoke:
     c.data.max_train = 384
     c.data.max_test = 128

@@ -56,7 +56,8 @@ def main(argv):
   del argv
   common.init_runtime()
   from agad.attacks import iterative
-  from agad.training import builders, sharding, state as state_lib, step as step_lib
+  from agad import sharding
+  from agad.training import builders, state as state_lib, step as step_lib
   from agad import data as data_lib
   from agad.api import make_logits_fn
 
@@ -69,9 +70,12 @@ def main(argv):
   mesh = sharding.make_mesh()
   sharding.check_divisible(batch_size, mesh)
   info = data_lib.dataset_info(config.data)  # Synthetic inputs: no dataset needed.
-  model = builders.build_model(config, info)
-  from agad import objectives
-  objective = objectives.build_objective(config.objective.name, model, config)
+  from agad import defenses
+  model = defenses.build_model(config, info)
+  objective = defenses.build_objective(config.objective.name, model, config)
+  if objective.frozen is not None:
+    raise app.UsageError(f"{config.objective.name} needs frozen inputs (a teacher): benchmark it "
+                         "through launch.train --config.stop_after_steps=N")
   tx, schedule = builders.optim.make_optimizer(config.optim, 100, config.num_epochs)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   batch = synthetic_batch(info, batch_size, data)
@@ -84,7 +88,7 @@ def main(argv):
 
   if FLAGS.mode == "train":
     step = jax.jit(step_lib.make_train_step(objective, tx, ema_decay=config.ema_decay),
-                   in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+                   in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,))
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -123,7 +127,7 @@ def benchmark_autoattack():
   if not FLAGS.workdir:
     raise app.UsageError("--mode=autoattack needs --workdir of a trained run")
   loaded = api.load(FLAGS.workdir, "best")
-  test = loaded.experiment.splits.test
+  test = loaded.splits().test
   batch = data_lib.read_batch(test, np.arange(min(FLAGS.num_examples, len(test))))
   images = batch["image"].astype(np.float32) / 255.0
   eps = float(loaded.config.eval.eps)

@@ -11,8 +11,21 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import json
+
+import numpy as np
+
 from agad.evaluation import presets, report as report_lib, suite as suite_lib
+from agad.evaluation.defaults import eval_defaults
 from agad.objectives.base import adaptive_variants
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Writes ``payload`` atomically (a reader never sees a half-written report)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, default=lambda o: np.asarray(o).tolist())
+  os.replace(tmp, path)
 
 
 def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
@@ -32,22 +45,19 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
     eval_config: an ``eval`` ConfigDict overriding the saved one.
   """
   from agad import api
-  from agad.training import records
-
-  from configs import common as config_common
 
   saved = api.load_config(workdir)
   # Workdirs saved before a field existed still evaluate: defaults under the saved values.
-  eval_cfg = config_common.base_config().eval
+  eval_cfg = eval_defaults()
   eval_cfg.update(eval_config if eval_config is not None else saved.eval)
   preset = preset or eval_cfg.preset
   if preset not in presets.PRESETS:
     raise ValueError(f"preset {preset!r} is not one of {presets.PRESETS}")
   loaded = api.load(workdir, step, params=eval_cfg.params, config=saved)
-  test = loaded.experiment.splits.test
+  test = loaded.splits().test
   n = num_examples or eval_cfg.num_examples
   indices = None if n is None else list(range(min(int(n), len(test))))
-  adaptive_factory = loaded.experiment.objective.adaptive_loss
+  adaptive_factory = loaded.objective().adaptive_loss
   adaptive = adaptive_factory(loaded.model, loaded.variables) if adaptive_factory else None
   surrogate_fn = api.load(surrogate, "best").logits_fn if surrogate else None
   specs = presets.build_specs(eval_cfg, preset=preset,
@@ -71,7 +81,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
             "objective": saved.objective.name, "bn": "eval (running statistics)", "dtype": "float32",
             "preset": preset})
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
-  records.write_json(stem + ".json", report)
+  write_json(stem + ".json", report)
   with open(stem + ".md", "w") as f:
     f.write(report_lib.markdown(report))
   report_lib.plots(report, out_dir)

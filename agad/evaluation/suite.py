@@ -29,6 +29,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from agad import data as data_lib
+from agad.checkpoint import params_hash  # noqa: F401  (re-exported: agad.evaluation.params_hash)
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative
 from agad.evaluation import robustness
@@ -54,15 +55,6 @@ class AttackSpec:
   @property
   def kw(self) -> dict:
     return dict(self.settings)
-
-
-def params_hash(variables: Any) -> str:
-  """sha256 over every leaf's bytes (and path): identifies a checkpoint's weights."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return h.hexdigest()[:24]
 
 
 def _cache_key(model_hash: str, spec: AttackSpec, indices: np.ndarray, seed: int) -> str:
@@ -170,7 +162,7 @@ class Suite:
                cache_dir: str | None = None, model_hash: str | None = None,
                adaptive_loss: Callable | Mapping | None = None, surrogate=None, chunk: int = 1000,
                log: Callable | None = print, mesh=None, eps: float | None = None):
-    from agad.training import sharding as sharding_lib
+    from agad import sharding as sharding_lib
     self.logits_fn = driver_lib.as_partial(logits_fn)
     self.source = source
     self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)

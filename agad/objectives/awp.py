@@ -27,9 +27,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from agad.objectives import base, defaults
-from agad.objectives.registry import register_transform
+
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.gamma = 0.005                 # relative weight-perturbation size per >=2-D tensor. TRADES-AWP: 0.005; AT-AWP: 0.01.
+DEFAULTS.proxy_lr = 0.1                # lr of the one proxy SGD step. TRADES-AWP: 0.1; AT-AWP: 0.01. (It cancels in
+                                       # v = gamma ||w|| diff / ||diff|| except through the 1e-20 guard.)
+# No perturbation while step < warmup_steps (in optimizer steps). TRADES-AWP applies AWP
+# from epoch 10 of 1-indexed epochs (awp_warmup=10), i.e. set 9 * steps_per_epoch to
+# reproduce it; AT-AWP uses 0.
+DEFAULTS.warmup_steps = 0
 
 EPS = 1e-20
 _PROXY_KEY_SALT = 0x41575  # fresh randomness (mixup, noise) for the proxy pass
@@ -78,7 +87,7 @@ def awp(objective: base.Objective, model=None, config=None, *, gamma: float | No
   Keyword arguments override the config (for direct use: ``awp(trades(model, cfg), gamma=...)``).
   """
   del model
-  cfg = defaults.objective_config(config, "awp")
+  cfg = defaults.objective_config(config, "awp", DEFAULTS)
   gamma = float(cfg.gamma if gamma is None else gamma)
   proxy_lr = float(cfg.proxy_lr if proxy_lr is None else proxy_lr)
   warmup_steps = int(cfg.warmup_steps if warmup_steps is None else warmup_steps)
@@ -88,14 +97,15 @@ def awp(objective: base.Objective, model=None, config=None, *, gamma: float | No
     v, active = awp_perturbation(inner.loss, params, model_state, aux_state, batch, adv, key, step,
                                  gamma=gamma, proxy_lr=proxy_lr, warmup_steps=warmup_steps)
     perturbed = jax.tree.map(jnp.add, params, v)
-    value, (model_state, aux_state, metrics) = inner.loss(perturbed, model_state, aux_state,
-                                                          batch, adv, key, step)
-    metrics = dict(metrics, awp_active=active.astype(jnp.float32))
-    return value, (model_state, aux_state, metrics)
+    value, aux = inner.loss(perturbed, model_state, aux_state, batch, adv, key, step)
+    # The passes are the inner objective's, at w + v (what the update differentiates).
+    return value, aux._replace(metrics=dict(aux.metrics, awp_active=active.astype(jnp.float32)))
 
   policy = inner.bn_policy._replace(
       update=f"{inner.bn_policy.update}, at w+v; AWP proxy pass: batch statistics, not kept")
   return inner._replace(name=f"{inner.name}+awp", loss=loss, bn_policy=policy)
 
 
-register_transform("awp")(lambda objective, model, config: awp(objective, model, config))
+def transform(inner: base.Objective, model, config) -> base.Objective:
+  """``<objective>+awp`` from the config grammar."""
+  return awp(inner, model, config)

@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from agad.objectives import base
-from agad.objectives.registry import register_objective
 from agad.objectives.trades import paired_objective
+
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.beta = 6.0                 # weight of the misclassification-aware KL term; official: 6.
+DEFAULTS.random_start = "normal"    # mart.py starts from x + 0.001 N(0, 1) (not uniform). None: config.attack.
+DEFAULTS.attack_bn = "eval"         # CE attack under model.eval(). None: config.attack.bn.
+DEFAULTS.bn_updates = "clean,adv"   # mart.py: model(x) then model(x_adv), both train mode.
 
 
 def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
@@ -52,7 +58,7 @@ def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
 def mart(model, config) -> base.Objective:
   """MART objective; hyperparameters from ``config.objective.mart`` (see defaults)."""
   pair_loss = lambda lc, la, y, cfg: (mart_loss(lc, la, y, beta=float(cfg.beta)), {})
-  return paired_objective("mart", model, config, attack_loss="ce", pair_loss=pair_loss)
+  return paired_objective("mart", model, config, DEFAULTS, attack_loss="ce", pair_loss=pair_loss)
 
 
-register_objective("mart")(mart)
+objective = mart

@@ -21,9 +21,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from agad.objectives import base, defaults
-from agad.objectives.registry import register_objective
+
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.beta = 6.0                 # weight of (1/B) sum KL(p_clean || p_adv); official CIFAR-10: 6.
+DEFAULTS.random_start = "normal"    # attack start x + 0.001 N(0, 1), as trades.py. None: config.attack.
+DEFAULTS.attack_bn = "eval"         # BN mode inside the KL attack (model.eval() in trades.py). None: config.attack.bn.
+# Train-mode forward passes, in order, each updating the BN running statistics.
+# trades.py runs model(x) for CE, then model(x_adv) and model(x) again for the KL:
+# "clean,adv,clean". The gradient always flows through exactly one clean and one
+# adversarial pass (the repeated clean pass is numerically identical). TRADES-AWP's
+# trainer uses "adv,clean,clean".
+DEFAULTS.bn_updates = "clean,adv,clean"
 
 
 def kl_clean_adv(logits_clean: jax.Array, logits_adv: jax.Array) -> jax.Array:
@@ -50,33 +61,40 @@ def trades_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Arra
   return natural + beta * robust
 
 
-def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...]):
+def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...], key=None):
   """Train-mode passes over clean and adversarial images in ``order``, threading BN state.
 
-  Returns ``(logits_clean, logits_adv, model_state)``: the logits of the first pass of
-  each kind (the ones differentiated) and the running statistics after every pass.
+  Returns ``(passes, model_state)``: ``passes = {"clean": ModelOutput, "adv": ModelOutput}``
+  of the first pass of each kind (the ones differentiated; every tap recorded) and the
+  running statistics after every pass. Pass ``i`` gets the plug-in key
+  ``base.pass_key(key, i)`` (none when ``key`` is None).
   Later passes over the same images give identical logits and only advance the running
   statistics, as the repeated forward calls of the official PyTorch code do (their
   parameters are stop-gradient to make explicit that they are not differentiated).
   """
   images = {"clean": batch["image"], "adv": adv}
-  logits = {}
-  for kind in order:
-    p = params if kind not in logits else jax.lax.stop_gradient(params)
-    out = base.forward(model, p, model_state, images[kind], mode="train", labels=batch["label"])
+  passes = {}
+  for i, kind in enumerate(order):
+    first = kind not in passes
+    p = params if first else jax.lax.stop_gradient(params)
+    out = base.forward(model, p, model_state, images[kind], mode="train", labels=batch["label"],
+                       taps=base.ALL_TAPS if first else (),
+                       rng=None if key is None else base.pass_key(key, i))
     model_state = out.model_state
-    logits.setdefault(kind, out.logits)
-  return logits["clean"], logits["adv"], model_state
+    if first:
+      passes[kind] = out
+  return passes, model_state
 
 
-def paired_objective(name: str, model, config, *, attack_loss: str, pair_loss) -> base.Objective:
+def paired_objective(name: str, model, config, cfg_defaults, *, attack_loss: str,
+                     pair_loss) -> base.Objective:
   """An objective on clean and adversarial logits of the same batch (TRADES, MART).
 
   ``pair_loss(logits_clean, logits_adv, labels, cfg) -> (value, extra_metrics)``; the
   attack maximises ``attack_loss`` through the objective's BN mode; the loss runs the
   train-mode passes in ``config.objective.<name>.bn_updates`` order.
   """
-  cfg = defaults.objective_config(config, name)
+  cfg = defaults.objective_config(config, name, cfg_defaults)
   attack = defaults.TrainingAttack(model, config, cfg)
   order = defaults.bn_pass_order(cfg.bn_updates)
 
@@ -85,12 +103,13 @@ def paired_objective(name: str, model, config, *, attack_loss: str, pair_loss) -
     return attack(params, model_state, batch["image"], batch["label"], key, loss=attack_loss, step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
-    del key, step
-    logits_clean, logits_adv, model_state = train_passes(model, params, model_state, batch, adv, order)
+    del step
+    passes, model_state = train_passes(model, params, model_state, batch, adv, order, key)
+    logits_clean, logits_adv = passes["clean"].logits, passes["adv"].logits
     value, extra = pair_loss(logits_clean, logits_adv, batch["label"], cfg)
     metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
                "adv_accuracy": base.accuracy(logits_adv, batch["label"]), **extra}
-    return value, (model_state, aux_state, metrics)
+    return value, base.LossAux(model_state, aux_state, metrics, passes)
 
   return base.Objective(name, base.no_aux_state, generate, loss,
                         base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
@@ -104,7 +123,7 @@ def trades(model, config) -> base.Objective:
     return value, {"loss_natural": base.cross_entropy_mean(logits_clean, labels),
                    "loss_robust": jnp.mean(kl_clean_adv(logits_clean, logits_adv))}
 
-  return paired_objective("trades", model, config, attack_loss="kl", pair_loss=pair_loss)
+  return paired_objective("trades", model, config, DEFAULTS, attack_loss="kl", pair_loss=pair_loss)
 
 
-register_objective("trades")(trades)
+objective = trades

@@ -2,46 +2,32 @@
 
 from __future__ import annotations
 
-import json
-import os
+import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from agad import checkpoint as ckpt_lib
 from agad import data as data_lib
-from agad import models as models_lib
-from agad import objectives as objectives_lib
+from agad import defenses
+from agad.objectives import base
 from agad.training import optim
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class Experiment(NamedTuple):
   splits: Any
   info: Any
   model: Any
-  objective: objectives_lib.Objective
-
-
-def build_model(config: Any, info: Any):
-  """The backbone of ``config.model`` with the plug-ins the objective asks for."""
-  if config.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {sorted(DTYPES)}")
-  plugins = objectives_lib.plugins_for(config.objective.name, config, info.num_classes)
-  return models_lib.build_model(config.model.name, num_classes=info.num_classes, mean=info.mean,
-                                std=info.std, dtype=DTYPES[config.model.dtype],
-                                plugins=plugins or None)
+  objective: base.Objective
 
 
 def build_experiment(config: Any) -> Experiment:
   splits = data_lib.load_dataset(config.data)
   info = splits.info
-  model = build_model(config, info)
-  objective = objectives_lib.build_objective(config.objective.name, model, config)
+  model = defenses.build_model(config, info)
+  objective = defenses.build_objective(config.objective.name, model, config)
   return Experiment(splits, info, model, objective)
 
 
@@ -68,61 +54,21 @@ def parse_param_map(spec: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def resolve_step(directory: str, step: Any, *, best_metric: str | None = None) -> int:
-  """'latest' | 'best' | int -> a saved step number in a checkpoint directory.
-
-  ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``,
-  see ``checkpoint.best_metric_for``) picks "best" for checkpoints that predate the
-  metric being recorded in their metadata.
-  """
-  from agad.training import checkpoint as ckpt_lib
-  if best_metric is None:
-    config_path = os.path.join(os.path.dirname(os.path.abspath(directory)), "config.json")
-    best_metric = ckpt_lib.BEST_METRIC
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        best_metric = ckpt_lib.best_metric_for(json.load(f))
-  ckpt = ckpt_lib.Checkpointer(directory, best_metric=best_metric)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints in {directory}; train first with python -m launch.train")
-    if step in (None, "latest"):
-      return max(steps)
-    if step == "best":
-      best = ckpt.best_step()
-      if best is None:
-        raise ValueError(f"no checkpoint in {directory} has validation metrics; use step='latest'")
-      return best
-    step = int(step)
-    if step not in steps:
-      raise ValueError(f"step {step} not saved in {directory}; saved steps: {steps}")
-    return step
-  finally:
-    ckpt.close()
-
-
-def read_checkpoint_state(workdir: str, step: Any = "latest") -> tuple[dict, int]:
-  """The raw saved TrainState of a workdir as nested dicts of numpy arrays."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = resolve_step(directory, step)
-  path = os.path.join(directory, str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    raw = checkpointer.restore(path)  # no target: nested dicts
-  del raw["key"]  # A typed PRNG key; nothing outside the trainer needs it.
-  return jax.tree.map(np.asarray, raw), step
-
-
 def apply_init_from(state, init_cfg: Any):
   """Copies parameters (and BN statistics) from another run's checkpoint into ``state``.
 
   ``init_cfg.workdir`` / ``init_cfg.step`` name the source; ``init_cfg.param_map``
   maps destination path prefixes to source prefixes (identity when empty). Every
   destination parameter covered by the map must exist in the source with the same
-  shape, else a ValueError lists the mismatches.
+  shape, else a ValueError lists the mismatches, except parameters whose '/'-joined path
+  matches the ``init_cfg.keep_init`` regex (comma-separated regexes), which keep their
+  fresh init when the source lacks them (a defense's plug-ins or weight generator on top
+  of a teacher's backbone).
   """
-  raw, step = read_checkpoint_state(init_cfg.workdir, init_cfg.step or "latest")
+  raw, step = ckpt_lib.read_state(init_cfg.workdir, init_cfg.step or "latest")
   pairs = parse_param_map(init_cfg.param_map) or [("", "")]
+  keep = [re.compile(p) for p in (init_cfg.get("keep_init", "") or "").split(",") if p]
+  kept = []
 
   def transfer(dst_tree, src_tree, what):
     dst = traverse_util.flatten_dict(dst_tree, sep="/")
@@ -133,8 +79,11 @@ def apply_init_from(state, init_cfg: Any):
         if path.startswith(d):
           src_path = s + path[len(d):]
           if src_path not in src:
-            if what == "params":
-              problems.append(f"{path} <- {src_path}: missing in source")
+            if any(k.search(path) for k in keep):
+              kept.append(path)
+            elif what == "params":
+              problems.append(f"{path} <- {src_path}: missing in source"
+                              " (init.keep_init=REGEX keeps a fresh init for it)")
             break
           if src[src_path].shape != value.shape:
             problems.append(f"{path} <- {src_path}: shape {src[src_path].shape} != {value.shape}")

@@ -21,9 +21,9 @@ from absl import logging
 
 from agad import data as data_lib
 from agad.training import builders
-from agad.training import checkpoint as ckpt_lib
+from agad import checkpoint as ckpt_lib
 from agad.training import records
-from agad.training import sharding
+from agad import sharding
 from agad.training import step as step_lib
 from agad.training.state import TrainState, init_train_state
 
@@ -81,8 +81,14 @@ class Trainer:
       self.train_traces += 1
       return train_step(state, batch)
 
-    self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding),
+    self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated), donate_argnums=(0,))
+    # Frozen inputs (a teacher, a class bank): loaded once, passed to every step, never saved.
+    self.frozen, self.frozen_record = None, {}
+    if self.exp.objective.frozen is not None:
+      tree, self.frozen_record = self.exp.objective.frozen(self.exp.splits)
+      self.frozen = jax.device_put(tree, replicated)
+      logging.info("frozen inputs of %s: %s", config.objective.name, self.frozen_record)
     # Validation also attacks the objective's adaptive loss, if it has one (CAS family).
     self.adaptive_loss = self.exp.objective.adaptive_loss if config.validation.adaptive else None
     eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack,
@@ -156,6 +162,7 @@ class Trainer:
     if latest is not None:
       meta = ckpt.read_meta(latest)
       diff = trajectory_diff(meta.get("trajectory", {}), fingerprint)
+      diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
       if diff:
         raise ValueError(
             f"refusing to resume {self.workdir}: the config changed trajectory fields since the "
@@ -199,7 +206,7 @@ class Trainer:
     try:
       while step < stop_at:
         batch = next(prefetch)
-        state, metrics = self.train_step(state, batch)
+        state, metrics = self.train_step(state, batch, self.frozen)
         pending.append(metrics)
         step += 1
         steps_since_log += 1
@@ -248,7 +255,7 @@ class Trainer:
       raise NonFiniteError(f"the train state has non-finite values at step {step}; not saving it. "
                            f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
     meta = {"step": step, "epoch": step / self.steps_per_epoch, "trajectory": fingerprint,
-            "metrics": metrics, "best_metric": ckpt.best_metric}
+            "metrics": metrics, "best_metric": ckpt.best_metric, "frozen": self.frozen_record}
     ckpt.save(step, state, data_state=data_state, meta=meta)
 
 

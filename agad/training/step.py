@@ -15,16 +15,25 @@ from agad.training.state import TrainState
 
 def make_train_step(objective: base.Objective, tx: optax.GradientTransformation, *,
                     ema_decay: float, schedule: optax.Schedule | None = None) -> Callable:
-  """``(state, batch) -> (state, metrics)``: attack with ``generate``, then one update."""
+  """``(state, batch, frozen=None) -> (state, metrics)``: attack with ``generate``, then one update.
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  ``frozen``: the objective's host-loaded inputs (``Objective.frozen``), seen by
+  ``generate``/``loss`` as ``aux_state[FROZEN]`` and never stored in the state.
+  """
+
+  def train_step(state: TrainState, batch: dict, frozen: Any = None) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.key, state.step)
     k_gen, k_loss = jax.random.split(key)
-    adv = objective.generate(state.params, state.model_state, state.aux_state, batch, k_gen, state.step)
+    aux_in = state.aux_state if frozen is None else {**state.aux_state, base.FROZEN: frozen}
+    adv = objective.generate(state.params, state.model_state, aux_in, batch, k_gen, state.step)
     adv = jax.tree.map(jax.lax.stop_gradient, adv)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, (model_state, aux_state, metrics)), grads = grad_fn(
-        state.params, state.model_state, state.aux_state, batch, adv, k_loss, state.step)
+    (loss, aux), grads = grad_fn(state.params, state.model_state, aux_in, batch, adv, k_loss,
+                                 state.step)
+    model_state, metrics = aux.model_state, aux.metrics
+    aux_state = aux.aux_state
+    if frozen is not None:
+      aux_state = {k: v for k, v in aux_state.items() if k != base.FROZEN}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:

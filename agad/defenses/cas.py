@@ -15,9 +15,12 @@ model, i.e. running BN statistics and predicted-label masks, from a uniform star
 statistics are updated by that adversarial pass only. ``adaptive_loss``: the same
 combined per-example loss through the eval-mode model.
 
-Placement: the trainer builds the model with ``plugins=plugins_for(spec, config, K)``;
-``cas.sites`` lists the sites (default ``("features",)``; official ResNet-18 puts one
-head after each of the two units of layer4).
+Placement: ``plugins(config, K)`` puts one plug-in at each of ``objective.cas.sites``
+(default ``("features",)``; the official ResNet-18 puts one head after each of the two
+units of layer4, i.e. ``("stage4.unit0", "stage4.unit1")`` here). The first defense on
+the platform: one module, found by name (``...,cas`` or ``...,trades+cas``).
+As a transform (``<objective>+cas``) it adds ``weight * mean_k CE(aux_k(x'), y)`` on the
+inner objective's adversarial pass, keeping the inner attack.
 """
 
 from __future__ import annotations
@@ -28,14 +31,24 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from agad.attacks import losses as attack_losses
+from agad.defenses import _registry
 from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
-from agad.objectives.plugins import register_plugins
-from agad.objectives.registry import register_objective
 
 AUX_NAME = "cas_logits"
+
+# CAS (Bai et al. ICLR 2021; bymavis/CAS_ICLR2021 Standard_Adv_Training).
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.weight = 2.0                  # --beta: CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y); official 2.
+# Plug-in sites (one aux head each). Official ResNet-18 puts CAS after each of the two
+# units of layer4 (("stage4.unit0", "stage4.unit1") here); agad's default is the final
+# feature map only. "stage4.unit[-1]" names the last unit of a stage for any depth.
+DEFAULTS.sites = ("features",)
+DEFAULTS.random_start = "uniform"      # reg_attack.py: random_start=True, U(-eps, eps). None: config.attack.
+DEFAULTS.attack_bn = "eval"            # attack with model(x, _eval=True): running stats, predicted-label masks.
 
 
 class CASPlugin(nn.Module):
@@ -49,6 +62,9 @@ class CASPlugin(nn.Module):
   """
   num_classes: int
   straight_through: bool = False
+
+  # Fields an adaptive attack may switch (``_registry.with_plugin_overrides``).
+  ADAPTIVE_FIELDS = ("straight_through",)
 
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
@@ -86,7 +102,8 @@ def cas_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: flo
   heads = aux_logits(aux)
   if not heads:
     raise ValueError(f"the CAS objective found no '{AUX_NAME}' in the model's 'aux' collection: "
-                     "build the model with plugins=agad.objectives.plugins_for(spec, config, num_classes)")
+                     "build the model with agad.defenses.build_model(config, info) (or "
+                     "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
   main = attack_losses.cross_entropy(logits, labels)
   extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
   return main + weight * extra
@@ -98,28 +115,19 @@ def _without_aux(model_state):
 
 def straight_through_model(net):
   """``net`` with every CAS plug-in switched to straight-through masks (same parameters)."""
-  plugins = dict(net.plugins or {})
-  found = False
-  for site, factory in plugins.items():
-    if isinstance(factory, functools.partial) and factory.func is CASPlugin:
-      plugins[site] = functools.partial(CASPlugin, **{**factory.keywords, "straight_through": True})
-      found = True
-  if not found:
-    raise ValueError("straight_through_model: the model has no CAS plug-in; build it with "
-                     "plugins=agad.objectives.plugins_for(spec, config, num_classes)")
-  return net.clone(plugins=plugins)
+  return _registry.with_plugin_overrides(net, straight_through=True)
 
 
-def cas_plugins(config: Any, num_classes: int) -> dict:
+def plugins(config: Any, num_classes: int) -> dict:
   """``{site: factory}`` for ``config.objective.cas.sites``."""
-  cfg = defaults.objective_config(config, "cas")
+  cfg = defaults.objective_config(config, "cas", DEFAULTS)
   sites = (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
   return {site: functools.partial(CASPlugin, num_classes=num_classes) for site in sites}
 
 
 def cas(model, config) -> base.Objective:
   """CAS objective (PGD-AT + CAS heads); hyperparameters from ``config.objective.cas``."""
-  cfg = defaults.objective_config(config, "cas")
+  cfg = defaults.objective_config(config, "cas", DEFAULTS)
   attack = defaults.TrainingAttack(model, config, cfg)
   weight = float(cfg.weight)
 
@@ -137,27 +145,65 @@ def cas(model, config) -> base.Objective:
     return attack.general(combined_fn(model, params, model_state, batch["label"], attack.bn), batch["image"], key, step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
-    del key, step
+    del step
     labels = batch["label"]
-    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels)
+    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels,
+                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
     value = jnp.mean(cas_per_example(out.logits, out.aux, labels, weight))
     heads = aux_logits(out.aux)
     metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
                "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
-    return value, ({**model_state, **out.model_state}, aux_state, metrics)
-
-  def adaptive_loss(net, variables):
-    """``""``: the combined loss through the aux heads (hard predicted-label masks);
-    ``"st"``: the same value, gradients through the masks by straight-through softmax."""
-    params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
-    st_net = straight_through_model(net)
-    return {"": lambda x, labels: combined_fn(net, params, model_state, labels, "eval")(x),
-            "st": lambda x, labels: combined_fn(st_net, params, model_state, labels, "eval")(x)}
+    return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
 
   return base.Objective("cas", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="adversarial"), adaptive_loss)
+                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
 
 
-register_objective("cas")(cas)
-register_plugins("cas")(cas_plugins)
+def transform(inner: base.Objective, model, config) -> base.Objective:
+  """``<objective>+cas``: ``inner``'s loss + ``weight * mean_k CE(aux_k(x'), y)`` on its
+  adversarial pass (the heads exist because ``plugins`` placed them); ``inner``'s attack.
+
+  The standalone ``cas`` objective also attacks the combined loss, as the official code;
+  the transform keeps the inner attack (e.g. TRADES' KL), so its adaptive attack is the
+  same combined loss through the eval-mode model.
+  """
+  del model
+  weight = float(defaults.objective_config(config, "cas", DEFAULTS).weight)
+
+  def terms(params, passes, batch, key, step):
+    del params, key, step
+    if "adv" not in passes:
+      raise ValueError(f"+cas needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
+    heads = aux_logits(passes["adv"].aux)
+    if not heads:
+      raise ValueError(f"+cas found no '{AUX_NAME}' in the adversarial pass of {inner.name}: "
+                       "build the model with agad.defenses.build_model(config, info)")
+    labels = batch["label"]
+    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
+    return weight * jnp.mean(extra), {"cas_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+
+  combined = base.add_terms(inner, "cas", terms)
+  return combined._replace(adaptive_loss=_adaptive(weight))
+
+
+def _adaptive(weight: float):
+  """The adaptive-loss factory: ``""`` is the combined loss through the aux heads (hard
+  predicted-label masks); ``"st"`` the same value with gradients through the masks by
+  straight-through softmax (BPDA)."""
+
+  def adaptive_loss(net, variables):
+    params = variables["params"]
+    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
+    st_net = straight_through_model(net)
+
+    def combined(n, labels):
+      return lambda x: (lambda out: cas_per_example(out.logits, out.aux, labels, weight))(
+          base.forward(n, params, model_state, x, mode="eval", labels=labels))
+
+    return {"": lambda x, labels: combined(net, labels)(x),
+            "st": lambda x, labels: combined(st_net, labels)(x)}
+
+  return adaptive_loss
+
+
+objective = cas

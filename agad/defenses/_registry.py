@@ -1,0 +1,178 @@
+"""Objectives and defenses by name: modules found on demand, as big_vision finds models.
+
+A name in the config grammar (``MODEL,OBJECTIVE[+TRANSFORM...]``) is a module:
+``agad.defenses.<name>`` first, then ``agad.objectives.<name>`` (the base objectives).
+No list to edit, no registration side effect: a module qualifies when it defines
+
+* ``DEFAULTS`` — an ``ml_collections.ConfigDict`` of its ``config.objective.<name>``
+  fields (optional; empty when absent);
+* ``objective(model, config) -> Objective`` (a standalone objective, the head of a
+  spec) and/or ``transform(inner, model, config) -> Objective`` (a name after ``+``);
+* optionally ``plugins(config, num_classes) -> {site: factory}`` (modules it puts inside
+  the network) and ``norm(config) -> factory`` (the backbone's norm layer, e.g. AFA's
+  multi-branch BN).
+
+``"a+t1+t2"`` builds ``t2(t1(a))``: transforms apply left to right, innermost first.
+Extra folders on ``agad.defenses``' package path (the ``AGAD_DEFENSES_PATH`` environment
+variable, ``os.pathsep``-separated) hold out-of-tree defenses.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import re
+from typing import Any, Iterable
+
+import ml_collections
+
+PACKAGES = ("agad.defenses", "agad.objectives")
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _import(package: str, name: str):
+  full = f"{package}.{name}"
+  try:
+    return importlib.import_module(full)
+  except ModuleNotFoundError as e:
+    if e.name == full:
+      return None
+    raise
+
+
+def _is_component(module) -> bool:
+  return module is not None and (callable(getattr(module, "objective", None))
+                                 or callable(getattr(module, "transform", None)))
+
+
+def names() -> dict[str, list[str]]:
+  """``{"objectives": [...], "transforms": [...]}``: every module name that qualifies."""
+  found = {"objectives": set(), "transforms": set()}
+  for package in PACKAGES:
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+      if info.name.startswith("_") or not _NAME.fullmatch(info.name):
+        continue
+      try:
+        module = _import(package, info.name)
+      except Exception:  # A broken module is reported when it is asked for by name.
+        continue
+      if callable(getattr(module, "objective", None)):
+        found["objectives"].add(info.name)
+      if callable(getattr(module, "transform", None)):
+        found["transforms"].add(info.name)
+  return {k: sorted(v) for k, v in found.items()}
+
+
+def _known() -> str:
+  n = names()
+  return f"objectives: {', '.join(n['objectives'])}; transforms: {', '.join(n['transforms'])}"
+
+
+def find(name: str):
+  """The module of objective/defense ``name`` (``agad.defenses`` first)."""
+  if not _NAME.fullmatch(name or ""):
+    raise ValueError(f"{name!r} is not a valid objective or defense name; known {_known()}")
+  for package in PACKAGES:
+    module = _import(package, name)
+    if _is_component(module):
+      return module
+  raise ValueError(f"unknown objective or defense {name!r}; known {_known()}")
+
+
+def spec_names(spec: str | Iterable[str]) -> list[str]:
+  """``"trades+awp+cas"`` (or a list of names) -> ``["trades", "awp", "cas"]``."""
+  if isinstance(spec, str):
+    return [s.strip() for s in spec.split("+") if s.strip()]
+  return [str(s).strip() for s in spec if str(s).strip()]
+
+
+def parse(spec: str) -> tuple[str, list[str]]:
+  """``"trades+awp"`` -> ``("trades", ["awp"])``; unknown names fail with the known ones."""
+  parts = spec_names(spec)
+  if not parts:
+    raise ValueError(f"empty objective spec {spec!r}; expected e.g. 'pgd_at' or 'trades+awp'")
+  head, transforms = parts[0], parts[1:]
+  if not callable(getattr(find(head), "objective", None)):
+    raise ValueError(f"{head!r} in {spec!r} is a transform, not an objective: put it after a "
+                     f"base objective (e.g. 'pgd_at+{head}'); known {_known()}")
+  for t in transforms:
+    if not callable(getattr(find(t), "transform", None)):
+      raise ValueError(f"{t!r} in {spec!r} cannot follow '+' (it has no transform); known {_known()}")
+  return head, transforms
+
+
+def defaults(name: str) -> ml_collections.ConfigDict:
+  """A fresh copy of module ``name``'s ``DEFAULTS`` (empty when it has none)."""
+  d = getattr(find(name), "DEFAULTS", None)
+  return ml_collections.ConfigDict(d.to_dict() if d is not None else {})
+
+
+def add_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds ``config.objective.<name>`` = ``DEFAULTS`` for every name of the config's spec
+  that is missing (so ``--config.objective.<name>.<field>=...`` overrides work)."""
+  for name in spec_names(config.objective.name):
+    if name not in config.objective:
+      config.objective[name] = defaults(name)
+  return config
+
+
+def build_objective(spec: str, model, config):
+  """``t2(t1(a))`` for ``"a+t1+t2"``."""
+  head, transforms = parse(spec)
+  objective = find(head).objective(model, config)
+  for t in transforms:
+    objective = find(t).transform(objective, model, config)
+  return objective
+
+
+def plugins_for(spec: str | Iterable[str], config: Any, num_classes: int) -> dict:
+  """The ``{site: factory}`` plug-ins every name in ``spec`` asks for (merged).
+
+  Two names asking for the same site is an error (move one in its config).
+  """
+  merged, owner = {}, {}
+  for name in spec_names(spec):
+    builder = getattr(find(name), "plugins", None)
+    if builder is None:
+      continue
+    for site, factory in dict(builder(config, num_classes)).items():
+      if site in merged:
+        raise ValueError(f"plug-in site {site!r} is requested by both {owner[site]!r} and {name!r} "
+                         f"in {spec!r}; move one of them to another site in its config")
+      merged[site], owner[site] = factory, name
+  return merged
+
+
+def norm_for(spec: str | Iterable[str], config: Any):
+  """The norm factory a name of ``spec`` asks for (``None``: the backbone's BatchNorm)."""
+  chosen, owner = None, None
+  for name in spec_names(spec):
+    builder = getattr(find(name), "norm", None)
+    if builder is None:
+      continue
+    if chosen is not None:
+      raise ValueError(f"both {owner!r} and {name!r} in {spec!r} replace the model's norm layers")
+    chosen, owner = builder(config), name
+  return chosen
+
+
+def with_plugin_overrides(net, **overrides):
+  """``net`` with every plug-in whose class lists the keys in ``ADAPTIVE_FIELDS`` rebuilt
+  with ``overrides`` (same parameters): attack-time settings for adaptive attacks
+  (straight-through masks, a softer temperature). No matching plug-in is an error."""
+  plugins = dict(net.plugins or {})
+  found = False
+  for site, factory in plugins.items():
+    if not isinstance(factory, functools.partial):
+      continue
+    allowed = getattr(factory.func, "ADAPTIVE_FIELDS", ())
+    if set(overrides) <= set(allowed):
+      plugins[site] = functools.partial(factory.func, *factory.args, **{**factory.keywords, **overrides})
+      found = True
+  if not found:
+    raise ValueError(f"no plug-in of this model accepts the attack-time overrides {sorted(overrides)} "
+                     f"(plug-ins: { {s: getattr(f, 'func', f) for s, f in (net.plugins or {}).items()} }); "
+                     "a plug-in class lists them in ADAPTIVE_FIELDS")
+  return net.clone(plugins=plugins)

@@ -1,0 +1,70 @@
+"""Frozen teachers: another run's model and weights, loaded once on the host.
+
+``load_teacher(workdir, step)`` builds only the teacher's model (from its
+``config.json``, with its plug-ins) and reads its weights: no objective, no data.
+A defense that distils from a teacher keeps a :class:`TeacherSlot` and exposes it
+through ``Objective.frozen``::
+
+    slot = TeacherSlot(cfg.teacher.workdir, cfg.teacher.step)
+    ...
+    return Objective(..., frozen=slot.frozen)   # the trainer calls it once per launch
+
+so the teacher's variables reach the jitted step as ``aux_state[FROZEN]["teacher"]``,
+are never checkpointed, and its params hash goes into every checkpoint's metadata (a
+resume with another teacher is refused). Building the objective does not touch the
+teacher's workdir, so ``agad.load`` and evaluation of the student work after the
+teacher's workdir is deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from agad.objectives import base
+
+
+class Teacher(NamedTuple):
+  model: Any
+  variables: dict
+  params_hash: str
+  step: int
+  workdir: str
+
+
+def load_teacher(workdir: str, step: Any = "best", *, params: str = "params") -> Teacher:
+  """The frozen model of another run (``step``: ``best | latest | N``)."""
+  import os
+
+  from agad import api
+  from agad import checkpoint as ckpt_lib
+  if not workdir:
+    raise ValueError("the teacher's workdir is empty: set config.objective.<defense>.teacher.workdir "
+                     "to a finished run (e.g. a 'standard' run of the same dataset)")
+  loaded = api.load(workdir, step, params=params)
+  return Teacher(loaded.model, loaded.variables, ckpt_lib.params_hash(loaded.variables),
+                 loaded.step, os.path.abspath(workdir))
+
+
+class TeacherSlot:
+  """A teacher loaded lazily by the trainer (``frozen``), then applied inside the step."""
+
+  def __init__(self, workdir: str, step: Any = "best"):
+    self.workdir, self.step = workdir, step
+    self.model = None
+
+  def frozen(self, splits: Any = None) -> tuple[dict, dict]:
+    del splits
+    teacher = load_teacher(self.workdir, self.step)
+    self.model = teacher.model
+    record = {"teacher": {"workdir": teacher.workdir, "step": teacher.step,
+                          "params_hash": teacher.params_hash}}
+    return {"teacher": teacher.variables}, record
+
+  def apply(self, variables: dict, x, *, taps=(), labels=None) -> base.ModelOutput:
+    """The teacher's eval-mode forward pass (running statistics, no plug-in noise)."""
+    if self.model is None:
+      raise RuntimeError("the teacher is loaded by Objective.frozen, which the trainer calls "
+                         "before the first step; call slot.frozen() first outside the trainer")
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return base.forward(self.model, params, rest, x, mode="eval", labels=labels, taps=taps)

@@ -1,0 +1,29 @@
+"""Defaults of a run's ``config.eval`` (what ``launch.evaluate`` runs on the test split).
+
+They live here, not in ``configs/``, so that evaluation never imports the configs: a
+workdir saved before a field existed still evaluates with the default beneath its saved
+values (``runner.evaluate``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 500          # Eval batch.
+  c.pgd_steps = 20            # PGD-k on the test set.
+  c.step_size = 2 / 255       # PGD step size.
+  c.eps = 8 / 255             # Evaluation radius.
+  c.restarts = 1              # PGD restarts (per-example worst case).
+  c.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
+  c.params = "params"         # params | ema.
+  c.preset = "pgd"            # pgd (clean + PGD-k) | table | table_aa | full | autoattack.
+  c.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
+  c.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
+  c.cw_steps = 30             # C&W-inf: PGD steps on the margin.
+  c.cw_step_size = 2 / 255    # C&W-inf: step size.
+  c.cache = True              # Cache per-example results under WORKDIR/eval/cache.
+  c.seed = 0                  # Attack randomness.
+  return c
