@@ -22,7 +22,7 @@ def test_every_dataset_config_builds_with_grammar(name):
 def test_transforms_parse_and_unknown_names_fail():
   from configs import fashion_mnist
   assert fashion_mnist.get_config("smallcnn,standard").objective.name == "standard"
-  with pytest.raises(ValueError, match="unknown objective 'tradez'"):
+  with pytest.raises(ValueError, match="unknown objective or defense 'tradez'; known objectives: .*trades"):
     fashion_mnist.get_config("smallcnn,tradez")
   with pytest.raises(ValueError, match="unknown model"):
     fashion_mnist.get_config("resnet99,pgd_at")

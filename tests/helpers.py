@@ -39,3 +39,14 @@ ATTACK_CLASSES = 10
 def linear_logits(w, b, x):
   """``x [B, 4, 4, 3] -> x_flat @ w + b`` (wrap in ``jax.tree_util.Partial``)."""
   return x.reshape(x.shape[0], -1) @ w + b
+
+
+def objective_defaults(names=("standard", "pgd_at", "trades", "mart", "alp", "iat", "awp", "cas")):
+  """``config.objective`` with every named module's DEFAULTS (for hand-built configs)."""
+  import ml_collections
+
+  from agad import defenses
+  c = ml_collections.ConfigDict()
+  for name in names:
+    c[name] = defenses.defaults(name)
+  return c

@@ -10,9 +10,9 @@ import pytest
 from agad import models
 from agad.objectives import base
 from agad.objectives.awp import awp, awp_perturbation, weight_perturbation
-from agad.objectives.defaults import objective_defaults
-from agad.objectives.registry import build_objective
-from agad.objectives.standard import pgd_at
+from tests.helpers import objective_defaults
+from agad.defenses import build_objective
+from agad.objectives.pgd_at import pgd_at
 from agad.objectives.trades import trades
 from agad.training.state import init_train_state
 from agad.training.step import make_train_step
@@ -88,9 +88,9 @@ def test_awp_gradient_at_w_plus_v_and_bn_statistics_of_that_pass(setup):
     else:
       assert float(jnp.abs(t).max()) == 0.0
   perturbed = jax.tree.map(jnp.add, params, v)
-  (value, (new_state, _, _)), grads = jax.value_and_grad(wrapped.loss, has_aux=True)(
+  (value, (new_state, _, _, _)), grads = jax.value_and_grad(wrapped.loss, has_aux=True)(
       params, state, {}, batch, adv, key, step)
-  (ref_value, (ref_state, _, _)), ref_grads = jax.value_and_grad(inner.loss, has_aux=True)(
+  (ref_value, (ref_state, _, _, _)), ref_grads = jax.value_and_grad(inner.loss, has_aux=True)(
       perturbed, state, {}, batch, adv, key, step)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, ref_grads)
@@ -106,12 +106,12 @@ def test_awp_warmup_gives_zero_perturbation(setup):
   wrapped = awp(inner, model, cfg, warmup_steps=10)
   key = jax.random.key(3)
   loss = jax.jit(lambda p, s: jax.value_and_grad(wrapped.loss, has_aux=True)(p, state, {}, batch, adv, key, s))
-  (value, (_, _, metrics)), grads = loss(params, jnp.int32(9))
+  (value, (_, _, metrics, _)), grads = loss(params, jnp.int32(9))
   (ref_value, _), ref_grads = jax.value_and_grad(inner.loss, has_aux=True)(params, state, {}, batch, adv, key, 9)
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
   assert float(metrics["awp_active"]) == 0.0
-  (value10, (_, _, metrics10)), _ = loss(params, jnp.int32(10))
+  (value10, (_, _, metrics10, _)), _ = loss(params, jnp.int32(10))
   assert float(metrics10["awp_active"]) == 1.0 and abs(float(value10) - float(ref_value)) > 1e-7
 
 

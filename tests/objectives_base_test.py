@@ -9,13 +9,11 @@ import pytest
 from agad import models
 from agad.attacks import iterative as pgd_lib
 from agad.objectives import base
-from agad.objectives import awp as _awp  # noqa: F401  (registers 'awp')
-from agad.objectives import cas as _cas  # noqa: F401  (registers 'cas')
 from agad.objectives.alp import alp, alp_loss
-from agad.objectives.defaults import objective_defaults
+from tests.helpers import objective_defaults
 from agad.objectives.iat import iat
 from agad.objectives.mart import mart, mart_loss
-from agad.objectives.registry import build_objective
+from agad.defenses import build_objective
 from agad.objectives.trades import trades, trades_loss
 
 EPS = 0.1
@@ -70,7 +68,7 @@ def test_trades_loss_and_bn_updates_clean_adv_clean(setup):
   model, params, state, batch = setup
   obj = trades(model, make_config())
   adv = obj.generate(params, state, {}, batch, jax.random.key(7), 0)
-  value, (new_state, _, metrics) = obj.loss(params, state, {}, batch, adv, jax.random.key(8), 0)
+  value, (new_state, _, metrics, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(8), 0)
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
   c3 = _train(model, params, a2.model_state, batch["image"], batch["label"])
@@ -86,7 +84,7 @@ def test_trades_loss_and_bn_updates_clean_adv_clean(setup):
   _close(grad, ref, rtol=1e-4, atol=1e-6)
   # Option: two passes only.
   obj2 = trades(model, make_config(trades__bn_updates="clean,adv"))
-  _, (state2, _, _) = obj2.loss(params, state, {}, batch, adv, jax.random.key(8), 0)
+  _, (state2, _, _, _) = obj2.loss(params, state, {}, batch, adv, jax.random.key(8), 0)
   _close(state2, a2.model_state)
 
 
@@ -99,7 +97,7 @@ def test_mart_attack_and_loss(setup):
   expected = pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=EPS, step_size=0.04,
                          steps=2, random_start="normal", loss="ce", driver="unroll")
   _close(adv, expected)
-  value, (new_state, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
+  value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
   np.testing.assert_allclose(value, mart_loss(c1.logits, a2.logits, batch["label"], beta=6.0), rtol=1e-5)
@@ -117,7 +115,7 @@ def test_alp_least_likely_targeted_attack_and_concatenated_pass(setup):
                          step_size=0.04, steps=2, random_start="uniform", loss="ce", targeted=True,
                          driver="unroll")
   _close(adv, expected)
-  value, (new_state, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
+  value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
   both = _train(model, params, state, jnp.concatenate([batch["image"], adv]),
                 jnp.concatenate([batch["label"], batch["label"]]))
   lc, la = jnp.split(both.logits, 2)
@@ -129,7 +127,7 @@ def test_iat_without_mixing_is_mean_of_clean_and_adversarial_ce(setup):
   model, params, state, batch = setup
   obj = iat(model, make_config(iat__mixup_alpha=0.0))  # lambda = 1: no interpolation
   adv = obj.generate(params, state, {}, batch, jax.random.key(5), 0)
-  value, (new_state, _, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(6), 0)
+  value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(6), 0)
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
   expected = 0.5 * (base.cross_entropy_mean(c1.logits, batch["label"])
@@ -137,7 +135,7 @@ def test_iat_without_mixing_is_mean_of_clean_and_adversarial_ce(setup):
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   _close(new_state, a2.model_state)
   mixed = iat(model, make_config())
-  v1, (_, _, m) = mixed.loss(params, state, {}, batch, adv, jax.random.key(6), 0)
+  v1, (_, _, m, _) = mixed.loss(params, state, {}, batch, adv, jax.random.key(6), 0)
   assert 0.0 <= float(m["lam_clean"]) <= 1.0 and float(m["lam_clean"]) != float(m["lam_adv"])
   assert abs(float(v1) - float(value)) > 1e-4
 

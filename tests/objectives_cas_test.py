@@ -9,9 +9,9 @@ import pytest
 from agad import models
 from agad.attacks import losses as attack_losses
 from agad.objectives import base
-from agad.objectives.cas import AUX_NAME, CASPlugin, aux_logits, cas
-from agad.objectives.defaults import objective_defaults
-from agad.objectives.plugins import plugins_for
+from agad.defenses.cas import AUX_NAME, CASPlugin, aux_logits, cas
+from tests.helpers import objective_defaults
+from agad.defenses import plugins_for
 
 K = 10
 B, H, W, C = 4, 8, 8, 1
@@ -106,7 +106,7 @@ def test_cas_loss_is_ce_plus_two_mean_aux_ce(setup):
   obj = cas(model, cfg)
   adv = obj.generate(params, state, {}, batch, jax.random.key(2), 0)
   assert float(jnp.abs(adv - batch["image"]).max()) <= 0.1 + 1e-6
-  value, (new_state, _, metrics) = obj.loss(params, state, {}, batch, adv, jax.random.key(3), 0)
+  value, (new_state, _, metrics, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(3), 0)
   logits, aux = _apply(model, params, state, adv, train=True, labels=batch["label"])
   y = batch["label"]
   expected = (jnp.mean(attack_losses.cross_entropy(logits, y))

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from agad.objectives.alp import alp_loss
-from agad.objectives.defaults import bn_pass_order, objective_config, objective_defaults
+from agad import defenses
+from agad.objectives.defaults import bn_pass_order, objective_config
+from tests.helpers import objective_defaults
 from agad.objectives.iat import mixup_batch, mixup_cross_entropy
 from agad.objectives.mart import mart_loss
-from agad.objectives.plugins import PLUGIN_BUILDERS, plugins_for, register_plugins
 from agad.objectives.trades import kl_clean_adv, trades_loss
 
 # Fixed tiny logits: 3 examples, 4 classes.
@@ -139,28 +140,15 @@ def test_defaults_are_official_and_overrides_merge():
   assert (d.awp.gamma, d.awp.proxy_lr, d.awp.warmup_steps) == (0.005, 0.1, 0)
   assert d.trades.random_start == "normal" and d.mart.random_start == "normal"
   config = ml_collections.ConfigDict({"objective": {"trades": {"beta": 1.0}}})
-  merged = objective_config(config, "trades")
+  merged = objective_config(config, "trades", defenses.defaults("trades"))
   assert merged.beta == 1.0 and merged.bn_updates == "clean,adv,clean"
-  assert objective_config(ml_collections.ConfigDict(), "mart").beta == 6.0
+  assert objective_config(ml_collections.ConfigDict(), "mart", defenses.defaults("mart")).beta == 6.0
   with pytest.raises(KeyError, match="unknown fields"):
-    objective_config(ml_collections.ConfigDict({"objective": {"trades": {"betta": 1.0}}}), "trades")
+    objective_config(ml_collections.ConfigDict({"objective": {"trades": {"betta": 1.0}}}), "trades",
+                     defenses.defaults("trades"))
   assert bn_pass_order("adv, clean,clean") == ("adv", "clean", "clean")
   with pytest.raises(ValueError):
     bn_pass_order("clean,clean")
-
-
-def test_plugins_for_merges_and_rejects_site_conflicts():
-  register_plugins("_test_a")(lambda config, k: {"stem": ("a", k)})
-  register_plugins("_test_b")(lambda config, k: {"stem": ("b", k)})
-  try:
-    assert plugins_for("pgd_at+_test_a", None, 7) == {"stem": ("a", 7)}
-    assert plugins_for(["_test_a"], None, 3) == {"stem": ("a", 3)}
-    assert plugins_for("trades+awp", None, 10) == {}
-    with pytest.raises(ValueError, match="requested by both"):
-      plugins_for("_test_a+_test_b", None, 10)
-  finally:
-    PLUGIN_BUILDERS.pop("_test_a")
-    PLUGIN_BUILDERS.pop("_test_b")
 
 
 def test_mart_keeps_its_1e_7_floor_on_confident_clean_examples():

@@ -16,7 +16,8 @@ import pytest
 
 from agad import models
 from agad.objectives import pgd_at, standard
-from agad.training import loop, sharding, state as state_lib, step as step_lib
+from agad import sharding
+from agad.training import loop, state as state_lib, step as step_lib
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def test_pgd_at_generate_uses_eval_bn_and_does_not_touch_stats():
   model, objective, _, state, batch = _setup()
   adv = objective.generate(state.params, state.model_state, state.aux_state, batch, jax.random.key(0), 0)
   assert float(jnp.abs(adv - batch["image"]).max()) <= tiny_config().attack.eps + 1e-6
-  _, (new_model_state, _, _) = objective.loss(state.params, state.model_state, state.aux_state,
+  _, (new_model_state, _, _, _) = objective.loss(state.params, state.model_state, state.aux_state,
                                                batch, adv, jax.random.key(1), 0)
   # The loss pass (train mode) updates BN statistics; generate returned only images.
   assert not np.allclose(jax.tree.leaves(new_model_state)[0], jax.tree.leaves(state.model_state)[0])
@@ -217,7 +218,7 @@ def test_eps_warmup_ramps_the_training_attack():
 
 
 def test_best_checkpoint_metric_depends_on_objective(tmp_path):
-  from agad.training import builders, checkpoint as ckpt_lib
+  from agad import checkpoint as ckpt_lib
   assert ckpt_lib.best_metric_for(tiny_config("standard")) == "val/clean_accuracy"
   assert ckpt_lib.best_metric_for(tiny_config("trades")) == "val/robust_accuracy"
   with pytest.raises(ValueError, match="best_metric"):
@@ -233,8 +234,8 @@ def test_best_checkpoint_metric_depends_on_objective(tmp_path):
                 meta={"metrics": m, "best_metric": metric})
     ckpt.close()
     # The metric recorded in the metadata wins over the reader's default.
-    assert builders.resolve_step(directory, "best", best_metric="val/robust_accuracy") == expected
-    assert builders.resolve_step(directory, "best", best_metric="val/clean_accuracy") == expected
+    assert ckpt_lib.resolve_step(directory, "best", best_metric="val/robust_accuracy") == expected
+    assert ckpt_lib.resolve_step(directory, "best", best_metric="val/clean_accuracy") == expected
 
 
 def test_validation_step_adds_the_adaptive_attack_and_takes_the_worst_case():

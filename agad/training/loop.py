@@ -77,9 +77,9 @@ class Trainer:
     train_step = step_lib.make_train_step(self.exp.objective, self.tx, ema_decay=config.ema_decay,
                                           schedule=self.schedule)
 
-    def counted_train_step(state, batch):
+    def counted_train_step(state, batch, frozen):
       self.train_traces += 1
-      return train_step(state, batch)
+      return train_step(state, batch, frozen)
 
     self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated), donate_argnums=(0,))
