@@ -13,7 +13,9 @@ tap. Sites inside a residual unit live in the unit's child module, so their entr
 under it (``tree['stage3_unit4']['stage3.unit4.branch']``); :func:`find_tap` looks a site
 up at any depth. ``init`` also returns the zero ``'perturbations'`` collection: keep only
 ``params``/``batch_stats`` in training state and pass perturbations when a tap gradient
-is wanted (absent perturbations make ``perturb`` a no-op).
+is wanted. The tree may be partial: a site without an entry is left alone, so
+``{'perturbations': {'features': d}}`` (or ``{'stage3_unit1': {'stage3.unit1.branch': d}}``
+for a nested site) perturbs that site only, and no collection at all is a no-op.
 
 Plug-ins. ``plugins`` maps a site name to a zero-argument factory returning a fresh
 linen module, called as ``plugin(features, *, train, labels) -> features`` (same shape);
@@ -72,6 +74,7 @@ def torch_linear_uniform(fan_in: int) -> Callable:
 def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
   """``(x - mean) / std`` over the channel axis; x ``[B, H, W, C]``, mean/std ``[C]`` or ``[1]``."""
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
+
 
 
 def max_pool_2x2(x: Array) -> Array:
@@ -187,7 +190,12 @@ def site(m: nn.Module, name: str, x: Array, *, train: bool, labels: Array | None
     plugin = factory().clone(parent=m, name='plugin_' + name.replace('.', '_'))
     x = plugin(x, train=train, labels=labels)
   m.sow('intermediates', name, x)
-  return m.perturb(name, x)
+  # A partial 'perturbations' tree perturbs only the sites it names: flax's perturb raises
+  # on a missing entry once the collection is present. While the collection is mutable
+  # (init) perturb creates the zero entry as before.
+  if m.is_mutable_collection('perturbations') or m.has_variable('perturbations', name):
+    return m.perturb(name, x)
+  return x
 
 
 def find_tap(tree: Mapping, name: str):
@@ -239,8 +247,12 @@ class Backbone(nn.Module):
                       norm_ctx):
     """Stages of residual units; the first unit of every stage after the first strides 2.
 
-    Sites ``stage{s}`` after each stage (1-indexed); units are children named
-    ``stage{s}_unit{i}`` with their own ``stage{s}.unit{i}.branch`` site.
+    Units are children named ``stage{s}_unit{i}`` (s 1-indexed, i 0-indexed) with their
+    own ``stage{s}.unit{i}.branch`` site. Sites of this module: ``stage{s}.unit{i}`` on
+    each unit's output (what the unit returns) and ``stage{s}`` after each stage; the last
+    unit's site and ``stage{s}`` see the same tensor (a plug-in at the unit site feeds
+    the stage site). A unit site's plug-in is ``plugin_stage{s}_unit{i}``, which cannot
+    clash with the unit child ``stage{s}_unit{i}``.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
       for i in range(n):
@@ -248,6 +260,7 @@ class Backbone(nn.Module):
         x = unit(features=width, stride=2 if s > 1 and i == 0 else 1, tap=tap,
                  dtype=self.dtype, norm=self.norm, plugins=self.plugins, conv_init=self.conv_init,
                  name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=norm_ctx)
+        x = site(self, tap, x, train=train, labels=labels)
       x = site(self, f'stage{s}', x, train=train, labels=labels)
     return x
 
@@ -256,8 +269,12 @@ class Backbone(nn.Module):
                    norm_ctx):
     """VGG-style stages: ``stage_sizes[s]`` conv(-BN)-ReLU layers then a 2x2 max pool.
 
-    Sites: ``stem`` after the first conv(-BN)-ReLU, ``stage{s}`` after each pool except
-    for stage ``tap_before_pool``, tapped before its pool (FSR's VGG placement).
+    Sites: ``stem`` after the first conv(-BN)-ReLU; ``stage{s}.pre_pool`` after the
+    stage's last conv(-BN)-ReLU, right before its pool; ``stage{s}`` after each pool
+    except for stage ``tap_before_pool``, tapped before its pool (FSR's VGG placement).
+    In that stage ``stage{s}.pre_pool`` and ``stage{s}`` are consecutive sites on the same
+    tensor (``pre_pool`` first, so a plug-in there feeds ``stage{s}``'s); every stage keeps
+    a ``pre_pool`` site so that name means the same point in every plain backbone.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
       for i in range(n):
@@ -266,6 +283,7 @@ class Backbone(nn.Module):
              if batch_norm else nn.relu(x))
         if s == 1 and i == 0:
           x = site(self, 'stem', x, train=train, labels=labels)
+      x = site(self, f'stage{s}.pre_pool', x, train=train, labels=labels)
       if s == tap_before_pool:
         x = max_pool_2x2(site(self, f'stage{s}', x, train=train, labels=labels))
       else:

@@ -31,7 +31,11 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
                 dtype=jnp.float32, plugins: Mapping[str, Callable[[], nn.Module]] | None = None,
                 norm: Callable[..., nn.Module] | None = None) -> nn.Module:
-  """The backbone ``name`` (one of MODEL_NAMES); ``norm=None`` means :class:`BatchNorm`."""
+  """The backbone ``name`` (one of MODEL_NAMES); ``norm=None`` means :class:`BatchNorm`.
+
+  ``plugins`` keys are used as given: resolve aliases and catch misspelt sites first with
+  :func:`agad.models.resolve_plugins`.
+  """
   if name not in _BUILDERS:
     raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
   # Tuples of floats keep the module hashable whatever sequence type the config used.

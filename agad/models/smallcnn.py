@@ -13,11 +13,13 @@ MART's at lr 0.05) push it into dead ReLUs (WORKSPACE.md).
 
 Tap / site table (28x28x1 input; 32x32x3 in brackets):
 
-  stem        [B, 26, 26, 32]  ([30, 30])   after the first conv-ReLU
-  stage1      [B, 12, 12, 32]  ([14, 14])   after the first pool
-  stage2      [B, 4, 4, 64]    ([5, 5])     after the second pool
-  features    = stage2                      before flattening
-  embedding   [B, 200]                      after the second Dense-ReLU
+  stem             [B, 26, 26, 32]  ([30, 30])   after the first conv-ReLU
+  stage1.pre_pool  [B, 24, 24, 32]  ([28, 28])   after the second conv-ReLU, before pool 1
+  stage1           [B, 12, 12, 32]  ([14, 14])   after the first pool
+  stage2.pre_pool  [B, 8, 8, 64]    ([10, 10])   after the fourth conv-ReLU, before pool 2
+  stage2           [B, 4, 4, 64]    ([5, 5])     after the second pool
+  features         = stage2                      before flattening
+  embedding        [B, 200]                      after the second Dense-ReLU
 
 Parameters, 10 classes: 320 + 9,248 + 18,496 + 36,928 (convs) + 205,000 + 40,200 + 2,010
 (dense) = 312,202 for 28x28x1; 427,978 for 32x32x3 (conv1 896, fc0 1600*200+200).
@@ -41,3 +43,4 @@ class SmallCNN(Backbone):
                           init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
     return self.head(x, hidden=(200, 200), flatten=True, zero_classifier=True,
                      train=train, labels=labels)
+
