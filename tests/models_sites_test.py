@@ -1,8 +1,8 @@
 """Tests for agad.models sites: unit and pre-pool sites, site_names, aliases, plug-in
-validation, partial perturbation trees.
+validation, partial perturbation trees and SmallCNN-BN.
 
 Registered backbones are only traced abstractly (site_names); real forwards run on small
-ResNets with 8x8 inputs and on SmallCNN with 28x28 inputs.
+ResNets with 8x8 inputs and on SmallCNN(-BN) with 28x28 inputs.
 """
 
 import functools
@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from agad.models import (MODEL_NAMES, ResNet, WideResNet, build_model, find_tap,
-                         resolve_plugins, resolve_site, site_names)
-from tests.models_test import RGB, Zero
+from agad.models import (MODEL_NAMES, MultiBranchBatchNorm, ResNet, WideResNet,
+                         build_model, find_tap, resolve_plugins,
+                         resolve_site, site_names)
+from tests.models_test import RGB, Zero, n_params, smallcnn_formula
 
 GRAY = dict(num_classes=10, mean=(0.13,), std=(0.31,))
-PLAIN = ('smallcnn', 'vgg16')
+PLAIN = ('smallcnn', 'smallcnn_bn', 'vgg16')
 
 
 def input_shape(name):
@@ -222,6 +223,56 @@ class PartialPerturbationTest(absltest.TestCase):
                                  'stage2.unit0', 'stage2_unit1', 'stage2.unit1', 'stage2',
                                  'features', 'embedding'})
     self.assertEqual(float(jnp.abs(find_tap(pert, 'stage2.unit1.branch')).max()), 0.0)
+
+
+class SmallCNNBNTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+
+  def test_parameter_count(self):
+    model = build_model('smallcnn_bn', **GRAY)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                       jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+    bn = 2 * (32 + 32 + 64 + 64)
+    self.assertEqual(n_params(v['params']), 312_586)
+    self.assertEqual(n_params(v['params']), smallcnn_formula(28, 1) + bn)
+    self.assertEqual(n_params(v['batch_stats']), bn)
+
+  def test_conv_bn_relu_and_smallcnn_init(self):
+    model = build_model('smallcnn_bn', **GRAY)
+    v = model.init(jax.random.key(0), self.x, train=False)
+    np.testing.assert_array_equal(model.apply(v, self.x, train=False), np.zeros((4, 10)))
+    _, st = model.apply(v, self.x, train=True, mutable=['intermediates', 'batch_stats'])
+    c = nn.Conv(32, (3, 3), padding=0).apply({'params': v['params']['stage1_conv0']},
+                                             (self.x - 0.13) / 0.31)
+    mu, var = c.mean(axis=(0, 1, 2)), c.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(st['intermediates']['stem'][0],
+                               jax.nn.relu((c - mu) / jnp.sqrt(var + 1e-5)), atol=1e-4)
+    self.assertEqual(set(v['params']), set(build_model('smallcnn', **GRAY).init(
+        jax.random.key(0), self.x, train=False)['params']) | {f'stage{s}_bn{i}' for s in (1, 2)
+                                                              for i in (0, 1)})
+
+  def test_multi_branch_norm_train_and_eval(self):
+    model = build_model('smallcnn_bn', **GRAY,
+                        norm=functools.partial(MultiBranchBatchNorm, num_branches=3))
+    v = model.init(jax.random.key(0), self.x, train=False)
+    self.assertEqual(n_params(v['params']), smallcnn_formula(28, 1) + 3 * 384)
+    self.assertEqual(set(v['params']['stage2_bn1']), {'branch0', 'branch1', 'branch2'})
+    out, st = model.apply(v, self.x, train=True, norm_ctx={'branch': 2},
+                          mutable=['batch_stats', 'intermediates'])
+    chex.assert_shape(out, (4, 10))
+    new, old = st['batch_stats']['stage2_bn1'], v['batch_stats']['stage2_bn1']
+    chex.assert_trees_all_close(new['branch0'], old['branch0'])
+    self.assertGreater(float(jnp.abs(new['branch2']['mean'] - old['branch2']['mean']).max()),
+                       1e-3)
+    out_eval, st_eval = model.apply(v, self.x, train=False, mutable=['intermediates'])
+    chex.assert_shape(out_eval, (4, 10))
+    chex.assert_tree_all_finite((st['intermediates'], st_eval['intermediates']))
+    # Batch statistics (train) vs fresh running statistics (eval) give different features.
+    self.assertGreater(float(jnp.abs(st['intermediates']['embedding'][0]
+                                     - st_eval['intermediates']['embedding'][0]).max()), 1e-3)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ from agad.models import (MODEL_NAMES, MultiBranchBatchNorm, WideResNet, build_mo
 
 RGB = dict(num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 PARAMS = {
-    'smallcnn': 312_202, 'resnet18': 11_173_962, 'resnet34': 21_282_122,
+    'smallcnn': 312_202, 'smallcnn_bn': 312_586, 'resnet18': 11_173_962, 'resnet34': 21_282_122,
     'resnet50': 23_520_842, 'preact_resnet18': 11_172_170, 'wrn34_10': 46_160_474,
     'wrn28_10': 36_479_194, 'wrn16_8': 10_961_370, 'vgg16': 15_253_578, 'tiny_bn': 1_506,
 }
@@ -83,7 +83,7 @@ class ArchitectureTest(parameterized.TestCase):
       self.assertIn(tap, inter)
       self.assertIn(tap, v['perturbations'])
     for s, n in enumerate(model.stage_sizes, start=1):
-      if name in ('smallcnn', 'vgg16'):  # plain stages: n conv layers
+      if name in ('smallcnn', 'smallcnn_bn', 'vgg16'):  # plain stages: n conv layers
         self.assertIn(f'stage{s}.pre_pool', inter)
         continue
       for i in range(n):

@@ -6,13 +6,13 @@ from agad.models.preact import PreActBlock, PreActResNet18, WideResNet
 from agad.models.registry import MODEL_NAMES, build_model
 from agad.models.resnet import BasicBlock, Bottleneck, ResNet, TinyBNNet
 from agad.models.sites import resolve_plugins, resolve_site, site_names
-from agad.models.smallcnn import SmallCNN
+from agad.models.smallcnn import SmallCNN, SmallCNNBN
 from agad.models.vgg import VGG16
 
 __all__ = [
     'MODEL_NAMES', 'VGG16', 'Backbone', 'BasicBlock', 'BatchNorm', 'Bottleneck',
     'MultiBranchBatchNorm', 'PreActBlock', 'PreActResNet18', 'ResNet', 'SmallCNN',
-    'TinyBNNet', 'Unit', 'WideResNet', 'build_model', 'find_tap',
+    'SmallCNNBN', 'TinyBNNet', 'Unit', 'WideResNet', 'build_model', 'find_tap',
     'max_pool_2x2', 'normalize', 'resolve_plugins', 'resolve_site',
     'site', 'site_names',
 ]

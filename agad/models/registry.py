@@ -9,12 +9,13 @@ import jax.numpy as jnp
 from agad.models.layers import BatchNorm
 from agad.models.preact import PreActResNet18, WideResNet
 from agad.models.resnet import Bottleneck, ResNet, TinyBNNet
-from agad.models.smallcnn import SmallCNN
+from agad.models.smallcnn import SmallCNN, SmallCNNBN
 from agad.models.vgg import VGG16
 
 _P = functools.partial
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'smallcnn': SmallCNN,
+    'smallcnn_bn': SmallCNNBN,
     'resnet18': _P(ResNet, stage_sizes=(2, 2, 2, 2)),
     'resnet34': _P(ResNet, stage_sizes=(3, 4, 6, 3)),
     'resnet50': _P(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),

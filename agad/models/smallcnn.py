@@ -1,4 +1,4 @@
-"""SmallCNN, the MNIST network of TRADES (Zhang et al. 2019).
+"""SmallCNN, the MNIST network of TRADES (Zhang et al. 2019), and SmallCNN-BN.
 
 Conv(32)-ReLU-Conv(32)-ReLU-pool, Conv(64)-ReLU-Conv(64)-ReLU-pool (3x3 valid convs with
 bias), flatten, Dense(200)-ReLU-Dense(200)-ReLU, Dense(num_classes). TRADES puts a
@@ -23,6 +23,14 @@ Tap / site table (28x28x1 input; 32x32x3 in brackets):
 
 Parameters, 10 classes: 320 + 9,248 + 18,496 + 36,928 (convs) + 205,000 + 40,200 + 2,010
 (dense) = 312,202 for 28x28x1; 427,978 for 32x32x3 (conv1 896, fc0 1600*200+200).
+
+SmallCNN-BN (``smallcnn_bn``, not in TRADES): the same network with the model's ``norm``
+(BatchNorm by default; ``functools.partial(MultiBranchBatchNorm, num_branches=K)`` for
+AFA) between each conv and its ReLU, i.e. conv-BN-ReLU. The convs keep their bias (as in
+SmallCNN; redundant before BN but harmless), inits, sites and zero classifier are
+SmallCNN's. Parameters, 10 classes, 28x28x1: 312,202 + 2 * (32 + 32 + 64 + 64) (BN scale
+and bias) = 312,586 (with K branches: 312,202 + 384 * K); running statistics live in
+``batch_stats``.
 """
 
 from collections.abc import Mapping
@@ -35,12 +43,23 @@ from agad.models.layers import KAIMING_FAN_IN, Backbone
 class SmallCNN(Backbone):
   """``x [B, H, W, C] in [0, 1] -> logits [B, num_classes]``; ``norm`` is unused (no BN)."""
 
+  # Plain class constants, not dataclass fields: the layout is fixed.
   stage_sizes = (2, 2)
+  batch_norm = False
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
-    x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=False, padding=0,
+    x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=self.batch_norm, padding=0,
                           init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
     return self.head(x, hidden=(200, 200), flatten=True, zero_classifier=True,
                      train=train, labels=labels)
 
+
+class SmallCNNBN(SmallCNN):
+  """SmallCNN with conv-``norm``-ReLU: ``x [B, H, W, C] in [0, 1] -> logits [B, num_classes]``.
+
+  Norms are children ``stage{s}_bn{i}`` called with ``train``/``norm_ctx`` (apply with
+  ``mutable=['batch_stats']`` in training).
+  """
+
+  batch_norm = True
