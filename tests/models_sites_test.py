@@ -1,5 +1,5 @@
 """Tests for agad.models sites: unit and pre-pool sites, site_names, aliases, plug-in
-validation, partial perturbation trees and SmallCNN-BN.
+validation, partial perturbation trees, SmallCNN-BN and input normalisation.
 
 Registered backbones are only traced abstractly (site_names); real forwards run on small
 ResNets with 8x8 inputs and on SmallCNN(-BN) with 28x28 inputs.
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from agad.models import (MODEL_NAMES, MultiBranchBatchNorm, ResNet, WideResNet,
-                         build_model, find_tap, resolve_plugins,
+from agad.models import (INPUT_NORMS, MODEL_NAMES, MultiBranchBatchNorm, ResNet, WideResNet,
+                         build_model, find_tap, per_image_normalize, resolve_plugins,
                          resolve_site, site_names)
 from tests.models_test import RGB, Zero, n_params, smallcnn_formula
 
@@ -273,6 +273,39 @@ class SmallCNNBNTest(absltest.TestCase):
     # Batch statistics (train) vs fresh running statistics (eval) give different features.
     self.assertGreater(float(jnp.abs(st['intermediates']['embedding'][0]
                                      - st_eval['intermediates']['embedding'][0]).max()), 1e-3)
+
+
+class InputNormTest(absltest.TestCase):
+
+  def test_per_image_normalize_hand_example(self):
+    # One image, 2x2, channel 0 = [0, .2; .4, .6] (mean .3, var .05), channel 1 constant.
+    x = jnp.array([[[[0.0, 0.7], [0.2, 0.7]], [[0.4, 0.7], [0.6, 0.7]]]])
+    out = per_image_normalize(x)
+    expected0 = np.array([[-0.3, -0.1], [0.1, 0.3]]) / np.sqrt(0.05 + 1e-5)
+    np.testing.assert_allclose(out[0, :, :, 0], expected0, rtol=1e-5)
+    np.testing.assert_array_equal(out[0, :, :, 1], 0.0)
+    # Per example: a second image does not change the first one's result.
+    both = per_image_normalize(jnp.concatenate([x, 1.0 - x * 0.5]))
+    np.testing.assert_array_equal(both[:1], out)
+
+  def test_backbone_prepare_and_build_model(self):
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    prep = lambda model, x: model.apply({}, x, method=lambda m, x: m.prepare(x))
+    models = {k: build_model('tiny_bn', **RGB, input_norm=k) for k in INPUT_NORMS}
+    np.testing.assert_allclose(prep(models['dataset'], x),
+                               (x - jnp.array(RGB['mean'])) / jnp.array(RGB['std']), rtol=1e-6)
+    np.testing.assert_allclose(prep(models['per_image'], x), per_image_normalize(x))
+    np.testing.assert_array_equal(prep(models['none'], x), x)
+    # Per-image standardisation makes the logits invariant to per-image contrast/brightness.
+    model = models['per_image']
+    v = model.init(jax.random.key(1), x, train=False)
+    np.testing.assert_allclose(model.apply(v, x, train=False),
+                               model.apply(v, 0.5 * x + 0.2, train=False), atol=1e-3)
+    self.assertGreater(float(jnp.abs(models['dataset'].apply(v, x, train=False)
+                                     - models['dataset'].apply(v, 0.5 * x + 0.2,
+                                                               train=False)).max()), 1e-3)
+    with self.assertRaisesRegex(ValueError, "'per-image' is not one of .*'per_image'"):
+      build_model('tiny_bn', **RGB, input_norm='per-image')
 
 
 if __name__ == '__main__':

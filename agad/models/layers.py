@@ -76,6 +76,30 @@ def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
   return (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype)
 
 
+# Backbone.input_norm values: how prepare() normalises the [0, 1] pixels.
+INPUT_NORMS = ('dataset', 'per_image', 'none')
+PER_IMAGE_EPS = 1e-5
+
+
+def per_image_normalize(x: Array, eps: float = PER_IMAGE_EPS) -> Array:
+  """Per-example, per-channel standardisation: ``[B, H, W, C] -> [B, H, W, C]``.
+
+  ``(x - mean_hw) / sqrt(var_hw + eps)`` with the mean and (biased) variance of each image's
+  channel over H and W. ``eps`` keeps a constant channel finite (it maps to 0) and the
+  gradient bounded; with pixel variances ~0.05 it changes the scale by < 0.01%.
+  """
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  var = jnp.square(x - mean).mean(axis=(1, 2), keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def check_input_norm(input_norm: str) -> str:
+  """``input_norm`` if it is one of ``INPUT_NORMS``, else ValueError listing them."""
+  if input_norm not in INPUT_NORMS:
+    raise ValueError(f'input_norm {input_norm!r} is not one of {INPUT_NORMS}: "dataset" '
+                     '(mean/std), "per_image" (each image standardised) or "none"')
+  return input_norm
+
 
 def max_pool_2x2(x: Array) -> Array:
   """2x2, stride-2 max pool, ``[B, H, W, C] -> [B, H // 2, W // 2, C]``.
@@ -218,6 +242,9 @@ class Backbone(nn.Module):
     dtype: compute dtype; params stay float32 and logits are returned as float32.
     norm: norm factory (see module docstring).
     plugins: site name -> zero-argument module factory, or None.
+    input_norm: how ``prepare`` normalises the pixels (one of ``INPUT_NORMS``):
+      ``'dataset'`` ``(x - mean) / std`` with the attributes above; ``'per_image'``
+      :func:`per_image_normalize` (mean/std unused); ``'none'`` the raw [0, 1] pixels.
 
   Subclasses define ``stage_sizes`` (residual units, or conv layers, per stage) and a
   compact ``__call__(x, *, train, labels=None, norm_ctx=None) -> [B, num_classes]``.
@@ -229,6 +256,7 @@ class Backbone(nn.Module):
   dtype: Any = jnp.float32
   norm: Callable[..., nn.Module] = BatchNorm
   plugins: Mapping[str, Callable[[], nn.Module]] | None = None
+  input_norm: str = 'dataset'
 
   # Plain class constants (not fields): each backbone's reference-code init.
   conv_init = staticmethod(KAIMING_FAN_OUT)
@@ -237,11 +265,16 @@ class Backbone(nn.Module):
   def __post_init__(self):
     if self.plugins is not None and not isinstance(self.plugins, FrozenDict):
       object.__setattr__(self, 'plugins', FrozenDict(self.plugins))
+    check_input_norm(self.input_norm)
     super().__post_init__()
 
   def prepare(self, x: Array) -> Array:
-    """Pixels ``[B, H, W, C]`` in [0, 1] -> normalised input in the compute dtype."""
-    return normalize(x, self.mean, self.std).astype(self.dtype)
+    """Pixels ``[B, H, W, C]`` in [0, 1] -> input normalised per ``input_norm``, in ``dtype``."""
+    if self.input_norm == 'dataset':
+      x = normalize(x, self.mean, self.std)
+    elif self.input_norm == 'per_image':
+      x = per_image_normalize(x)
+    return x.astype(self.dtype)
 
   def residual_stages(self, x, unit: type['Unit'], widths: Sequence[int], *, train, labels,
                       norm_ctx):
