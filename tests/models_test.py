@@ -19,7 +19,7 @@ from agad.models import (MODEL_NAMES, MultiBranchBatchNorm, WideResNet, build_mo
 
 RGB = dict(num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 PARAMS = {
-    'smallcnn': 312_202, 'resnet18': 11_173_962, 'resnet34': 21_282_122,
+    'smallcnn': 312_202, 'smallcnn_bn': 312_586, 'resnet18': 11_173_962, 'resnet34': 21_282_122,
     'resnet50': 23_520_842, 'preact_resnet18': 11_172_170, 'wrn34_10': 46_160_474,
     'wrn28_10': 36_479_194, 'wrn16_8': 10_961_370, 'vgg16': 15_253_578, 'tiny_bn': 1_506,
 }
@@ -69,8 +69,9 @@ class ArchitectureTest(parameterized.TestCase):
 
   @parameterized.parameters(*MODEL_NAMES)
   def test_counts_shapes_and_taps(self, name):
-    shape = (2, 28, 28, 1) if name == 'smallcnn' else (2, 32, 32, 3)
-    stats = dict(mean=(0.5,), std=(0.25,)) if name == 'smallcnn' else {}
+    gray = name.startswith('smallcnn')
+    shape = (2, 28, 28, 1) if gray else (2, 32, 32, 3)
+    stats = dict(mean=(0.5,), std=(0.25,)) if gray else {}
     model = build_model(name, **{**RGB, **stats})
     logits, v = abstract_init(model, shape)
     self.assertEqual((logits.shape, logits.dtype), ((2, 10), jnp.float32))
@@ -81,10 +82,14 @@ class ArchitectureTest(parameterized.TestCase):
     for tap in ['stem', 'features', 'embedding'] + [f'stage{s}' for s in range(1, stages + 1)]:
       self.assertIn(tap, inter)
       self.assertIn(tap, v['perturbations'])
-    if name not in ('smallcnn', 'vgg16'):
-      for s, n in enumerate(model.stage_sizes, start=1):
-        for i in range(n):
-          find_tap(inter, f'stage{s}.unit{i}.branch')
+    for s, n in enumerate(model.stage_sizes, start=1):
+      if name in ('smallcnn', 'smallcnn_bn', 'vgg16'):  # plain stages: n conv layers
+        self.assertIn(f'stage{s}.pre_pool', inter)
+        continue
+      for i in range(n):
+        find_tap(inter, f'stage{s}.unit{i}.branch')
+        self.assertIn(f'stage{s}.unit{i}', inter)  # unit outputs are top-level sites
+        self.assertIn(f'stage{s}.unit{i}', v['perturbations'])
 
   def test_tap_shapes_of_defense_sites(self):
     _, v = abstract_init(build_model('wrn34_10', **RGB), (2, 32, 32, 3))
@@ -225,7 +230,8 @@ class TinyBNTest(absltest.TestCase):
     model = build_model('tiny_bn', **RGB)
     _, state = model.apply(self.init(model), self.x, train=False, mutable=['intermediates'])
     taps = state['intermediates']
-    self.assertEqual(set(taps), {'stem', 'stage1', 'features', 'embedding', 'stage1_unit0'})
+    self.assertEqual(set(taps), {'stem', 'stage1.unit0', 'stage1', 'features', 'embedding',
+                                 'stage1_unit0'})
     chex.assert_shape(find_tap(taps, 'stage1.unit0.branch')[0], (6, 8, 8, 8))
     np.testing.assert_allclose(taps['embedding'][0], taps['features'][0].mean(axis=(1, 2)),
                                rtol=1e-6)

@@ -14,13 +14,18 @@ Tap / site table for a ``[B, 32, 32, 3]`` input (w_s = stage widths below):
                                                         unit's BN-ReLU; masks only the
                                                         branch, not the shortcut; nests
                                                         under child stage{s}_unit{i}
-  stage{s}                  [B, 32/2^(s-1), ., w_s]     stage outputs (no BN applied)
+  stage{s}.unit{i}          [B, 32/2^(s-1), ., w_s]     unit output (branch + shortcut, no
+                                                        BN/ReLU: what the unit returns);
+                                                        top level, not nested
+  stage{s}                  [B, 32/2^(s-1), ., w_s]     stage outputs (no BN applied; = the
+                                                        stage's last unit site)
   features                  [B, 4 or 8, ., w_last]      after the final BN-ReLU
   embedding                 [B, w_last]                 pooled penultimate vector
 
 PreActResNet-18: stem 64, widths 64/128/256/512, ``(2, 2, 2, 2)``, features 4x4.
 WRN-d-k: stem 16, widths 16k/32k/64k, ``(d-4)/6`` units per stage, features 8x8; AGAIN's
-mask sits at ``stage3.unit{n-1}.branch`` and ``features``, FSR at ``features``.
+mask sits at ``stage3.unit{n-1}.branch`` (alias ``stage3.unit[-1].branch``, see
+:func:`agad.models.resolve_site`) and ``features``, FSR at ``features``.
 
 Parameter counts (10 classes): PreActResNet-18 11,172,170 (kuangliu's variant without the
 final BN-ReLU has 11,171,146); WRN-34-10 46,160,474; WRN-28-10 36,479,194;

@@ -14,7 +14,11 @@ w_s = 64 * 2^(s-1)):
   stage{s}.unit{i}.branch   [B, 32/2^(s-1), ., w_s*e]   residual branch output (after its
                                                         last BN), before the addition;
                                                         nests under child stage{s}_unit{i}
-  stage1 .. stage4          [B, 32/2^(s-1), ., w_s*e]   stage outputs
+  stage{s}.unit{i}          [B, 32/2^(s-1), ., w_s*e]   unit output, after the addition
+                                                        and the final ReLU (what the unit
+                                                        returns); top level, not nested
+  stage1 .. stage4          [B, 32/2^(s-1), ., w_s*e]   stage outputs (= the stage's last
+                                                        unit site, on the same tensor)
   features                  [B, 4, 4, 512*e]            = stage4, before pooling
   embedding                 [B, 512*e]                  pooled penultimate vector
 
@@ -87,8 +91,8 @@ class TinyBNNet(ResNet):
   """A 1,506-parameter ResNet for tests (10 classes, 3 channels).
 
   Conv(8)-BN-ReLU [``stem``] -> one BasicBlock of width 8 [``stage1.unit0.branch``,
-  ``stage1`` = ``features``] -> GAP [``embedding``] -> Dense. It runs the real ResNet
-  code path, so tests on it cover BN modes, plug-ins, norm routing and taps.
+  ``stage1.unit0`` = ``stage1`` = ``features``] -> GAP [``embedding``] -> Dense. It runs
+  the real ResNet code path, so tests on it cover BN modes, plug-ins, norm routing and taps.
   """
 
   stage_sizes: Sequence[int] = (1,)

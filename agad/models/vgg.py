@@ -6,13 +6,17 @@ Dense(512)-ReLU-Dense(512)-ReLU-Dense(num_classes) (no dropout).
 
 Tap / site table for a ``[B, 32, 32, 3]`` input:
 
-  stem        [B, 32, 32, 64]    after the first conv-BN-ReLU
-  stage1..3   [B, 16, 16, 64], [B, 8, 8, 128], [B, 4, 4, 256]   after pools 1-3
-  stage4      [B, 4, 4, 512]     BEFORE pool 4: FSR's placement (a plug-in here feeds the
-                                 pool and everything after it)
-  stage5      [B, 1, 1, 512]     after pool 5
-  features    [B, 1, 1, 512]     = stage5; for spatial attention use stage4
-  embedding   [B, 512]           after the second Dense-ReLU
+  stem               [B, 32, 32, 64]    after the first conv-BN-ReLU
+  stage{s}.pre_pool  [B, 32/2^(s-1), ., w_s]   after stage s's last conv-BN-ReLU, before
+                                        its pool (w_s = 64/128/256/512/512)
+  stage1..3          [B, 16, 16, 64], [B, 8, 8, 128], [B, 4, 4, 256]   after pools 1-3
+  stage4             [B, 4, 4, 512]     BEFORE pool 4: FSR's placement (a plug-in here
+                                        feeds the pool and everything after it); it
+                                        directly follows stage4.pre_pool on the same
+                                        tensor (a plug-in there feeds stage4's)
+  stage5             [B, 1, 1, 512]     after pool 5
+  features           [B, 1, 1, 512]     = stage5; for spatial attention use stage4
+  embedding          [B, 512]           after the second Dense-ReLU
 
 Parameters, 10 classes: 14,723,136 in conv/BN + 530,442 in the head = 15,253,578.
 """
