@@ -55,6 +55,6 @@ def build_model(config: Any, info: Any):
   model = models_lib.build_model(model_cfg.name, **kwargs)
   plugins = plugins_for(spec, config, info.num_classes)
   if plugins:
-    plugins = models_lib.resolve_plugins(model, plugins, (1,) + tuple(info.image_shape))
+    plugins = models_lib.resolve_plugins(model, plugins, tuple(info.image_shape))
     model = model.clone(plugins=plugins)
   return model
