@@ -52,7 +52,7 @@ def test_train_then_evaluate_smoke(tmp_path):
 
   # The report matches an in-process evaluation of the loaded checkpoint.
   loaded = agad.load(workdir, "best")
-  suite = Suite(loaded.logits_fn, loaded.experiment.splits.test, batch_size=64, log=None)
+  suite = Suite(loaded.logits_fn, loaded.splits().test, batch_size=64, log=None)
   record = suite.run(AttackSpec.make("clean", "clean", eps=0.1))
   assert record["accuracy"] == clean["accuracy"]
   # The cached PGD rows are reused by a second evaluation (no recomputation).
