@@ -165,7 +165,7 @@ class Trainer:
       diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
       if diff:
         raise ValueError(
-            f"refusing to resume {self.workdir}: the config changed trajectory fields since the "
+            f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
             f"checkpoint at step {latest}:\n  " + "\n  ".join(diff) +
             "\nUse a new --workdir, or restore the original values.")
       if latest >= self.total_steps:
