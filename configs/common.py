@@ -96,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.freeze = ""               # Comma-separated regexes of parameter paths to freeze.
   c.init.keep_init = ""            # Comma-separated regexes: parameters the source lacks keep their init.
 
+  c.allow_eps_mismatch = False    # True: attack.eps, validation.attack.eps and eval.eps may differ
+                                   # (otherwise training refuses; override all three together).
   c.log_every_steps = 50           # Host sync + log + non-finite check interval.
   c.prefetch = 2                   # Batches prefetched to devices.
   c.stop_after_steps = 0           # Stop (and checkpoint) after this many steps; 0 = run to the end.

@@ -18,7 +18,8 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.eps = 8 / 255             # Evaluation radius.
   c.restarts = 1              # PGD restarts (per-example worst case).
   c.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
-  c.params = "params"         # params | ema.
+  c.params = "auto"           # auto (the weights validation selected on: ema when the run kept and
+                              # validated an EMA, else params) | params | ema.
   c.preset = "pgd"            # pgd (clean + PGD-k) | table | table_aa | full | autoattack.
   c.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
   c.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
@@ -27,3 +28,23 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.cache = True              # Cache per-example results under WORKDIR/eval/cache.
   c.seed = 0                  # Attack randomness.
   return c
+
+
+def selected_weights(config) -> str:
+  """``"ema"`` or ``"params"``: the weights a run's validation chose "best" on."""
+  use_ema = bool(config.get("validation", {}).get("use_ema", True))
+  return "ema" if use_ema and float(config.get("ema_decay", 0.0) or 0.0) > 0 else "params"
+
+
+def weights_to_evaluate(eval_cfg, config) -> tuple[str, str]:
+  """``(weights, note)`` for ``eval.params`` (``auto`` evaluates what validation selected)."""
+  selected = selected_weights(config)
+  choice = eval_cfg.params
+  if choice == "auto":
+    return selected, f"{selected} (the weights validation selected the checkpoint on)"
+  if choice not in ("params", "ema"):
+    raise ValueError(f"eval.params={choice!r} is not one of auto | params | ema")
+  if choice != selected:
+    return choice, (f"{choice}, but the checkpoint was selected on the {selected} weights' validation "
+                    "accuracy: 'best' may not be best for these weights")
+  return choice, f"{choice} (the weights validation selected the checkpoint on)"

@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from agad.evaluation import presets, report as report_lib, suite as suite_lib
-from agad.evaluation.defaults import eval_defaults
+from agad.evaluation.defaults import eval_defaults, weights_to_evaluate
 from agad.objectives.base import adaptive_variants
 
 
@@ -53,7 +53,8 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   preset = preset or eval_cfg.preset
   if preset not in presets.PRESETS:
     raise ValueError(f"preset {preset!r} is not one of {presets.PRESETS}")
-  loaded = api.load(workdir, step, params=eval_cfg.params, config=saved)
+  weights, weights_note = weights_to_evaluate(eval_cfg, saved)
+  loaded = api.load(workdir, step, params=weights, config=saved)
   test = loaded.splits().test
   n = num_examples or eval_cfg.num_examples
   indices = None if n is None else list(range(min(int(n), len(test))))
@@ -67,7 +68,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   os.makedirs(out_dir, exist_ok=True)
   model_hash = suite_lib.params_hash(loaded.variables)
   log = log or (lambda *_: None)
-  log(f"evaluating {workdir} step {loaded.step} ({eval_cfg.params}, hash {model_hash}) on "
+  log(f"evaluating {workdir} step {loaded.step} ({weights_note}, hash {model_hash}) on "
       f"{len(test) if indices is None else len(indices)} test images: "
       + ", ".join(s.name for s in specs))
   report = suite_lib.run_suite(
@@ -76,7 +77,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
       cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None, model_hash=model_hash,
       adaptive_loss=adaptive, surrogate=surrogate_fn, log=log, chunk=chunk,
       sweep_steps=int(eval_cfg.pgd_steps),
-      meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": eval_cfg.params,
+      meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": weights, "weights": weights_note,
             "dataset": saved.data.name, "split": "test", "model": saved.model.name,
             "objective": saved.objective.name, "bn": "eval (running statistics)", "dtype": "float32",
             "preset": preset})

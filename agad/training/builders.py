@@ -23,6 +23,23 @@ class Experiment(NamedTuple):
   objective: base.Objective
 
 
+def check_config(config: Any) -> None:
+  """Refuses configs that would train or validate something other than what they say.
+
+  The training attack's radius, the validation radius (which picks "best") and the test
+  radius must agree unless ``allow_eps_mismatch`` says the difference is wanted: a
+  ``--config.attack.eps=...`` override alone would otherwise select and report at the
+  old radius.
+  """
+  radii = {"attack.eps": float(config.attack.eps),
+           "validation.attack.eps": float(config.validation.attack.eps),
+           "eval.eps": float(config.eval.eps)}
+  if len(set(radii.values())) > 1 and not config.get("allow_eps_mismatch", False):
+    listed = ", ".join(f"{k}={v:.6g}" for k, v in radii.items())
+    raise ValueError(f"the radii differ ({listed}): override all three together, or set "
+                     "--config.allow_eps_mismatch=True if the difference is intended")
+
+
 def build_experiment(config: Any) -> Experiment:
   splits = data_lib.load_dataset(config.data)
   info = splits.info

@@ -65,6 +65,7 @@ class Trainer:
     self.workdir = os.path.abspath(workdir)
     self.mesh = sharding.make_mesh()
     sharding.check_divisible(config.batch_size, self.mesh)
+    builders.check_config(config)
     self.exp = builders.build_experiment(config)
     self.steps_per_epoch = data_lib.steps_per_epoch(len(self.exp.splits.train), config.batch_size)
     self.total_steps = int(math.ceil(config.num_epochs * self.steps_per_epoch))
