@@ -395,3 +395,23 @@ def test_probability_outputs_get_a_warning():
   assert any("probabilities" in w for w in checks.model_checks(softmax, source, np.arange(8)))
   assert not any("probabilities" in w for w in
                  checks.model_checks(Partial(_nearest_template, templates), source, np.arange(8)))
+
+
+def test_runner_verifies_a_bfloat16_model_with_a_float32_forward_pass():
+  import types
+  from agad import api
+  from agad.evaluation import runner
+  from agad.models.registry import build_model
+  model = build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,), dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  leaves, tree = jax.tree.flatten(variables["params"])  # the zero-initialised classifier too
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  variables = {**variables, "params": jax.tree.unflatten(tree, [
+      l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])}
+  loaded = types.SimpleNamespace(model=model, variables=variables)
+  assert runner._float32_logits_fn(loaded, "float32") is None
+  fp32 = runner._float32_logits_fn(loaded, "bfloat16")
+  ref = api.make_logits_fn(build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,)), variables)
+  np.testing.assert_allclose(fp32(x), ref(x), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(api.make_logits_fn(model, variables)(x), ref(x), atol=1e-6)  # bf16 differs

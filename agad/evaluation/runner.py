@@ -1,9 +1,10 @@
 """``evaluate(workdir, ...)``: the whole evaluation of a training run's checkpoint.
 
 What ``python -m launch.evaluate`` does, as a library call: restore the checkpoint
-(eval-mode BN, fp32, "best" chosen on the validation split), build the preset's attack
-specs from the run's ``eval`` config, run the cached suite on the first ``num_examples``
-test images, and write the JSON report, Markdown table and plots.
+(eval-mode BN, the model's compute dtype, "best" chosen on the validation split), build
+the preset's attack specs from the run's ``eval`` config, run the cached suite on the
+first ``num_examples`` test images (stored adversarials re-verified by a float32 forward
+pass), and write the JSON report, Markdown table and plots.
 """
 
 from __future__ import annotations
