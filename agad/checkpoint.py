@@ -119,11 +119,12 @@ def abstract_like(state: Any) -> Any:
 
 
 def params_hash(variables: Any) -> str:
-  """sha256 over every leaf's bytes (and path): identifies a checkpoint's weights."""
+  """sha256 over every leaf's bytes, dtype, shape and path: identifies a checkpoint's weights."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    leaf = np.asarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+    h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()[:24]
 
 

@@ -173,18 +173,27 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
     assert (tag, batch) not in new and traces == expected[tag], (tag, batch, traces)
 
 
+def _gradient_noise(w1, w2, c, x, key):
+  """The MLP plus a term whose value is at most c / 1000 but whose input gradient is c times
+  a fresh Gaussian direction per call: single-draw gradients are noise, their mean is not."""
+  flat = x.reshape(x.shape[0], -1)
+  r = jax.random.normal(key, (flat.shape[1], CLASSES))
+  return _mlp(w1, w2, x) + (c / 1e3) * jnp.sin(1e3 * flat @ r)
+
+
 def test_rand_version_uses_eot_on_a_stochastic_model():
   w1, w2 = _weights(3)
-
-  def noisy(x, key):
-    return _mlp(w1, w2, x + 0.02 * jax.random.normal(key, x.shape))
-
-  x = _images(8, 2)
+  x = _images(16, 2)
   y = np.asarray(jnp.argmax(_mlp(w1, w2, jnp.asarray(x)), -1))
-  res = aa.autoattack(Partial(noisy), x, y, jax.random.key(0), eps=0.3, version="rand",
-                      stochastic=True, eot_iter=2, steps=4, batch_size=8, min_bucket=8)
+  noisy = Partial(_gradient_noise, w1, w2, 30.0)
+  kw = dict(eps=0.06, version="rand", stochastic=True, steps=10, batch_size=16, min_bucket=16)
+  res = aa.autoattack(noisy, x, y, jax.random.key(0), eot_iter=8, **kw)
   assert list(res["per_attack"]) == ["apgd-ce", "apgd-dlr"]
-  assert res["robust_accuracy"] <= 0.25
+  assert res["clean_accuracy"] == 1.0
+  assert res["robust_accuracy"] <= 0.2
+  # The same attack without EOT is defeated by the noise: the test above needs EOT to pass.
+  without = aa.autoattack(noisy, x, y, jax.random.key(0), eot_iter=1, **kw)
+  assert without["robust_accuracy"] >= 0.3
 
 
 def test_argument_errors_and_public_entry_point():
@@ -199,3 +208,26 @@ def test_argument_errors_and_public_entry_point():
     aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.1, norm="l1")
   autoattack_api = importlib.import_module("agad.evaluation.autoattack_api")
   assert autoattack_api.autoattack is aa.autoattack
+
+
+def test_few_classes_and_too_many_targets_are_clear_never_an_index_crash():
+  dlr_lib = importlib.import_module("agad.attacks.dlr")
+  two = jnp.array([[1.0, 0.0]])
+  with pytest.raises(ValueError, match="at least 3 classes, the logits have 2"):
+    dlr_lib.dlr(two, jnp.array([0]))
+  three = jnp.array([[1.0, 0.0, 0.5]])
+  with pytest.raises(ValueError, match="at least 4 classes, the logits have 3"):
+    dlr_lib.dlr_targeted(three, jnp.array([0]), jnp.array([1]))
+  with pytest.raises(ValueError, match=r"num_targets=5 must be in \[1, 2\]"):
+    dlr_lib.ranked_targets(three, 5)
+  # AutoAttack on a 2-class model: DLR attacks are skipped and the targets capped, with flags.
+  w = jnp.asarray(np.random.RandomState(0).randn(DIM, 2).astype(np.float32))
+  logits_fn = Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w)
+  x = _images(8, 3)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  res = aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.05, steps=3, square_queries=10,
+                      batch_size=8)
+  assert list(res["per_attack"]) == ["apgd-ce", "fab-t", "square"]
+  flags = " | ".join(res["flags"])
+  assert "apgd-t skipped: targeted DLR needs >= 4 classes, the model has 2" in flags
+  assert "only 2 classes: targeted attacks use 1 targets, not 9" in flags

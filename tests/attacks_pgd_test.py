@@ -222,3 +222,46 @@ def test_eager_drivers_trace_the_step_once_for_new_arrays(driver):
                            driver=driver, chunk=4)
   np.testing.assert_allclose(out, np.full(3, 3.0 * 2.0 ** 4))
   assert len(traces) == n, f"driver={driver} re-traced the step on a second call"
+
+
+def _band_logits(x):
+  """Three classes on t = mean(x): class 1 wins only for |t - 0.55| < 0.02, class 0 elsewhere;
+  class 2 (never the argmax) rises with t, so ascending its logit walks t through the band."""
+  t = jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+  return jnp.stack([jnp.zeros_like(t), 1.0 - 2500.0 * (t - 0.55) ** 2, 100.0 * t - 1000.0], -1)
+
+
+@pytest.mark.parametrize("driver", ["unroll", "loop", "host"])
+@pytest.mark.parametrize("attack", ["pgd", "mim"])
+def test_track_best_keeps_a_misclassified_earlier_iterate(driver, attack):
+  # t: 0.50 -> 0.52, 0.54, 0.56 (misclassified), 0.58, 0.60 (correct again, the last iterate).
+  x = jnp.full((2, H, W, C), 0.5)
+  y = jnp.zeros(2, jnp.int32)
+  ascend_class_2 = lambda logits, labels: logits[:, 2]
+  kw = dict(eps=0.1, steps=5, loss=ascend_class_2, driver=driver, chunk=2)
+  if attack == "pgd":
+    run = lambda **extra: attacks.pgd(Partial(_band_logits), x, y, jax.random.key(0), step_size=0.02,
+                                      random_start="none", **kw, **extra)
+  else:
+    run = lambda **extra: attacks.mim(Partial(_band_logits), x, y, jax.random.key(0), **kw, **extra)
+  last = run()
+  np.testing.assert_allclose(last, jnp.full_like(x, 0.6), atol=1e-6)
+  assert np.all(np.asarray(jnp.argmax(_band_logits(last), -1)) == 0)  # the last iterate is correct
+  best = run(track_best=True)
+  np.testing.assert_allclose(best, jnp.full_like(x, 0.56), atol=1e-6)  # the last misclassified one
+  assert np.all(np.asarray(jnp.argmax(_band_logits(best), -1)) == 1)
+
+
+def test_track_best_returns_the_final_iterate_when_it_is_adversarial():
+  w, logits_fn = _model()
+  x = jax.random.uniform(jax.random.key(3), (8, H, W, C))
+  y = jnp.asarray(np.random.RandomState(0).randint(0, 2, 8))
+  kw = dict(eps=0.1, step_size=0.03, steps=6, loss="margin")
+  plain = attacks.pgd(logits_fn, x, y, jax.random.key(4), **kw)
+  tracked = attacks.pgd(logits_fn, x, y, jax.random.key(4), track_best=True, **kw)
+  # A linear model's loss only grows along the path: the last iterate is the best one.
+  np.testing.assert_allclose(tracked, plain, atol=1e-6)
+  success = lambda z: jnp.argmax(logits_fn(z), -1) != y
+  general = attacks.pgd_general(Partial(lambda z: attacks.margin(logits_fn(z), y)), x, jax.random.key(4),
+                                success_fn=success, eps=0.1, step_size=0.03, steps=6)
+  np.testing.assert_allclose(general, plain, atol=1e-6)

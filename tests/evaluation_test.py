@@ -52,8 +52,8 @@ def test_worst_case_cache_and_verification(tmp_path):
   v = suite.verify(0.3)
   assert v["checked"] == int(round(48 * (1 - worst["accuracy"])))
   assert v["outside_ball"] == v["outside_box"] == v["nonfinite"] == 0
-  # Clean-misclassified points store their clean image; the rest must be misclassified.
-  assert v["not_misclassified"] <= int(round(48 * (1 - clean)))
+  # Clean-misclassified points store their clean image (misclassified too): nothing fails.
+  assert v["not_misclassified"] == 0
 
   # A corrupted stored adversarial (outside the ball) is caught.
   pos = next(iter(suite.adversarial))
@@ -218,3 +218,200 @@ def test_adaptive_loss_variants_are_picked_by_name():
 def build_specs_adaptive(variants):
   from agad.evaluation.presets import adaptive_specs
   return adaptive_specs(variants, eps=0.3, step=0.1, k=5)
+
+
+# ------------------------------------------------------------------ issue 11
+
+def _specs(eps=0.3):
+  return [AttackSpec.make("clean", "clean", eps=eps),
+          AttackSpec.make("pgd-5", "pgd", eps=eps, step_size=eps / 3, steps=5, restarts=1)]
+
+
+def test_every_preset_runs_the_adaptive_variants():
+  from configs import fashion_mnist
+  from agad.evaluation import PRESETS
+  cfg = fashion_mnist.get_config("").eval
+  for preset in PRESETS:
+    names = [s.name for s in build_specs(cfg, preset=preset, adaptive=("", "st"))]
+    assert "adaptive-pgd-20" in names and "adaptive-st-pgd-20" in names, (preset, names)
+    assert not any(n.startswith("adaptive") for n in
+                   (s.name for s in build_specs(cfg, preset=preset))), preset
+  table = build_specs(cfg, preset="table", adaptive=True)
+  assert build_specs(cfg, preset="table_aa", adaptive=True)[:len(table)] == table  # cache reuse
+
+
+def test_checks_that_cannot_run_are_listed_not_claimed_silent():
+  source, templates = _templates_source(n=16)
+  report = run_suite(Partial(_nearest_template, templates), source, _specs(0.05), eps=0.05,
+                     batch_size=16, log=None, sweep_steps=5)
+  assert report["warnings"] == []
+  skipped = " | ".join(report["not_applicable"])
+  for needle in ("FGSM row", "Square or transfer", "AutoAttack row", "several eps", "eps >= 0.5",
+                 "more steps or restarts"):
+    assert needle in skipped, needle
+  text = markdown(report)
+  assert "No gradient-masking check fired." not in text
+  assert "No applicable gradient-masking check fired" in text and "needs an FGSM row" in text
+  rec = lambda name, kind, acc, **kw: {"attack": name, "kind": kind, "accuracy": acc, "stderr": 0.01,
+                                       "n": 1000, "eps": kw.pop("eps", 0.1), **kw}
+  full = {"eps": 0.1, "sweep_steps": 20, "records": [
+      rec("fgsm", "fgsm", 0.6), rec("square", "square", 0.55), rec("aa", "autoattack", 0.45),
+      rec("pgd-20", "pgd", 0.5, steps=20, restarts=1, loss="ce"),
+      rec("pgd-100", "pgd", 0.5, steps=100, restarts=1, loss="ce"),
+      rec("pgd-20@0.5", "pgd", 0.0, eps=0.5, steps=20, restarts=1, loss="ce")]}
+  assert checks.not_applicable(full) == []
+
+
+def test_autoattack_flags_reach_the_record_json_and_markdown(tmp_path):
+  import json
+  source, templates = _templates_source(n=16, seed=4)
+  masked = Partial(_quantised, templates)  # input gradient exactly zero everywhere
+  spec = AttackSpec.make("aa", "autoattack", eps=0.1, version="custom", attacks=("apgd-ce",),
+                         steps=4)
+  kw = dict(eps=0.1, batch_size=16, log=None, cache_dir=str(tmp_path), model_hash="q")
+  report = run_suite(masked, source, [spec], **kw)
+  record = report["records"][0]
+  assert any("zero input gradient" in f for f in record["flags"]), record
+  assert any(w.startswith("aa: ") and "zero input gradient" in w for w in report["warnings"])
+  assert "zero input gradient" in json.dumps(report, default=str)
+  assert "zero input gradient" in markdown(report)
+  again = run_suite(masked, source, [spec], **kw)["records"][0]  # flags survive the cache
+  assert again["cached_chunks"] == 1 and again["flags"] == record["flags"]
+
+
+def test_cache_key_covers_weights_fingerprint_dtype_and_attack_code(tmp_path, monkeypatch):
+  from agad.evaluation import params_hash, suite as suite_lib
+  w = {"params": {"a": np.zeros((3, 2), np.float32), "b": np.ones(2, np.float32)}}
+  changed = {"params": {"a": w["params"]["a"].copy(), "b": w["params"]["b"]}}
+  changed["params"]["a"][1, 0] = 1e-6  # one weight
+  assert params_hash(w) != params_hash(changed)
+  assert params_hash(w) == params_hash({"params": {"a": np.zeros((3, 2), np.float32), "b": np.ones(2, np.float32)}})
+  assert params_hash(w) != params_hash({"params": {"a": np.zeros((2, 3), np.float32), "b": np.ones(2, np.float32)}})
+
+  source, templates = _templates_source(n=16)
+  logits_fn = Partial(_nearest_template, templates)
+  spec = _specs()[1]
+  run = lambda **kw: Suite(logits_fn, source, batch_size=16, cache_dir=str(tmp_path), log=None,
+                           **{"model_hash": "m", "fingerprint": "smallcnn/bn", **kw}).run(spec)["cached_chunks"]
+  assert run() == 0 and run() == 1
+  assert run(fingerprint="smallcnn/gn") == 0       # another model definition
+  assert run(dtype="bfloat16") == 0                # another compute dtype
+  assert run(model_hash="m2") == 0                 # other weights
+  monkeypatch.setattr(suite_lib, "ATTACK_CODE_VERSION", suite_lib.ATTACK_CODE_VERSION + 1)
+  monkeypatch.setattr(suite_lib.cache_key, "__kwdefaults__",
+                      {**suite_lib.cache_key.__kwdefaults__, "version": suite_lib.ATTACK_CODE_VERSION})
+  assert run() == 0                                # newer attack code
+  assert run() == 1
+
+
+def test_unverified_adversarials_are_caught_and_not_counted(tmp_path):
+  source, templates = _templates_source(n=16)
+  logits_fn = Partial(_nearest_template, templates)
+  kw = dict(batch_size=16, cache_dir=str(tmp_path), model_hash="m", log=None, eps=0.18)
+  spec = AttackSpec.make("pgd-5", "pgd", eps=0.18, step_size=0.072, steps=5)  # 4/16 robust
+  first = Suite(logits_fn, source, **kw)
+  honest = first.run(spec)
+  assert honest["unverified"] == 0 and 0 < honest["accuracy"] < 1
+  robust = first.results["pgd-5"]["robust"]
+  fake = int(np.nonzero(robust)[0][0])  # a robust point: its clean image is classified correctly
+  # Tamper with the cache entry: claim the robust point broken, its "adversarial" the clean image.
+  (path,) = tmp_path.glob("*.npz")
+  with np.load(path) as f:
+    entry = dict(f)
+  entry["robust"][fake] = False
+  np.savez(path, **entry)
+  second = Suite(logits_fn, source, **kw)
+  record = second.run(spec)
+  assert record["cached_chunks"] == 1
+  assert record["unverified"] == 1 and record["verification_failures"] == {"not_misclassified": 1}
+  assert record["accuracy"] == honest["accuracy"]                   # the fake break does not count
+  assert record["claimed_accuracy"] == pytest.approx(honest["accuracy"] - 1 / 16)
+  assert fake not in second.adversarial and second.worst_case()["accuracy"] == honest["accuracy"]
+  assert second.verify(0.18)["not_misclassified"] == 0
+  # verify() itself catches a stored "adversarial" that is not misclassified.
+  second.adversarial[fake] = entry["adversarial"][fake]
+  assert second.verify(0.18)["not_misclassified"] == 1
+
+
+def test_dtype_is_reported_and_verification_uses_verify_logits_fn():
+  source, templates = _templates_source(n=16)
+  logits_fn = Partial(_nearest_template, templates)
+  labels = np.asarray(source.labels)
+  base = run_suite(logits_fn, source, _specs(), eps=0.3, batch_size=16, log=None)
+  assert base["dtype"] == "float32" and "float32" in base["verification"]["with"]
+  assert markdown(base).splitlines()[0].startswith("Robustness") and ", fp32 (" in markdown(base)
+  suite = Suite(logits_fn, source, batch_size=16, log=None)
+  suite.run(_specs()[1])
+  broken = ~suite.results["pgd-5"]["robust"]
+  assert broken.mean() > 0.8 and (broken & (labels == 0)).any()
+  # A verifier that always says class 0: only breaks of points labelled 1 or 2 verify.
+  class_zero = Partial(lambda x: jnp.zeros((x.shape[0], 3)).at[:, 0].set(1.0))
+  report = run_suite(logits_fn, source, _specs(), eps=0.3, batch_size=16, log=None,
+                     dtype="bfloat16", verify_logits_fn=class_zero)
+  assert report["dtype"] == "bfloat16" and "float32" in report["verification"]["with"]
+  assert ", eval-mode BN, bf16 (" in markdown(report).splitlines()[0]
+  pgd = report["records"][1]
+  assert pgd["accuracy"] == pytest.approx(1.0 - np.mean(broken & (labels != 0)))
+  assert pgd["unverified"] == int(np.sum(broken & (labels == 0)))
+  assert report["worst_case"]["accuracy"] == pytest.approx(pgd["accuracy"])
+  own = run_suite(logits_fn, source, _specs(), eps=0.3, batch_size=16, log=None, dtype="bfloat16")
+  assert any("re-verified in bfloat16" in w for w in own["warnings"])
+
+
+def test_rand_runs_only_on_stochastic_models():
+  source, templates = _templates_source(n=16, seed=5)
+  spec = AttackSpec.make("aa-rand", "autoattack", eps=0.1, version="rand", steps=3,
+                         square_queries=50)
+  det = Suite(Partial(_nearest_template, templates), source, batch_size=16, log=None).run(spec)
+  assert det["version_run"] == "standard" and any("deterministic model" in f for f in det["flags"])
+  assert list(det["per_attack"]) == ["apgd-ce", "fab-t", "square"]
+  noisy = Partial(lambda t, x, key: _nearest_template(t, x + 0.01 * jax.random.normal(key, x.shape)),
+                  templates)
+  sto = Suite(noisy, source, batch_size=16, log=None, stochastic=True).run(spec)
+  assert sto["version_run"] == "rand" and list(sto["per_attack"]) == ["apgd-ce", "apgd-dlr"]
+  assert not any("deterministic model" in f for f in sto["flags"])
+
+
+def test_eps_zero_gives_clean_accuracy_for_every_attack():
+  source, templates = _templates_source(n=16, seed=6)
+  logits_fn = Partial(_nearest_template, templates)
+  e = 0.0
+  specs = [AttackSpec.make("clean", "clean", eps=e), AttackSpec.make("fgsm", "fgsm", eps=e),
+           AttackSpec.make("pgd", "pgd", eps=e, step_size=0.01, steps=3),
+           AttackSpec.make("mim", "mim", eps=e, steps=3),
+           AttackSpec.make("cw", "cw", eps=e, step_size=0.01, steps=3, kappa=50.0),
+           AttackSpec.make("square", "square", eps=e, queries=20),
+           AttackSpec.make("apgd-ce", "apgd-ce", eps=e, steps=3),
+           AttackSpec.make("aa", "autoattack", eps=e, version="standard", steps=3, square_queries=20)]
+  suite = Suite(logits_fn, source, batch_size=16, log=None)
+  accs = {s.name: suite.run(s)["accuracy"] for s in specs}
+  assert accs["clean"] > 0.5  # the classifier works; no attack may move a point at eps 0
+  assert all(a == accs["clean"] for a in accs.values()), accs
+
+
+def test_probability_outputs_get_a_warning():
+  source, templates = _templates_source(n=8)
+  softmax = Partial(lambda t, x: jax.nn.softmax(_nearest_template(t, x)), templates)
+  assert any("probabilities" in w for w in checks.model_checks(softmax, source, np.arange(8)))
+  assert not any("probabilities" in w for w in
+                 checks.model_checks(Partial(_nearest_template, templates), source, np.arange(8)))
+
+
+def test_runner_verifies_a_bfloat16_model_with_a_float32_forward_pass():
+  import types
+  from agad import api
+  from agad.evaluation import runner
+  from agad.models.registry import build_model
+  model = build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,), dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  leaves, tree = jax.tree.flatten(variables["params"])  # the zero-initialised classifier too
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  variables = {**variables, "params": jax.tree.unflatten(tree, [
+      l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])}
+  loaded = types.SimpleNamespace(model=model, variables=variables)
+  assert runner._float32_logits_fn(loaded, "float32") is None
+  fp32 = runner._float32_logits_fn(loaded, "bfloat16")
+  ref = api.make_logits_fn(build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,)), variables)
+  np.testing.assert_allclose(fp32(x), ref(x), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(api.make_logits_fn(model, variables)(x), ref(x), atol=1e-6)  # bf16 differs

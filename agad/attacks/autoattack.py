@@ -175,8 +175,8 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     raise ValueError(f"labels shape {labels.shape} does not match N={images.shape[0]}")
   if images.size and (images.min() < 0.0 or images.max() > 1.0):
     raise ValueError("images must lie in [0, 1]; normalise inside the model, not outside")
-  if np.ndim(eps) != 0 or not eps > 0:
-    raise ValueError(f"eps must be a positive scalar, got {eps!r}")
+  if np.ndim(eps) != 0 or not eps >= 0:
+    raise ValueError(f"eps must be a scalar >= 0, got {eps!r}")
   logits_fn = driver_lib.as_partial(logits_fn)
   eps32 = jnp.float32(eps)
   n = images.shape[0]
@@ -216,6 +216,9 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   plan, plan_flags = _plan(version, attacks, norm, steps, square_queries, eot_iter,
                            max(num_classes, 2), n_target_classes, stochastic) if n else ([], [])
   flags += plan_flags
+  if eps == 0:  # No attack can move a point: robust accuracy is clean accuracy.
+    plan = []
+    flags.append("eps = 0: no attack run (robust accuracy = clean accuracy)")
   ranked = (ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes,
                                                                        num_classes - 1)))
             if n and num_classes >= 2 else None)

@@ -14,6 +14,13 @@ targeted attacks, adaptive attacks through auxiliary heads).
 Update rules (per example, ``g = grad of sum_b loss_b``):
   L-inf: x <- P(x + a * sign(g));  L2: x <- P(x + a * g / ||g||_2)
 with ``P`` the projection onto the eps-ball around ``x0`` intersected with [0, 1]^d.
+
+``track_best=True`` (evaluation; off for the training attack, whose cost it would
+raise) keeps, per example, the last iterate that was misclassified (for ``targeted``:
+classified as the target) as APGD does: an example counts as broken if *any* iterate
+was, and that iterate is returned when the final one is not adversarial. The check
+reuses the forward pass of the gradient step (``pgd_general`` with a ``success_fn``
+spends one extra forward pass per step), and works under every driver.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ RANDOM_STARTS = ("uniform", "normal", "none")
 class PGDState(NamedTuple):
   x: jax.Array    # [B, H, W, C] current iterate
   key: jax.Array  # PRNG key for randomised models
+  x_best: Any = None   # [B, H, W, C] last adversarial iterate (track_best only)
+  broken: Any = None   # [B] bool: some iterate was adversarial (track_best only)
 
 
 def per_example(value: jax.Array | float, x: jax.Array) -> jax.Array:
@@ -94,17 +103,43 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
                   key=key)
 
 
+def _grad_and_best(loss_fn, state, sub, stochastic: bool, track: bool):
+  """Gradient of ``sum(loss)`` at ``state.x``; with ``track`` the loss returns
+  ``(loss [B], success [B])`` and the best iterate is updated from this forward pass."""
+  call = (lambda x: loss_fn(x, sub)) if stochastic else loss_fn
+  if not track:
+    return jax.grad(lambda x: jnp.sum(call(x)))(state.x), {}
+
+  def total(x):
+    value, success = call(x)
+    return jnp.sum(value), success
+
+  grad, success = jax.grad(total, has_aux=True)(state.x)
+  mask = success.reshape((-1,) + (1,) * (state.x.ndim - 1))
+  return grad, {"x_best": jnp.where(mask, state.x, state.x_best),
+                "broken": state.broken | success}
+
+
+def init_best(state):
+  """``state`` (PGDState or MIMState) with ``x_best = x`` and ``broken = False``."""
+  return state._replace(x_best=state.x, broken=jnp.zeros(state.x.shape[:1], bool))
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _finish_best(loss_fn, state, key, stochastic: bool) -> jax.Array:
+  """The final iterate if it is adversarial or nothing earlier was, else the best one."""
+  _, success = loss_fn(state.x, key) if stochastic else loss_fn(state.x)
+  keep = (success | ~state.broken).reshape((-1,) + (1,) * (state.x.ndim - 1))
+  return jnp.where(keep, state.x, state.x_best)
+
+
 @functools.lru_cache(maxsize=None)
-def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
+def _step_rule(norm: str, targeted: bool, stochastic: bool, track: bool = False) -> Callable:
   """The step function for a static configuration (cached so jit caches hit)."""
 
   def step(loss_fn, x0, eps, step_size, state: PGDState) -> PGDState:
     key, sub = jax.random.split(state.key)
-    if stochastic:
-      total = lambda x: jnp.sum(loss_fn(x, sub))
-    else:
-      total = lambda x: jnp.sum(loss_fn(x))
-    grad = jax.grad(total)(state.x)
+    grad, best = _grad_and_best(loss_fn, state, sub, stochastic, track)
     if targeted:
       grad = -grad
     size = per_example(step_size, x0)
@@ -112,21 +147,31 @@ def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
       x = state.x + size * jnp.sign(grad)
     else:
       x = state.x + size * grad / (_l2_norm(grad) + 1e-12)
-    return PGDState(x=project(x, x0, eps, norm), key=key)
+    return state._replace(x=project(x, x0, eps, norm), key=key, **best)
 
   return step
 
 
 def pgd_step(loss_fn, x0, eps, step_size, state: PGDState, *, norm: str = "linf",
-             targeted: bool = False, stochastic: bool = False) -> PGDState:
-  """One PGD step (see module docstring)."""
-  return _step_rule(norm, targeted, stochastic)(loss_fn, x0, eps, step_size, state)
+             targeted: bool = False, stochastic: bool = False,
+             track_best: bool = False) -> PGDState:
+  """One PGD step (see module docstring). With ``track_best`` the loss returns
+  ``(loss [B], success [B] bool)`` and ``state`` carries ``x_best``/``broken``
+  (see :func:`init_best`)."""
+  return _step_rule(norm, targeted, stochastic, track_best)(loss_fn, x0, eps, step_size, state)
+
+
+def _with_success(loss_fn, success_fn, x, key=None):
+  """``(loss_fn(x), success_fn(x))`` (with ``key`` for randomised models)."""
+  if key is None:
+    return loss_fn(x), success_fn(x)
+  return loss_fn(x, key), success_fn(x, key)
 
 
 def pgd_general(loss_fn: Callable, images: jax.Array, key: jax.Array, *, eps, step_size,
                 steps: int, norm: str = "linf", random_start: str = "uniform",
                 targeted: bool = False, stochastic: bool = False, driver: str = "auto",
-                chunk: int = 10) -> jax.Array:
+                chunk: int = 10, success_fn: Callable | None = None) -> jax.Array:
   """PGD maximising (or, if ``targeted``, minimising) a per-example ``loss_fn(x) -> [B]``.
 
   Args:
@@ -134,20 +179,41 @@ def pgd_general(loss_fn: Callable, images: jax.Array, key: jax.Array, *, eps, st
       ``"host"`` driver pass a ``jax.tree_util.Partial`` to avoid a recompile per call.
     images: ``[B, H, W, C]`` float32 in [0, 1].
     eps, step_size: scalars or ``[B]``.
+    success_fn: optional ``x -> [B] bool`` (``(x, key)`` if ``stochastic``), true where
+      ``x`` is adversarial. If given, the last successful iterate per example is kept
+      and returned when the final one is not successful (one extra forward pass per
+      step). A Partial keeps jit caches warm.
   Returns:
     ``[B, H, W, C]`` adversarial images in the eps-ball and in [0, 1], gradient-stopped.
   """
+  loss_fn = driver_lib.as_partial(loss_fn)
+  if success_fn is not None:
+    loss_fn = Partial(_with_success, loss_fn, driver_lib.as_partial(success_fn))
+  return _run_pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
+                  random_start=random_start, targeted=targeted, stochastic=stochastic,
+                  driver=driver, chunk=chunk, track=success_fn is not None)
+
+
+def _run_pgd(loss_fn: Partial, images, key, *, eps, step_size, steps, norm, random_start,
+             targeted, stochastic, driver, chunk, track: bool) -> jax.Array:
+  """PGD on ``loss_fn`` (returning ``(loss, success)`` when ``track``)."""
   images = jnp.asarray(images, jnp.float32)
   state = pgd_init(key, images, eps=eps, norm=norm, random_start=random_start)
-  step = Partial(_step_rule(norm, targeted, stochastic), driver_lib.as_partial(loss_fn),
-                 images, jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
+  if track:
+    state = init_best(state)
+  step = Partial(_step_rule(norm, targeted, stochastic, track), loss_fn, images,
+                 jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
   state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
-  return jax.lax.stop_gradient(state.x)
+  x = _finish_best(loss_fn, state, state.key, stochastic) if track else state.x
+  return jax.lax.stop_gradient(x)
 
 
 @functools.lru_cache(maxsize=None)
-def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothing: float) -> Callable:
-  """``(logits_fn, labels, probs_ref, x[, key]) -> [B]`` for a loss name or callable."""
+def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothing: float,
+                success: str | None = None) -> Callable:
+  """``(logits_fn, labels, probs_ref, x[, key]) -> [B]`` for a loss name or callable;
+  with ``success`` (``"untargeted"`` or ``"targeted"``) it returns ``(loss [B],
+  adversarial [B] bool)``: prediction != labels (targeted: == labels)."""
   if callable(loss):
     per_example = loss
   elif loss == "ce":
@@ -161,9 +227,12 @@ def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothin
 
   def fn(logits_fn, labels, probs_ref, x, key=None):
     logits = logits_fn(x, key) if stochastic else logits_fn(x)
-    if per_example is None:
-      return losses.kl_divergence(probs_ref, logits)
-    return per_example(logits, labels)
+    value = (losses.kl_divergence(probs_ref, logits) if per_example is None
+             else per_example(logits, labels))
+    if success is None:
+      return value
+    hit = jnp.argmax(logits, -1) == labels
+    return value, jax.lax.stop_gradient(hit if success == "targeted" else ~hit)
 
   return fn
 
@@ -179,21 +248,23 @@ def _checked(images, labels) -> tuple[jax.Array, jax.Array]:
 
 
 def _classifier_loss(logits_fn, images, labels, key, *, loss, stochastic, kappa,
-                     label_smoothing) -> Partial:
-  """``x -> [B]`` (``(x, key) -> [B]``) for a named loss on a classifier, as a Partial."""
+                     label_smoothing, success: str | None = None) -> Partial:
+  """``x -> [B]`` (``(x, key) -> [B]``) for a named loss on a classifier, as a Partial
+  (``x -> (loss, adversarial)`` with ``success``, see :func:`_named_loss`)."""
   logits_fn = driver_lib.as_partial(logits_fn)
   probs_ref = None
   if loss == "kl":
     clean = logits_fn(images, key) if stochastic else logits_fn(images)
     probs_ref = jax.lax.stop_gradient(jax.nn.softmax(clean.astype(jnp.float32), axis=-1))
-  return Partial(_named_loss(loss, stochastic, kappa, label_smoothing), logits_fn, labels, probs_ref)
+  return Partial(_named_loss(loss, stochastic, kappa, label_smoothing, success), logits_fn,
+                 labels, probs_ref)
 
 
 def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
         eps, step_size, steps: int, norm: str = "linf", random_start: str = "uniform",
         loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
         kappa: float | None = None, label_smoothing: float = 0.0, driver: str = "auto",
-        chunk: int = 10) -> jax.Array:
+        chunk: int = 10, track_best: bool = False) -> jax.Array:
   """PGD on a classifier. Stable public entry point.
 
   Args:
@@ -212,15 +283,18 @@ def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
       (``KL(p_clean || p_adv)`` with clean probabilities computed once) or a callable
       ``(logits, labels) -> [B]``.
     targeted: labels are targets and the loss is descended.
+    track_best: keep the last misclassified iterate per example (module docstring);
+      False for the training attack (unchanged cost), True in evaluation.
   Returns:
     Adversarial images ``[B, H, W, C]``, inside the ball and [0, 1], gradient-stopped.
   """
   images, labels = _checked(images, labels)
+  success = ("targeted" if targeted else "untargeted") if track_best else None
   loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
-                             kappa=kappa, label_smoothing=label_smoothing)
-  return pgd_general(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
-                     random_start=random_start, targeted=targeted, stochastic=stochastic,
-                     driver=driver, chunk=chunk)
+                             kappa=kappa, label_smoothing=label_smoothing, success=success)
+  return _run_pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
+                  random_start=random_start, targeted=targeted, stochastic=stochastic,
+                  driver=driver, chunk=chunk, track=track_best)
 
 
 def fgsm(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
@@ -241,16 +315,17 @@ class MIMState(NamedTuple):
   x: jax.Array         # [B, H, W, C] current iterate
   velocity: jax.Array  # [B, H, W, C] accumulated L1-normalised gradient
   key: jax.Array
+  x_best: Any = None   # as PGDState (track_best only)
+  broken: Any = None
 
 
 @functools.lru_cache(maxsize=None)
-def _mim_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
+def _mim_rule(norm: str, targeted: bool, stochastic: bool, track: bool = False) -> Callable:
   """MIM step: g <- decay g + grad / ||grad||_1, then a sign (L2: normalised) step on g."""
 
   def step(loss_fn, x0, eps, step_size, decay, state: MIMState) -> MIMState:
     key, sub = jax.random.split(state.key)
-    total = (lambda x: jnp.sum(loss_fn(x, sub))) if stochastic else (lambda x: jnp.sum(loss_fn(x)))
-    grad = jax.grad(total)(state.x)
+    grad, best = _grad_and_best(loss_fn, state, sub, stochastic, track)
     if targeted:
       grad = -grad
     l1 = jnp.sum(jnp.abs(grad), axis=tuple(range(1, grad.ndim)), keepdims=True)
@@ -260,7 +335,7 @@ def _mim_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
       x = state.x + size * jnp.sign(velocity)
     else:
       x = state.x + size * velocity / (_l2_norm(velocity) + 1e-12)
-    return MIMState(x=project(x, x0, eps, norm), velocity=velocity, key=key)
+    return state._replace(x=project(x, x0, eps, norm), velocity=velocity, key=key, **best)
 
   return step
 
@@ -268,21 +343,26 @@ def _mim_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
 def mim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
         steps: int = 10, step_size=None, decay: float = 1.0, norm: str = "linf",
         loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
-        kappa: float | None = None, driver: str = "auto", chunk: int = 10) -> jax.Array:
+        kappa: float | None = None, driver: str = "auto", chunk: int = 10,
+        track_best: bool = False) -> jax.Array:
   """Momentum iterative method (Dong et al. 2018), from the clean image.
 
   ``step_size`` defaults to ``eps / steps`` and ``decay`` (mu) to 1.0, the paper's
-  setting. Other arguments as :func:`pgd`.
+  setting. Other arguments (``track_best`` included) as :func:`pgd`.
   """
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   images, labels = _checked(images, labels)
+  success = ("targeted" if targeted else "untargeted") if track_best else None
   loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
-                             kappa=kappa, label_smoothing=0.0)
+                             kappa=kappa, label_smoothing=0.0, success=success)
   eps = jnp.asarray(eps, jnp.float32)
   size = eps / steps if step_size is None else jnp.asarray(step_size, jnp.float32)
   state = MIMState(x=images, velocity=jnp.zeros_like(images), key=key)
-  step = Partial(_mim_rule(norm, targeted, stochastic), loss_fn, images, eps, size,
+  if track_best:
+    state = init_best(state)
+  step = Partial(_mim_rule(norm, targeted, stochastic, track_best), loss_fn, images, eps, size,
                  jnp.asarray(decay, jnp.float32))
   state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
-  return jax.lax.stop_gradient(state.x)
+  x = _finish_best(loss_fn, state, state.key, stochastic) if track_best else state.x
+  return jax.lax.stop_gradient(x)

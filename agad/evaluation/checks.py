@@ -80,7 +80,40 @@ def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float 
   bad = {k: v[k] for k in ("nonfinite", "outside_ball", "outside_box", "not_misclassified") if v.get(k)}
   if bad:
     w.append(f"re-verification of stored adversarial examples failed: {bad} of {v.get('checked')}")
+  for r in records:
+    if r.get("unverified"):
+      w.append(f"{r['attack']}: {r['unverified']} stored adversarials failed re-verification "
+               f"({r.get('verification_failures')}) and were not counted: accuracy "
+               f"{100 * r.get('claimed_accuracy', r['accuracy']):.2f}% -> {100 * r['accuracy']:.2f}%")
+    for flag in r.get("flags") or ():  # AutoAttack's own flags.
+      w.append(f"{r['attack']}: {flag}")
   return w
+
+
+def not_applicable(report: dict) -> list[str]:
+  """The masking checks of :func:`report_warnings` that these records cannot support,
+  each with the rows it needs: a silent check there is no evidence of anything."""
+  records, eps, main = report["records"], report["eps"], report.get("sweep_steps") or 0
+  at_eps = lambda kinds: [r for r in _by_kind(records, kinds) if r.get("eps") == eps]
+  pgd = [r for r in at_eps(("pgd",)) if (r.get("steps") or 0) >= main]
+  variants = {(r.get("steps"), r.get("restarts", 1), r.get("loss", "ce")) for r in pgd}
+  converge = any(l2 == l and ((s2 > s and r2 == r) or (r2 > r and s2 == s))
+                 for s, r, l in variants for s2, r2, l2 in variants)
+  sweep = sorted({r["eps"] for r in eps_sweep(report)})
+  out = []
+  if not at_eps(("fgsm",)):
+    out.append("iterative vs FGSM (needs an FGSM row)")
+  if not at_eps(BLACK_BOX):
+    out.append("black-box vs white-box (needs a Square or transfer row)")
+  if not converge:
+    out.append("PGD convergence (needs PGD rows with more steps or restarts)")
+  if not _by_kind(records, ("autoattack",)):
+    out.append("PGD vs AutoAttack gap and AutoAttack's own flags (needs an AutoAttack row)")
+  if len(sweep) < 2:
+    out.append("accuracy vs eps monotone (needs PGD rows at several eps)")
+  if not any(e >= 0.5 for e in sweep):
+    out.append("unbounded attack succeeds (needs a PGD row at eps >= 0.5)")
+  return out
 
 
 def eps_sweep(report: dict) -> list[dict]:
@@ -107,7 +140,8 @@ def input_gradient_stats(logits_fn, images, labels) -> dict:
 
 def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
                  stochastic: bool = False) -> list[str]:
-  """Checks on the model itself: zero / NaN input gradients and randomness.
+  """Checks on the model itself: probabilities for logits, zero / NaN input gradients
+  and randomness.
 
   Repeated forward passes run eagerly (a host-side random model would hide behind a
   jit cache); a ``stochastic`` model is called with a different key each time.
@@ -125,6 +159,11 @@ def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
   if stats["zero"] > 0.01:
     w.append(f"{100 * stats['zero']:.1f}% of examples have exactly zero input gradients "
              "(quantisation or saturation masks gradients: use BPDA, EOT or a black-box attack)")
+  first = np.asarray(logits_fn(images, jax.random.key(seed)) if stochastic else logits_fn(images))
+  if (first.ndim == 2 and np.all(first >= -1e-5) and np.all(first <= 1 + 1e-5)
+      and np.allclose(first.sum(-1), 1.0, atol=1e-4)):
+    w.append("the model's outputs look like probabilities (rows in [0, 1] summing to 1): "
+             "attacks expect logits; pass the pre-softmax outputs")
   if stochastic:
     outs = [np.asarray(logits_fn(images, jax.random.key(seed + i))) for i in range(repeats)]
   else:

@@ -1,9 +1,13 @@
 """Attack lists for ``launch.evaluate`` built from ``config.eval``.
 
-``pgd``: clean + PGD-k (fast; the main job's report).
-``table``: clean, PGD-k, C&W-inf (the objectives comparison).
-``table_aa``: ``table`` plus the defense's adaptive attack (if it has one) and AutoAttack, so the
-report's worst case covers all of them (the cached ``table`` attacks are reused).
+Every preset adds the defense's adaptive attacks (one PGD-k per adaptive-loss variant the
+objective declares), so no preset reports PGD alone for a defense that has its own attack.
+
+``pgd``: clean + PGD-k (fast; the main job's report) + adaptive.
+``table``: clean, PGD-k, C&W-inf (the objectives comparison) + adaptive.
+``table_aa``: ``table`` plus AutoAttack, so the report's worst case covers all of them (the
+cached ``table`` attacks are reused).
+``autoattack``: clean, adaptive, AutoAttack.
 ``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, MIM-k (mu 1, step eps/k), C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
@@ -39,15 +43,16 @@ def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = Fals
   clean = AttackSpec.make("clean", "clean", eps=eps)
   cw = AttackSpec.make(f"cw-{eval_cfg.cw_steps}", "cw", eps=eps, step_size=float(eval_cfg.cw_step_size),
                        steps=int(eval_cfg.cw_steps), kappa=float(eval_cfg.cw_kappa))
+  # Every preset runs the defense's adaptive attacks: PGD alone can sit far above them.
+  adaptive_spec = adaptive_specs(adaptive, eps, step, k)
   if preset == "pgd":
-    return [clean, pgd(k, restarts=int(eval_cfg.restarts))]
+    return [clean, pgd(k, restarts=int(eval_cfg.restarts)), *adaptive_spec]
   if preset == "table":
-    return [clean, pgd(k), cw]
+    return [clean, pgd(k), cw, *adaptive_spec]
   aa = AttackSpec.make(f"autoattack-{eval_cfg.aa_version}", "autoattack", eps=eps,
                        version=str(eval_cfg.aa_version))
   if preset == "autoattack":
-    return [clean, aa]
-  adaptive_spec = adaptive_specs(adaptive, eps, step, k)
+    return [clean, *adaptive_spec, aa]
   if preset == "table_aa":
     return [clean, pgd(k), cw, *adaptive_spec, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),

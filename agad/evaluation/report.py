@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import os
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 
 def markdown(report: dict) -> str:
+  dtype = _DTYPE_NAMES.get(str(report.get("dtype", "float32")), str(report.get("dtype")))
   lines = [f"Robustness of `{report.get('model', '?')}` ({report.get('objective', '?')}) on "
            f"{report.get('dataset', '?')} {report.get('split', 'test')}, n = {report['n']}, "
-           f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, fp32"
-           + (f" ({report['computed_here']})" if report.get("computed_here") else ""), "",
+           f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, {dtype}"
+           + (f" ({report['computed_here']})" if report.get("computed_here") else ""), ""]
+  if report.get("weights"):
+    lines += [f"Weights: step {report.get('step', '?')}, {report['weights']}.", ""]
+  v = report.get("verification") or {}
+  if v.get("with"):
+    lines += [f"Every row's stored adversarials re-verified by {v['with']} (eps slack "
+              f"{v.get('slack', 1e-6):g}); accuracies count verified breaks only"
+              + ("; randomised model" if report.get("stochastic") else "") + ".", ""]
+  lines += [
            "| attack | settings | accuracy (%) | stderr (pp) | n | wall time (s) |",
            "|---|---|---|---|---|---|"]
   skip = {"attack", "kind", "n", "accuracy", "stderr", "wall_time_s", "cached_chunks", "per_attack", "over",
-          "per_attack_time_s", "per_attack_note", "this_run_s", "computed_on"}
+          "per_attack_time_s", "per_attack_note", "this_run_s", "computed_on", "flags",
+          "unverified", "claimed_accuracy", "verification_failures"}
   for r in report["records"] + [report["worst_case"]]:
     settings = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r.items() if k not in skip)
@@ -33,10 +45,16 @@ def markdown(report: dict) -> str:
   if elsewhere:
     lines += ["", f"**Rows read from cache entries computed elsewhere** (this run: {here})", ""]
     lines += elsewhere
+  skipped = report.get("not_applicable") or []
   if report.get("warnings"):
     lines += ["", "**Warnings**", ""] + [f"- {w}" for w in report["warnings"]]
+  elif skipped:
+    lines += ["", "No applicable gradient-masking check fired (see below for those that "
+              "could not run on these rows)."]
   else:
     lines += ["", "No gradient-masking check fired."]
+  if skipped:
+    lines += ["", "**Checks not applicable to these rows**", ""] + [f"- {c}" for c in skipped]
   return "\n".join(lines) + "\n"
 
 

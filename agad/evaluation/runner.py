@@ -1,9 +1,10 @@
 """``evaluate(workdir, ...)``: the whole evaluation of a training run's checkpoint.
 
 What ``python -m launch.evaluate`` does, as a library call: restore the checkpoint
-(eval-mode BN, fp32, "best" chosen on the validation split), build the preset's attack
-specs from the run's ``eval`` config, run the cached suite on the first ``num_examples``
-test images, and write the JSON report, Markdown table and plots.
+(eval-mode BN, the model's compute dtype, "best" chosen on the validation split), build
+the preset's attack specs from the run's ``eval`` config, run the cached suite on the
+first ``num_examples`` test images (stored adversarials re-verified by a float32 forward
+pass), and write the JSON report, Markdown table and plots.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   out_dir = output or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   model_hash = suite_lib.params_hash(loaded.variables)
+  dtype, fingerprint = str(saved.model.get("dtype", "float32")), _fingerprint(saved, weights)
   log = log or (lambda *_: None)
   log(f"evaluating {workdir} step {loaded.step} ({weights_note}, hash {model_hash}) on "
       f"{len(test) if indices is None else len(indices)} test images: "
@@ -76,10 +78,11 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed),
       cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None, model_hash=model_hash,
       adaptive_loss=adaptive, surrogate=surrogate_fn, log=log, chunk=chunk,
-      sweep_steps=int(eval_cfg.pgd_steps),
+      sweep_steps=int(eval_cfg.pgd_steps), dtype=dtype, fingerprint=fingerprint,
+      verify_logits_fn=_float32_logits_fn(loaded, dtype),
       meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": weights, "weights": weights_note,
             "dataset": saved.data.name, "split": "test", "model": saved.model.name,
-            "objective": saved.objective.name, "bn": "eval (running statistics)", "dtype": "float32",
+            "objective": saved.objective.name, "bn": "eval (running statistics)",
             "preset": preset})
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   write_json(stem + ".json", report)
@@ -87,3 +90,21 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
     f.write(report_lib.markdown(report))
   report_lib.plots(report, out_dir)
   return report, stem
+
+
+def _fingerprint(saved, weights) -> str:
+  """The model definition and data the cache entries depend on (beyond the weights)."""
+  import hashlib
+  import json
+  parts = {"model": saved.model.to_dict(), "data": saved.data.get("name"),
+           "objective": saved.objective.to_dict(), "params": weights}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _float32_logits_fn(loaded, dtype: str):
+  """A float32 forward pass of the loaded model for re-verification (None if it is one)."""
+  if dtype == "float32" or not hasattr(loaded.model, "clone"):
+    return None
+  import jax.numpy as jnp
+  from agad import api
+  return api.make_logits_fn(loaded.model.clone(dtype=jnp.float32), loaded.variables)
