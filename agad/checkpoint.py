@@ -8,6 +8,18 @@ iterator state, JSON) and ``meta`` (step, epoch, validation metrics, config fing
 Retention keeps the latest ``keep`` checkpoints *and* the best one by a validation
 metric (never a test metric): orbax's ``max_to_keep`` combined with ``best_fn`` would
 keep only the N best, so a preservation policy combines ``LatestN`` and ``BestN``.
+
+Damaged checkpoints (a truncated or missing file, a missing commit marker) are skipped,
+never deleted. A step is *intact* when (1) its commit marker ``commit_success.txt`` and
+``_CHECKPOINT_METADATA`` exist, (2) its ``meta`` and ``data`` items and the ``state``
+item's ``_METADATA`` parse as JSON and its OCDBT ``manifest.ocdbt`` exists (cheap, no
+array is read), (3) every value of the state's OCDBT store reads in full (tensorstore
+checks each byte range, so a truncated or missing array file fails; one pass over the
+bytes, without orbax's async restore, whose failures print tracebacks from its worker
+threads) and (4) the restore itself succeeds. Resume and ``read_state`` /
+``resolve_step`` with ``"latest"`` or ``"best"`` fall back to the newest (best) intact
+step and log one line naming the damaged step; an explicit damaged step is an error
+naming the reason.
 """
 
 from __future__ import annotations
@@ -15,15 +27,73 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val/robust_accuracy"
 BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
+COMMIT_MARKER = "commit_success.txt"   # written by orbax once a step is fully committed
+ITEMS = ("state", "data", "meta")
+
+
+def damage(directory: str, step: int, *, read_arrays: bool = False) -> str | None:
+  """Why saved ``step`` of checkpoint ``directory`` is damaged, or None if it looks intact.
+
+  Structural checks (no array is read): the commit marker and ``_CHECKPOINT_METADATA``
+  exist, every item folder exists, ``meta/metadata``, ``data/metadata`` and
+  ``state/_METADATA`` parse as JSON, ``state/manifest.ocdbt`` exists. With
+  ``read_arrays``, also every value of the state's OCDBT store is read once (finds a
+  truncated or missing array file; costs one read of the checkpoint's bytes).
+  """
+  root = os.path.join(os.path.abspath(directory), str(step))
+  for name in (COMMIT_MARKER, "_CHECKPOINT_METADATA"):
+    if not os.path.isfile(os.path.join(root, name)):
+      return f"{name} missing: the save never completed"
+  for item in ITEMS:
+    if not os.path.isdir(os.path.join(root, item)):
+      return f"item {item!r} missing"
+  for relative in ("meta/metadata", "data/metadata", "state/_METADATA"):
+    path = os.path.join(root, relative)
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f"{relative} unreadable: {_short(e)}"
+  if not os.path.isfile(os.path.join(root, "state", "manifest.ocdbt")):
+    return "state/manifest.ocdbt missing"
+  return _unreadable_arrays(os.path.join(root, "state")) if read_arrays else None
+
+
+def _unreadable_arrays(state_dir: str, batch: int = 64) -> str | None:
+  """Reads every value of the OCDBT store in ``state_dir`` (``batch`` at a time); the error or None."""
+  try:
+    store = ts.KvStore.open({"driver": "ocdbt", "base": "file://" + state_dir + os.sep}).result()
+    keys = store.list().result()
+    if not keys:
+      return "state/ holds no arrays"
+    for start in range(0, len(keys), batch):
+      for future in [store.read(k) for k in keys[start:start + batch]]:
+        if future.result().state != "value":
+          return "an array file is missing"
+  except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError with its status)
+    # 'OUT_OF_RANGE: ... of local file "d/266f..."': the status and the file, not the folder.
+    return f"state unreadable: {_short(e, typed=False).replace(state_dir + os.sep, '')}"
+  return None
+
+
+def _short(error: BaseException, typed: bool = True) -> str:
+  """An exception's first line (``typed``: after its type name), at most 200 characters."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  if typed or not text:
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def best_metric_for(config: Any) -> str:
@@ -97,6 +167,60 @@ class Checkpointer:
                                       meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"]), dict(restored["meta"])
 
+  def restore_latest(self, abstract_state: Any, *, accept: Callable[[int, dict], None] | None = None
+                     ) -> tuple[int, Any, dict, dict] | None:
+    """Restores the newest intact step: ``(step, state, data_state, meta)``, or None if none saved.
+
+    Steps newer than it that are damaged (``damage`` with ``read_arrays``, or their
+    restore fails) are logged in one line each ("checkpoint step N is damaged
+    (<reason>); resuming from step M") and moved, never deleted, to
+    ``<directory>.damaged/`` so that training can save those step numbers again. ``accept(step, meta)`` runs on a candidate's metadata before its
+    state is read and may raise (e.g. a changed config); its errors propagate.
+
+    Raises:
+      ValueError: checkpoints exist but none is intact (each step named with its reason).
+    """
+    damaged: dict[int, str] = {}
+    found = None
+    for step in sorted(self.all_steps(), reverse=True):
+      reason = damage(self.directory, step, read_arrays=True)
+      if reason is None:
+        try:
+          meta = self.read_meta(step)
+        except Exception as e:  # noqa: BLE001  (any unreadable metadata is damage)
+          reason = f"meta unreadable: {_short(e)}"
+      if reason is None:
+        if accept is not None:
+          accept(step, meta)
+        try:
+          state, data_state, meta = self.restore(step, abstract_state)
+          found = (step, state, data_state, meta)
+          break
+        except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError, OSError, ...)
+          reason = f"restore failed: {_short(e)}"
+      damaged[step] = reason
+    if damaged and found is None:
+      raise ValueError(
+          f"no intact checkpoint in {self.directory}; damaged steps: " +
+          "; ".join(f"{s} ({r})" for s, r in damaged.items()) +
+          ". Move them aside to start afresh, or use a new --workdir.")
+    for step, reason in damaged.items():
+      kept = self.set_aside(step)
+      logging.warning("checkpoint step %d is damaged (%s); resuming from step %d "
+                      "(the damaged one is kept in %s)", step, reason, found[0], kept)
+    return found
+
+  def set_aside(self, step: int) -> str:
+    """Moves saved ``step`` to ``<directory>.damaged/<step>[.k]`` (never deletes it); returns its path."""
+    aside = self.directory.rstrip(os.sep) + ".damaged"
+    os.makedirs(aside, exist_ok=True)
+    target, k = os.path.join(aside, str(step)), 1
+    while os.path.exists(target):
+      target, k = os.path.join(aside, f"{step}.{k}"), k + 1
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def read_meta(self, step: int) -> dict:
     path = os.path.join(self.directory, str(step), "meta", "metadata")
     if os.path.exists(path):
@@ -128,11 +252,31 @@ def params_hash(variables: Any) -> str:
   return h.hexdigest()[:24]
 
 
-def resolve_step(directory: str, step: Any, *, best_metric: str | None = None) -> int:
-  """'latest' | 'best' | int -> a saved step number in a checkpoint directory.
+def _read_state(directory: str, step: int) -> dict:
+  """Saved ``step``'s TrainState as nested dicts of host numpy arrays, on any topology.
 
-  ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``)
-  picks "best" for checkpoints that predate the metric being recorded in their metadata.
+  The target is built from the checkpoint's own array metadata, so a state saved on 4
+  devices reads on 1 (orbax refuses a target-less restore across topologies).
+  """
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  handler = ocp.StandardCheckpointHandler()  # the item's own metadata, no step-level warning
+  try:
+    tree = handler.metadata(epath.Path(path))
+  finally:
+    handler.close()
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, target)
+
+
+def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
+            read: Callable[[int], Any] | None = None) -> tuple[int, Any]:
+  """``resolve_step``'s rule; also returns ``read(step)`` of the chosen step (None if no ``read``).
+
+  ``"latest"`` / ``"best"`` try the candidates newest (best) first and take the first
+  intact one (``damage`` is None and ``read`` succeeds), logging the damaged ones; an
+  explicit step that is damaged is an error. Every message names the damaged steps and
+  the intact ones.
   """
   if best_metric is None:
     config_path = os.path.join(os.path.dirname(os.path.abspath(directory)), "config.json")
@@ -147,30 +291,86 @@ def resolve_step(directory: str, step: Any, *, best_metric: str | None = None) -
     steps = ckpt.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoints in {directory}; train first with python -m launch.train")
+    damaged = {s: r for s in steps if (r := damage(directory, s)) is not None}
+    looks_intact = [s for s in steps if s not in damaged]
     if step in (None, "latest"):
-      return max(steps)
-    if step == "best":
-      best = ckpt.best_step()
-      if best is None:
-        raise ValueError(f"no checkpoint in {directory} has validation metrics; use step='latest'")
-      return best
-    step = int(step)
-    if step not in steps:
-      raise ValueError(f"step {step} not saved in {directory}; saved steps: {steps}")
-    return step
+      candidates = sorted(looks_intact, reverse=True)
+    elif step == "best":
+      scored = []
+      for s in looks_intact:
+        meta = ckpt.read_meta(s)
+        value = meta.get("metrics", {}).get(meta.get("best_metric") or best_metric)
+        if value is not None:
+          scored.append((value, s))
+      # Highest metric first; ties go to the earliest step, as best_step does.
+      candidates = [s for _, s in sorted(scored, key=lambda vs: (-vs[0], vs[1]))]
+      if not candidates:
+        extra = f" (damaged: {_describe(damaged)})" if damaged else ""
+        raise ValueError(f"no intact checkpoint in {directory} has validation metrics{extra}; "
+                         "use step='latest'")
+    else:
+      requested = int(step)
+      if requested not in steps:
+        raise ValueError(f"step {requested} not saved in {directory}; saved steps: {steps}")
+      candidates = [requested]
+    chosen, value = None, None
+    for s in candidates:
+      if s in damaged:
+        continue
+      if verify and (reason := _unreadable_arrays(os.path.join(directory, str(s), "state"))):
+        damaged[s] = reason
+        continue
+      try:
+        value = read(s) if read is not None else None
+        chosen = s
+        break
+      except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError, OSError, ...)
+        damaged[s] = f"restore failed: {_short(e)}"
+    if step not in (None, "latest", "best") and int(step) in damaged:
+      intact = [s for s in steps if s not in damaged]
+      raise ValueError(f"checkpoint step {int(step)} in {directory} is damaged "
+                       f"({damaged[int(step)]}); steps that look intact: {intact}")
+    if chosen is None:
+      raise ValueError(f"no intact checkpoint in {directory}; damaged steps: {_describe(damaged)}")
+    skipped = {s: r for s, r in damaged.items() if step == "best" or s > chosen}
+    if skipped:
+      intact = [s for s in steps if s not in damaged]
+      if len(skipped) == 1:
+        (bad, reason), = skipped.items()
+        what = f"checkpoint step {bad} is damaged ({reason})"
+      else:
+        what = f"checkpoint steps {sorted(skipped)} are damaged ({_describe(skipped)})"
+      logging.warning("%s; using step %d instead (intact steps: %s)", what, chosen, intact)
+    return chosen, value
   finally:
     ckpt.close()
+
+
+def _describe(damaged: dict[int, str]) -> str:
+  return "; ".join(f"step {s}: {r}" for s, r in sorted(damaged.items()))
+
+
+def resolve_step(directory: str, step: Any, *, best_metric: str | None = None,
+                 verify: bool = True) -> int:
+  """'latest' | 'best' | int -> an intact saved step number in a checkpoint directory.
+
+  ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``)
+  picks "best" for checkpoints that predate the metric being recorded in their metadata.
+  ``"latest"`` / ``"best"`` skip damaged steps (see the module docstring) with a warning
+  naming them and the intact ones; a damaged explicit step raises ``ValueError``.
+  ``verify`` also reads every byte of the candidate's state (finds truncated or missing
+  array files); without it only the structural ``damage`` checks run.
+  """
+  return _select(directory, step, best_metric, verify)[0]
 
 
 def read_state(workdir: str, step: Any = "latest") -> tuple[dict, int]:
   """The raw saved TrainState of a workdir as nested dicts of numpy arrays, and its step.
 
-  No model, objective or data is built: any workdir can be read.
+  No model, objective or data is built: any workdir can be read, on any number of
+  devices. ``"latest"`` / ``"best"`` skip damaged checkpoints (``resolve_step``).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = resolve_step(directory, step)
-  path = os.path.join(directory, str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    raw = checkpointer.restore(path)  # no target: nested dicts
-  raw.pop("key", None)  # A typed PRNG key; nothing outside the trainer needs it.
+  step, raw = _select(directory, step, None, True, lambda s: _read_state(directory, s))
+  raw.pop("key", None)  # The PRNG key (raw uint32 data); nothing outside the trainer needs it.
   return jax.tree.map(np.asarray, raw), step

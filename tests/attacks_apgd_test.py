@@ -11,6 +11,7 @@ from jax.tree_util import Partial
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
 apgd_lib = importlib.import_module("agad.attacks.apgd")
+runner_lib = importlib.import_module("agad.attacks.runner")
 dlr_lib = importlib.import_module("agad.attacks.dlr")
 
 from tests.helpers import ATTACK_CLASSES as CLASSES, ATTACK_DIM as DIM, ATTACK_SHAPE as SHAPE
@@ -177,7 +178,7 @@ def test_apgd_ce_matches_reference_trajectory():
   state = init(logits_fn, x, y, y, jnp.float32(eps), first, jax.random.key(0), jnp.asarray(x_start))
   step = Partial(apgd_lib._step_rule("linf", "ce", False, 1), logits_fn, x, y, y, jnp.float32(eps),
                  jnp.float32(0.75), jnp.int32(decrement), jnp.int32(minimum))
-  state = apgd_lib.run_steps(step, state, n_iter, driver="host", chunk=10)
+  state = runner_lib.run_steps(step, state, n_iter, driver="host", chunk=10)
 
   assert len(np.unique(ref_step)) > 1  # the step-size rule acted differently per example
   assert 0 < ref_robust.sum() < 16
@@ -202,7 +203,7 @@ def test_first_window_compares_with_zero_like_the_reference():
   state = init(logits_fn, x, y, y, jnp.float32(eps), first, jax.random.key(0))
   step = Partial(apgd_lib._step_rule("linf", "dlr", False, 1), logits_fn, x, y, y,
                  jnp.float32(eps), jnp.float32(0.75), jnp.int32(decrement), jnp.int32(minimum))
-  after = apgd_lib.run_steps(step, state, 1, driver="host", chunk=1)
+  after = runner_lib.run_steps(step, state, 1, driver="host", chunk=1)
   assert bool(jnp.all(after.loss_prev < 0))
   assert bool(jnp.any(after.loss_prev > state.loss_best))  # the loss did go up
   np.testing.assert_allclose(after.step_size, eps)           # ... and the step still halved
@@ -220,7 +221,7 @@ def test_apgd_stays_in_ball_and_box(norm, eps):
   adv = apgd_lib.apgd(logits_fn, x, y, jax.random.key(3), eps=eps, norm=norm, steps=10,
                       loss="dlr")
   assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
-  size = apgd_lib.lp_norm(adv - x, norm)
+  size = runner_lib.lp_norm(adv - x, norm)
   assert float(size.max()) <= eps + 1e-5
 
 

@@ -11,6 +11,7 @@ from jax.tree_util import Partial
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
 apgd_lib = importlib.import_module("agad.attacks.apgd")
+runner_lib = importlib.import_module("agad.attacks.runner")
 aa = importlib.import_module("agad.attacks.autoattack")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")
@@ -54,6 +55,17 @@ def test_bucket_sizes():
   assert aa.bucket_sizes(250) == [250, 128, 64, 32, 16, 8]
   assert aa.bucket_sizes(16, min_bucket=4) == [16, 8, 4]
   assert aa.bucket_sizes(5, min_bucket=8) == [5]
+
+
+def test_padded_batches_pad_with_a_real_row_to_the_smallest_bucket():
+  sizes = runner_lib.bucket_sizes(16, min_bucket=4)
+  batches = list(runner_lib.padded_batches(np.arange(100, 121), 16, sizes))
+  assert [(start, len(real), len(padded)) for start, real, padded, _ in batches] == [
+      (0, 16, 16), (16, 5, 8)]
+  _, real, padded, valid = batches[1]
+  np.testing.assert_array_equal(real, [116, 117, 118, 119, 120])
+  np.testing.assert_array_equal(padded, [116, 117, 118, 119, 120, 116, 116, 116])
+  np.testing.assert_array_equal(valid, [True] * 5 + [False] * 3)
 
 
 def test_verification_rejects_candidates_outside_the_threat_model():
@@ -147,10 +159,10 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   chunk, square_chunk = 3, 10
   kwargs = dict(eps=0.03, steps=6, square_queries=20, batch_size=16, min_bucket=8, chunk=chunk,
                 square_chunk=square_chunk, n_target_classes=2)
-  before = dict(apgd_lib.TRACE_COUNTS)
+  before = dict(runner_lib.TRACE_COUNTS)
   x = _images(24, 7)
   res = aa.autoattack(logits_fn, x, y_of(x), jax.random.key(0), **kwargs)
-  new = {k: v - before.get(k, 0) for k, v in apgd_lib.TRACE_COUNTS.items()
+  new = {k: v - before.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items()
          if v != before.get(k, 0)}
   assert new, "no step was traced"
   expected = {"apgd-ce": chunk, "apgd-dlr-targeted": chunk, "fab-t": chunk, "square": square_chunk}
@@ -162,10 +174,10 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   assert len({batch for _, batch in new}) >= 2  # the shrinking set used several buckets
   assert 0.0 < res["robust_accuracy"] < 1.0
 
-  snapshot = dict(apgd_lib.TRACE_COUNTS)
+  snapshot = dict(runner_lib.TRACE_COUNTS)
   x2 = _images(24, 8)
   aa.autoattack(logits_fn, x2, y_of(x2), jax.random.key(1), **kwargs)
-  second = {k: v - snapshot.get(k, 0) for k, v in apgd_lib.TRACE_COUNTS.items()
+  second = {k: v - snapshot.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items()
             if v != snapshot.get(k, 0)}
   for (tag, batch), traces in second.items():
     # A second evaluation reuses every compiled (attack, bucket); only a bucket size

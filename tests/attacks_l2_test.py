@@ -17,7 +17,7 @@ from jax.tree_util import Partial
 from agad.attacks import losses
 
 # Modules by path: agad.attacks re-exports functions of the same names.
-apgd_lib = importlib.import_module("agad.attacks.apgd")
+runner_lib = importlib.import_module("agad.attacks.runner")
 aa = importlib.import_module("agad.attacks.autoattack")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")
@@ -310,7 +310,7 @@ def test_l2_square_query_matches_the_reference(side):
   eps = 1.5
   start = jax.random.normal(jax.random.fold_in(key, 1), x0.shape)
   start = start * (jax.random.uniform(jax.random.fold_in(key, 2), x0.shape) < 0.5)
-  x_best = jnp.clip(x0 + eps * apgd_lib.normalize(start, "l2"), 0.0, 1.0)
+  x_best = jnp.clip(x0 + eps * runner_lib.normalize(start, "l2"), 0.0, 1.0)
   # Margin and loss "infinite": every example is active and accepts the candidate.
   state = square_lib.SquareState(x_best=x_best, margin=jnp.full((batch,), 1e9),
                                  loss=jnp.full((batch,), 1e9), queries=jnp.ones(batch, jnp.int32),

@@ -15,8 +15,9 @@ inside [0, 1]; its adversarial is then stored. Points never broken keep the clea
 
 The shrinking robust set is processed in batches of at most ``batch_size`` rows padded
 (with copies of a real row, masked out) to a bucket size: ``batch_size`` or a power of
-two below it (down to ``min_bucket``). Every attack therefore compiles at most once per
-bucket size, and repeated evaluations reuse the compiled programs.
+two below it (down to ``min_bucket``; ``agad.attacks.runner.padded_batches``). Every
+attack therefore compiles at most once per bucket size, and repeated evaluations reuse
+the compiled programs.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from agad.attacks import driver as driver_lib
-from agad.attacks.apgd import apgd_attack, call_logits, lp_norm
+from agad.attacks.apgd import apgd_attack
 from agad.attacks.dlr import ranked_targets
 from agad.attacks.fab import fab_attack
+from agad.attacks.runner import bucket_sizes, call_logits, lp_norm, padded_batches
 from agad.attacks.square import square_attack
+
 
 def _log(message: str) -> None:
   """A progress line, flushed so that it shows at once in logs redirected to a file."""
@@ -46,23 +49,6 @@ VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 NORMS = ("linf", "l2")
 _NORM_SLACK = 1e-6
-
-
-def bucket_sizes(batch_size: int, min_bucket: int = 8) -> list[int]:
-  """``batch_size`` and the powers of two below it down to ``min_bucket``, descending."""
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  sizes = {batch_size}
-  power = 1
-  while power < batch_size:
-    if power >= min(min_bucket, batch_size):
-      sizes.add(power)
-    power *= 2
-  return sorted(sizes, reverse=True)
-
-
-def _bucket_for(n: int, sizes: Sequence[int]) -> int:
-  return min(s for s in sizes if s >= n)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -184,13 +170,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   flags: list[str] = []
   start_time = time.time()
 
-  def batches(indices: np.ndarray):
-    """Yields (real indices, padded indices, valid mask) per batch of the robust set."""
-    for start in range(0, len(indices), batch_size):
-      real = indices[start:start + batch_size]
-      bucket = _bucket_for(len(real), sizes)
-      padded = np.concatenate([real, np.repeat(real[:1], bucket - len(real))])
-      yield start, real, padded, np.arange(bucket) < len(real)
+  batches = functools.partial(padded_batches, batch_size=batch_size, sizes=sizes)
 
   # Clean pass.
   clean_logits = np.zeros((n, 0), np.float32)

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 
 from agad.attacks import driver as driver_lib
-from agad.attacks.apgd import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
-                               nothing_left, per_example, run_steps)
+from agad.attacks.iterative import per_example
+from agad.attacks.runner import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
+                                 nothing_left, run_steps)
 from agad.attacks.dlr import ranked_targets
 
 NORMS = ("linf", "l2")

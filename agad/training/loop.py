@@ -1,6 +1,6 @@
 """``train_and_evaluate(config, workdir)``: the whole training program.
 
-Resumes from the latest checkpoint in ``workdir`` automatically (exactly: TrainState
+Resumes from the newest intact checkpoint in ``workdir`` automatically (exactly: TrainState
 and the input iterator state are restored together), refuses to resume when a
 trajectory field of the config changed, validates on a split carved from train after
 every epoch and keeps the best checkpoint by validation robust accuracy.
@@ -159,22 +159,24 @@ class Trainer:
         augment=self.exp.info.augment, process_index=jax.process_index(),
         process_count=jax.process_count())
     start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-      meta = ckpt.read_meta(latest)
+
+    def check_trajectory(step: int, meta: dict) -> None:
       diff = trajectory_diff(meta.get("trajectory", {}), fingerprint)
       diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
       if diff:
         raise ValueError(
             f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
-            f"checkpoint at step {latest}:\n  " + "\n  ".join(diff) +
+            f"checkpoint at step {step}:\n  " + "\n  ".join(diff) +
             "\nUse a new --workdir, or restore the original values.")
+
+    # The newest intact checkpoint; damaged newer ones are logged and moved aside.
+    found = ckpt.restore_latest(ckpt_lib.abstract_like(state), accept=check_trajectory)
+    if found is not None:
+      latest, state, data_state, _ = found
       if latest >= self.total_steps:
         logging.info("workdir %s already finished (step %d of %d); nothing to do.",
                      self.workdir, latest, self.total_steps)
-        state, _, _ = ckpt.restore(latest, ckpt_lib.abstract_like(state))
         return state
-      state, data_state, _ = ckpt.restore(latest, ckpt_lib.abstract_like(state))
       iterator.set_state(data_state)
       start = latest
       logging.info("resumed from step %d", start)

@@ -1,7 +1,7 @@
 """Dev-only parity check: agad's JAX AutoAttack against the reference PyTorch AutoAttack.
 
   bash launch/env_parity.sh      # once: .venv-parity with torch + pyautoattack (never agad deps)
-  .venv-parity/bin/python -m launch.parity_autoattack [--n=200] [--eps=0.1] [--masked]
+  .venv-parity/bin/python -m launch.dev.parity_autoattack [--n=200] [--eps=0.1] [--masked]
       [--square_queries=5000] [--tolerance_pp=1.5] [--params_cache=PATH] [--output=JSON]
 
 The reference is ``pyautoattack==0.2.0`` (its attack files match fra31/auto-attack@a392200
