@@ -20,9 +20,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
-  from agad.training import loop
+  from agad.evaluation.defaults import validate_eval_config
+  from agad.training import builders, loop
+  try:  # Bad input is refused before any work, in one line.
+    builders.check_config(FLAGS.config)
+    validate_eval_config(FLAGS.config.eval)  # the evaluation settings saved with the run
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -77,6 +77,13 @@ def test_unknown_override_and_bad_arg_fail():
   out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
               "--workdir=/tmp/never", "--config.optim.learning_rate=0.1"])
   assert out.returncode != 0 and "learning_rate" in out.stderr
+  # One line naming the field and the fields that exist there, no traceback.
+  assert ("unknown config field in --config.optim.learning_rate; fields of config.optim: boundaries, "
+          "decay_factor, lr," in out.stderr) and "Traceback" not in out.stderr
+  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+              "--workdir=/tmp/never", "--config.attack.eps=3.0"])
+  assert out.returncode != 0 and "config.attack.eps=3.0 is invalid" in out.stderr
+  assert "Traceback" not in out.stderr and not os.path.exists("/tmp/never")
   out = _run(["launch.train", "--config=configs/fashion_mnist.py:resnet99,pgd_at",
               "--workdir=/tmp/never"])
   assert out.returncode != 0 and "unknown model 'resnet99'" in out.stderr

@@ -157,6 +157,18 @@ def _load_fashion_mnist(data_dir: str | None):
   return splits
 
 
+_UNPREPARED_HINTS = ('not found', 'no such file', 'does not exist', 'not prepared', 'notfound',
+                     'no builder', 'could not find', 'missing')
+
+
+def _looks_unprepared(error: Exception) -> bool:
+  """Whether a tfds exception means "this dataset is not prepared here"."""
+  if isinstance(error, (FileNotFoundError, ModuleNotFoundError)):
+    return True
+  text = f'{type(error).__name__} {error}'.lower()
+  return any(hint in text for hint in _UNPREPARED_HINTS)
+
+
 def _load_tfds(name: str, data_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   splits = []
@@ -167,6 +179,8 @@ def _load_tfds(name: str, data_dir: str | None):
       splits.append(TfdsSource(tfds.data_source(name, split=split, data_dir=data_dir,
                                                 download=False)))
     except Exception as e:  # tfds raises several unrelated types for "not prepared".
+      if not _looks_unprepared(e):
+        raise  # A real error (permissions, a corrupt file, a tfds bug): not relabelled.
       where = data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets (tfds default)'
       raise DataNotFoundError(
           f'dataset {name!r} split {split!r} is not prepared as ArrayRecord in '

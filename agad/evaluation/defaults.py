@@ -7,6 +7,8 @@ values (``runner.evaluate``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 
@@ -28,6 +30,44 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.cache = True              # Cache per-example results under WORKDIR/eval/cache.
   c.seed = 0                  # Attack randomness.
   return c
+
+
+def merged_eval_config(saved: Any = None, override: Any = None) -> ml_collections.ConfigDict:
+  """The defaults, then a run's saved ``eval`` fields, then ``override`` (the CLI's
+  ``--config.eval.*`` or a library caller's dict), validated.
+
+  Unknown keys are an error naming them and the known ones (a typo must not be ignored);
+  FieldReferences of a freshly built config are read as plain values.
+  """
+  cfg = eval_defaults()
+  known = sorted(cfg.keys())
+  for source, what in ((saved, "the saved config's eval"), (override, "eval_config")):
+    if source is None:
+      continue
+    values = source.to_dict() if isinstance(source, ml_collections.ConfigDict) else dict(source)
+    unknown = sorted(set(values) - set(known))
+    if unknown and what == "eval_config":
+      raise KeyError(f"{what} has unknown fields {unknown}; known: {known}")
+    for k, v in values.items():
+      if k in known:
+        cfg[k] = v
+  validate_eval_config(cfg)
+  return cfg
+
+
+def validate_eval_config(cfg) -> None:
+  """Range checks with messages naming the field, the value and what is accepted."""
+  def need(ok, field, accepted):
+    if not ok:
+      raise ValueError(f"eval.{field}={cfg[field]!r} is invalid: {accepted}")
+  need(0.0 <= float(cfg.eps) <= 1.0, "eps", "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)")
+  need(float(cfg.step_size) > 0, "step_size", "a positive step size")
+  need(float(cfg.cw_step_size) > 0, "cw_step_size", "a positive step size")
+  for field in ("batch_size", "pgd_steps", "restarts", "cw_steps"):
+    need(int(cfg[field]) >= 1 and int(cfg[field]) == cfg[field], field, "an integer >= 1")
+  need(cfg.num_examples is None or int(cfg.num_examples) >= 1, "num_examples", "None (all) or an integer >= 1")
+  need(cfg.aa_version in ("standard", "plus", "rand"), "aa_version", "standard | plus | rand")
+  need(cfg.params in ("auto", "params", "ema"), "params", "auto | params | ema")
 
 
 def selected_weights(config) -> str:

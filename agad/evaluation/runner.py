@@ -17,7 +17,7 @@ import json
 import numpy as np
 
 from agad.evaluation import presets, report as report_lib, suite as suite_lib
-from agad.evaluation.defaults import eval_defaults, weights_to_evaluate
+from agad.evaluation.defaults import merged_eval_config, weights_to_evaluate
 from agad.objectives.base import adaptive_variants
 
 
@@ -48,9 +48,9 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   from agad import api
 
   saved = api.load_config(workdir)
-  # Workdirs saved before a field existed still evaluate: defaults under the saved values.
-  eval_cfg = eval_defaults()
-  eval_cfg.update(eval_config if eval_config is not None else saved.eval)
+  # Workdirs saved before a field existed still evaluate: defaults under the saved values,
+  # then the caller's overrides (unknown keys are an error).
+  eval_cfg = merged_eval_config(saved.get("eval"), eval_config)
   preset = preset or eval_cfg.preset
   if preset not in presets.PRESETS:
     raise ValueError(f"preset {preset!r} is not one of {presets.PRESETS}")

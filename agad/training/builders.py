@@ -24,13 +24,40 @@ class Experiment(NamedTuple):
 
 
 def check_config(config: Any) -> None:
-  """Refuses configs that would train or validate something other than what they say.
+  """Refuses, before any work, configs that would train or validate something other than
+  what they say; each message names the field, the value and what is accepted.
 
-  The training attack's radius, the validation radius (which picks "best") and the test
-  radius must agree unless ``allow_eps_mismatch`` says the difference is wanted: a
-  ``--config.attack.eps=...`` override alone would otherwise select and report at the
-  old radius.
+  Ranges: radii in [0, 1] pixel units, positive step sizes, integer step counts, a
+  positive finite learning rate, positive batch and epochs, known names. The training
+  attack's radius, the validation radius (which picks "best") and the test radius must
+  agree unless ``allow_eps_mismatch`` says the difference is wanted: a
+  ``--config.attack.eps=...`` override alone would otherwise select and report at the old
+  radius. The model must accept the dataset's images (checked on abstract shapes).
   """
+  import math
+
+  def need(ok, field, value, accepted):
+    if not ok:
+      raise ValueError(f"config.{field}={value!r} is invalid: {accepted}")
+
+  for prefix, attack in (("attack", config.attack), ("validation.attack", config.validation.attack)):
+    need(0.0 <= float(attack.eps) <= (1.0 if attack.norm == "linf" else 1e3), f"{prefix}.eps", attack.eps,
+         "a radius in pixel units, in [0, 1] for linf (e.g. 8/255 or 0.1)")
+    need(float(attack.step_size) > 0, f"{prefix}.step_size", attack.step_size, "a positive step size")
+    need(int(attack.steps) == attack.steps and int(attack.steps) >= 1, f"{prefix}.steps", attack.steps,
+         "an integer >= 1")
+    need(attack.norm in ("linf", "l2"), f"{prefix}.norm", attack.norm, "linf | l2")
+    need(attack.random_start in ("uniform", "normal", "none"), f"{prefix}.random_start",
+         attack.random_start, "uniform | normal | none")
+  need(config.attack.bn in ("eval", "batch"), "attack.bn", config.attack.bn, "eval | batch")
+  lr = float(config.optim.lr)
+  need(math.isfinite(lr) and lr > 0, "optim.lr", config.optim.lr, "a positive finite learning rate")
+  need(int(config.batch_size) >= 1, "batch_size", config.batch_size, "an integer >= 1")
+  need(float(config.num_epochs) > 0, "num_epochs", config.num_epochs, "a positive number of epochs")
+  need(float(config.ema_decay) >= 0 and float(config.ema_decay) < 1, "ema_decay", config.ema_decay,
+       "0 (off) or in (0, 1)")
+  if data_lib.DATASET_NAMES and config.data.name not in data_lib.DATASET_NAMES:
+    need(False, "data.name", config.data.name, f"one of {list(data_lib.DATASET_NAMES)}")
   radii = {"attack.eps": float(config.attack.eps),
            "validation.attack.eps": float(config.validation.attack.eps),
            "eval.eps": float(config.eval.eps)}
@@ -40,10 +67,30 @@ def check_config(config: Any) -> None:
                      "--config.allow_eps_mismatch=True if the difference is intended")
 
 
+def check_model_fits_data(model, config: Any, info: Any) -> None:
+  """The backbone must accept the dataset's images (abstract shapes only, no compute)."""
+  def refuse(why):
+    return ValueError(f"model {config.model.name!r} cannot take {config.data.name!r} images of shape "
+                      f"{tuple(info.image_shape)}: {why}. Pick a backbone meant for this resolution "
+                      "(configs/<dataset>.py lists the usual ones).")
+
+  try:
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False, mutable=True),
+                               jax.ShapeDtypeStruct((1,) + tuple(info.image_shape), jnp.float32))
+  except Exception as e:  # a shape error deep inside the backbone
+    raise refuse(f"{type(e).__name__}: {str(e)[:300]}") from e
+  # Pooling a too-small image leaves empty feature maps (VGG-16 on 28x28): the loss is NaN.
+  flat = traverse_util.flatten_dict(dict(variables.get("intermediates", {})))
+  empty = sorted(path[-1] for path, v in flat.items() if any(0 in leaf.shape for leaf in jax.tree.leaves(v)))
+  if empty:
+    raise refuse(f"the feature maps at {empty} are empty")
+
+
 def build_experiment(config: Any) -> Experiment:
   splits = data_lib.load_dataset(config.data)
   info = splits.info
   model = defenses.build_model(config, info)
+  check_model_fits_data(model, config, info)
   objective = defenses.build_objective(config.objective.name, model, config)
   return Experiment(splits, info, model, objective)
 

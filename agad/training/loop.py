@@ -219,8 +219,12 @@ class Trainer:
           pending.clear()
           if not math.isfinite(scalars["loss"]):
             raise NonFiniteError(
-                f"non-finite training loss {scalars['loss']} at step {step}; the last good "
-                f"checkpoint (step {ckpt.latest_step()}) is kept. Lower optim.lr or check the data.")
+                f"non-finite training loss {scalars['loss']} at step {step}; "
+                + (f"the last good checkpoint (step {ckpt.latest_step()}) is kept. "
+                   if ckpt.latest_step() is not None else "no checkpoint was saved yet. ")
+                + "Start a new --workdir with a lower "
+                "optim.lr (a resume refuses a changed lr), optionally from this run's last good "
+                "weights with --config.init.workdir=THIS_WORKDIR; or check the data.")
           now = time.time()
           rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
           eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
