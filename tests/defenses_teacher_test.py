@@ -115,3 +115,70 @@ def test_init_from_keeps_fresh_init_for_plugins_the_source_lacks(tmp_path):
   np.testing.assert_array_equal(start["plugin_features"]["kernel"], fresh["plugin_features"]["kernel"])
   np.testing.assert_array_equal(start["stem_conv"]["kernel"], src["stem_conv"]["kernel"])
   assert not np.array_equal(start["stem_conv"]["kernel"], fresh["stem_conv"]["kernel"])
+
+
+# A defense drawing, per example, a training image of another class from a frozen ClassBank.
+TOY_BANK = textwrap.dedent('''
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from agad.data import ClassBank, sample_by_class
+    from agad.objectives import base
+    from agad.objectives.pgd_at import pgd_at
+
+    DEFAULTS = ml_collections.ConfigDict()
+
+
+    def frozen(splits):
+      bank = ClassBank.from_source(splits.train, splits.info.num_classes, augment=splits.info.augment)
+      return {"bank": bank}, {"bank": {"examples": int(bank.num_examples)}}
+
+
+    def objective(model, config):
+      inner = pgd_at(model, config)
+
+      def loss(params, model_state, aux_state, batch, adv, key, step):
+        value, aux = inner.loss(params, model_state, aux_state, batch, adv, key, step)
+        other = (batch["label"] + 1) % 10
+        drawn = sample_by_class(aux_state[base.FROZEN]["bank"], other, jax.random.fold_in(key, 9))
+        out = base.forward(model, params, aux.model_state, drawn["image"], mode="batch")
+        ce = base.cross_entropy_mean(out.logits, drawn["label"])
+        match = jnp.mean((drawn["label"] == other).astype(jnp.float32))
+        return value + ce, aux._replace(metrics={**aux.metrics, "bank_label_match": match})
+
+      return inner._replace(name="toy_bank", loss=loss, frozen=frozen)
+    ''')
+
+
+def test_a_class_bank_reaches_the_jitted_step_as_a_frozen_input(tmp_path):
+  folder = tmp_path / "defs"
+  folder.mkdir()
+  (folder / "toy_bank.py").write_text(TOY_BANK)
+  defenses.__path__.append(str(folder))
+  try:
+    workdir = str(tmp_path / "run")
+    trainer = loop.Trainer(tiny_config("toy_bank", num_epochs=1, stop_after_steps=2), workdir)
+    assert trainer.frozen_record == {"bank": {"examples": 80}}  # 96 synthetic minus 16 validation
+    final = trainer.run()
+    assert jax.device_get(final.aux_state) == {}
+    lines = [l for l in open(os.path.join(workdir, "metrics.jsonl")) if "bank_label_match" in l]
+    assert lines and all('"train/bank_label_match": 1.0' in l for l in lines)
+  finally:
+    defenses.__path__.remove(str(folder))
+    sys.modules.pop("agad.defenses.toy_bank", None)
+
+
+def test_input_normalisation_is_overridable_per_model():
+  from agad import data as data_lib
+  config = tiny_config()
+  info = data_lib.dataset_info(config.data)
+  model = defenses.build_model(config, info)
+  assert model.mean == tuple(info.mean) and model.input_norm == "dataset"
+  config.model.mean, config.model.std = (0.5,), (0.5,)  # AGKD-BML's [-1, 1] inputs
+  config.model.input_norm = "per_image"                  # ATAT's per-image standardisation
+  model = defenses.build_model(config, info)
+  assert (model.mean, model.std, model.input_norm) == ((0.5,), (0.5,), "per_image")
+  config.model.input_norm = "per_dataset"
+  with pytest.raises(ValueError, match="'per_dataset' is not one of"):
+    defenses.build_model(config, info)
