@@ -53,6 +53,9 @@ FORMULAS = {
     "alp": lambda p, y, c: alp_loss(p["clean"].logits, p["adv"].logits, y, weight=0.5, label_smoothing=0.1),
     "cas": lambda p, y, c: jnp.mean(cas_module.cas_per_example(p["adv"].logits, p["adv"].aux, y, 2.0)),
     "trades+awp": lambda p, y, c: trades_loss(p["clean"].logits, p["adv"].logits, y, beta=6.0),
+    # The +cas transform: CAS's aux term on TRADES' own adversarial pass.
+    "trades+cas": lambda p, y, c: trades_loss(p["clean"].logits, p["adv"].logits, y, beta=6.0) + 2.0 * jnp.mean(
+        attack_losses.cross_entropy(cas_module.aux_logits(p["adv"].aux)[0], y)),
 }
 
 

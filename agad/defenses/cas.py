@@ -131,18 +131,10 @@ def cas(model, config) -> base.Objective:
   attack = defaults.TrainingAttack(model, config, cfg)
   weight = float(cfg.weight)
 
-  def combined_fn(net, params, model_state, labels, mode):
-    model_state = _without_aux(model_state)
-
-    def fn(x):
-      out = base.forward(net, params, model_state, x, mode=mode, labels=labels)
-      return cas_per_example(out.logits, out.aux, labels, weight)
-
-    return fn
-
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
-    return attack.general(combined_fn(model, params, model_state, batch["label"], attack.bn), batch["image"], key, step=step)
+    loss_fn = combined_loss(model, params, model_state, batch["label"], attack.bn, weight)
+    return attack.general(loss_fn, batch["image"], key, step=step)
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
@@ -186,6 +178,18 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   return combined._replace(adaptive_loss=_adaptive(weight))
 
 
+def combined_loss(net, params, model_state, labels, mode: str, weight: float):
+  """``x -> [B]``: the per-example CAS loss through ``net`` in BN ``mode`` (what the
+  official attack and the adaptive attacks maximise)."""
+  model_state = _without_aux(model_state)
+
+  def fn(x):
+    out = base.forward(net, params, model_state, x, mode=mode, labels=labels)
+    return cas_per_example(out.logits, out.aux, labels, weight)
+
+  return fn
+
+
 def _adaptive(weight: float):
   """The adaptive-loss factory: ``""`` is the combined loss through the aux heads (hard
   predicted-label masks); ``"st"`` the same value with gradients through the masks by
@@ -193,15 +197,10 @@ def _adaptive(weight: float):
 
   def adaptive_loss(net, variables):
     params = variables["params"]
-    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
+    model_state = {k: v for k, v in variables.items() if k != "params"}
     st_net = straight_through_model(net)
-
-    def combined(n, labels):
-      return lambda x: (lambda out: cas_per_example(out.logits, out.aux, labels, weight))(
-          base.forward(n, params, model_state, x, mode="eval", labels=labels))
-
-    return {"": lambda x, labels: combined(net, labels)(x),
-            "st": lambda x, labels: combined(st_net, labels)(x)}
+    return {"": lambda x, labels: combined_loss(net, params, model_state, labels, "eval", weight)(x),
+            "st": lambda x, labels: combined_loss(st_net, params, model_state, labels, "eval", weight)(x)}
 
   return adaptive_loss
 
