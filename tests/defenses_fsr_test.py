@@ -365,3 +365,13 @@ def test_fsr_and_its_compositions_train_through_launch_train(tmp_path):
     assert len(sep) == 2 and all(np.isfinite(sep)), (spec, lines)
     config = json.load(open(tmp_path / spec.replace("+", "_") / "config.json"))
     assert config["objective"]["fsr"]["tau"] == 0.1 and config["objective"]["fsr"]["site"] == "features"
+
+
+def test_cifar10_resnet18_fsr_is_the_papers_recipe():
+  from configs import cifar10
+  c = cifar10.get_config("resnet18,fsr")
+  assert (c.model.name, c.objective.name, c.num_epochs, tuple(c.optim.boundaries)) == ("resnet18", "fsr", 100, (75, 90))
+  assert (c.optim.lr, c.optim.decay_factor, c.optim.momentum, c.optim.weight_decay, c.batch_size) == (0.1, 0.1, 0.9, 5e-4, 128)
+  assert (c.attack.eps, c.attack.step_size, c.attack.steps, c.attack.random_start) == (8 / 255, 2 / 255, 10, "uniform")
+  assert c.objective.fsr.to_dict() == fsr_module.DEFAULTS.to_dict()
+  assert (c.objective.fsr.lam_sep, c.objective.fsr.lam_rec, c.objective.fsr.tau) == (1.0, 1.0, 0.1)
