@@ -1,4 +1,8 @@
-"""SVHN (TFDS svhn_cropped, ArrayRecord). FSR's SVHN setting: step eps/8, lr 0.01."""
+"""SVHN (TFDS svhn_cropped, ArrayRecord). FSR's SVHN setting: step eps/8, lr 0.01.
+
+``:resnet18,fsr`` is FSR's SVHN recipe (wkim97/FSR train.py with ``--alpha 0.125 --lr
+0.01``) with this file's defaults unchanged.
+"""
 
 from configs import common
 
