@@ -295,6 +295,17 @@ def test_mart_again_adds_the_terms_on_marts_adv_pass_without_another_pass(setup)
   assert set(obj.adaptive_loss(model, {"params": params, **state})) == {"", "st"}
 
 
+def test_pgd_at_again_has_agains_loss_and_pgd_ats_attack(setup):
+  cfg, model, params, state, batch = setup
+  obj = defenses.build_objective("pgd_at+again", model, cfg)
+  adv = defenses.build_objective("pgd_at", model, cfg).generate(params, state, {}, batch, jax.random.key(2), 0)
+  np.testing.assert_array_equal(obj.generate(params, state, {}, batch, jax.random.key(2), 0), adv)
+  value, _ = obj.loss(params, state, {}, batch, adv, jax.random.key(3), 0)
+  again_value, _ = defenses.build_objective("again", model, cfg).loss(params, state, {}, batch, adv,
+                                                                     jax.random.key(3), 0)
+  np.testing.assert_allclose(value, again_value, rtol=1e-6)
+
+
 def test_awp_perturbs_the_ase_heads(setup):
   cfg, model, params, state, batch = setup
   obj = defenses.build_objective("again", model, cfg)
