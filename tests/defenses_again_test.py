@@ -328,7 +328,7 @@ def test_awp_perturbs_the_ase_heads(setup):
 
 def test_sites_default_per_backbone_and_override():
   cfg = make_config()
-  for name, expected in (("smallcnn", ("stage1", "features")),
+  for name, expected in (("smallcnn", ("stage2.pre_pool", "features")),
                          ("resnet18", ("stage3.unit[-1]", "stage4.unit[-1]")),
                          ("wrn34_10", ("stage3.unit[-1].branch", "features"))):
     cfg.model.name = name
