@@ -1,0 +1,364 @@
+"""AGAIN: attribution span enlargement (+ hybrid feature fusion), Yin et al. CVPR 2023, as
+coded in InsLin/AGAIN @911f238 (``AGAIN_with_AWP/models/wideresnet_AGAIN_woHFF.py``,
+``train_awp_again_cifar.py``; ``../shared/reference/seed_implementations.md`` section 1).
+
+AGAIN is CAS (:mod:`agad.defenses.cas`) with label mixing in the training mask.
+
+Plug-in (``ASEPlugin``, one per site, ``features A [B, H, W, C]`` or ``[B, C]``): an
+auxiliary ``Linear(C, K)`` on the global-average-pooled *unmasked* features gives aux
+logits ``z = GAP(A) W^T + b`` (sown as ``aux/again_logits``; ``W [K, C]``, stored as the
+``[C, K]`` kernel). The features are multiplied channel-wise by a mixed *raw, signed*
+weight row (paper Eq. 4; no sigmoid, no normalisation, as coded)::
+
+    training (labels given):  A_hat = A * (alpha W[y] + (1 - alpha) W[y'])      alpha = 0.6
+    eval (or no labels):      A_hat = A * W[argmax z]
+
+``y' = y[randperm(B)]`` is drawn per site and per training pass from the plug-in rng
+(``self.make_rng('plugins')``), so ``y'`` may equal ``y`` for some rows, as the code's
+``y[torch.randperm(B)]``. ``alpha = 1`` is CAS bit for bit (``1 * a + 0 * b == a``).
+
+Hybrid feature fusion (paper Sec. 4.2, Eqs. 5-6; *not called* in the released code, whose
+file is "woHFF"): ``hff=True`` applies :func:`hybrid_feature_fusion` to ``A`` before ASE
+in training passes (identity at eval).
+
+Objective (``again``, PGD-AT based, as coded): ``CE(f(x'), y) + weight * mean_k
+CE(z_k(x'), y)``, ``weight = 2`` over the ``K = 2`` heads (the paper's Eq. 7 has weight 1
+and one head). Attack: PGD-10 on the same combined per-example loss through the
+*eval-mode* model (running BN statistics, predicted-label masks), from ``x + 0.001 N(0,
+I)`` (``random_start="normal"``), step ``config.attack.step_size`` (2/255 in the CIFAR
+configs = the code; the paper's 4/255 is ``objective.again.step_size``). The update runs
+in train mode with the label-mixed masks; BN statistics are updated by that pass only.
+
+Transform (``mart+again``, ``pgd_at+again``): adds ``weight * mean_k CE(z_k(x'), y)`` on
+the inner objective's own ``"adv"`` pass (no extra forward pass), keeping its attack
+(MART's CE attack runs through the eval-mode model, so it also sees predicted-label
+masks). ``again+awp``: AWP's proxy ascends the AGAIN loss and perturbs every >= 2-D
+tensor, the ASE heads' kernels included (``awp.weight_perturbation``), as the official
+``utils_awp.py``. The paper-only "gradual probability" schedule (Sec. 4.3, algorithm in an
+appendix that is not public) is the option ``schedule``; only ``"none"`` is implemented.
+
+Adaptive losses (``Objective.adaptive_loss``): ``""`` the combined main + aux loss through
+the eval-mode model (the authors' own evaluation, ``attack_test.py``); ``"st"`` the same
+value with the hard predicted-label masks' gradient replaced by that of the soft mask
+``softmax(z) W`` (straight-through / BPDA, via ``ADAPTIVE_FIELDS`` and
+``defenses.with_plugin_overrides``).
+
+Sites (``plugins(config, K)``; ``objective.again.sites`` overrides the per-backbone default
+``DEFAULT_SITES[config.model.name]``): WRN as coded, the residual branch of the last unit
+of the last stage after its BN-ReLU (``stage3.unit[-1].branch``, 640x8x8, masking the
+conv branch only) and ``features`` (after the final BN-ReLU); see ``DEFAULT_SITES`` for
+the others.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from agad.attacks import losses as attack_losses
+from agad.defenses import _registry
+from agad.defenses.cas import CASPlugin, aux_logits
+from agad.models.layers import torch_linear_uniform
+from agad.objectives import base, defaults
+
+AUX_NAME = "again_logits"          # the aux head's logits, sown per site
+OTHER_LABELS_NAME = "again_other"  # y' of a training pass, sown per site (tests, inspection)
+
+# Per-backbone default sites (``config.model.name``), overridden by objective.again.sites.
+DEFAULT_SITES = {
+    # As coded for WRN-34-10: input of the last unit's conv branch of block3 after that
+    # unit's BN-ReLU, and after the final BN-ReLU (wideresnet_AGAIN_woHFF.py).
+    "wrn34_10": ("stage3.unit[-1].branch", "features"),
+    "wrn28_10": ("stage3.unit[-1].branch", "features"),
+    "wrn16_8": ("stage3.unit[-1].branch", "features"),
+    # The same placement on the pre-activation ResNet-18 (its last stage is stage 4).
+    "preact_resnet18": ("stage4.unit[-1].branch", "features"),
+    # The paper's ResNet-18 (no code released; Table 5 "Layer3/Layer4"): the outputs of the
+    # last unit of layer3 and of layer4.
+    "resnet18": ("stage3.unit[-1]", "stage4.unit[-1]"),
+    "resnet34": ("stage3.unit[-1]", "stage4.unit[-1]"),
+    "resnet50": ("stage3.unit[-1]", "stage4.unit[-1]"),
+    # Not in the paper. SmallCNN, like the WRN placement, two sites in the last conv stage:
+    # after its last conv-ReLU (8x8x64, before pool 2) and after pool 2 (4x4x64, before
+    # flattening). ("stage1", "features") was worse on the Fashion-MNIST table recipe (seed
+    # 0, validation at epoch 1: clean 61.1 / worst 9.3 vs 73.3 / 43.7; WORKSPACE.md).
+    # VGG-16: after its 4th and 5th stage.
+    "smallcnn": ("stage2.pre_pool", "features"),
+    "smallcnn_bn": ("stage2.pre_pool", "features"),
+    "vgg16": ("stage4", "features"),
+    # Test backbone (one residual unit): the WRN placement.
+    "tiny_bn": ("stage1.unit[-1].branch", "features"),
+}
+
+# AGAIN (Yin et al. CVPR 2023; InsLin/AGAIN @911f238, AGAIN_with_AWP/).
+DEFAULTS = ml_collections.ConfigDict()
+# Eq. 4's alpha; mask alpha W[y] + (1 - alpha) W[y']. Paper Sec. 5.2.1 and code: 0.6.
+# 1.0 is CAS (bit for bit).
+DEFAULTS.alpha = 0.6
+# CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y): code 2 (train_awp_again_cifar.py, the
+# CAS --beta 2, averaged over 2 heads); paper Eq. 7: 1 with one head.
+DEFAULTS.weight = 2.0
+# ASE sites; () = DEFAULT_SITES[config.model.name] (WRN as coded: last unit's branch of
+# block3 and the final features). A tuple of site names or aliases overrides it.
+DEFAULTS.sites = ()
+# Training-attack start: code x + 0.001 N(0, I) (train_awp_again_cifar.py). None: config.attack.
+DEFAULTS.random_start = "normal"
+# BN (and mask) mode of the training attack: code model.eval() -> running statistics and
+# predicted-label masks. None: config.attack.bn.
+DEFAULTS.attack_bn = "eval"
+# Training-attack step size; 0: config.attack.step_size (2/255 in the CIFAR configs = the
+# code's --step-size 2/255). Paper Sec. 5.2.1: 4/255 (set 4/255 here for "paper").
+DEFAULTS.step_size = 0.0
+# Hybrid feature fusion before ASE in training passes (paper Sec. 4.2, Eqs. 5-6). The code
+# defines HFF() but never calls it ("woHFF"): off.
+DEFAULTS.hff = False
+# sigma(.) = sqrt(var + hff_eps) over the spatial axes per example and channel (not given in
+# the paper; AdaIN/MixStyle use 1e-5 / 1e-6).
+DEFAULTS.hff_eps = 1e-5
+# The paper's "gradual probability" of using AGAIN instead of plain AT (Sec. 4.3; its
+# algorithm is in an unpublished appendix; not in the code): "none" only.
+DEFAULTS.schedule = "none"
+
+
+def ase_weights(class_weights: jax.Array, labels: jax.Array, other_labels: jax.Array, *,
+                alpha: float = 0.6) -> jax.Array:
+  """The ASE training mask ``[B, C] = alpha W[labels] + (1 - alpha) W[other_labels]``.
+
+  Stable public API (external checks call it). ``class_weights [C, K]`` (the aux head's
+  kernel, ``W^T``), ``labels``/``other_labels [B]`` int. Paper Eq. 4 with the raw signed
+  weight rows of the code (``wideresnet_AGAIN_woHFF.py``: ``0.6 * fc.weight[y] + 0.4 *
+  fc.weight[y[randperm]]``); ``alpha = 1`` gives CAS's ``W[labels]`` exactly.
+  """
+  if class_weights.ndim != 2:
+    raise ValueError(f"class_weights must be the [C, K] kernel, got shape {class_weights.shape}")
+  rows = class_weights.T  # [K, C]
+  return alpha * jnp.take(rows, labels, axis=0) + (1.0 - alpha) * jnp.take(rows, other_labels, axis=0)
+
+
+def _moments(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  axes = tuple(range(1, x.ndim - 1))
+  mu = jnp.mean(x, axis=axes, keepdims=True)
+  sigma = jnp.sqrt(jnp.var(x, axis=axes, keepdims=True) + eps)
+  return mu, sigma
+
+
+def adain(content: jax.Array, style: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """AdaIN(c, s) = sigma(s) (c - mu(c)) / sigma(c) + mu(s), statistics per example and
+  channel over the spatial axes (``[B, H, W, C]``)."""
+  mu_c, sigma_c = _moments(content, eps)
+  mu_s, sigma_s = _moments(style, eps)
+  return sigma_s * (content - mu_c) / sigma_c + mu_s
+
+
+def hybrid_feature_fusion(features: jax.Array, permutation: jax.Array, gammas: jax.Array, *,
+                          eps: float = 1e-5) -> jax.Array:
+  """Hybrid feature fusion (paper Sec. 4.2, Eqs. 5-6) of ``features A [B, H, W, C]``.
+
+  ``A' = A[permutation]`` (the shuffled batch, the style data), ``A1 = AdaIN(A, A')``,
+  ``A2 = AdaIN(A', A)``; with ``gammas [B, 4]`` (rows in the simplex, e.g. Dirichlet(1))::
+
+      mu_hat    = g1 mu(A)    + g2 mu(A')    + g3 mu(A1)    + g4 mu(A2)        (Eq. 5)
+      sigma_hat = g1 sigma(A) + g2 sigma(A') + g3 sigma(A1) + g4 sigma(A2)
+      HFF(A)    = sigma_hat (A - mu(A)) / sigma(A) + mu_hat                     (Eq. 6)
+
+  ``mu``/``sigma`` per example and channel over the spatial axes, ``sigma =
+  sqrt(var + eps)``. One-hot ``gammas = e1`` is the identity (up to rounding); ``e2`` is
+  ``AdaIN(A, A')``. Gradients flow through every statistic (the paper detaches nothing).
+  """
+  if features.ndim < 3:
+    raise ValueError(f"hybrid feature fusion needs spatial axes [B, H, W, C]; got shape {features.shape} "
+                     "(a pooled site): put the ASE plug-in at a feature map or set objective.again.hff=False")
+  a = features
+  a_style = jnp.take(a, permutation, axis=0)
+  a1 = adain(a, a_style, eps)
+  a2 = adain(a_style, a, eps)
+  stats = [_moments(t, eps) for t in (a, a_style, a1, a2)]
+  g = gammas.astype(a.dtype).reshape((a.shape[0],) + (1,) * (a.ndim - 2) + (4,))
+  mu_hat = sum(g[..., i:i + 1] * stats[i][0] for i in range(4))
+  sigma_hat = sum(g[..., i:i + 1] * stats[i][1] for i in range(4))
+  mu, sigma = stats[0]
+  return sigma_hat * (a - mu) / sigma + mu_hat
+
+
+class ASEPlugin(CASPlugin):
+  """``plugin(features, *, train, labels) -> features``: the ASE module at one site.
+
+  CASPlugin's head and eval mask (``W[argmax z]``, ``straight_through`` for adaptive
+  attacks) with the training mask :func:`ase_weights` (``alpha``, ``y' = y[perm]`` from the
+  plug-in rng). A training pass with labels must get the ``'plugins'`` rng (every agad
+  objective passes ``base.pass_key``); ``hff=True`` applies hybrid feature fusion (rng
+  too) before ASE in training passes.
+  """
+  alpha: float = 0.6
+  hff: bool = False
+  hff_eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
+    mixing = train and labels is not None
+    if (mixing or (train and self.hff)) and not self.has_rng(base.PLUGIN_RNG):
+      raise ValueError(f"ASEPlugin (alpha={self.alpha}, hff={self.hff}) draws y' = y[perm] in a training "
+                       f"pass and needs the '{base.PLUGIN_RNG}' rng: pass rng=base.pass_key(key, i) to "
+                       f"base.forward (or rngs={{'{base.PLUGIN_RNG}': key}} to model.apply)")
+    if train and (mixing or self.hff):
+      k_labels, k_perm, k_gamma = jax.random.split(self.make_rng(base.PLUGIN_RNG), 3)
+    if train and self.hff:
+      batch = features.shape[0]
+      gammas = jax.random.dirichlet(k_gamma, jnp.ones((4,), jnp.float32), (batch,))
+      features = hybrid_feature_fusion(features, jax.random.permutation(k_perm, batch), gammas,
+                                       eps=self.hff_eps)
+    channels = features.shape[-1]
+    init = torch_linear_uniform(channels)
+    kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
+    bias = self.param("bias", init, (self.num_classes,), jnp.float32)
+    pooled = jnp.mean(features.astype(jnp.float32), axis=tuple(range(1, features.ndim - 1)))
+    logits = pooled @ kernel + bias
+    self.sow("aux", AUX_NAME, logits)
+    if mixing:
+      other = jnp.take(labels, jax.random.permutation(k_labels, labels.shape[0]), axis=0)
+      self.sow("aux", OTHER_LABELS_NAME, other)
+      mask = ase_weights(kernel, labels, other, alpha=self.alpha)
+    else:
+      mask = jnp.take(kernel.T, jnp.argmax(logits, axis=-1), axis=0)  # [B, C]: W[argmax z]
+      if self.straight_through:
+        soft = jax.nn.softmax(logits, axis=-1) @ kernel.T
+        mask = mask + soft - jax.lax.stop_gradient(soft)
+    mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
+    return features * mask.astype(features.dtype)
+
+
+def again_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
+  """``CE(f(x), y) + weight * mean_k CE(z_k(x), y)`` per example ``[B]`` (``k`` over sites)."""
+  heads = aux_logits(aux, AUX_NAME)
+  if not heads:
+    raise ValueError(f"the AGAIN objective found no '{AUX_NAME}' in the model's 'aux' collection: build "
+                     "the model with agad.defenses.build_model(config, info) (or "
+                     "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
+  extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
+  return attack_losses.cross_entropy(logits, labels) + weight * extra
+
+
+def _config(config) -> ml_collections.ConfigDict:
+  cfg = defaults.objective_config(config, "again", DEFAULTS)
+  if cfg.schedule != "none":
+    raise NotImplementedError(
+        f"objective.again.schedule={cfg.schedule!r}: the paper's gradual probability of using AGAIN "
+        "instead of plain AT (Sec. 4.3) is specified only in its unpublished appendix and is absent "
+        "from the official code; use schedule='none'")
+  if float(cfg.step_size) < 0:
+    raise ValueError(f"objective.again.step_size={cfg.step_size} must be > 0, or 0 for config.attack.step_size")
+  if not 0.0 <= float(cfg.alpha) <= 1.0:
+    raise ValueError(f"objective.again.alpha={cfg.alpha} must be in [0, 1] (paper: [0.5, 1], default 0.6)")
+  return cfg
+
+
+def sites_for(config: Any) -> tuple[str, ...]:
+  """``objective.again.sites`` or the backbone's default (``DEFAULT_SITES``)."""
+  cfg = _config(config)
+  if cfg.sites:
+    return (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
+  name = config.model.name
+  if name not in DEFAULT_SITES:
+    raise ValueError(f"AGAIN has no default sites for model {name!r} (defaults exist for "
+                     f"{sorted(DEFAULT_SITES)}); set --config.objective.again.sites='(\"site\", ...)'")
+  return DEFAULT_SITES[name]
+
+
+def plugins(config: Any, num_classes: int) -> dict:
+  """``{site: ASEPlugin factory}`` for :func:`sites_for` (aliases resolved by build_model)."""
+  cfg = _config(config)
+  factory = functools.partial(ASEPlugin, num_classes=num_classes, alpha=float(cfg.alpha),
+                              hff=bool(cfg.hff), hff_eps=float(cfg.hff_eps))
+  return {site: factory for site in sites_for(config)}
+
+
+def _without_aux(model_state):
+  return {k: v for k, v in model_state.items() if k != "aux"}
+
+
+def again(model, config) -> base.Objective:
+  """AGAIN objective (PGD-AT + ASE heads, as coded); fields from ``config.objective.again``."""
+  cfg = _config(config)
+  attack = defaults.TrainingAttack(model, config, cfg)
+  weight = float(cfg.weight)
+  step_size = float(cfg.step_size) or None  # 0: config.attack.step_size
+
+  def combined_fn(params, model_state, labels, rng):
+    model_state = _without_aux(model_state)
+
+    def fn(x):  # eval mode: predicted-label masks; "batch" mode: label-mixed masks, rng fixed
+      out = base.forward(model, params, model_state, x, mode=attack.bn, labels=labels, rng=rng)
+      return again_per_example(out.logits, out.aux, labels, weight)
+
+    return fn
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state
+    # Eval mode (the code's) draws nothing in the model: the attack gets ``key`` itself.
+    k_attack, k_plugins = (key, None) if attack.bn == "eval" else jax.random.split(key)
+    fn = combined_fn(params, model_state, batch["label"], k_plugins)
+    return attack.general(fn, batch["image"], k_attack, step=step, step_size=step_size)
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del step
+    labels = batch["label"]
+    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels,
+                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    value = jnp.mean(again_per_example(out.logits, out.aux, labels, weight))
+    heads = aux_logits(out.aux, AUX_NAME)
+    metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
+               "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+    return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
+
+  return base.Objective("again", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
+
+
+def transform(inner: base.Objective, model, config) -> base.Objective:
+  """``<objective>+again``: ``inner``'s loss + ``weight * mean_k CE(z_k(x'), y)`` on its
+  ``"adv"`` pass (the heads exist because ``plugins`` placed them); ``inner``'s attack."""
+  del model
+  weight = float(_config(config).weight)
+
+  def terms(params, passes, batch, key, step):
+    del params, key, step
+    if "adv" not in passes:
+      raise ValueError(f"+again needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
+    heads = aux_logits(passes["adv"].aux, AUX_NAME)
+    if not heads:
+      raise ValueError(f"+again found no '{AUX_NAME}' in the adversarial pass of {inner.name}: "
+                       "build the model with agad.defenses.build_model(config, info)")
+    labels = batch["label"]
+    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
+    return weight * jnp.mean(extra), {"again_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+
+  combined = base.add_terms(inner, "again", terms)
+  return combined._replace(adaptive_loss=_adaptive(weight))
+
+
+def _adaptive(weight: float):
+  """``""``: the combined loss through the eval-mode model (hard predicted-label masks);
+  ``"st"``: the same value, mask gradients through ``softmax(z) W`` (straight-through)."""
+
+  def adaptive_loss(net, variables):
+    params = variables["params"]
+    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
+    st_net = _registry.with_plugin_overrides(net, straight_through=True)
+
+    def combined(n):
+      def fn(x, labels):
+        out = base.forward(n, params, model_state, x, mode="eval", labels=labels)
+        return again_per_example(out.logits, out.aux, labels, weight)
+      return fn
+
+    return {"": combined(net), "st": combined(st_net)}
+
+  return adaptive_loss
+
+
+objective = again
