@@ -93,7 +93,7 @@ def defense_dir(tmp_path):
 
 def test_unknown_names_fail_with_the_names_that_exist():
   with pytest.raises(ValueError, match=r"unknown objective or defense 'fsrr'; known objectives: .*cas.*"
-                                       r"trades.*transforms: awp, cas"):
+                                       r"trades.*transforms: again, awp, cas, fsr"):
     defenses.find("fsrr")
   with pytest.raises(ValueError, match="'awp' in 'awp' is a transform"):
     defenses.parse("awp")
@@ -104,8 +104,8 @@ def test_unknown_names_fail_with_the_names_that_exist():
     with pytest.raises(ValueError):
       defenses.find(name)
   n = defenses.names()
-  assert {"standard", "pgd_at", "trades", "mart", "alp", "iat", "cas"} <= set(n["objectives"])
-  assert {"awp", "cas"} <= set(n["transforms"])
+  assert {"standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "fsr", "again"} <= set(n["objectives"])
+  assert {"awp", "cas", "fsr", "again"} <= set(n["transforms"])
 
 
 def test_defaults_reach_the_config_and_unknown_override_keys_fail():
