@@ -24,11 +24,14 @@ def snapshot(out_path: str) -> None:
   import jax
   import jax.numpy as jnp
   jax.config.update("jax_num_cpu_devices", 1)
+  import agad
   from agad import models
   from configs import fashion_mnist
-  try:
+  # Decide by the checked-out tree (an editable install elsewhere can still resolve
+  # agad.defenses through its import hook).
+  if os.path.isdir(os.path.join(os.path.dirname(agad.__file__), "defenses")):
     from agad import defenses as registry
-  except ImportError:  # Before the defense platform.
+  else:  # Before the defense platform.
     from agad import objectives as registry
   res = {}
   for model_name in ("smallcnn", "tiny_bn"):
