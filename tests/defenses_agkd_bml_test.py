@@ -207,7 +207,12 @@ def test_teacher_frozen_unchanged_not_checkpointed_and_resume_with_another_refus
   shutil.rmtree(teacher_dir)
   loaded = agad.load(student_dir, "latest")
   assert loaded.logits_fn(jnp.zeros((2, 8, 8, 1))).shape == (2, 10)
-  assert set(loaded.objective().adaptive_loss(loaded.model, loaded.variables)) == {"mc"}
+  variants = loaded.objective().adaptive_loss(loaded.model, loaded.variables)
+  x, y = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1)), jnp.array([0, 1, 2, 3])
+  z = loaded.logits_fn(x)  # "mc": targeted CE towards the runner-up class, ascended as -CE
+  expected = -attack_losses.cross_entropy(z, most_confusing_labels(z, y))
+  assert set(variants) == {"mc"}
+  np.testing.assert_allclose(variants["mc"](x, y), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("key,value,field", [
