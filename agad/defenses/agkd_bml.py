@@ -24,7 +24,7 @@ attacks in pixel space; ``config.model.mean = std = (0.5,)*3`` gives the network
 code's [-1, 1] input). The paper trains with 2 steps (AGKD-BML) or 7 (AGKD-BML-7):
 ``objective.agkd_bml.steps``.
 
-Loss as coded (``main.py:129-148``), ``a/c/n`` the student's outputs on ``x_a/x/x_n'``:
+Loss as coded (``main.py`` ``train()``, after the two attacks), ``a/c/n`` the student's outputs on ``x_a/x/x_n'``:
 
     L = CE_ls(z_a, y)                                    label smoothing 0.5 over the others
       + [mart_term(z_c, z_a, y)]                         argument.py --mart default True
@@ -146,7 +146,7 @@ def attention_map(features: jax.Array) -> jax.Array:
 
 
 def attention_l1(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
-  """``F.l1_loss(attention_map(F_S), attention_map(F_T.detach()))`` (main.py:139-146;
+  """``F.l1_loss(attention_map(F_S), attention_map(F_T.detach()))`` (main.py ``train()``;
   paper Eq. 4 with D = L1): the mean absolute difference over all ``B*H*W`` elements of
   the two min-max normalised channel-sum maps, scalar. Features ``[B, H, W, C]`` (the
   channel counts may differ, the spatial shapes must agree); the teacher side is
