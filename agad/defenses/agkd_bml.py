@@ -24,7 +24,8 @@ attacks in pixel space; ``config.model.mean = std = (0.5,)*3`` gives the network
 code's [-1, 1] input). The paper trains with 2 steps (AGKD-BML) or 7 (AGKD-BML-7):
 ``objective.agkd_bml.steps``.
 
-Loss as coded (``main.py`` ``train()``, after the two attacks), ``a/c/n`` the student's outputs on ``x_a/x/x_n'``:
+Loss as coded (``main.py`` ``train()``, after the two attacks), with ``a/c/n`` the
+student's outputs on ``x_a/x/x_n'``:
 
     L = CE_ls(z_a, y)                                    label smoothing 0.5 over the others
       + [mart_term(z_c, z_a, y)]                         argument.py --mart default True
