@@ -1,10 +1,11 @@
 """Attention maps from features: channel attention, CAM, Grad-CAM, ASC, attention shift.
 
 Pure functions of arrays. Features are NHWC ``[B, H, W, C]``; maps are ``[B, H, W]``
-float32. Every function is ``jit``- and ``vmap``-safe (static arguments are python
-values) and differentiable w.r.t. the features and, through ``head_fn``, the head's
-parameters, including second order (``grad_cam`` is a VJP, so a loss on a Grad-CAM map
-backpropagates through the gradient: double backprop). ``asc`` and the ``"iou"`` shift
+float32 (float64 for float64 inputs under x64). Every function is ``jit``- and
+``vmap``-safe (static arguments are python values) and differentiable w.r.t. the
+features and, through ``head_fn``, the head's parameters, including second order
+(``grad_cam`` is a VJP, so a loss on a Grad-CAM map backpropagates through the gradient:
+double backprop). ``asc`` and the ``"iou"`` shift
 are counts of thresholded pixels: defined everywhere, with zero gradient.
 
 Definitions (b indexes examples, (h, w) positions, c channels, k classes):
@@ -37,6 +38,12 @@ SHIFT_METRICS = ("l1", "l2", "cosine", "iou")
 EPS = 1e-12
 
 
+def _float(x: Array) -> Array:
+  """At least float32 (bf16/f16 compute is upcast); float64 stays float64 (for x64 tests)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _check_features(features: Array, who: str) -> Array:
   features = jnp.asarray(features)
   if features.ndim != 4:
@@ -46,7 +53,7 @@ def _check_features(features: Array, who: str) -> Array:
 
 
 def _check_maps(maps: Array, who: str) -> Array:
-  maps = jnp.asarray(maps, jnp.float32)
+  maps = _float(maps)
   if maps.ndim != 3:
     raise ValueError(f"{who}: maps must be [B, H, W], got shape {maps.shape}; add the batch "
                      "axis with maps[None]")
@@ -101,7 +108,7 @@ def channel_attention(features: Array, *, reduce: str = "mean",
   ``mean_c |A|``, ``"sq_mean"`` ``mean_c A^2`` (attention transfer, p = 2).
   ``normalize``: see :func:`normalize_maps`.
   """
-  a = _check_features(features, "channel_attention").astype(jnp.float32)
+  a = _float(_check_features(features, "channel_attention"))
   if reduce == "mean":
     m = a.mean(-1)
   elif reduce == "sum":
@@ -132,8 +139,8 @@ def cam(features: Array, class_weights: Array, classes: Array, *, relu: bool = F
   ``params['classifier']['kernel']``) and ``classes`` ``k`` ``[B]``. No bias, no
   ReLU unless ``relu``; ``normalize``: see :func:`normalize_maps`.
   """
-  a = _check_features(features, "cam").astype(jnp.float32)
-  w = jnp.asarray(class_weights, jnp.float32)
+  a = _float(_check_features(features, "cam"))
+  w = _float(class_weights)
   if w.ndim != 2 or w.shape[0] != a.shape[-1]:
     raise ValueError(f"cam: class_weights must be [C, K] with C = {a.shape[-1]} feature "
                      f"channels, got shape {w.shape}; pass the classifier kernel, not its "
@@ -153,8 +160,8 @@ def grad_cam_from_grads(features: Array, grads: Array, *, relu: bool = True,
   ``alpha[b, c] = mean_hw grads[b, :, :, c]``, ``M[b] = relu(sum_c alpha[b, c] A[b, :, :, c])``
   (Selvaraju et al. 2017, Eq. 1-2); both ``[B, H, W, C]``, result ``[B, H, W]``.
   """
-  a = _check_features(features, "grad_cam").astype(jnp.float32)
-  g = jnp.asarray(grads, jnp.float32)
+  a = _float(_check_features(features, "grad_cam"))
+  g = _float(grads)
   if g.shape != a.shape:
     raise ValueError(f"grad_cam: grads shape {g.shape} differs from features {a.shape}")
   alpha = g.mean(axis=(1, 2))  # [B, C]
@@ -222,7 +229,7 @@ def asc(maps: Array, *, lam: float = 0.5) -> Array:
   """
   maps = _check_maps(maps, "asc")
   top = maps.max(axis=(1, 2), keepdims=True)
-  return jnp.mean((maps > lam * top).astype(jnp.float32), axis=(1, 2))
+  return jnp.mean((maps > lam * top).astype(maps.dtype), axis=(1, 2))
 
 
 def top_mask(maps: Array, top_frac: float = 0.2) -> Array:
@@ -234,7 +241,7 @@ def top_mask(maps: Array, top_frac: float = 0.2) -> Array:
   b, h, w = maps.shape
   k = max(1, int(round(top_frac * h * w)))
   _, idx = jax.lax.top_k(jax.lax.stop_gradient(maps).reshape(b, h * w), k)
-  mask = jnp.zeros((b, h * w), jnp.float32).at[jnp.arange(b)[:, None], idx].set(1.0)
+  mask = jnp.zeros((b, h * w), maps.dtype).at[jnp.arange(b)[:, None], idx].set(1.0)
   return mask.reshape(b, h, w)
 
 
