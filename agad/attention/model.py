@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from agad.attention import maps as maps_lib
+from agad.attention import functional as maps_lib
 from agad.models import sites as sites_lib
 from agad.objectives import base
 
@@ -230,18 +230,27 @@ def maps(model: nn.Module, variables: PyTree, images: Array, classes: Array | No
     mode: BN mode (module docstring): eval-mode maps do not depend on the batch.
     normalize: applied to every map (:func:`agad.attention.normalize_maps`).
   """
+  return maps_and_logits(model, variables, images, classes, site=site, kinds=kinds, mode=mode,
+                         normalize=normalize)[0]
+
+
+def maps_and_logits(model: nn.Module, variables: PyTree, images: Array,
+                    classes: Array | None = None, *, site: str = "features",
+                    kinds: Sequence[str] = DEFAULT_KINDS, mode: str = "eval",
+                    normalize: str | None = None) -> tuple[dict[str, Array], Array]:
+  """:func:`maps` and the logits ``[B, K]`` of the same forward pass."""
   kinds = _check_kinds(kinds)
   images = _images(images)
   site = resolve(model, site, images.shape[1:])
   w = cam_weights(model, variables, images.shape[1:], site=site) if "cam" in kinds else None
   if "grad_cam" in kinds:
     tg = tap_grad(model, variables, images, classes, site=site, mode=mode)
-    features, k = tg.features, tg.classes
+    features, k, logits = tg.features, tg.classes, tg.logits
   else:
     params, state = _split(variables)
     out = base.forward(model, params, state, images, mode=mode, taps=(site,))
-    features = out.taps[site]
-    k = (jnp.argmax(out.logits, -1).astype(jnp.int32) if classes is None
+    features, logits = out.taps[site], out.logits
+    k = (jnp.argmax(logits, -1).astype(jnp.int32) if classes is None
          else maps_lib._classes(classes, images.shape[0], "maps"))
   result = {}
   for kind in kinds:
@@ -252,4 +261,4 @@ def maps(model: nn.Module, variables: PyTree, images: Array, classes: Array | No
     else:
       m = maps_lib.channel_attention(features, reduce=kind[len("channel_"):])
     result[kind] = maps_lib.normalize_maps(m, normalize)
-  return result
+  return result, logits
