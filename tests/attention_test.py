@@ -19,7 +19,10 @@ A_HAND = jnp.array([[[[1.0, 2.0]], [[3.0, -1.0]]]])  # [1, 2, 1, 2]
 
 
 def square_head(u):
-  """``z_k = sum_c U[c, k] mean_hw(A_c^2)``: ``d z_k / d A[h, w, c] = 2 U[c, k] A[h, w, c] / HW``."""
+  """``z_k = sum_c U[c, k] mean_hw(A_c^2)``.
+
+  So ``d z_k / d A[h, w, c] = 2 U[c, k] A[h, w, c] / HW``.
+  """
   return lambda a: jnp.einsum("bc,ck->bk", jnp.mean(a ** 2, axis=(1, 2)), u)
 
 
@@ -120,7 +123,8 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(jnp.sum(l2 ** 2, axis=(1, 2)), jnp.ones(2), atol=1e-5)
     # Gradients stay finite on constant and zero maps.
     for method in ("minmax", "max", "l2"):
-      g = jax.grad(lambda m: at.normalize_maps(m, method).sum())(jnp.zeros((2, 3, 3)).at[1].set(maps[1]))
+      zero_and_ramp = jnp.zeros((2, 3, 3)).at[1].set(maps[1])
+      g = jax.grad(lambda m: at.normalize_maps(m, method).sum())(zero_and_ramp)
       self.assertTrue(bool(jnp.all(jnp.isfinite(g))), method)
     with self.assertRaisesRegex(ValueError, "normalize='softmax'"):
       at.normalize_maps(maps, "softmax")
@@ -324,6 +328,19 @@ class ModelMapsTest(chex.TestCase, parameterized.TestCase):
     k = jnp.array([2, 2, 7, 0, 1, 9])
     chex.assert_trees_all_close(run(x[perm], k[perm]),
                                 jax.tree.map(lambda m: m[perm], run(x, k)), atol=1e-5)
+
+  def test_batch_statistics_mode_at_features_is_per_example(self):
+    # No BatchNorm after `features`: in "batch" mode the features use batch statistics,
+    # but each logit still depends on its own example's features only, so Grad-CAM is the
+    # GAP + linear head's on those features.
+    model, v, x = tiny_bn()
+    tg = at.tap_grad(model, v, x, jnp.arange(6), mode="batch")
+    eval_tg = at.tap_grad(model, v, x, jnp.arange(6), mode="eval")
+    self.assertGreater(float(jnp.abs(tg.features - eval_tg.features).max()), 1e-3)
+    cls = v["params"]["classifier"]
+    expected = at.grad_cam(gap_linear(cls["kernel"], cls["bias"]), tg.features, jnp.arange(6))
+    got = at.maps(model, v, x, jnp.arange(6), kinds=("grad_cam",), mode="batch")["grad_cam"]
+    chex.assert_trees_all_close(got, expected, atol=1e-6)
 
   def test_double_backprop_through_model_maps(self):
     # A student's Grad-CAM loss at a nested site trains its weights (params and the
