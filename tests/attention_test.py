@@ -268,6 +268,16 @@ class ModelMapsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(out, at.maps(model, v, x, k, site="stage1.unit0.branch",
                                              kinds=("grad_cam", "channel_sq_mean")), atol=1e-6)
 
+  def test_maps_vmap_over_an_outer_axis(self):
+    model, v, x = tiny_bn()
+    xs = jnp.stack([x[:3], x[3:]])  # [2, 3, 8, 8, 3]
+    fn = lambda x: at.maps(model, v, x, site="stage1.unit0.branch", kinds=("grad_cam",
+                                                                          "channel_mean"))
+    batched = jax.vmap(fn)(xs)
+    chex.assert_shape(batched["grad_cam"], (2, 3, 8, 8))
+    chex.assert_trees_all_close(batched, jax.tree.map(lambda a, b: jnp.stack([a, b]),
+                                                      fn(xs[0]), fn(xs[1])), atol=1e-6)
+
   def test_grad_cam_at_a_nested_site_equals_a_hand_split_model(self):
     # TinyBNNet after the branch site: relu(branch + stem) (identity shortcut) -> GAP ->
     # classifier.
