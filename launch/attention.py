@@ -1,14 +1,15 @@
 """Draw attention maps of a checkpoint, clean vs PGD-20, and write their ASC/shift statistics.
 
   python -m launch.attention --workdir=DIR [--compare=DIR2] [--site=features]
-      [--num_images=16] [--step=best] [--explain=label|predicted]
+      [--num_images=16] [--figure_images=8] [--step=best] [--explain=label|predicted]
 
 Takes the first ``num_images`` test images, attacks them with PGD-``steps`` (L-inf, CE,
 uniform start) at DIR's ``config.eval.eps`` / ``config.eval.step_size`` on the eval-mode
 model (the same attack for the ``--compare`` model), and writes under
 ``DIR/eval/attention/`` (or ``--output``):
 
-  examples_<name>_<site>.png      per image: input, adversarial, each map clean | adv
+  examples_<name>_<site>.png      per image (the first figure_images): input, adversarial,
+                                  each map clean | adv
   distributions_<site>.png        ASC (clean, adv) and L1 shift per class, one row per run
   side_by_side_<site>.png         with --compare: Grad-CAM of both runs, clean | adv
   attention_<site>.json           per run: step, attack, accuracies, ASC and shift stats
@@ -31,7 +32,8 @@ flags.DEFINE_string("compare", None, "A second workdir shown beside the first (e
                     "training vs PGD-AT).")
 flags.DEFINE_string("site", "features", "Site of the maps (any site or unit alias, e.g. "
                     "stage2.pre_pool for SmallCNN's 8x8 maps, stage3.unit[-1]).")
-flags.DEFINE_integer("num_images", 16, "First N test images.")
+flags.DEFINE_integer("num_images", 16, "First N test images (all of them enter the statistics).")
+flags.DEFINE_integer("figure_images", 8, "Images (rows) drawn in the per-image figures.")
 flags.DEFINE_string("step", "best", "Checkpoint of --workdir: best | latest | a step number.")
 flags.DEFINE_string("compare_step", "best", "Checkpoint of --compare.")
 flags.DEFINE_enum("explain", "label", ["label", "predicted"], "Class a map explains: the true "
@@ -51,9 +53,9 @@ def _name(workdir: str, taken: set) -> str:
   return name
 
 
-def run(workdir, *, compare=None, site="features", num_images=16, step="best",
-        compare_step="best", explain="label", kinds=None, steps=20, seed=0, output=None,
-        log=print) -> dict:
+def run(workdir, *, compare=None, site="features", num_images=16, figure_images=8,
+        step="best", compare_step="best", explain="label", kinds=None, steps=20, seed=0,
+        output=None, log=print) -> dict:
   """Everything ``main`` does; returns ``{"json": path, "figures": [paths], "stats": dict}``."""
   import jax
   import matplotlib
@@ -90,7 +92,7 @@ def run(workdir, *, compare=None, site="features", num_images=16, step="best",
                               "step_size": step_size, "steps": steps, "seed": seed,
                               "bn": "eval"},
                    **study_lib.summary(s, names)}
-    fig = study_lib.plot_examples(s, names, max_images=num_images,
+    fig = study_lib.plot_examples(s, names, max_images=figure_images,
                                   title=f"{name} (step {loaded.step}), site {s.site}")
     figures.append(os.path.join(output, f"examples_{name}_{safe_site}.png"))
     fig.savefig(figures[-1], dpi=110)
@@ -106,7 +108,7 @@ def run(workdir, *, compare=None, site="features", num_images=16, step="best",
   fig.savefig(figures[-1], dpi=110)
   plt.close(fig)
   if compare:
-    fig = study_lib.plot_side_by_side(studies, names, max_images=min(num_images, 8))
+    fig = study_lib.plot_side_by_side(studies, names, max_images=figure_images)
     figures.append(os.path.join(output, f"side_by_side_{safe_site}.png"))
     fig.savefig(figures[-1], dpi=110)
     plt.close(fig)
@@ -122,9 +124,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
   out = run(FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
-            step=FLAGS.step, compare_step=FLAGS.compare_step, explain=FLAGS.explain,
-            kinds=FLAGS.kinds, steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output,
-            log=logging.info)
+            figure_images=FLAGS.figure_images, step=FLAGS.step,
+            compare_step=FLAGS.compare_step, explain=FLAGS.explain, kinds=FLAGS.kinds,
+            steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output, log=logging.info)
   for path in out["figures"]:
     logging.info("figure %s", path)
   logging.info("statistics written to %s", out["json"])

@@ -199,8 +199,9 @@ def grad_cam(head_fn: Callable[[Array], Array], features: Array, classes: Array,
 
   ``head_fn``: features ``[B, H, W, C]`` -> logits ``[B, K]``, any differentiable function
   (a model's remaining layers, a hand-written head, closing over its parameters);
-  ``classes`` ``[B]``: the logit explained per example (None: the predicted class). ``M[b] = relu(sum_c mean_hw(
-  d z[b, k_b] / d A[b, :, :, c]) * A[b, :, :, c])``, via one VJP of ``head_fn``.
+  ``classes`` ``[B]``: the logit explained per example (None: the predicted class).
+  ``M[b] = relu(sum_c mean_hw(d z[b, k_b] / d A[b, :, :, c]) * A[b, :, :, c])``, via one
+  VJP of ``head_fn``.
   Differentiable w.r.t. the features and whatever ``head_fn`` closes over (second order).
   """
   _, _, grads = class_logit_grads(head_fn, features, classes)
