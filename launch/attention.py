@@ -46,13 +46,6 @@ flags.DEFINE_string("output", None, "Output directory (default: WORKDIR/eval/att
 flags.mark_flags_as_required(["workdir"])
 
 
-def _name(workdir: str, taken: set) -> str:
-  name = os.path.basename(os.path.normpath(workdir)) or "run"
-  while name in taken:
-    name += "_2"
-  return name
-
-
 def run(workdir, *, compare=None, site="features", num_images=16, figure_images=8,
         step="best", compare_step="best", explain="label", kinds=None, steps=20, seed=0,
         output=None, log=print) -> dict:
@@ -77,8 +70,7 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
 
   studies, stats, figures = {}, {}, []
   safe_site = site.replace("[", "").replace("]", "").replace(".", "_")
-  for path, loaded in runs:
-    name = _name(path, set(studies))
+  for name, (path, loaded) in zip(study_lib.run_labels([p for p, _ in runs]), runs):
     key = jax.random.key(seed)
     adv = study_lib.adversarial(loaded.logits_fn, images, labels, key, eps=eps,
                                 step_size=step_size, steps=steps)

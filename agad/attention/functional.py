@@ -230,7 +230,8 @@ def asc(maps: Array, *, lam: float = 0.5) -> Array:
   """
   maps = _check_maps(maps, "asc")
   top = maps.max(axis=(1, 2), keepdims=True)
-  return jnp.mean((maps > lam * top).astype(maps.dtype), axis=(1, 2))
+  count = jnp.sum((maps > lam * top).astype(maps.dtype), axis=(1, 2))
+  return count / (maps.shape[1] * maps.shape[2])  # a count over N: exact for N a power of 2
 
 
 def top_mask(maps: Array, top_frac: float = 0.2) -> Array:

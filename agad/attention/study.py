@@ -19,6 +19,7 @@ normalised maps (:func:`agad.attention.attention_shift`). Everything returned is
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -62,6 +63,23 @@ def class_names(dataset: str, num_classes: int) -> tuple[str, ...]:
   """Readable class names where known, else ``("0", "1", ...)``."""
   names = CLASS_NAMES.get(dataset)
   return names if names and len(names) == num_classes else tuple(map(str, range(num_classes)))
+
+
+def run_labels(workdirs: Sequence[str]) -> list[str]:
+  """Short, distinct labels: the workdirs' basenames without their common ``_``-prefix
+  (``fashion_mnist_smallcnn_pgd_at`` vs ``..._standard`` -> ``pgd_at``, ``standard``)."""
+  names = [os.path.basename(os.path.normpath(w)) or "run" for w in workdirs]
+  if len(names) > 1:
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[:prefix.rfind("_") + 1]
+    if prefix and all(len(n) > len(prefix) for n in names):
+      names = [n[len(prefix):] for n in names]
+  out = []
+  for name in names:
+    while name in out:
+      name += "_2"
+    out.append(name)
+  return out
 
 
 def test_images(splits, num_images: int, *, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
