@@ -1,0 +1,128 @@
+"""Draw attention maps of a checkpoint, clean vs PGD-20, and write their ASC/shift statistics.
+
+  python -m launch.attention --workdir=DIR [--compare=DIR2] [--site=features]
+      [--num_images=16] [--figure_images=8] [--step=best] [--explain=label|predicted]
+
+Takes the first ``num_images`` test images, attacks them with PGD-``steps`` (L-inf, CE,
+uniform start) at DIR's ``config.eval.eps`` / ``config.eval.step_size`` on the eval-mode
+model (the same attack for the ``--compare`` model), and writes under
+``DIR/eval/attention/`` (or ``--output``):
+
+  examples_<name>_<site>.png      per image (the first figure_images): input, adversarial,
+                                  each map clean | adv
+  distributions_<site>.png        ASC (clean, adv) and L1 shift per class, one row per run
+  side_by_side_<site>.png         with --compare: Grad-CAM of both runs, clean | adv
+  attention_<site>.json           per run: step, attack, accuracies, ASC and shift stats
+                                  overall and per class (agad.attention.study.summary)
+
+Maps: Grad-CAM and channel mean at any site, CAM where the site is followed by GAP + a
+linear classifier (not SmallCNN). See agad/attention/study.py for the definitions.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from launch import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
+flags.DEFINE_string("compare", None, "A second workdir shown beside the first (e.g. standard "
+                    "training vs PGD-AT).")
+flags.DEFINE_string("site", "features", "Site of the maps (any site or unit alias, e.g. "
+                    "stage2.pre_pool for SmallCNN's 8x8 maps, stage3.unit[-1]).")
+flags.DEFINE_integer("num_images", 16, "First N test images (all of them enter the statistics).")
+flags.DEFINE_integer("figure_images", 8, "Images (rows) drawn in the per-image figures.")
+flags.DEFINE_string("step", "best", "Checkpoint of --workdir: best | latest | a step number.")
+flags.DEFINE_string("compare_step", "best", "Checkpoint of --compare.")
+flags.DEFINE_enum("explain", "label", ["label", "predicted"], "Class a map explains: the true "
+                  "label (clean and adversarial alike) or each input's prediction.")
+flags.DEFINE_list("kinds", None, "Map kinds (default: grad_cam, cam where it applies, "
+                  "channel_mean).")
+flags.DEFINE_integer("steps", 20, "PGD steps.")
+flags.DEFINE_integer("seed", 0, "PGD random-start seed.")
+flags.DEFINE_string("output", None, "Output directory (default: WORKDIR/eval/attention).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def run(workdir, *, compare=None, site="features", num_images=16, figure_images=8,
+        step="best", compare_step="best", explain="label", kinds=None, steps=20, seed=0,
+        output=None, log=print) -> dict:
+  """Everything ``main`` does; returns ``{"json": path, "figures": [paths], "stats": dict}``."""
+  import jax
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  import agad
+  from agad.attention import study as study_lib
+
+  output = output or os.path.join(workdir, "eval", "attention")
+  os.makedirs(output, exist_ok=True)
+  main = agad.load(workdir, step)
+  eps, step_size = float(main.config.eval.eps), float(main.config.eval.step_size)
+  images, labels = study_lib.test_images(main.splits(), num_images)
+  names = study_lib.class_names(main.info.name, main.info.num_classes)
+  runs = [(workdir, main)]
+  if compare:
+    runs.append((compare, agad.load(compare, compare_step)))
+
+  studies, stats, figures = {}, {}, []
+  safe_site = site.replace("[", "").replace("]", "").replace(".", "_")
+  for name, (path, loaded) in zip(study_lib.run_labels([p for p, _ in runs]), runs):
+    key = jax.random.key(seed)
+    adv = study_lib.adversarial(loaded.logits_fn, images, labels, key, eps=eps,
+                                step_size=step_size, steps=steps)
+    s = study_lib.study(loaded.model, loaded.variables, images, labels, adv, site=site,
+                        kinds=kinds, explain=explain)
+    studies[name] = s
+    stats[name] = {"workdir": os.path.abspath(path), "step": int(loaded.step),
+                   "model": loaded.config.model.name,
+                   "objective": loaded.config.objective.name,
+                   "attack": {"name": f"pgd-{steps}", "norm": "linf", "eps": eps,
+                              "step_size": step_size, "steps": steps, "seed": seed,
+                              "bn": "eval"},
+                   **study_lib.summary(s, names)}
+    fig = study_lib.plot_examples(s, names, max_images=figure_images,
+                                  title=f"{name} (step {loaded.step}), site {s.site}")
+    figures.append(os.path.join(output, f"examples_{name}_{safe_site}.png"))
+    fig.savefig(figures[-1], dpi=110)
+    plt.close(fig)
+    a = stats[name]["all"]
+    for k in s.kinds:
+      log(f"{name} {k}: ASC clean {a[k]['asc_clean']['mean']:.3f} adv "
+          f"{a[k]['asc_adv']['mean']:.3f}, shift l1 {a[k]['shift']['l1']['mean']:.3f} "
+          f"iou {a[k]['shift']['iou']['mean']:.3f}")
+
+  fig = study_lib.plot_distributions(studies, names)
+  figures.append(os.path.join(output, f"distributions_{safe_site}.png"))
+  fig.savefig(figures[-1], dpi=110)
+  plt.close(fig)
+  if compare:
+    fig = study_lib.plot_side_by_side(studies, names, max_images=figure_images)
+    figures.append(os.path.join(output, f"side_by_side_{safe_site}.png"))
+    fig.savefig(figures[-1], dpi=110)
+    plt.close(fig)
+  result = {"site": site, "num_images": int(len(labels)), "runs": stats}
+  path = os.path.join(output, f"attention_{safe_site}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  return {"json": path, "figures": figures, "stats": result}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.init_runtime()
+  out = run(FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
+            figure_images=FLAGS.figure_images, step=FLAGS.step,
+            compare_step=FLAGS.compare_step, explain=FLAGS.explain, kinds=FLAGS.kinds,
+            steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output, log=logging.info)
+  for path in out["figures"]:
+    logging.info("figure %s", path)
+  logging.info("statistics written to %s", out["json"])
+
+
+if __name__ == "__main__":
+  app.run(main)
