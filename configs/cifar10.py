@@ -18,6 +18,20 @@ AGKD-BML's own fields in ``objective.agkd_bml`` (teacher.workdir required). Its 
 over the other classes (WORKSPACE.md has the two commands). Paper (Table 1, 2-step
 training): clean 91.99, PGD-20 71.02, AA 37.07; AGKD-BML-7: 86.25 / 57.30 / 50.59; Table 5
 (10 steps + MART, as coded, WRN-28-10): AA 50.80.
+
+ATAT (Li et al., lizhuorong/Adversarial-Robustness-via-Attention-Transfer cifar10/config.json,
+train_tsf.py): ``:wrn34_10,atat`` (also in cifar100.py) is the code's recipe. Its network is
+Madry's WRN (5 units per stage, widths 16/160/320/640: WRN-34-10's layout; Madry's leaky
+ReLU 0.1 and avg-pool + zero-pad shortcuts differ from agad's ReLU and 1x1-conv shortcuts),
+per-image standardisation inside the model (``model.input_norm = per_image``), batch 32
+(64 images per BN batch after [x; x']), 400k steps, lr 0.1 x0.1 at steps 40k and 60k
+(converted to epochs of the 49k carved train images), SGD 0.9, wd 2e-4, PGD-7 eps 8/255
+step 2/255 uniform start (ATAT's own ``objective.atat.steps = 7``). The code restores the
+teacher's ``global_step`` (70000) with its weights (train_tsf.py:61-65, 90, 110), so its lr
+may sit at 0.001 throughout: ``--config.optim.lr=0.001 --config.optim.schedule=constant``.
+Teacher: ``:wrn34_10,standard --config.model.input_norm=per_image`` (WORKSPACE.md has the
+two commands). Paper Table 1 (PGD-20 at eps 8/255, train-mode BN at test time, no AA):
+clean 91.89, FGSM 76.74, PGD-7 70.15, PGD-20 63.81 (AT-PGD 87.25 / 45.87).
 """
 
 from agad import defenses
@@ -66,8 +80,27 @@ def agkd_bml_recipe(c, *, smoke: bool = False):
   return c
 
 
+def atat_recipe(c, *, smoke: bool = False):
+  """lizhuorong/Adversarial-Robustness-via-Attention-Transfer cifar10/config.json
+  (training_batch_size 32, max_num_training_steps 400000, step_size_schedule
+  [[0, 0.1], [40000, 0.01], [60000, 0.001]], weight_decay 2e-4, momentum 0.9) and
+  model.py:43 (tf.image.per_image_standardization). The attack is this file's eps 8/255,
+  step 2/255, uniform start with ATAT's own 7 steps."""
+  c.batch_size = 32
+  c.model.input_norm = "per_image"
+  c.optim.weight_decay = 2e-4
+  if not smoke:
+    steps_per_epoch = (50_000 - c.data.val_size) // c.batch_size  # 1531
+    c.num_epochs = round(400_000 / steps_per_epoch)  # 261 epochs = 399,591 steps (an int field)
+    c.optim.boundaries = (40_000 / steps_per_epoch, 60_000 / steps_per_epoch)
+  return c
+
+
 def get_config(arg: str | None = None):
   c = cifar_config("cifar10", arg)
+  smoke = "smoke" in [p.strip() for p in (arg or "").split(",")]
   if (c.model.name, c.objective.name) == ("wrn28_10", "agkd_bml"):
-    c = agkd_bml_recipe(c, smoke="smoke" in [p.strip() for p in (arg or "").split(",")])
+    c = agkd_bml_recipe(c, smoke=smoke)
+  if (c.model.name, c.objective.name) == ("wrn34_10", "atat"):
+    c = atat_recipe(c, smoke=smoke)
   return c
