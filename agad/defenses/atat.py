@@ -20,7 +20,7 @@ workdir>`` (a warning names the mismatch otherwise). Two commands (WORKSPACE.md)
         --config.init.workdir=runs/atat_teacher --workdir=runs/atat
 
 Per batch ``(x, y)`` of ``B`` examples: ``x' = PGD(x, y)`` (CE, uniform start, 7 steps,
-pgd_attack.py:44-58 with config.json ``num_steps 7, step_size 2.0, epsilon 8.0`` on 0-255;
+pgd_attack.py:43-58 with config.json ``num_steps 7, step_size 2.0, epsilon 8.0`` on 0-255;
 paper Sec. 4.1), then **one train-mode pass of the student over [x; x']** (one BN batch of
 2B images; train_tsf.py:124, 160-161, 176) and the teacher's eval-mode pass over x.
 
@@ -50,10 +50,12 @@ Variants (``objective.atat.variant``; every run records it in its config):
       + lam_lp mean_b ||z_S(x)_b - z_S(x')_b||_2
 
   ``T``/``S`` the teacher's/student's Grad-CAM, each map min-max normalised per example
-  (``cam_norm``; the paper does not normalise, its maps are Grad-CAM's, which are shown
-  normalised); the norms are plain (not squared) L2 norms, p = 2 (Sec. 3.2). The paper
-  leaves lam_1 and lam_2 open; its ablation switches terms with weights 1/0 (Sec. 4.3),
-  so both default to 1.
+  (``cam_norm``; Eq. 3 itself has no normalisation: without it the distance compares the
+  maps' scales, which differ between a natural teacher and a robust student, as much as
+  their shapes); the norms are plain (not squared) L2 norms of the vectorised maps, p = 2
+  (Sec. 3.2), one per example, averaged over the batch (Eq. 4-6 are written for one
+  example; Eq. 7 adds them to the batch-mean CE). The paper leaves lam_1 and lam_2 open;
+  its ablation switches terms with weights 1/0 (Sec. 4.3), so both default to 1.
 ``code_cifar10`` (cifar10/model.py:125-142, train_tsf.py:140, 161; **no attention term**):
 
     L = mean_{2B} CE + lam_lp [ mean_{B,K} (z_S(x) - z_T(x))^2 + mean_{B,K} (z_S(x') - z_T(x))^2 ]
