@@ -61,15 +61,14 @@ import ml_collections
 
 from agad.attacks import losses as attack_losses
 from agad.data import ClassBank, sample_by_class
-from agad.data import sources as data_sources
-from agad.defenses.teacher import TeacherSlot
+from agad.defenses.teacher import TeacherSlot, check_compatible
 from agad.objectives import base, defaults
 
 NAME = "agkd_bml"
 FEATURES, EMBEDDING = "features", "embedding"  # the code's `feature` and `x4`
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.teacher = ml_collections.ConfigDict()
+DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
 DEFAULTS.teacher.workdir = ""      # argument.py --nat_root: a finished `standard` run, label smoothing 0.5 (required).
 DEFAULTS.teacher.step = "latest"   # argument.py --nat_file ckpt_latest.t7 (= init.step's default: same weights).
 DEFAULTS.label_smoothing = 0.5     # main.py config['lb_smooth'] = 0.5 (paper Sec. 4.1, after Feature Scattering).
@@ -195,36 +194,9 @@ def _config(config) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _setting(cfg, key):
-  """A dotted config value as a comparable Python value (tuples for lists)."""
-  node = cfg
-  for part in key.split("."):
-    node = node.get(part) if hasattr(node, "get") else None
-  return tuple(node) if isinstance(node, (list, tuple)) else node
-
-
 def check_teacher(teacher_cfg, config) -> None:
-  """Refuses a teacher whose run differs from the student in dataset, classes, image
-  shape, model or input normalisation (each error names the field to fix)."""
-  t_info = data_sources.dataset_info(teacher_cfg.data)
-  s_info = data_sources.dataset_info(config.data)
-  field = f"config.objective.{NAME}.teacher.workdir"
-  checks = [("data.name", teacher_cfg.data.name, config.data.name),
-            ("number of classes", t_info.num_classes, s_info.num_classes),
-            ("image shape", tuple(t_info.image_shape), tuple(s_info.image_shape)),
-            ("model.name", teacher_cfg.model.name, config.model.name)]
-  for what, t, s in checks:
-    if t != s:
-      raise ValueError(f"the AGKD-BML teacher was trained with {what} = {t!r}, the student uses {s!r}: "
-                       f"set {field} to a run of the student's dataset and model (or change the student's)")
-  for key, info_default in (("model.input_norm", None), ("model.mean", "mean"), ("model.std", "std")):
-    t, s = _setting(teacher_cfg, key), _setting(config, key)
-    t = tuple(getattr(t_info, info_default)) if (t is None and info_default) else t
-    s = tuple(getattr(s_info, info_default)) if (s is None and info_default) else s
-    if t is not None and s is not None and t != s:
-      raise ValueError(f"the AGKD-BML teacher normalises its inputs with {key} = {t!r}, the student with "
-                       f"{s!r}; the student starts from the teacher: set config.{key} = {t!r} (or train "
-                       f"the teacher with the student's normalisation and point {field} to it)")
+  """:func:`agad.defenses.teacher.check_compatible` for AGKD-BML's teacher field."""
+  check_compatible(teacher_cfg, config, defense="AGKD-BML", field=f"config.objective.{NAME}.teacher.workdir")
 
 
 def _frozen_fn(cfg, config, slot: TeacherSlot):

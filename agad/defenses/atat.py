@@ -102,8 +102,7 @@ import ml_collections
 
 from agad.attention import functional as maps_lib
 from agad.attention import model as attention_model
-from agad.defenses import agkd_bml
-from agad.defenses.teacher import TeacherSlot
+from agad.defenses.teacher import TeacherSlot, check_compatible
 from agad.objectives import base, defaults
 
 NAME = "atat"
@@ -113,7 +112,7 @@ CAM_SCALES = ("per_example", "code")
 
 DEFAULTS = ml_collections.ConfigDict()
 DEFAULTS.variant = "paper"         # paper (Eq. 5-7) | code_cifar10 (logit MSE to the teacher) | code_cifar100 (CAM MSE).
-DEFAULTS.teacher = ml_collections.ConfigDict()
+DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
 DEFAULTS.teacher.workdir = ""      # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
 DEFAULTS.teacher.step = "latest"   # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
 DEFAULTS.sites = ("features",)     # paper Eq. 5 sum over layers J, "the topmost convolution layer" (Sec. 3.2);
@@ -284,13 +283,9 @@ def _config(config) -> ml_collections.ConfigDict:
 
 
 def check_teacher(teacher_cfg, config) -> None:
-  """:func:`agad.defenses.agkd_bml.check_teacher` (dataset, classes, image shape, model,
-  input normalisation), its messages naming ATAT's field."""
-  try:
-    agkd_bml.check_teacher(teacher_cfg, config)
-  except ValueError as e:
-    raise ValueError(str(e).replace("AGKD-BML", "ATAT").replace(
-        f"objective.{agkd_bml.NAME}.", f"objective.{NAME}.")) from None
+  """:func:`agad.defenses.teacher.check_compatible` (dataset, classes, image shape, model,
+  input normalisation) for ATAT's teacher field."""
+  check_compatible(teacher_cfg, config, defense="ATAT", field=f"config.objective.{NAME}.teacher.workdir")
 
 
 def _frozen_fn(cfg, config, slot: TeacherSlot):

@@ -45,6 +45,39 @@ def load_teacher(workdir: str, step: Any = "best", *, params: str = "params") ->
                  loaded.step, os.path.abspath(workdir))
 
 
+def _setting(cfg, key):
+  """A dotted config value as a comparable Python value (tuples for lists)."""
+  node = cfg
+  for part in key.split("."):
+    node = node.get(part) if hasattr(node, "get") else None
+  return tuple(node) if isinstance(node, (list, tuple)) else node
+
+
+def check_compatible(teacher_cfg, config, *, defense: str, field: str) -> None:
+  """Refuses a teacher whose run differs from the student's in dataset, classes, image
+  shape, model or input normalisation; each error names ``field`` (the config field that
+  points at the teacher) and the student's field to change. ``defense`` names the caller."""
+  from agad.data import sources as data_sources
+  t_info = data_sources.dataset_info(teacher_cfg.data)
+  s_info = data_sources.dataset_info(config.data)
+  checks = [("data.name", teacher_cfg.data.name, config.data.name),
+            ("number of classes", t_info.num_classes, s_info.num_classes),
+            ("image shape", tuple(t_info.image_shape), tuple(s_info.image_shape)),
+            ("model.name", teacher_cfg.model.name, config.model.name)]
+  for what, t, s in checks:
+    if t != s:
+      raise ValueError(f"the {defense} teacher was trained with {what} = {t!r}, the student uses {s!r}: "
+                       f"set {field} to a run of the student's dataset and model (or change the student's)")
+  for key, info_default in (("model.input_norm", None), ("model.mean", "mean"), ("model.std", "std")):
+    t, s = _setting(teacher_cfg, key), _setting(config, key)
+    t = tuple(getattr(t_info, info_default)) if (t is None and info_default) else t
+    s = tuple(getattr(s_info, info_default)) if (s is None and info_default) else s
+    if t is not None and s is not None and t != s:
+      raise ValueError(f"the {defense} teacher normalises its inputs with {key} = {t!r}, the student with "
+                       f"{s!r}; the student starts from the teacher: set config.{key} = {t!r} (or train "
+                       f"the teacher with the student's normalisation and point {field} to it)")
+
+
 class TeacherSlot:
   """A teacher loaded lazily by the trainer (``frozen``), then applied inside the step."""
 
