@@ -18,9 +18,18 @@ AGKD-BML's own fields in ``objective.agkd_bml`` (teacher.workdir required). Its 
 over the other classes (WORKSPACE.md has the two commands). Paper (Table 1, 2-step
 training): clean 91.99, PGD-20 71.02, AA 37.07; AGKD-BML-7: 86.25 / 57.30 / 50.59; Table 5
 (10 steps + MART, as coded, WRN-28-10): AA 50.80.
+
+AFA (Wang et al., no official code; ``agad/defenses/afa.py``): ``:wrn28_10,afa`` (stage I)
+is this file's schedule unchanged (100 epochs, lr 0.1 x0.1 at 75 and 90, ladder
+{0, 1, 2, 4, 8}/255), then ``:wrn28_10,afa_stage2 --config.init.workdir=<stage-I run>``
+(20 epochs, lr 0.01 x0.1 at 10; the paper's "factor 0.9" read as 0.1; backbone frozen).
+Paper (Tables 1, 3, CIFAR-10, WRN-28-10, PGD at eps 0/1/2/4/8 /255): PGD-AT+AFA 95.8 /
+87.0 / 83.9 / 72.6 / 50.0 (PGD-AT 86.9 / 81.5 / 78.5 / 68.8 / 46.2), TRADES+AFA 95.4 / 86.8
+/ 82.7 / 72.1 / 52.6; at 8/255 PGD-AT+AFA FGSM 81.1, C&W 48.3, PGD+adaptive 48.2.
 """
 
 from agad import defenses
+from agad.defenses import afa
 from configs import common
 
 
@@ -32,6 +41,8 @@ def cifar_config(name: str, arg: str | None):
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
   _again_recipe(c, arg)
+  if afa.spec_head(arg) == "afa_stage2":
+    afa.stage2_recipe(c, lr=0.01)   # AFA stage II (paper Sec. 5.1: CIFAR lr 0.01)
   return common.apply_arg(c, arg)
 
 
