@@ -259,16 +259,33 @@ def test_recipes_and_config_names():
   assert not frozen("stage2_unit0/bn1/wg/fc1/bias")
 
 
-def test_stage_one_then_stage_two_through_the_trainer(tmp_path):
-  """The two commands on tiny configs: stage II keeps every frozen parameter and statistic
-  bitwise, trains the WGs, and agad.load(...).logits_fn is the eval-mode training forward."""
+def _fashion_mnist_smoke(objective, workdir, **overrides):
+  """``configs/fashion_mnist.py:smallcnn_bn,<objective>,smoke --config.stop_after_steps=2``."""
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config(f"smallcnn_bn,{objective},smoke")
+  config.stop_after_steps = 2
+  config.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return loop.Trainer(config, workdir)
+
+
+def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_path):
+  """The two Fashion-MNIST commands (smoke): stage II keeps every frozen parameter and
+  statistic bitwise, trains the WGs only, and agad.load(...).logits_fn is the eval-mode
+  training forward of the deployed fusion model."""
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  loop.Trainer(tiny_config("afa", model="smallcnn_bn", stop_after_steps=2,
-                           **{"data.image_shape": (16, 16, 1)}), one).run()
-  config = tiny_config("afa_stage2", model="smallcnn_bn", stop_after_steps=3,
-                       **{"data.image_shape": (16, 16, 1), "init.workdir": one})
-  assert config.init.freeze == afa.STAGE2_FREEZE
-  final = loop.Trainer(config, two).run()
+  first = _fashion_mnist_smoke("afa", one)
+  assert first.exp.objective.name == "afa" and first.config.attack.eps == 0.1
+  first.run()
+  trainer = _fashion_mnist_smoke("afa_stage2", two, **{"init.workdir": one})
+  assert trainer.config.init.freeze == afa.STAGE2_FREEZE
+  start = _flat(trainer.initial_state().params)
+  final = trainer.run()
   src = agad.load(one, "latest").variables
   src_params, src_stats = _flat(src["params"]), _flat(src["batch_stats"])
   params, stats = _flat(final.params), _flat(final.model_state["batch_stats"])
@@ -281,22 +298,17 @@ def test_stage_one_then_stage_two_through_the_trainer(tmp_path):
     if "/wg/" not in path:
       np.testing.assert_array_equal(value, src_stats[path], err_msg=path)
   assert not any("branch1" in p or "branch3" in p for p in params)
-  fresh = loop.Trainer(config, str(tmp_path / "unused")).init_fn(
-      jax.random.key(config.seed), loop.Trainer(config, str(tmp_path / "u2"))._sample_batch()).params
-  assert any(not np.array_equal(params[p], _flat(fresh)[p]) for p in wg)  # the WGs trained
+  assert any(not np.array_equal(params[p], start[p]) for p in wg)  # the WGs trained
 
   loaded = agad.load(two, "latest")
-  assert loaded.step == 3
-  x = jax.random.uniform(jax.random.key(3), (5, 16, 16, 1))
+  assert loaded.step == 2
+  x = jax.random.uniform(jax.random.key(3), (5, 28, 28, 1))
   out = base.forward(loaded.model, final.params, final.model_state, x, mode="eval")
   np.testing.assert_array_equal(loaded.logits_fn(x), out.logits)
   w0 = afa.w0_per_example(out)
   assert np.all((np.asarray(w0) > 0) & (np.asarray(w0) < 1))
-  # The deployed model is the fusion: routing W0 by hand gives the same logits.
-  w_layers = sown(out.aux)
-  assert len(w_layers) == 4  # smallcnn_bn: four conv-BN-ReLU layers
+  assert len(sown(out.aux)) == 4  # smallcnn_bn: four conv-BN-ReLU layers, one WG each
   branch0 = base.forward(loaded.model, final.params, final.model_state, x, mode="eval",
                          norm_ctx={"branch": 0}).logits
-  assert float(jnp.max(jnp.abs(branch0 - out.logits))) > 0
-  names = loaded.objective().adaptive_loss(loaded.model, loaded.variables)
-  assert len(names) == 7
+  assert float(jnp.max(jnp.abs(branch0 - out.logits))) > 0  # the fusion is what runs
+  assert len(loaded.objective().adaptive_loss(loaded.model, loaded.variables)) == 7
