@@ -5,8 +5,8 @@ leaves open is a config field below with its default and the reason.
 Two runs, two objective names in the config grammar:
 
   ``MODEL,afa``         stage I  (this module's ``objective`` = :func:`afa_stage1`)
-  ``MODEL,afa_stage2``  stage II (``agad/defenses/afa_stage2.py`` re-exports
-                        :func:`afa_stage2`, :data:`STAGE2_DEFAULTS`, :func:`stage2_norm`)
+  ``MODEL,afa_stage2``  stage II (``agad/defenses/afa_stage2.py``: its ``DEFAULTS``, and
+                        :func:`afa_stage2`, :func:`stage2_norm` from here)
 
 Stage I (paper Sec. 4.3, Algorithm 1, Eq. 3). Every BN layer of the backbone becomes a
 K-branch BN (:class:`~agad.models.layers.MultiBranchBatchNorm`, K = ``num_branches`` = 5,
@@ -100,16 +100,6 @@ DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # N
 DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-example routing is exact).
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
 
-STAGE2_DEFAULTS = ml_collections.ConfigDict()
-STAGE2_DEFAULTS.num_branches = 5   # K of the stage-I run.
-STAGE2_DEFAULTS.keep = (0, -1)     # kept branches: BN_0 and BN_{K-1} (Fig. 4b); W0 weights the first.
-STAGE2_DEFAULTS.eps_max = 1.0      # xi_max / attack.eps; training strengths eps ~ U(0, xi_max).
-STAGE2_DEFAULTS.wg_width = 16      # WG conv/hidden width (not in the paper).
-STAGE2_DEFAULTS.wg_out = "scalar"  # scalar W0 (Eq. 1) | channel (one per channel).
-STAGE2_DEFAULTS.freeze_stats = True  # kept branches use running statistics, never updated.
-STAGE2_DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: config.attack.
-STAGE2_DEFAULTS.adaptive_ratios = "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
-
 # Stage II trains the weight generators only: freeze every other parameter (regex on
 # '/'-joined paths, re.search) and let the WGs (absent from the stage-I run) keep their init.
 STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
@@ -124,9 +114,15 @@ def norm(config: Any):
   return functools.partial(MultiBranchBatchNorm, num_branches=int(cfg.num_branches))
 
 
+def stage2_defaults() -> ml_collections.ConfigDict:
+  """Stage II's ``DEFAULTS`` (defined in ``afa_stage2.py``, where the registry reads them)."""
+  from agad.defenses import afa_stage2
+  return afa_stage2.DEFAULTS
+
+
 def stage2_norm(config: Any):
   """Stage II's norm factory: :class:`AFANorm` (two kept branches + a weight generator)."""
-  cfg = defaults.objective_config(config, "afa_stage2", STAGE2_DEFAULTS)
+  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
   kept_branches(int(cfg.num_branches), tuple(cfg.keep))  # fail early on a bad keep
   return functools.partial(AFANorm, num_branches=int(cfg.num_branches), keep=tuple(cfg.keep),
                            wg_width=int(cfg.wg_width), wg_out=cfg.wg_out,
@@ -317,7 +313,7 @@ def w0_per_example(out: base.ModelOutput) -> jax.Array:
 
 def afa_stage2(model, config: Any) -> base.Objective:
   """Stage II: train the weight generators with CE on random-strength attacks."""
-  cfg = defaults.objective_config(config, "afa_stage2", STAGE2_DEFAULTS)
+  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
   init_cfg = getattr(config, "init", None)
   if init_cfg is None or not init_cfg.get("workdir") or not init_cfg.get("freeze"):
     raise ValueError("afa_stage2 starts from a stage-I run with the backbone frozen: set "
