@@ -50,6 +50,11 @@ ratios a:b in {10:1, 5:1, 2:1, 1:1, 1:2, 1:5, 1:10}, variants ``ce10_bce1`` ...
 channels), ascended: it pushes W0 towards 1, i.e. makes the adversarial input look clean
 to the fusion (the reference review's reading; the paper's supplement is unavailable).
 
+Parameters (10 classes; stage I adds (K-1) x 2C per BN layer, stage II drops K-2 of
+them and adds one WG per BN layer of C channels, 144 C + 2,657 parameters at width 16):
+SmallCNN-BN (28x28x1) 314,122 -> 351,246 (4 WGs, 38,276); WRN-28-10 36,551,002 ->
+37,856,115 (25 WGs, 1,358,969); WRN-16-8 stage II 11,521,511 (13 WGs, 552,941).
+
 Open choices and defaults (WORKSPACE.md lists them too):
   * ladder relative to ``attack.eps`` (one default for every dataset);
   * L_a's clean pass in branch k (TRADES/MART need f_k(x)) runs in ``"batch"`` mode
