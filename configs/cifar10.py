@@ -32,9 +32,18 @@ may sit at 0.001 throughout: ``--config.optim.lr=0.001 --config.optim.schedule=c
 Teacher: ``:wrn34_10,standard --config.model.input_norm=per_image`` (WORKSPACE.md has the
 two commands). Paper Table 1 (PGD-20 at eps 8/255, train-mode BN at test time, no AA):
 clean 91.89, FGSM 76.74, PGD-7 70.15, PGD-20 63.81 (AT-PGD 87.25 / 45.87).
+
+AFA (Wang et al., no official code; ``agad/defenses/afa.py``): ``:wrn28_10,afa`` (stage I)
+is this file's schedule unchanged (100 epochs, lr 0.1 x0.1 at 75 and 90, ladder
+{0, 1, 2, 4, 8}/255), then ``:wrn28_10,afa_stage2 --config.init.workdir=<stage-I run>``
+(20 epochs, lr 0.01 x0.1 at 10; the paper's "factor 0.9" read as 0.1; backbone frozen).
+Paper (Tables 1, 3, CIFAR-10, WRN-28-10, PGD at eps 0/1/2/4/8 /255): PGD-AT+AFA 95.8 /
+87.0 / 83.9 / 72.6 / 50.0 (PGD-AT 86.9 / 81.5 / 78.5 / 68.8 / 46.2), TRADES+AFA 95.4 / 86.8
+/ 82.7 / 72.1 / 52.6; at 8/255 PGD-AT+AFA FGSM 81.1, C&W 48.3, PGD+adaptive 48.2.
 """
 
 from agad import defenses
+from agad.defenses import afa
 from configs import common
 
 
@@ -46,6 +55,8 @@ def cifar_config(name: str, arg: str | None):
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
   _again_recipe(c, arg)
+  if afa.spec_head(arg) == "afa_stage2":
+    afa.stage2_recipe(c, lr=0.01)   # AFA stage II (paper Sec. 5.1: CIFAR lr 0.01)
   return common.apply_arg(c, arg)
 
 

@@ -3,8 +3,17 @@
 ``--config=configs/fashion_mnist.py`` trains SmallCNN with PGD-AT at eps = 0.1
 (PGD-10) on this 2-core CPU; the recipe (a short cosine schedule) is recorded with
 its measured results in WORKSPACE.md.
+
+AFA (``agad/defenses/afa.py``), two runs on ``smallcnn_bn`` (SmallCNN with conv-BN-ReLU):
+``:smallcnn_bn,afa`` is stage I with this file's recipe unchanged (the bases' recipe, so
+AFA rows sit beside PGD-AT/TRADES rows on the same backbone; the ladder is
+{0, 1, 2, 4, 8}/8 * 0.1); ``:smallcnn_bn,afa_stage2`` is stage II, scaled from the paper's
+(20 of 100 epochs, lr / 10, decay x0.1 halfway): 1 epoch, lr 0.005 x0.1 at epoch 0.5, no
+eps warm-up, backbone frozen (``init.freeze``/``init.keep_init`` set here,
+``--config.init.workdir=<stage-I run>`` on the command line).
 """
 
+from agad.defenses import afa
 from configs import common
 
 
@@ -31,4 +40,6 @@ def get_config(arg: str | None = None):
   c.eval.step_size = 0.01          # The main job's PGD-20 setting (issue 2).
   c.eval.pgd_steps = 20
   c.eval.cw_step_size = 0.01
+  if afa.spec_head(arg) == "afa_stage2":
+    afa.stage2_recipe(c, lr=0.005, num_epochs=1, boundaries=(0.5,))
   return common.apply_arg(c, arg)

@@ -1,0 +1,428 @@
+"""Adaptive Feature Alignment (Wang et al., Tencent Youtu; ``../shared/papers/``): the
+first public implementation (the authors released no code). Every choice the paper
+leaves open is a config field below with its default and the reason.
+
+Two runs, two objective names in the config grammar:
+
+  ``MODEL,afa``         stage I  (this module's ``objective`` = :func:`afa_stage1`)
+  ``MODEL,afa_stage2``  stage II (``agad/defenses/afa_stage2.py``: its ``DEFAULTS``, and
+                        :func:`afa_stage2`, :func:`stage2_norm` from here)
+
+Stage I (paper Sec. 4.3, Algorithm 1, Eq. 3). Every BN layer of the backbone becomes a
+K-branch BN (:class:`~agad.models.layers.MultiBranchBatchNorm`, K = ``num_branches`` = 5,
+the paper's choice, Table 4) through :func:`norm`; branch k handles attack strength xi_k
+of the ladder ``xi = ladder * config.attack.eps`` (default ``(0, 1/8, 2/8, 4/8, 1)``:
+{0, 1, 2, 4, 8}/255 at CIFAR's 8/255, {0, 1, 2, 4, 8}/8 * 0.1 on Fashion-MNIST); step
+sizes scale the same way, ``ladder * config.attack.step_size``. For a batch ``(x, y)`` of
+B examples:
+
+    x'_k = PGD_{xi_k}(x, y) through BN_k                         k = 1 .. K-1
+    L    = L_c(x, y) + sum_{k=1}^{K-1} L_a(x, x'_k, y)           (Algorithm 1)
+
+L_c is the clean CE through BN_0; L_a is the base objective's per-pair loss
+(``base``): ``pgd_at`` CE(f_k(x'_k), y); ``trades`` ``trades_loss(f_k(x), f_k(x'_k), y)``;
+``mart`` ``mart_loss(f_k(x), f_k(x'_k), y)``, with f_k the network routed through BN_k.
+The K-1 attacks are ONE attack (:func:`ladder_attack`) over the stacked batch
+``[x; ...; x]`` ``[(K-1) B]`` with per-example eps/step and per-example routing
+``norm_ctx={'mix': one_hot(k, K)}`` in eval mode (exactly BN_k per example: running
+statistics, no cross-example coupling). Branch k's chunk starts from
+``pgd_init(fold_in(key, k), x, eps=xi_k)``, so the stacked attack equals K-1 separate
+``TrainingAttack`` calls with keys ``fold_in(key, k)`` and ``norm_ctx={'branch': k}``
+(tested). The loss then runs one train-mode pass per branch, ``{'branch': k}`` over that
+branch's B examples, so each example updates only its strength's running statistics.
+
+Stage II (Sec. 4.2-4.3, Fig. 4b). :func:`stage2_norm` replaces every BN by
+:class:`~agad.defenses.afa_norm.AFANorm`: BN_0 and BN_{K-1} kept (same variable names as
+stage I, so ``init.workdir=<stage-I run>`` copies them by identity; the middle branches
+are dropped), fused by a weight generator per BN layer (Eqs. 1-2):
+``x_hat = W0 BN_0(x) + (1 - W0) BN_{K-1}(x)``, ``W0 = sigmoid(WG(x))`` sown as
+``aux/afa_w0``. Everything but the WGs is frozen (``init.freeze`` = :data:`STAGE2_FREEZE`,
+parameters; ``freeze_stats`` = running statistics); the WGs train on CE only, on inputs
+attacked with a random strength per example, ``eps_b = u_b * xi_max``, ``u_b ~ U(0, 1)``
+(step ``u_b * attack.step_size``), PGD through the deployed model in eval mode. The
+deployed model IS the WGs + both branches: ``agad.load(run).logits_fn`` runs it end to end
+(no ``norm_ctx``), so every evaluation attack sees the real defense.
+
+Adaptive attacks (stage II, ``adaptive_loss``; the paper's "PGD+Ada", Sec. 5.2): PGD on
+``a CE(f(x), y) + b BCE(W0, 0)`` through the eval-mode deployed model for the paper's 7
+ratios a:b in {10:1, 5:1, 2:1, 1:1, 1:2, 1:5, 1:10}, variants ``ce10_bce1`` ...
+``ce1_bce10``; BCE(W0, 0) = -log(1 - W0) = softplus(WG logit), averaged over layers (and
+channels), ascended: it pushes W0 towards 1, i.e. makes the adversarial input look clean
+to the fusion (the reference review's reading; the paper's supplement is unavailable).
+
+Parameters (10 classes; stage I adds (K-1) x 2C per BN layer, stage II drops K-2 of
+them and adds one WG per BN layer of C channels, 144 C + 2,657 parameters at width 16):
+SmallCNN-BN (28x28x1) 314,122 -> 351,246 (4 WGs, 38,276); WRN-28-10 36,551,002 ->
+37,856,115 (25 WGs, 1,358,969); WRN-16-8 stage II 11,521,511 (13 WGs, 552,941).
+
+Open choices and defaults (WORKSPACE.md lists them too):
+  * ladder relative to ``attack.eps`` (one default for every dataset);
+  * L_a's clean pass in branch k (TRADES/MART need f_k(x)) runs in ``"batch"`` mode
+    (batch statistics, no update), so BN_k's running statistics see only strength-k
+    examples (``clean_in_branch="train"``: they see x too, a literal PyTorch port);
+  * the attack of branch k maximises the base's attack loss (CE; TRADES: KL from
+    f_k(x)) from the base's start (TRADES/MART: 0.001 N(0, 1); PGD-AT: config.attack);
+  * losses summed over branches as Algorithm 1 (not averaged);
+  * one WG per BN layer reading that layer's input (Eq. 1-2 literally). A WG per network
+    stage shared by its BN layers needs a backbone hook the core lacks (not implemented);
+  * WG width 16, scalar W0 (``wg_out="channel"``: one per channel);
+  * stage II: statistics frozen, eps ~ U(0, xi_max) per example, CE only;
+  * stage I's own validation/eval routes ``norm_ctx=None`` = BN_0 (the clean branch);
+    stage II starts from the stage-I run's latest checkpoint (``init.step=latest``);
+  * schedules (configs/): stage I 100 epochs, lr decay x0.1 at 75/90; stage II 20 epochs,
+    lr 0.01 (CIFAR-10) / 0.001 (SVHN), x0.1 at 10 (the paper's "factor 0.9" read as 0.1:
+    a 0.9 decay twice would leave the learning rate almost unchanged).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from agad.attacks import driver as driver_lib
+from agad.attacks import iterative as pgd_lib
+from agad.attacks import losses as attack_losses
+from agad.defenses.afa_norm import LOGIT_NAME, W0_NAME, AFANorm, kept_branches, per_example_mean, sown
+from agad.models.layers import MultiBranchBatchNorm
+from agad.objectives import base, defaults
+from agad.objectives.mart import mart_loss
+from agad.objectives.trades import trades_loss
+
+BASES = ("pgd_at", "trades", "mart")
+CLEAN_MODES = ("batch", "train")
+
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.num_branches = 5          # K BN branches (paper: K = 5, Table 4 ablates 2/3/5/9).
+DEFAULTS.ladder = (0.0, 0.125, 0.25, 0.5, 1.0)  # xi_k / attack.eps: {0,1,2,4,8}/255 at 8/255 (Tab. 1).
+DEFAULTS.base = "pgd_at"           # L_a: pgd_at | trades | mart (paper: also IAT, not offered).
+DEFAULTS.beta = 6.0                # TRADES/MART beta inside L_a (their official 6).
+DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: the base's.
+DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-example routing is exact).
+DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
+
+# Stage II trains the weight generators only: freeze every other parameter (regex on
+# '/'-joined paths, re.search) and let the WGs (absent from the stage-I run) keep their init.
+STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
+STAGE2_KEEP_INIT = r"(^|/)wg/"
+
+_STRENGTH_SALT = 0x41464132
+
+
+def norm(config: Any):
+  """Stage I's norm factory: ``MultiBranchBatchNorm`` with K branches."""
+  cfg = defaults.objective_config(config, "afa", DEFAULTS)
+  return functools.partial(MultiBranchBatchNorm, num_branches=int(cfg.num_branches))
+
+
+def stage2_defaults() -> ml_collections.ConfigDict:
+  """Stage II's ``DEFAULTS`` (defined in ``afa_stage2.py``, where the registry reads them)."""
+  from agad.defenses import afa_stage2
+  return afa_stage2.DEFAULTS
+
+
+def stage2_norm(config: Any):
+  """Stage II's norm factory: :class:`AFANorm` (two kept branches + a weight generator)."""
+  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
+  kept_branches(int(cfg.num_branches), tuple(cfg.keep))  # fail early on a bad keep
+  return functools.partial(AFANorm, num_branches=int(cfg.num_branches), keep=tuple(cfg.keep),
+                           wg_width=int(cfg.wg_width), wg_out=cfg.wg_out,
+                           freeze_stats=bool(cfg.freeze_stats))
+
+
+def ladder_radii(config: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+  """``(eps [K], step [K])`` = ``ladder * attack.eps``, ``ladder * attack.step_size``.
+
+  The ladder must have K entries, start at 0 (branch 0 is clean) and increase.
+  """
+  ladder = np.asarray(cfg.ladder, np.float64)
+  k = int(cfg.num_branches)
+  if k < 2 or ladder.shape != (k,):
+    raise ValueError(f"objective.afa.ladder={tuple(cfg.ladder)} must have num_branches={k} >= 2 "
+                     "entries (fractions of attack.eps), e.g. (0, 0.125, 0.25, 0.5, 1)")
+  if ladder[0] != 0 or np.any(np.diff(ladder) <= 0):
+    raise ValueError(f"objective.afa.ladder={tuple(cfg.ladder)} must start at 0 (the clean branch) "
+                     "and increase strictly")
+  return ladder * float(config.attack.eps), ladder * float(config.attack.step_size)
+
+
+def branch_key(key: jax.Array, k: int) -> jax.Array:
+  """The key of branch k's attack: ``fold_in(key, k)``."""
+  return jax.random.fold_in(key, k)
+
+
+def ladder_attack(attack: defaults.TrainingAttack, params, model_state, images, labels, key, *,
+                  eps, step_size, loss: str = "ce", step=None) -> jax.Array:
+  """The K-1 attacks of stage I as one PGD over the stacked batch.
+
+  Args:
+    attack: the objective's ``TrainingAttack`` (steps, norm, start, BN mode, driver,
+      eps warm-up).
+    images ``[B, H, W, C]``, labels ``[B]``.
+    eps, step_size: ``[K]`` per branch (entry 0, the clean branch, is not attacked).
+    loss: ``"ce"`` or ``"kl"`` (TRADES: ``KL(p_k(x) || p_k(x'))``, p_k(x) fixed).
+  Returns:
+    ``[(K-1) B, H, W, C]``: rows ``(k-1) B .. k B - 1`` attack branch k at ``eps[k]``,
+    equal to ``attack(..., branch_key(key, k), eps=eps[k], step_size=step_size[k],
+    norm_ctx={'branch': k})``: the same start per chunk and, per example, the same
+    gradient (eval-mode routing ``{'mix': one_hot(k)}`` is exactly BN_k, the loss is
+    per example).
+  """
+  num_branches = len(eps)
+  b = images.shape[0]
+  branch = np.repeat(np.arange(1, num_branches), b)                    # [(K-1) B]
+  eps_b, step_b = attack.radius(step, eps=jnp.asarray(np.asarray(eps, np.float32)[branch]),
+                                step_size=jnp.asarray(np.asarray(step_size, np.float32)[branch]))
+  x0 = jnp.concatenate([images] * (num_branches - 1))
+  y = jnp.concatenate([labels] * (num_branches - 1))
+  logits_fn = attack.logits_fn(params, model_state,
+                               norm_ctx={"mix": jax.nn.one_hot(branch, num_branches)})
+  if loss == "ce":
+    loss_fn = lambda x: attack_losses.cross_entropy(logits_fn(x), y)
+  elif loss == "kl":
+    ref = jax.lax.stop_gradient(jax.nn.softmax(logits_fn(x0).astype(jnp.float32), axis=-1))
+    loss_fn = lambda x: attack_losses.kl_divergence(ref, logits_fn(x))
+  else:
+    raise ValueError(f"ladder attack loss {loss!r} is not 'ce' or 'kl'")
+  starts = [pgd_lib.pgd_init(branch_key(key, k), images, eps=eps_b[(k - 1) * b:k * b],
+                             norm=attack.norm, random_start=attack.random_start).x
+            for k in range(1, num_branches)]
+  state = pgd_lib.PGDState(x=jnp.concatenate(starts), key=key)
+  norm_name = attack.norm
+  step_fn = driver_lib.as_partial(
+      lambda s: pgd_lib.pgd_step(loss_fn, x0, eps_b, step_b, s, norm=norm_name))
+  state = driver_lib.iterate(step_fn, state, attack.steps, driver=attack.driver)
+  return jax.lax.stop_gradient(state.x)
+
+
+def _pair_loss(base_name: str, beta: float):
+  """``(logits_clean_k | None, logits_adv_k, y) -> scalar`` L_a of the base objective."""
+  if base_name == "pgd_at":
+    return lambda lc, la, y: base.cross_entropy_mean(la, y)
+  if base_name == "trades":
+    return lambda lc, la, y: trades_loss(lc, la, y, beta=beta)
+  return lambda lc, la, y: mart_loss(lc, la, y, beta=beta)
+
+
+def afa_stage1(model, config: Any) -> base.Objective:
+  """Stage I: K-branch BN, ``L_c(x) + sum_k L_a(x, x'_k, y)`` (see module docstring)."""
+  cfg = defaults.objective_config(config, "afa", DEFAULTS)
+  if cfg.base not in BASES:
+    raise ValueError(f"objective.afa.base={cfg.base!r} is not one of {BASES}")
+  if cfg.clean_in_branch not in CLEAN_MODES:
+    raise ValueError(f"objective.afa.clean_in_branch={cfg.clean_in_branch!r} is not one of {CLEAN_MODES}")
+  eps, step_size = ladder_radii(config, cfg)
+  k_total = len(eps)
+  paired = cfg.base in ("trades", "mart")
+  random_start = cfg.random_start or ("normal" if paired else None)
+  attack = defaults.TrainingAttack(model, config, {"random_start": random_start,
+                                                   "attack_bn": cfg.attack_bn})
+  attack_loss = "kl" if cfg.base == "trades" else "ce"
+  pair_loss = _pair_loss(cfg.base, float(cfg.beta))
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state
+    return ladder_attack(attack, params, model_state, batch["image"], batch["label"], key,
+                         eps=eps, step_size=step_size, loss=attack_loss, step=step)
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del step
+    x, y = batch["image"], batch["label"]
+    b = x.shape[0]
+    clean = base.forward(model, params, model_state, x, mode="train", labels=y,
+                         norm_ctx={"branch": 0}, taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    model_state = clean.model_state
+    loss_clean = base.cross_entropy_mean(clean.logits, y)
+    total = loss_clean
+    passes = {"clean": clean}
+    metrics = {"accuracy": base.accuracy(clean.logits, y), "loss_clean": loss_clean}
+    index = 1
+    for k in range(1, k_total):
+      ctx = {"branch": k}
+      logits_clean_k = None
+      if paired:
+        out = base.forward(model, params, model_state, x, mode=cfg.clean_in_branch, labels=y,
+                           norm_ctx=ctx, rng=base.pass_key(key, index))
+        index += 1
+        model_state = out.model_state
+        logits_clean_k = out.logits
+      out = base.forward(model, params, model_state, adv[(k - 1) * b:k * b], mode="train",
+                         labels=y, norm_ctx=ctx, taps=base.ALL_TAPS, rng=base.pass_key(key, index))
+      index += 1
+      model_state = out.model_state
+      term = pair_loss(logits_clean_k, out.logits, y)
+      total = total + term
+      passes[f"adv{k}"] = out
+      metrics[f"adv_accuracy_{k}"] = base.accuracy(out.logits, y)
+      metrics[f"loss_adv_{k}"] = term
+    passes["adv"] = passes[f"adv{k_total - 1}"]
+    metrics["adv_accuracy"] = metrics[f"adv_accuracy_{k_total - 1}"]
+    return total, base.LossAux(model_state, aux_state, metrics, passes)
+
+  update = ("clean -> BN_0, x'_k -> BN_k (one train-mode pass per branch)"
+            + (f"; f_k(x) in {cfg.clean_in_branch} mode" if paired else ""))
+  return base.Objective("afa", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update=update))
+
+
+def parse_ratios(spec: str) -> list[tuple[float, float]]:
+  """``"10:1,1:2"`` -> ``[(10.0, 1.0), (1.0, 2.0)]`` (CE weight, BCE weight)."""
+  out = []
+  for item in filter(None, (s.strip() for s in str(spec).split(","))):
+    parts = item.split(":")
+    try:
+      a, b = (float(p) for p in parts)
+    except ValueError:
+      a = b = -1.0
+    if len(parts) != 2 or a < 0 or b < 0 or a + b == 0:
+      raise ValueError(f"adaptive ratio {item!r} in {spec!r} must be 'CE:BCE' with non-negative "
+                       "weights, e.g. '10:1,1:10'")
+    out.append((a, b))
+  return out
+
+
+def _ratio_name(a: float, b: float) -> str:
+  fmt = lambda v: f"{v:g}".replace(".", "p")
+  return f"ce{fmt(a)}_bce{fmt(b)}"
+
+
+def adaptive_losses(ratios: list[tuple[float, float]]):
+  """The adaptive-loss factory ``(net, variables) -> {variant: (x, labels) -> [B]}``:
+  ``a CE(f(x), y) + b mean_layers softplus(WG logit)`` (= ``b BCE(W0, 0)``) through the
+  eval-mode deployed model."""
+
+  def adaptive_loss(net, variables):
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k not in ("params", "aux")}
+
+    def make(a, b):
+      def fn(x, labels):
+        out = base.forward(net, params, model_state, x, mode="eval", labels=labels)
+        bce = per_example_mean([jax.nn.softplus(z) for z in sown(out.aux, LOGIT_NAME)])
+        return a * attack_losses.cross_entropy(out.logits, labels) + b * bce
+      return fn
+
+    return {_ratio_name(a, b): make(a, b) for a, b in ratios}
+
+  return adaptive_loss
+
+
+def w0_per_example(out: base.ModelOutput) -> jax.Array:
+  """Mean fusion weight W0 over layers (and channels) per example ``[B]`` of a pass."""
+  return per_example_mean(sown(out.aux, W0_NAME))
+
+
+def afa_stage2(model, config: Any) -> base.Objective:
+  """Stage II: train the weight generators with CE on random-strength attacks."""
+  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
+  init_cfg = getattr(config, "init", None)
+  if init_cfg is None or not init_cfg.get("workdir") or not init_cfg.get("freeze"):
+    raise ValueError("afa_stage2 starts from a stage-I run with the backbone frozen: set "
+                     "--config.init.workdir=<stage-I workdir>, "
+                     f"--config.init.freeze='{STAGE2_FREEZE}' and --config.init.keep_init='{STAGE2_KEEP_INIT}' "
+                     "(configs/<dataset>.py:MODEL,afa_stage2 sets the last two)")
+  if float(cfg.eps_max) <= 0:
+    raise ValueError(f"objective.afa_stage2.eps_max={cfg.eps_max} must be > 0 (a fraction of attack.eps)")
+  ratios = parse_ratios(cfg.adaptive_ratios)
+  attack = defaults.TrainingAttack(model, config, {"random_start": cfg.random_start,
+                                                   "attack_bn": "eval"})
+  eps_max = float(cfg.eps_max) * float(attack.eps)
+  step_max = float(cfg.eps_max) * float(attack.step_size)
+
+  def strengths(key, batch_size):
+    u = jax.random.uniform(jax.random.fold_in(key, _STRENGTH_SALT), (batch_size,))
+    return u * eps_max, u * step_max
+
+  def generate(params, model_state, aux_state, batch, key, step):
+    del aux_state
+    eps, step_size = strengths(key, batch["image"].shape[0])
+    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step,
+                  eps=eps, step_size=step_size)
+
+  def loss(params, model_state, aux_state, batch, adv, key, step):
+    del step
+    y = batch["label"]
+    out = base.forward(model, params, model_state, adv, mode="train", labels=y,
+                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    value = base.cross_entropy_mean(out.logits, y)
+    metrics = {"adv_accuracy": base.accuracy(out.logits, y), "w0_mean": jnp.mean(w0_per_example(out))}
+    return value, base.LossAux(out.model_state, aux_state, metrics, {"adv": out})
+
+  return base.Objective("afa_stage2", base.no_aux_state, generate, loss,
+                        base.BNPolicy(attack=attack.bn, update="weight generators only (branches frozen)"),
+                        adaptive_losses(ratios))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+  """Ranks 1..n of a 1-D array, ties sharing their average rank (Spearman's convention)."""
+  values = np.asarray(values, np.float64)
+  order = np.argsort(values, kind="stable")
+  ranks = np.empty(len(values), np.float64)
+  ranks[order] = np.arange(1, len(values) + 1)
+  for v in np.unique(values):
+    tie = values == v
+    ranks[tie] = ranks[tie].mean()
+  return ranks
+
+
+def spearman(a, b) -> float:
+  """Spearman rank correlation: Pearson's r of the average ranks (NaN if one is constant)."""
+  ra, rb = average_ranks(a), average_ranks(b)
+  ra, rb = ra - ra.mean(), rb - rb.mean()
+  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
+
+
+def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, steps: int = 20,
+                         step_ratio: float = 2.5, norm: str = "linf") -> dict:
+  """The paper's Fig. 6 data: W1 = 1 - W0 of the deployed model against attack strength.
+
+  For every ``eps`` in ``eps_values`` (0 = clean), PGD-``steps`` on CE through the
+  deployed eval-mode model (step ``step_ratio * eps / steps``, uniform start), then
+  W1 per example (mean over layers and channels). Returns ``{"eps": [n], "w1": [n, B],
+  "w1_mean": [n], "spearman": rho}`` with rho the rank correlation of (eps, W1) over all
+  n * B pairs (the paper: W1 rises with eps).
+  """
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k not in ("params", "aux")}
+  logits_fn = base.logits_fn_for(model, params, model_state, mode="eval")
+  w1 = []
+  for i, eps in enumerate(eps_values):
+    x = images
+    if eps > 0:
+      x = pgd_lib.pgd(logits_fn, images, labels, jax.random.fold_in(key, i), eps=float(eps),
+                      step_size=step_ratio * float(eps) / steps, steps=steps, norm=norm)
+    out = base.forward(model, params, model_state, x, mode="eval")
+    w1.append(1.0 - np.asarray(w0_per_example(out)))
+  w1 = np.stack(w1)
+  eps_rep = np.repeat(np.asarray(eps_values, np.float64), w1.shape[1])
+  return {"eps": np.asarray(eps_values, np.float64), "w1": w1, "w1_mean": w1.mean(axis=1),
+          "spearman": spearman(eps_rep, w1.reshape(-1))}
+
+
+def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
+  """Stage II's schedule and freezing on config ``c`` (paper Sec. 5.1: 20 epochs, decay
+  x0.1 at epoch 10; lr 0.01 CIFAR-10 / 0.001 SVHN). ``init.workdir`` is the user's."""
+  c.num_epochs = num_epochs
+  c.optim.lr = lr
+  c.optim.schedule = "piecewise"
+  c.optim.boundaries = tuple(boundaries)
+  c.optim.decay_factor = 0.1
+  c.optim.warmup_epochs = 0.0
+  c.attack.eps_warmup_steps = 0
+  c.init.freeze = STAGE2_FREEZE
+  c.init.keep_init = STAGE2_KEEP_INIT
+  return c
+
+
+def spec_head(arg: str | None) -> str:
+  """The objective head of a config argument ``MODEL,OBJECTIVE[,smoke]`` ('' if none)."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip() and p.strip() != "smoke"]
+  return parts[1].split("+")[0].strip() if len(parts) > 1 else ""
+
+
+objective = afa_stage1

@@ -1,0 +1,23 @@
+"""AFA stage II under its config-grammar name: ``--config=...:MODEL,afa_stage2``.
+
+The objective and norm factory live in :mod:`agad.defenses.afa` (see its docstring);
+this module holds stage II's ``config.objective.afa_stage2`` fields, so the registry
+(``agad.defenses.<name>``) finds them beside the objective.
+"""
+
+import ml_collections
+
+DEFAULTS = ml_collections.ConfigDict()
+DEFAULTS.num_branches = 5   # K of the stage-I run.
+DEFAULTS.keep = (0, -1)     # kept branches: BN_0 and BN_{K-1} (Fig. 4b); W0 weights the first.
+DEFAULTS.eps_max = 1.0      # xi_max / attack.eps; training strengths eps ~ U(0, xi_max).
+DEFAULTS.wg_width = 16      # WG conv/hidden width (not in the paper).
+DEFAULTS.wg_out = "scalar"  # scalar W0 (Eq. 1) | channel (one per channel).
+DEFAULTS.freeze_stats = True  # kept branches use running statistics, never updated.
+DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: config.attack.
+DEFAULTS.adaptive_ratios = "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
+
+from agad.defenses.afa import afa_stage2 as objective  # noqa: E402  (afa reads DEFAULTS lazily)
+from agad.defenses.afa import stage2_norm as norm  # noqa: E402
+
+__all__ = ["DEFAULTS", "objective", "norm"]
