@@ -357,53 +357,6 @@ def afa_stage2(model, config: Any) -> base.Objective:
                         adaptive_losses(ratios))
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-  """Ranks 1..n of a 1-D array, ties sharing their average rank (Spearman's convention)."""
-  values = np.asarray(values, np.float64)
-  order = np.argsort(values, kind="stable")
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = np.arange(1, len(values) + 1)
-  for v in np.unique(values):
-    tie = values == v
-    ranks[tie] = ranks[tie].mean()
-  return ranks
-
-
-def spearman(a, b) -> float:
-  """Spearman rank correlation: Pearson's r of the average ranks (NaN if one is constant)."""
-  ra, rb = average_ranks(a), average_ranks(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
-
-
-def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, steps: int = 20,
-                         step_ratio: float = 2.5, norm: str = "linf") -> dict:
-  """The paper's Fig. 6 data: W1 = 1 - W0 of the deployed model against attack strength.
-
-  For every ``eps`` in ``eps_values`` (0 = clean), PGD-``steps`` on CE through the
-  deployed eval-mode model (step ``step_ratio * eps / steps``, uniform start), then
-  W1 per example (mean over layers and channels). Returns ``{"eps": [n], "w1": [n, B],
-  "w1_mean": [n], "spearman": rho}`` with rho the rank correlation of (eps, W1) over all
-  n * B pairs (the paper: W1 rises with eps).
-  """
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k not in ("params", "aux")}
-  logits_fn = base.logits_fn_for(model, params, model_state, mode="eval")
-  w1 = []
-  for i, eps in enumerate(eps_values):
-    x = images
-    if eps > 0:
-      x = pgd_lib.pgd(logits_fn, images, labels, jax.random.fold_in(key, i), eps=float(eps),
-                      step_size=step_ratio * float(eps) / steps, steps=steps, norm=norm)
-    out = base.forward(model, params, model_state, x, mode="eval")
-    w1.append(1.0 - np.asarray(w0_per_example(out)))
-  w1 = np.stack(w1)
-  eps_rep = np.repeat(np.asarray(eps_values, np.float64), w1.shape[1])
-  return {"eps": np.asarray(eps_values, np.float64), "w1": w1, "w1_mean": w1.mean(axis=1),
-          "spearman": spearman(eps_rep, w1.reshape(-1))}
-
-
 def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
   """Stage II's schedule and freezing on config ``c`` (paper Sec. 5.1: 20 epochs, decay
   x0.1 at epoch 10; lr 0.01 CIFAR-10 / 0.001 SVHN). ``init.workdir`` is the user's."""
