@@ -52,13 +52,19 @@ def _robust_accuracy(logits_fn, x_adv, x, y, eps):
 
 
 def test_bucket_sizes():
-  assert aa.bucket_sizes(250) == [250, 128, 64, 32, 16, 8]
-  assert aa.bucket_sizes(16, min_bucket=4) == [16, 8, 4]
+  assert aa.bucket_sizes(250) == [250, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32,
+                                  28, 24, 20, 16, 14, 12, 10, 8]
+  assert aa.bucket_sizes(250, per_octave=1) == [250, 128, 64, 32, 16, 8]
+  assert aa.bucket_sizes(16, min_bucket=4) == [16, 14, 12, 10, 8, 7, 6, 5, 4]
   assert aa.bucket_sizes(5, min_bucket=8) == [5]
+  # Padding is below a quarter of the batch from min_bucket up (131 rows: 160, not 250).
+  sizes = aa.bucket_sizes(250)
+  assert runner_lib.bucket_for(131, sizes) == 160
+  assert all(runner_lib.bucket_for(m, sizes) < 1.25 * m for m in range(8, 251))
 
 
 def test_padded_batches_pad_with_a_real_row_to_the_smallest_bucket():
-  sizes = runner_lib.bucket_sizes(16, min_bucket=4)
+  sizes = runner_lib.bucket_sizes(16, min_bucket=4, per_octave=1)
   batches = list(runner_lib.padded_batches(np.arange(100, 121), 16, sizes))
   assert [(start, len(real), len(padded)) for start, real, padded, _ in batches] == [
       (0, 16, 16), (16, 5, 8)]
@@ -167,7 +173,7 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   assert new, "no step was traced"
   expected = {"apgd-ce": chunk, "apgd-dlr-targeted": chunk, "fab-t": chunk, "square": square_chunk}
   for (tag, batch), traces in new.items():
-    assert batch in (16, 8), (tag, batch)
+    assert batch in aa.bucket_sizes(16, min_bucket=8), (tag, batch)
     # One compiled chunk of `chunk` unrolled steps per (attack, bucket): a recompile
     # (new shapes, a new closure, a changed step function) would double the count.
     assert traces == expected[tag], (tag, batch, traces)

@@ -138,9 +138,9 @@ def test_square_accepts_only_improvements_and_stays_in_ball():
   # The kept margin is the margin of the returned point and never above the start's.
   logits = logits_fn(adv)
   margin = -losses.margin(logits, y)
+  keys = runner_lib.fold_in_each(runner_lib.example_keys(jax.random.key(0), 16), 0)
   start = square_lib._init_rule("margin", False)(logits_fn, x, y, jnp.float32(eps),
-                                                   jax.random.split(jax.random.fold_in(
-                                                       jax.random.key(0), 0))[0])
+                                                   runner_lib.split_each(keys)[0])
   assert bool(jnp.all(margin <= start.margin + 1e-5))
   assert bool(jnp.all((margin > 0) == result.robust))
 
