@@ -3,6 +3,9 @@
   bash launch/env_parity.sh      # once: .venv-parity with torch + pyautoattack (never agad deps)
   .venv-parity/bin/python -m launch.dev.parity_autoattack [--n=200] [--eps=0.1] [--masked]
       [--square_queries=5000] [--tolerance_pp=1.5] [--params_cache=PATH] [--output=JSON]
+  .venv-parity/bin/python -m launch.dev.parity_autoattack --timing --threads=1 [--repeats=2]
+      [--agad_root=TREE]   # per-attack wall times, side by side (see timing())
+  .venv-parity/bin/python -m launch.dev.aa_timing_compare --before=REV   # two revisions + ref
 
 The reference is ``pyautoattack==0.2.0`` (its attack files match fra31/auto-attack@a392200
 up to whitespace and imports) on torch 2.13 (CPU). The script
