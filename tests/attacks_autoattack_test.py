@@ -52,13 +52,19 @@ def _robust_accuracy(logits_fn, x_adv, x, y, eps):
 
 
 def test_bucket_sizes():
-  assert aa.bucket_sizes(250) == [250, 128, 64, 32, 16, 8]
-  assert aa.bucket_sizes(16, min_bucket=4) == [16, 8, 4]
+  assert aa.bucket_sizes(250) == [250, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32,
+                                  28, 24, 20, 16, 14, 12, 10, 8]
+  assert aa.bucket_sizes(250, per_octave=1) == [250, 128, 64, 32, 16, 8]
+  assert aa.bucket_sizes(16, min_bucket=4) == [16, 14, 12, 10, 8, 7, 6, 5, 4]
   assert aa.bucket_sizes(5, min_bucket=8) == [5]
+  # Padding is below a quarter of the batch from min_bucket up (131 rows: 160, not 250).
+  sizes = aa.bucket_sizes(250)
+  assert runner_lib.bucket_for(131, sizes) == 160
+  assert all(runner_lib.bucket_for(m, sizes) < 1.25 * m for m in range(8, 251))
 
 
 def test_padded_batches_pad_with_a_real_row_to_the_smallest_bucket():
-  sizes = runner_lib.bucket_sizes(16, min_bucket=4)
+  sizes = runner_lib.bucket_sizes(16, min_bucket=4, per_octave=1)
   batches = list(runner_lib.padded_batches(np.arange(100, 121), 16, sizes))
   assert [(start, len(real), len(padded)) for start, real, padded, _ in batches] == [
       (0, 16, 16), (16, 5, 8)]
@@ -167,7 +173,7 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   assert new, "no step was traced"
   expected = {"apgd-ce": chunk, "apgd-dlr-targeted": chunk, "fab-t": chunk, "square": square_chunk}
   for (tag, batch), traces in new.items():
-    assert batch in (16, 8), (tag, batch)
+    assert batch in aa.bucket_sizes(16, min_bucket=8), (tag, batch)
     # One compiled chunk of `chunk` unrolled steps per (attack, bucket): a recompile
     # (new shapes, a new closure, a changed step function) would double the count.
     assert traces == expected[tag], (tag, batch, traces)
@@ -243,3 +249,71 @@ def test_few_classes_and_too_many_targets_are_clear_never_an_index_crash():
   flags = " | ".join(res["flags"])
   assert "apgd-t skipped: targeted DLR needs >= 4 classes, the model has 2" in flags
   assert "only 2 classes: targeted attacks use 1 targets, not 9" in flags
+
+
+def _conv_model(kernel, w, x):
+  """A small conv net (conv 3x3 + ReLU, dense): per-row arithmetic through a convolution."""
+  h = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(h).reshape(x.shape[0], -1) @ w
+
+
+def test_same_key_same_result_whatever_the_batch_size_subset_or_device():
+  # Per-example keys (fold_in of the example's index): an example's randomness, hence its
+  # result on a deterministic model, depends on neither the batch size and bucket nor on
+  # which other examples are evaluated, nor on the (CPU) device; bitwise on CPU. APGD runs
+  # within one chunk (steps <= chunk: no early exit), so even the stored adversarials,
+  # which depend on the random start, must be equal.
+  rng = np.random.RandomState(11)
+  logits_fn = Partial(_conv_model, jnp.asarray(rng.randn(3, 3, 3, 8).astype(np.float32) * 0.3),
+                      jnp.asarray(rng.randn(4 * 4 * 8, CLASSES).astype(np.float32) * 0.3))
+  x = _images(24, 12)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  kw = dict(eps=0.03, steps=2, square_queries=40, version="custom",
+            attacks=["apgd-ce", "square"])
+  run = lambda images, labels, **extra: aa.autoattack(logits_fn, images, labels,
+                                                      jax.random.key(5), **kw, **extra)
+  full = run(x, y, batch_size=24, min_bucket=24)
+  assert 0.2 < full["robust_accuracy"] < 0.8  # a case that can tell
+  variants = {"batch 8": run(x, y, batch_size=8, min_bucket=8),
+              "batch 5, buckets 5 and 4": run(x, y, batch_size=5, min_bucket=4)}
+  with jax.default_device(jax.devices()[-1]):
+    variants["last device"] = run(x, y, batch_size=8, min_bucket=8)
+  for name, res in variants.items():
+    np.testing.assert_array_equal(res["robust"], full["robust"], err_msg=name)
+    assert list(res["broken_by"]) == list(full["broken_by"]), name
+    np.testing.assert_array_equal(res["adversarial"], full["adversarial"], err_msg=name)
+  # A subset: the first 10 examples keep their indices, hence their results.
+  part = run(x[:10], y[:10], batch_size=8, min_bucket=8)
+  np.testing.assert_array_equal(part["robust"], full["robust"][:10])
+  np.testing.assert_array_equal(part["adversarial"], full["adversarial"][:10])
+  # Another key changes the random draws (the equalities above are not vacuous).
+  other = aa.autoattack(logits_fn, x, y, jax.random.key(6), batch_size=24, min_bucket=24, **kw)
+  assert not np.array_equal(other["adversarial"], full["adversarial"])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_with_per_example_keys_is_independent_of_the_batch(norm):
+  iterative = importlib.import_module("agad.attacks.iterative")
+  logits_fn = Partial(_mlp, *_weights(2))
+  x = jnp.asarray(_images(12, 13))
+  y = jnp.argmax(logits_fn(x), -1)
+  keys = runner_lib.example_keys(jax.random.key(3), 12)
+  kw = dict(eps=0.05 if norm == "linf" else 0.5, step_size=0.02 if norm == "linf" else 0.2,
+            steps=5, norm=norm)
+  full = iterative.pgd(logits_fn, x, y, keys, **kw)
+  half = iterative.pgd(logits_fn, x[4:10], y[4:10], keys[4:10], **kw)
+  np.testing.assert_array_equal(np.asarray(half), np.asarray(full)[4:10])
+  # The start alone (no steps) also differs per example and is inside the ball.
+  start = iterative.pgd_init(keys, x, eps=kw["eps"], norm=norm).x
+  assert not np.array_equal(np.asarray(start[0] - x[0]), np.asarray(start[1] - x[1]))
+  np.testing.assert_array_equal(np.asarray(iterative.pgd_init(keys[4:10], x[4:10], eps=kw["eps"],
+                                                              norm=norm).x),
+                                np.asarray(start)[4:10])
+  # One key for the whole batch keeps its former (training) behaviour: batch-drawn starts.
+  one = iterative.pgd_init(jax.random.key(3), x, eps=kw["eps"], norm=norm).x
+  start_key, _ = jax.random.split(jax.random.key(3))
+  if norm == "linf":
+    expected = jnp.clip(x + jax.random.uniform(start_key, x.shape, x.dtype, -1.0, 1.0) * 0.05,
+                        0.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(expected))

@@ -99,6 +99,53 @@ def test_fab_targeted_finds_small_adversarials_within_eps():
   assert float(runner_lib.lp_norm(adv - x, "linf").max()) <= 0.3 + 1e-6
 
 
+def _linf_boundary_distances(w, b, x, y):
+  """``[N, K]`` closed-form minimal L-inf distance from x to the boundary between y and j
+  of a linear model: ``(z_y - z_j) / ||w_y - w_j||_1`` (no box; inf at j = y)."""
+  flat = np.asarray(x, np.float64).reshape(len(x), -1)
+  z = flat @ w + b
+  out = np.full(z.shape, np.inf)
+  for i, label in enumerate(np.asarray(y)):
+    for j in range(w.shape[1]):
+      if j != label:
+        out[i, j] = (z[i, label] - z[i, j]) / np.abs(w[:, label] - w[:, j]).sum()
+  return out
+
+
+def test_fab_linf_finds_the_closed_form_minimal_distance_on_a_linear_model():
+  rng = np.random.RandomState(7)
+  w = rng.randn(DIM, CLASSES).astype(np.float32)
+  b = rng.randn(CLASSES).astype(np.float32)
+  logits_fn = Partial(_linear, jnp.asarray(w), jnp.asarray(b))
+  # Inside [0.3, 0.7]: the box is at least 0.3 away, beyond every minimal distance here.
+  x = jax.random.uniform(jax.random.key(3), (16,) + SHAPE, minval=0.3, maxval=0.7)
+  y = jnp.argmax(logits_fn(x), -1)
+  pair = _linf_boundary_distances(w.astype(np.float64), b.astype(np.float64), x, y)
+  closest = pair.min(1)
+  assert closest.max() < 0.3
+  # Untargeted FAB: the smallest distance over all classes, reached from just past it.
+  result = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10,
+                              targeted=False)
+  norms = np.asarray(runner_lib.lp_norm(result.adversarial - x, "linf"), np.float64)
+  assert not bool(result.robust.any())
+  assert np.all(np.asarray(jnp.argmax(logits_fn(result.adversarial), -1)) != np.asarray(y))
+  assert np.all(norms >= closest * (1 - 1e-4))
+  assert np.all(norms <= closest * 1.02), np.max(norms / closest)
+  # Targeted at the runner-up: at most the distance to that boundary (it may cross another
+  # class's boundary first, never one closer than the closest).
+  targets = jnp.argsort(logits_fn(x), -1)[:, -2]
+  to_target = pair[np.arange(16), np.asarray(targets)]
+  targeted = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10,
+                                targets=targets)
+  t_norms = np.asarray(targeted.norm, np.float64)
+  assert np.all(t_norms >= closest * (1 - 1e-4))
+  assert np.all(t_norms <= to_target * 1.02)
+  # A radius just below the closed-form minimum cannot succeed.
+  below = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.99 * float(closest.min()),
+                             steps=10, targeted=False)
+  assert bool(below.robust.all())
+
+
 def test_fab_untargeted_runs():
   logits_fn = _linear_model(1)
   x, y = _data(logits_fn, n=8, seed=3)
@@ -138,9 +185,9 @@ def test_square_accepts_only_improvements_and_stays_in_ball():
   # The kept margin is the margin of the returned point and never above the start's.
   logits = logits_fn(adv)
   margin = -losses.margin(logits, y)
+  keys = runner_lib.fold_in_each(runner_lib.example_keys(jax.random.key(0), 16), 0)
   start = square_lib._init_rule("margin", False)(logits_fn, x, y, jnp.float32(eps),
-                                                   jax.random.split(jax.random.fold_in(
-                                                       jax.random.key(0), 0))[0])
+                                                   runner_lib.split_each(keys)[0])
   assert bool(jnp.all(margin <= start.margin + 1e-5))
   assert bool(jnp.all((margin > 0) == result.robust))
 

@@ -347,9 +347,9 @@ def test_l2_square_stays_in_the_ball_and_keeps_its_bookkeeping():
   assert adv.min() >= 0.0 and adv.max() <= 1.0
   assert _l2(adv - np.asarray(x)).max() <= eps + 1e-5
   margin = -losses.margin(logits_fn(adv), y)
+  keys = runner_lib.fold_in_each(runner_lib.example_keys(jax.random.key(0), 16), 0)
   start = square_lib._init_rule("margin", False, "l2")(
-      logits_fn, x, y, jnp.float32(eps), jax.random.split(jax.random.fold_in(
-          jax.random.key(0), 0))[0])
+      logits_fn, x, y, jnp.float32(eps), runner_lib.split_each(keys)[0])
   assert _l2(start.x_best - x).max() <= eps + 1e-5
   assert bool(jnp.all(margin <= start.margin + 1e-5))
   assert bool(jnp.all((margin > 0) == result.robust))

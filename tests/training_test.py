@@ -73,9 +73,29 @@ def test_train_step_compiles_once():
 
 
 def test_pgd_at_generate_uses_eval_bn_and_does_not_touch_stats():
+  from agad.attacks import iterative
+  from agad.objectives import base
   model, objective, _, state, batch = _setup()
-  adv = objective.generate(state.params, state.model_state, state.aux_state, batch, jax.random.key(0), 0)
-  assert float(jnp.abs(adv - batch["image"]).max()) <= tiny_config().attack.eps + 1e-6
+  # Running statistics far from this batch's, so that the two BN modes attack different
+  # functions (at init they are mean 0 / variance 1).
+  model_state = jax.tree.map(lambda v: v + 0.7, state.model_state)
+  # A step past the eps warm-up: the full radius (at step 0 the ramp makes it eps / 226).
+  adv = objective.generate(state.params, model_state, state.aux_state, batch, jax.random.key(0),
+                           10**6)
+  attack = tiny_config().attack
+  assert float(jnp.abs(adv - batch["image"]).max()) <= attack.eps + 1e-6
+
+  def pgd_with(mode):
+    fn = base.logits_fn_for(model, state.params, model_state, mode=mode)
+    return iterative.pgd(fn, batch["image"], batch["label"], jax.random.key(0),
+                         eps=attack.eps, step_size=attack.step_size,
+                         steps=attack.steps, norm=attack.norm, random_start=attack.random_start,
+                         loss="ce", driver=attack.driver)
+  with_running, with_batch = pgd_with("eval"), pgd_with("batch")
+  # The two BN modes give different adversarials here (the check below can tell) ...
+  assert float(jnp.abs(with_running - with_batch).max()) > 1e-3
+  # ... and generate's are those of the attack through the running statistics.
+  np.testing.assert_allclose(adv, with_running, atol=1e-6)
   _, (new_model_state, _, _, _) = objective.loss(state.params, state.model_state, state.aux_state,
                                                batch, adv, jax.random.key(1), 0)
   # The loss pass (train mode) updates BN statistics; generate returned only images.

@@ -5,7 +5,9 @@
 # which examples it breaks (a new default, a fixed bug, a different step rule), so that
 # cached per-example results computed by older code are never reused.
 # 2: PGD-family rows keep the best (misclassified) iterate (track_best); AutoAttack flags.
-ATTACK_CODE_VERSION = 2
+# 3: per-example keys in APGD / FAB / Square / AutoAttack (fold_in of the example index);
+#    FAB's L-inf projection by bisection (equal up to float rounding); finer buckets.
+ATTACK_CODE_VERSION = 3
 
 from agad.attacks.driver import DRIVERS, iterate, resolve_driver
 from agad.attacks.losses import cross_entropy, kl_divergence, margin

@@ -42,8 +42,9 @@ from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example, project
 from agad.attacks import losses
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
-from agad.attacks.runner import (NORMS, barrier, bwhere, call_logits, count_trace, lp_norm,
-                                 normalize, nothing_left, run_steps)
+from agad.attacks.runner import (NORMS, barrier, batch_key, bwhere, call_logits, count_trace,
+                                 example_keys, fold_in_each, lp_norm, normal_each, normalize,
+                                 nothing_left, run_steps, split_each, uniform_each)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted", "ce-targeted")
 TARGETED_LOSSES = ("dlr-targeted", "ce-targeted")
@@ -148,18 +149,20 @@ def _correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def _init_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callable:
   value_and_grad = _value_and_grad_rule(loss, stochastic, eot_iter)
 
-  def init(logits_fn, x0, labels, targets, eps, first_window, key, x_init=None) -> APGDState:
-    start_key, grad_key, key = jax.random.split(key, 3)
+  def init(logits_fn, x0, labels, targets, eps, first_window, keys, x_init=None) -> APGDState:
+    # keys [B]: the start point of row b comes from keys[b] alone.
+    start_keys, grad_keys, rest_keys = split_each(example_keys(keys, x0.shape[0]), 3)
     eps_b = per_example(eps, x0)
     if x_init is not None:
       x = jnp.clip(x_init, 0.0, 1.0)
     else:
       if norm == "linf":
-        u = jax.random.uniform(start_key, x0.shape, x0.dtype, -1.0, 1.0)
+        u = uniform_each(start_keys, x0.shape[1:], -1.0, 1.0, x0.dtype)
       else:
-        u = jax.random.normal(start_key, x0.shape, x0.dtype)
+        u = normal_each(start_keys, x0.shape[1:], x0.dtype)
       x = jnp.clip(x0 + eps_b * normalize(u, norm), 0.0, 1.0)
-    value, logits, grad = value_and_grad(logits_fn, labels, targets, x, grad_key)
+    key = batch_key(rest_keys)  # randomised models only (EOT draws)
+    value, logits, grad = value_and_grad(logits_fn, labels, targets, x, batch_key(grad_keys))
     batch = x0.shape[0]
     return APGDState(
         x=x, x_prev=x, grad=grad, loss_prev=jnp.zeros((batch,), jnp.float32),
@@ -269,6 +272,9 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
   Restarts after the first attack only the examples still robust (their results replace
   the earlier ones only where they break the example or reach a higher loss).
   ``valid`` ``[B]`` marks padding rows (False) so they do not delay the early exit.
+  ``key`` is one PRNG key (row b then uses ``fold_in(key, b)``) or ``[B]`` per-example
+  keys (``agad.attacks.runner.example_keys``): an example's start points depend only on
+  its key, not on the batch.
   """
   images, labels, targets = _check_inputs(images, labels, norm, loss, targets)
   if steps < 1 or restarts < 1 or eot_iter < 1:
@@ -282,13 +288,14 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
   step = Partial(_step_rule(norm, loss, stochastic, eot_iter), logits_fn, images, labels,
                  targets, eps, jnp.float32(rho), jnp.int32(decrement), jnp.int32(minimum))
   done = lambda s: nothing_left(s.robust, valid)
+  keys = example_keys(key, images.shape[0])
 
   best = None
   for restart in range(restarts):
     if best is not None and nothing_left(best.robust, valid):
       break
     state = init(logits_fn, images, labels, targets, eps, first,
-                 jax.random.fold_in(key, restart), x_init if restart == 0 else None)
+                 fold_in_each(keys, restart), x_init if restart == 0 else None)
     if best is None:
       zero_grad = jnp.all(state.grad.reshape(state.grad.shape[0], -1) == 0, axis=-1)
     state = run_steps(step, state, steps, driver=driver, chunk=chunk, done=done)

@@ -14,10 +14,17 @@ pass, is misclassified, finite, inside the eps-ball (1e-6 slack for float roundi
 inside [0, 1]; its adversarial is then stored. Points never broken keep the clean image.
 
 The shrinking robust set is processed in batches of at most ``batch_size`` rows padded
-(with copies of a real row, masked out) to a bucket size: ``batch_size`` or a power of
-two below it (down to ``min_bucket``; ``agad.attacks.runner.padded_batches``). Every
-attack therefore compiles at most once per bucket size, and repeated evaluations reuse
-the compiled programs.
+(with copies of a real row, masked out) to a bucket size: ``batch_size`` or one of four
+sizes per power of two below it (down to ``min_bucket``; ``agad.attacks.runner``
+``bucket_sizes`` and ``padded_batches``). Every attack therefore compiles at most once
+per bucket size, and repeated evaluations reuse the compiled programs.
+
+Random numbers are per example: every attack of stage s, round r (APGD-T / FAB-T
+target) draws example i's randomness from ``fold_in(fold_in(fold_in(key, s), r), i)``
+with i the example's index in ``images``. On a deterministic model the same key gives
+the same per-example result whatever ``batch_size``, ``min_bucket`` or the number of
+images evaluated with it (bitwise on CPU, where XLA's per-row arithmetic does not
+depend on the batch size; randomised models draw their noise per batch).
 """
 
 from __future__ import annotations
@@ -54,6 +61,12 @@ _NORM_SLACK = 1e-6
 @functools.partial(jax.jit, static_argnums=(3,))
 def _predict(logits_fn, x, key, stochastic: bool):
   return call_logits(logits_fn, x, key, stochastic).astype(jnp.float32)
+
+
+@jax.jit
+def _index_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+  """``[B]`` keys ``fold_in(key, i)`` for the examples' indices ``[B]``."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
@@ -221,8 +234,11 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
         x = jnp.asarray(images[padded])
         y = jnp.asarray(labels[padded])
         valid_j = jnp.asarray(valid)
-        run_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, stage),
-                                                        round_index), start)
+        round_key = jax.random.fold_in(jax.random.fold_in(key, stage), round_index)
+        # Per-example keys from the example's index in the evaluated set: a result does
+        # not depend on the batch size, the bucket or the other examples of its batch.
+        run_key = _index_keys(round_key, jnp.asarray(padded))
+        batch_key = jax.random.fold_in(round_key, start)  # randomised models only
         targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
         if name.startswith("apgd"):
           result = apgd_attack(
@@ -245,7 +261,7 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
               p_init=settings["p_init"], restarts=settings["restarts"], stochastic=stochastic,
               valid=valid_j, driver=driver, chunk=square_chunk)
           candidate = result.adversarial
-        ok, pred = _verify(logits_fn, x, candidate, y, eps32, jax.random.fold_in(run_key, 1),
+        ok, pred = _verify(logits_fn, x, candidate, y, eps32, jax.random.fold_in(batch_key, 1),
                            stochastic, norm)
         ok = np.asarray(ok)[:len(real)]
         broken = real[ok]

@@ -30,14 +30,18 @@ from jax.tree_util import Partial
 
 from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example
-from agad.attacks.runner import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
-                                 nothing_left, run_steps)
+from agad.attacks.runner import (barrier, batch_key, bwhere, call_logits, count_trace,
+                                 example_keys, fold_in_each, lp_norm, normal_each, normalize,
+                                 nothing_left, run_steps, split_each, uniform_each)
 from agad.attacks.dlr import ranked_targets
 
 NORMS = ("linf", "l2")
 _NO_ADVERSARIAL = 1e10
 _BIG = 1e12        # the reference's stand-in for "never saturates" in projection_l2
 _TINY_WEIGHT = 1e-8
+# Bisection steps of the L-inf projection: the bracket of lam shrinks to 2^-32 of the
+# largest room, below float32 resolution, so it isolates the segment of F that holds lam.
+_LINF_BISECTION_STEPS = 32
 
 
 def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -50,8 +54,16 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
   Derivation: orient ``w`` so that ``c = w.t - b >= 0``. Moving coordinate i by at most
   lam against sign(w_i), within the box, lowers ``w.x`` by ``F(lam) = sum_i |w_i|
   min(lam, p_i)`` with ``p_i`` the room to the box face (``t_i`` or ``1 - t_i``). F is
-  piecewise linear and increasing; solve ``F(lam) = c`` on the segment between the
-  sorted room values where it crosses (``F(lam) = S_k lam + R_k``).
+  piecewise linear and increasing; on the segment between two room values that holds
+  the solution, ``F(lam) = S lam + R`` with ``S`` the weight of the coordinates with
+  room above the segment and ``R`` the saturated ``sum |w_i| p_i`` of the others, so
+  ``lam = (c - R) / S``.
+
+  The segment is found by bisecting ``F(lam) <= c`` on ``[0, max room]``
+  (``_LINF_BISECTION_STEPS`` O(D) passes) instead of sorting the room values as the
+  reference does: XLA:CPU's sort took 129 ms for 500 x 784 rows against 48 ms for
+  torch's argsort, and the bisection 3 ms. Same result up to float rounding (a
+  breakpoint within 2^-32 of lam changes lam by less than that).
   """
   t = t.astype(jnp.float32)
   w = w.astype(jnp.float32)
@@ -63,18 +75,20 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
   room = jnp.where(towards_one, 1.0 - t, t)
   abs_w = jnp.abs(w)
 
-  # Largest room first; a multi-operand sort avoids gathers (slow to compile on CPU).
-  _, room_sorted, weight_sorted = jax.lax.sort((-room, room, abs_w), dimension=1, num_keys=1)
-  slope = jnp.cumsum(weight_sorted, axis=-1)                 # S_k: coordinates still moving
-  total = jnp.sum(weight_sorted * room_sorted, axis=-1, keepdims=True)
-  saturated = total - jnp.cumsum(weight_sorted * room_sorted, axis=-1)  # R_k
-  f_at_breaks = slope * room_sorted + saturated              # F(room_sorted[k]), decreasing in k
+  weighted_room = abs_w * room
+  reachable = c < jnp.sum(weighted_room, axis=-1)            # c < F(max room)
 
-  reachable = c < f_at_breaks[:, 0]                          # c < F(max room)
-  segment = jnp.clip(jnp.sum(f_at_breaks > c[:, None], axis=-1) - 1, 0, t.shape[-1] - 1)
-  at_segment = jnp.arange(t.shape[-1])[None, :] == segment[:, None]
-  slope_k = jnp.sum(jnp.where(at_segment, slope, 0.0), axis=-1)
-  saturated_k = jnp.sum(jnp.where(at_segment, saturated, 0.0), axis=-1)
+  def bisect(_, bracket):  # invariant: F(lo) <= c (or lo = 0), F(hi) > c
+    lo, hi = bracket
+    mid = 0.5 * (lo + hi)
+    below = jnp.sum(abs_w * jnp.minimum(mid[:, None], room), axis=-1) <= c
+    return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, _LINF_BISECTION_STEPS, bisect,
+                            (jnp.zeros_like(c), jnp.max(room, axis=-1)))
+  moving = room > lo[:, None]                                # coordinates not yet saturated
+  slope_k = jnp.sum(jnp.where(moving, abs_w, 0.0), axis=-1)               # S
+  saturated_k = jnp.sum(jnp.where(moving, 0.0, weighted_room), axis=-1)   # R
   lam = jnp.maximum((c - saturated_k) / jnp.where(slope_k > 0, slope_k, 1.0), 0.0)
   lam = jnp.where(reachable, lam, jnp.inf)
   direction = jnp.where(towards_one, 1.0, -1.0)
@@ -241,6 +255,8 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   within eps (the verdict is then final; the returned point may be larger than the
   minimum-norm one). Restart ``r > 0`` starts at random on the sphere of radius eps/2
   (``x0 + eps/2 * u / ||u||``, u uniform in [-1, 1]^d for L-inf, normal for L2).
+  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.runner.example_keys``);
+  an example's random starts come from its key alone.
   """
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
@@ -263,18 +279,20 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   if stop_when_within_eps:
     done = lambda s: nothing_left(s.best_norm > eps_vec, valid)
 
+  keys = example_keys(key, images.shape[0])
+
   best, best_norm = images, jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32)
   for restart in range(restarts):
     if restart > 0 and nothing_left(best_norm > eps_vec, valid):
       break
-    run_key = jax.random.fold_in(key, restart)
-    start_key, run_key = jax.random.split(run_key)
+    start_keys, run_keys = split_each(fold_in_each(keys, restart))
+    run_key = batch_key(run_keys)  # randomised models only
     x = images
     if restart > 0:
       if norm == "linf":
-        u = jax.random.uniform(start_key, images.shape, jnp.float32, -1.0, 1.0)
+        u = uniform_each(start_keys, images.shape[1:], -1.0, 1.0)
       else:
-        u = jax.random.normal(start_key, images.shape, jnp.float32)
+        u = normal_each(start_keys, images.shape[1:])
       x = jnp.clip(images + 0.5 * eps_b * normalize(u, norm), 0.0, 1.0)
     state = FABState(x=x, best=images,
                      best_norm=jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32),

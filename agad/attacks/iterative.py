@@ -77,22 +77,47 @@ def project(x: jax.Array, x0: jax.Array, eps: jax.Array | float, norm: str = "li
 
 def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
              random_start: str = "uniform") -> PGDState:
-  """Starting point: x0, x0 + U(-eps, eps) (L2: uniform in the ball) or x0 + 0.001 N(0, 1)."""
-  start_key, key = jax.random.split(key)
+  """Starting point: x0, x0 + U(-eps, eps) (L2: uniform in the ball) or x0 + 0.001 N(0, 1).
+
+  ``key``: one PRNG key (the start is drawn for the whole batch at once, as the training
+  attack always has), or ``[B]`` per-example keys: row b's start then comes from
+  ``key[b]`` alone, so the result of an example does not depend on the batch size or on
+  its neighbours (pass ``fold_in(key, example index)``, see
+  ``agad.attacks.runner.example_keys``). ``state.key`` is one key either way.
+  """
+  if jnp.ndim(key) == 1:
+    if key.shape[0] != x0.shape[0]:
+      raise ValueError(f"per-example keys have shape {key.shape}, the batch is {x0.shape[0]}")
+    parts = jax.vmap(lambda k: jax.random.split(k, 3))(key)
+    start_keys, l2_keys = parts[:, 0], parts[:, 1]
+    direction_keys = start_keys
+    key = jax.random.fold_in(parts[0, 2], x0.shape[0])
+    each = lambda fn, keys, shape: jax.vmap(lambda k: fn(k, shape))(keys)
+    normal = lambda keys, shape: each(lambda k, s: jax.random.normal(k, s, x0.dtype), keys, shape)
+    uniform = lambda keys, shape, lo=0.0, hi=1.0: each(
+        lambda k, s: jax.random.uniform(k, s, x0.dtype, lo, hi), keys, shape)
+    sample_shape = x0.shape[1:]
+  else:
+    start_key, key = jax.random.split(key)
+    k1, k2 = jax.random.split(start_key)
+    start_keys, direction_keys, l2_keys = start_key, k1, k2
+    normal = lambda k, shape: jax.random.normal(k, (x0.shape[0],) + shape, x0.dtype)
+    uniform = lambda k, shape, lo=0.0, hi=1.0: jax.random.uniform(
+        k, (x0.shape[0],) + shape, x0.dtype, lo, hi)
+    sample_shape = x0.shape[1:]
   eps_b = per_example(eps, x0)
   if random_start == "none":
     x = x0
   elif random_start == "normal":
-    x = x0 + 0.001 * jax.random.normal(start_key, x0.shape, x0.dtype)
+    x = x0 + 0.001 * normal(start_keys, sample_shape)
   elif random_start == "uniform":
     if norm == "linf":
-      x = x0 + jax.random.uniform(start_key, x0.shape, x0.dtype, -1.0, 1.0) * eps_b
+      x = x0 + uniform(start_keys, sample_shape, -1.0, 1.0) * eps_b
     else:
-      k1, k2 = jax.random.split(start_key)
-      direction = jax.random.normal(k1, x0.shape, x0.dtype)
+      direction = normal(direction_keys, sample_shape)
       direction = direction / (_l2_norm(direction) + 1e-12)
       dim = x0[0].size
-      radius = jax.random.uniform(k2, (x0.shape[0],) + (1,) * (x0.ndim - 1)) ** (1.0 / dim)
+      radius = uniform(l2_keys, (1,) * (x0.ndim - 1)) ** (1.0 / dim)
       x = x0 + direction * radius * eps_b
   else:
     raise ValueError(f"random_start {random_start!r} is not one of {RANDOM_STARTS}")
@@ -274,7 +299,8 @@ def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
       repeated calls reuse compiled code.
     images: ``[B, H, W, C]`` float32 in [0, 1].
     labels: ``[B]`` int true labels (targets when ``targeted``).
-    key: PRNG key (random start and randomised models).
+    key: PRNG key (random start and randomised models), or ``[B]`` per-example keys:
+      each example's random start then depends on its key alone (see ``pgd_init``).
     eps, step_size: scalar or ``[B]`` in [0, 1] pixel units (L-inf) or L2 norm units.
     steps: number of gradient steps.
     norm: ``"linf"`` (sign steps) or ``"l2"`` (normalised gradient steps).
@@ -290,7 +316,9 @@ def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   """
   images, labels = _checked(images, labels)
   success = ("targeted" if targeted else "untargeted") if track_best else None
-  loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
+  batch_key = jax.random.fold_in(key[0], key.shape[0]) if jnp.ndim(key) == 1 else key
+  loss_fn = _classifier_loss(logits_fn, images, labels, batch_key, loss=loss,
+                             stochastic=stochastic,
                              kappa=kappa, label_smoothing=label_smoothing, success=success)
   return _run_pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
                   random_start=random_start, targeted=targeted, stochastic=stochastic,
@@ -354,7 +382,9 @@ def mim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   images, labels = _checked(images, labels)
   success = ("targeted" if targeted else "untargeted") if track_best else None
-  loss_fn = _classifier_loss(logits_fn, images, labels, key, loss=loss, stochastic=stochastic,
+  batch_key = jax.random.fold_in(key[0], key.shape[0]) if jnp.ndim(key) == 1 else key
+  loss_fn = _classifier_loss(logits_fn, images, labels, batch_key, loss=loss,
+                             stochastic=stochastic,
                              kappa=kappa, label_smoothing=0.0, success=success)
   eps = jnp.asarray(eps, jnp.float32)
   size = eps / steps if step_size is None else jnp.asarray(step_size, jnp.float32)

@@ -51,8 +51,9 @@ from jax.tree_util import Partial
 from agad.attacks import driver as driver_lib
 from agad.attacks import losses
 from agad.attacks.iterative import per_example
-from agad.attacks.runner import (barrier, bwhere, call_logits, count_trace, lp_norm, normalize,
-                                 nothing_left, run_steps)
+from agad.attacks.runner import (barrier, batch_key, bwhere, call_logits, count_trace,
+                                 example_keys, fold_in_each, lp_norm, normalize, nothing_left,
+                                 rademacher_each, run_steps, split_each, uniform_each)
 # meta_pseudo_gaussian_pert and square_p are re-exported (tests, launch/dev/parity_autoattack).
 from agad.attacks.square_patterns import (_l2_patterns, l2_start_tiles, meta_pseudo_gaussian_pert,
                                           square_p, square_sizes)
@@ -88,17 +89,19 @@ def _margin_and_loss_rule(loss: str, stochastic: bool) -> Callable:
 def _init_rule(loss: str, stochastic: bool, norm: str = "linf") -> Callable:
   margin_and_loss = _margin_and_loss_rule(loss, stochastic)
 
-  def init(logits_fn, x0, labels, eps, key) -> SquareState:
-    stripe_key, loss_key, key = jax.random.split(key, 3)
+  def init(logits_fn, x0, labels, eps, keys) -> SquareState:
+    # keys [B]: row b's start comes from keys[b] alone.
+    stripe_keys, loss_keys, rest_keys = split_each(example_keys(keys, x0.shape[0]), 3)
+    loss_key, key = batch_key(loss_keys), batch_key(rest_keys)  # randomised models only
     batch, height, width, channels = x0.shape
     if norm == "linf":
-      signs = jax.random.rademacher(stripe_key, (batch, 1, width, channels), jnp.float32)
+      signs = rademacher_each(stripe_keys, (1, width, channels))
       x = jnp.clip(x0 + per_example(eps, x0) * signs, 0.0, 1.0)
     else:
       tiles, plain, flipped = (jnp.asarray(a) for a in l2_start_tiles(height, width))
-      sign_key, flip_key = jax.random.split(stripe_key)
-      signs = jax.random.rademacher(sign_key, (batch, tiles.shape[0], channels), jnp.float32)
-      flip = jax.random.bernoulli(flip_key, 0.5, (batch, tiles.shape[0])).astype(jnp.float32)
+      sign_keys, flip_keys = split_each(stripe_keys)
+      signs = rademacher_each(sign_keys, (tiles.shape[0], channels))
+      flip = (uniform_each(flip_keys, (tiles.shape[0],)) < 0.5).astype(jnp.float32)
       delta = (jnp.einsum("thw,btc->bhwc", tiles * plain, signs * (1.0 - flip[..., None])) +
                jnp.einsum("thw,btc->bhwc", tiles * flipped, signs * flip[..., None]))
       x = jnp.clip(x0 + per_example(eps, x0) * normalize(delta, "l2"), 0.0, 1.0)
@@ -111,26 +114,26 @@ def _init_rule(loss: str, stochastic: bool, norm: str = "linf") -> Callable:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw(key: jax.Array, n_queries: int, batch: int, channels: int):
-  """All random choices of a run, drawn at once: unrolled random-number ops compile slowly.
+def _draw_each(keys: jax.Array, n_queries: int, n_uniforms: int, channels: int):
+  """All random choices of a run, drawn at once (unrolled random-number ops compile
+  slowly), row b from ``keys[b]`` alone.
 
-  Returns corner uniforms ``[n_queries, B, 2]`` float32 and channel signs
-  ``[n_queries, B, C]`` int8 (about ``n_queries * B * (8 + C)`` bytes).
+  Returns uniforms ``[n_queries, B, n_uniforms]`` float32 (L-inf: the corner, 2; L2: two
+  corners, then the pattern's transpose, taken when above 0.5, 5) and channel signs
+  ``[n_queries, B, C]`` int8 (about ``n_queries * B * (4 n_uniforms + C)`` bytes).
   """
-  corner_key, sign_key = jax.random.split(key)
-  uniforms = jax.random.uniform(corner_key, (n_queries, batch, 2), jnp.float32)
-  signs = jax.random.rademacher(sign_key, (n_queries, batch, channels), jnp.int8)
-  return uniforms, signs
+  corner_keys, sign_keys = split_each(keys)
+  uniforms = uniform_each(corner_keys, (n_queries, n_uniforms))
+  signs = rademacher_each(sign_keys, (n_queries, channels), jnp.int8)
+  return jnp.swapaxes(uniforms, 0, 1), jnp.swapaxes(signs, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_l2(key: jax.Array, n_queries: int, batch: int, channels: int):
-  """As ``_draw`` for L2: uniforms ``[n_queries, B, 5]`` (two corners, then the pattern's
-  transpose, taken when above 0.5) and channel signs ``[n_queries, B, C]`` int8."""
-  corner_key, sign_key = jax.random.split(key)
-  uniforms = jax.random.uniform(corner_key, (n_queries, batch, 5), jnp.float32)
-  signs = jax.random.rademacher(sign_key, (n_queries, batch, channels), jnp.int8)
-  return uniforms, signs
+def _draw(keys: jax.Array, n_queries: int, channels: int):
+  return _draw_each(keys, n_queries, 2, channels)
+
+
+def _draw_l2(keys: jax.Array, n_queries: int, channels: int):
+  return _draw_each(keys, n_queries, 5, channels)
 
 
 def _accept(state: SquareState, x_new, margin, value, key) -> SquareState:
@@ -246,7 +249,11 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
                   stochastic: bool = False, valid: jax.Array | None = None,
                   driver: str = "auto", chunk: int = 20,
                   check_every: int = 100) -> SquareResult:
-  """Square Attack with per-example results; stops once no valid example is left."""
+  """Square Attack with per-example results; stops once no valid example is left.
+
+  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.runner.example_keys``);
+  an example's start, squares and signs come from its key alone.
+  """
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   images = jnp.asarray(images, jnp.float32)
@@ -264,20 +271,21 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
   sizes = jnp.asarray(sizes)
   init = _init_rule(loss, stochastic, norm)
   done = lambda s: nothing_left(s.margin > 0.0, valid)
+  keys = example_keys(key, images.shape[0])
 
   best = None
   for restart in range(restarts):
     if best is not None and nothing_left(best.robust, valid):
       break
-    init_key, draw_key = jax.random.split(jax.random.fold_in(key, restart))
-    state = init(logits_fn, images, labels, eps, init_key)
+    init_keys, draw_keys = split_each(fold_in_each(keys, restart))
+    state = init(logits_fn, images, labels, eps, init_keys)
     if not done(state):
       if norm == "linf":
-        uniforms, signs = _draw(draw_key, n_queries, images.shape[0], images.shape[-1])
+        uniforms, signs = _draw(draw_keys, n_queries, images.shape[-1])
         step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes,
                        uniforms, signs)
       else:
-        uniforms, signs = _draw_l2(draw_key, n_queries, images.shape[0], images.shape[-1])
+        uniforms, signs = _draw_l2(draw_keys, n_queries, images.shape[-1])
         step = Partial(_step_rule_l2(loss, stochastic), logits_fn, images, labels, eps, sizes,
                        pattern_index, patterns, uniforms, signs)
       state = run_steps(step, state, n_queries, driver=driver, chunk=chunk, done=done,

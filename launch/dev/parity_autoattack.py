@@ -3,6 +3,9 @@
   bash launch/env_parity.sh      # once: .venv-parity with torch + pyautoattack (never agad deps)
   .venv-parity/bin/python -m launch.dev.parity_autoattack [--n=200] [--eps=0.1] [--masked]
       [--square_queries=5000] [--tolerance_pp=1.5] [--params_cache=PATH] [--output=JSON]
+  .venv-parity/bin/python -m launch.dev.parity_autoattack --timing --threads=1 [--repeats=2]
+      [--agad_root=TREE]   # per-attack wall times, side by side (see timing())
+  .venv-parity/bin/python -m launch.dev.aa_timing_compare --before=REV   # two revisions + ref
 
 The reference is ``pyautoattack==0.2.0`` (its attack files match fra31/auto-attack@a392200
 up to whitespace and imports) on torch 2.13 (CPU). The script
@@ -81,6 +84,19 @@ flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
 flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads (0: torch's default). One "
                      "thread: on a busy machine torch's OpenMP threads wait on each other "
                      "(measured 2.8x slower with 2 threads on 2 loaded cores).")
+flags.DEFINE_integer("threads", 0, "Thread count of BOTH frameworks (0: leave as set by "
+                     "--torch_threads and XLA's defaults): pins the process to the first N CPUs "
+                     "it may use (before JAX and torch start), torch.set_num_threads(N), and for "
+                     "N = 1 --xla_cpu_multi_thread_eigen=false. Use it with --timing.")
+flags.DEFINE_bool("timing", False, "Timing mode: no parity verdict; run each of --attacks alone "
+                  "--repeats times, the reference and agad alternately (ABBA order) on the same "
+                  "model and images, and print per-attack wall times (agad cold = first call, "
+                  "compilation included; warm = later calls), robust accuracies, per-example "
+                  "agreement and agad's recompiles after the first call.")
+flags.DEFINE_integer("repeats", 2, "--timing: runs per attack and implementation (>= 2 gives a "
+                     "warm agad time).")
+flags.DEFINE_string("agad_root", None, "Import agad from this source tree instead (e.g. an older "
+                    "revision unpacked by launch/dev/aa_timing_compare.py).")
 flags.DEFINE_string("params_cache", None, "Optional .npz: load the trained weights from it if "
                     "it was written with the same training flags, else train and write it.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
@@ -461,6 +477,101 @@ def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: flo
   return checks, raw
 
 
+# ------------------------------------------------------------------------------- timing
+
+
+def _limit_threads(n: int) -> None:
+  """Both frameworks on at most ``n`` CPUs: call before JAX or torch initialise.
+
+  Pins the process to the first ``n`` CPUs it may use (JAX sizes its CPU thread pool from
+  the affinity mask; torch gets ``set_num_threads(n)`` in ``main``); ``n = 1`` also turns
+  off XLA's multi-threaded Eigen kernels.
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  if n > len(cpus):
+    raise app.UsageError(f"--threads={n}: this process may use only {len(cpus)} CPUs {cpus}")
+  os.sched_setaffinity(0, cpus[:n])
+  if n == 1:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+
+
+def timing(model, logits_fn, x: np.ndarray, y: np.ndarray, common: dict[str, Any],
+           results: dict[str, Any], log: Callable[[str], None]) -> int:
+  """``--timing``: each attack alone, reference and agad alternately (ABBA), same inputs.
+
+  Per attack and implementation: wall times of every call, robust accuracy, per-example
+  agreement with the reference, and the steps agad traced (compiled) after its first call.
+  """
+  import torch
+  from agad.attacks import runner
+
+  results["timing"] = {"threads": {"torch": torch.get_num_threads(),
+                                   "affinity": sorted(os.sched_getaffinity(0)),
+                                   "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                       "attacks": {}}
+  log(f"timing: threads torch {torch.get_num_threads()}, CPU affinity "
+      f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+      f"repeats {FLAGS.repeats}, agad from {os.path.dirname(os.path.dirname(runner.__file__))}")
+  rows = []
+  for name in [a for a in ATTACK_ORDER if a in FLAGS.attacks]:
+    ref_times, agad_times, ref_robust, agad_robust, retraced = [], [], [], [], 0
+    for rep in range(max(1, FLAGS.repeats)):
+      order = ("ref", "agad") if rep % 2 == 0 else ("agad", "ref")
+      for who in order:
+        if who == "ref":
+          out = run_reference(model, x, y, attacks=[name], **common)
+          ref_times.append(out["time"])
+          ref_robust.append(out["robust"])
+        else:
+          before = dict(runner.TRACE_COUNTS)
+          out = run_agad(logits_fn, x, y, attacks=[name], **common)
+          if agad_times:
+            retraced += sum(v - before.get(k, 0) for k, v in runner.TRACE_COUNTS.items())
+          agad_times.append(out["time"])
+          agad_robust.append(out["robust"])
+        log(f"  {name} {who} run: {out['time']:.1f} s, robust {out['robust'].mean():.2%}")
+    ref_s = float(np.median(ref_times))
+    warm = agad_times[1:] or agad_times
+    row = dict(name=name, ref=float(ref_robust[0].mean()), agad=float(agad_robust[0].mean()),
+               agree=float(np.mean(ref_robust[0] == agad_robust[0])), ref_s=ref_s,
+               agad_cold_s=agad_times[0], agad_warm_s=float(np.median(warm)),
+               ref_times=ref_times, agad_times=agad_times, retraced_after_first=retraced,
+               agad_deterministic=all(np.array_equal(r, agad_robust[0]) for r in agad_robust))
+    rows.append(row)
+    results["timing"]["attacks"][name] = row
+  log("")
+  log(f"=== timing: N={len(x)}, eps={FLAGS.eps}, square_queries={FLAGS.square_queries}, "
+      f"batch {FLAGS.batch_size}, threads {FLAGS.threads or 'default'} ===")
+  header = (f"{'attack':<8} {'ref RA':>7} {'agad RA':>7} {'agree':>6} {'ref s':>7} "
+            f"{'agad cold':>9} {'agad warm':>9} {'warm/ref':>8} {'retraced':>8}")
+  log(header)
+  log("-" * len(header))
+  for r in rows:
+    log(f"{r['name']:<8} {100 * r['ref']:6.2f}% {100 * r['agad']:6.2f}% {100 * r['agree']:5.1f}% "
+        f"{r['ref_s']:7.1f} {r['agad_cold_s']:9.1f} {r['agad_warm_s']:9.1f} "
+        f"{r['agad_warm_s'] / max(r['ref_s'], 1e-9):8.2f} {r['retraced_after_first']:8d}")
+  if FLAGS.output:
+    _write_json(results, FLAGS.output)
+    log(f"wrote {FLAGS.output}")
+  return 0
+
+
+def _write_json(results: dict[str, Any], path: str) -> None:
+  def plain(value):
+    if isinstance(value, np.ndarray):
+      return value.tolist()
+    if isinstance(value, dict):
+      return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+      return value.item()
+    return value
+  with open(path, "w") as f:
+    json.dump(plain(results), f, indent=1)
+
+
 # ------------------------------------------------------------------------------- report
 
 
@@ -486,6 +597,11 @@ def _table(rows: list[dict[str, Any]], first: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.agad_root:
+    import sys
+    sys.path.insert(0, os.path.abspath(FLAGS.agad_root))
+  if FLAGS.threads:
+    _limit_threads(FLAGS.threads)
   import jax
   import jax.numpy as jnp
   from jax.tree_util import Partial
@@ -494,8 +610,8 @@ def main(argv):
   from agad.data.sources import load_dataset
 
   log = lambda msg: print(msg, flush=True)
-  if FLAGS.torch_threads:
-    torch.set_num_threads(FLAGS.torch_threads)
+  if FLAGS.threads or FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.threads or FLAGS.torch_threads)
   unknown = [a for a in FLAGS.attacks if a not in ATTACK_ORDER]
   if unknown:
     raise app.UsageError(f"--attacks: unknown {unknown}; choose from {ATTACK_ORDER}")
@@ -545,6 +661,9 @@ def main(argv):
   results: dict[str, Any] = {"flags": {k: FLAGS[k].value for k in (
       "n", "eps", "square_queries", "masked", "levels", "seed", "train_steps", "batch_size")},
       "clean_accuracy": clean, "logit_max_abs_diff": worst, "individual": {}}
+
+  if FLAGS.timing:
+    return timing(model, logits_fn, x, y, common, results, log)
 
   component_failures = []
   if FLAGS.components:
@@ -615,18 +734,7 @@ def main(argv):
     log(f"FAIL: component checks {component_failures} disagree with the reference")
     status = 1
   if FLAGS.output:
-    def plain(value):
-      if isinstance(value, np.ndarray):
-        return value.tolist()
-      if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-      if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-      if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return value.item()
-      return value
-    with open(FLAGS.output, "w") as f:
-      json.dump(plain(results), f, indent=1)
+    _write_json(results, FLAGS.output)
     log(f"wrote {FLAGS.output}")
   return status
 
