@@ -7,7 +7,9 @@
 # 2: PGD-family rows keep the best (misclassified) iterate (track_best); AutoAttack flags.
 # 3: per-example keys in APGD / FAB / Square / AutoAttack (fold_in of the example index);
 #    FAB's L-inf projection by bisection (equal up to float rounding); finer buckets.
-ATTACK_CODE_VERSION = 3
+# 4: the evaluation suite's PGD / C&W / FGSM / adaptive / transfer rows draw per-example keys
+#    (fold_in of the seed and restart key with the example's index).
+ATTACK_CODE_VERSION = 4
 
 from agad.attacks.driver import DRIVERS, iterate, resolve_driver
 from agad.attacks.losses import cross_entropy, kl_divergence, margin

@@ -60,6 +60,17 @@ class AttackSpec:
     return dict(self.settings)
 
 
+# Attack kinds whose randomness is drawn per example from ``fold_in(key, example index)``,
+# so a row's verdicts do not depend on the batch size, the chunk size or the device count.
+PER_EXAMPLE_KEY_KINDS = ("pgd", "cw", "fgsm", "adaptive", "transfer")
+_PADDING_INDEX = 2**31 - 2**20
+
+
+@jax.jit
+def _example_keys(key, index):
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index.astype(jnp.uint32))
+
+
 def cache_key(model_hash: str, spec: AttackSpec, indices: np.ndarray, seed: int, *,
               fingerprint: str = "", dtype: str = "float32", stochastic: bool = False,
               version: int = ATTACK_CODE_VERSION) -> str:
@@ -164,17 +175,26 @@ class Suite:
     batches = data_lib.eval_batches(self.source, batch_size=self.batch_size,
                                     multiple_of=self.mesh.devices.size, indices=chunk_indices,
                                     full_batches=True)
+    per_example = spec.kind in PER_EXAMPLE_KEY_KINDS and not self.stochastic
+    offset = 0
     for b, batch in enumerate(batches):
       mask = batch.pop("mask").astype(bool)
       x = data_lib.shard_batch(batch["image"], self.data_sharding)
       y = data_lib.shard_batch(batch["label"], self.data_sharding)
       labels = batch["label"]
+      # The evaluated examples' own indices (padding rows get indices no example has).
+      index = np.arange(len(mask), dtype=np.int64) + _PADDING_INDEX
+      index[mask] = np.asarray(chunk_indices)[offset:offset + int(mask.sum())]
+      offset += int(mask.sum())
       bkey = jax.random.fold_in(key, b)
       robust = self._predict(x, jax.random.fold_in(bkey, 1_000_003)) == labels
       best = np.array(batch["image"])
       for r in range(restarts if runner else 0):
         rkey = jax.random.fold_in(bkey, r)
-        adv = runner(x, y, rkey)
+        # fold_in(seed/restart key, example index): batch-, chunk- and device-independent.
+        attack_key = (_example_keys(jax.random.fold_in(jax.random.key(self.seed), r), index)
+                      if per_example else rkey)
+        adv = runner(x, y, attack_key)
         ok = self._predict(adv, jax.random.fold_in(rkey, 1)) == labels
         newly = robust & ~ok
         best[newly] = np.asarray(adv)[newly]
