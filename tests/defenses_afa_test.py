@@ -1,4 +1,4 @@
-"""AFA (agad/defenses/afa.py, afa_norm.py): branch routing, the stacked ladder attack,
+"""AFA (agad/defenses/afa.py, _afa_norm.py): branch routing, the stacked ladder attack,
 stage II's freezing and fusion, the deployed model, the adaptive losses, the two commands."""
 
 import functools
@@ -14,8 +14,8 @@ from flax import traverse_util
 import agad
 from agad import data as data_lib
 from agad import defenses
-from agad.defenses import afa, afa_analysis
-from agad.defenses.afa_norm import AFANorm, kept_branches, per_example_mean, sown
+from agad.defenses import afa, _afa_analysis
+from agad.defenses._afa_norm import AFANorm, kept_branches, per_example_mean, sown
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.training import loop
@@ -312,7 +312,7 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
                          norm_ctx={"branch": 0}).logits
   assert float(jnp.max(jnp.abs(branch0 - out.logits))) > 0  # the fusion is what runs
   assert len(loaded.objective().adaptive_loss(loaded.model, loaded.variables)) == 7
-  fig6 = afa_analysis.fusion_weight_vs_eps(loaded.model, loaded.variables, x, jnp.arange(5), jax.random.key(4),
+  fig6 = _afa_analysis.fusion_weight_vs_eps(loaded.model, loaded.variables, x, jnp.arange(5), jax.random.key(4),
                                   eps_values=(0.0, 0.05, 0.1), steps=2)
   assert fig6["w1"].shape == (3, 5) and np.all((fig6["w1"] > 0) & (fig6["w1"] < 1))
   np.testing.assert_allclose(fig6["w1"][0], 1.0 - np.asarray(w0))
@@ -321,8 +321,8 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
 
 def test_spearman_hand_values():
   # Ties share their average rank: (1, 1, 2) -> ranks (1.5, 1.5, 3).
-  np.testing.assert_array_equal(afa_analysis.average_ranks(np.array([1.0, 1.0, 2.0])), [1.5, 1.5, 3.0])
-  assert afa_analysis.spearman([0, 1, 2, 3], [10, 20, 25, 100]) == pytest.approx(1.0)
-  assert afa_analysis.spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  np.testing.assert_array_equal(_afa_analysis.average_ranks(np.array([1.0, 1.0, 2.0])), [1.5, 1.5, 3.0])
+  assert _afa_analysis.spearman([0, 1, 2, 3], [10, 20, 25, 100]) == pytest.approx(1.0)
+  assert _afa_analysis.spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
   # x = (1, 2, 3), y = (1, 3, 2): d = (0, -1, 1), rho = 1 - 6 * 2 / (3 * 8) = 0.5.
-  assert afa_analysis.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+  assert _afa_analysis.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)

@@ -100,7 +100,7 @@ def test_unknown_names_fail_with_the_names_that_exist():
   with pytest.raises(ValueError, match="'mart' in 'trades\\+mart' cannot follow"):
     defenses.parse("trades+mart")
   # Infrastructure modules are not components.
-  for name in ("base", "defaults", "teacher", "_registry"):
+  for name in ("base", "defaults", "_teacher", "_registry"):
     with pytest.raises(ValueError):
       defenses.find(name)
   n = defenses.names()

@@ -12,7 +12,7 @@ import pytest
 
 import agad
 from agad import checkpoint, defenses
-from agad.defenses import teacher as teacher_lib
+from agad.defenses import _teacher as teacher_lib
 from agad.training import loop
 from tests.helpers import tiny_config
 
@@ -21,7 +21,7 @@ TOY_KD = textwrap.dedent('''
     import jax.numpy as jnp
     import ml_collections
 
-    from agad.defenses.teacher import TeacherSlot
+    from agad.defenses._teacher import TeacherSlot
     from agad.objectives import base, defaults
     from agad.objectives.pgd_at import pgd_at
 

@@ -32,7 +32,7 @@ statistics, no cross-example coupling). Branch k's chunk starts from
 branch's B examples, so each example updates only its strength's running statistics.
 
 Stage II (Sec. 4.2-4.3, Fig. 4b). :func:`stage2_norm` replaces every BN by
-:class:`~agad.defenses.afa_norm.AFANorm`: BN_0 and BN_{K-1} kept (same variable names as
+:class:`~agad.defenses._afa_norm.AFANorm`: BN_0 and BN_{K-1} kept (same variable names as
 stage I, so ``init.workdir=<stage-I run>`` copies them by identity; the middle branches
 are dropped), fused by a weight generator per BN layer (Eqs. 1-2):
 ``x_hat = W0 BN_0(x) + (1 - W0) BN_{K-1}(x)``, ``W0 = sigmoid(WG(x))`` sown as
@@ -87,7 +87,7 @@ import numpy as np
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative as pgd_lib
 from agad.attacks import losses as attack_losses
-from agad.defenses.afa_norm import LOGIT_NAME, W0_NAME, AFANorm, kept_branches, per_example_mean, sown
+from agad.defenses._afa_norm import LOGIT_NAME, W0_NAME, AFANorm, kept_branches, per_example_mean, sown
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.objectives.mart import mart_loss
@@ -378,4 +378,6 @@ def spec_head(arg: str | None) -> str:
   return parts[1].split("+")[0].strip() if len(parts) > 1 else ""
 
 
-objective = afa_stage1
+def objective(model, config) -> base.Objective:
+  """The standalone ``afa`` objective of the config grammar (the defense contract)."""
+  return afa_stage1(model, config)

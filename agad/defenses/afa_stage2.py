@@ -17,7 +17,15 @@ DEFAULTS.freeze_stats = True  # kept branches use running statistics, never upda
 DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: config.attack.
 DEFAULTS.adaptive_ratios = "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
 
-from agad.defenses.afa import afa_stage2 as objective  # noqa: E402  (afa reads DEFAULTS lazily)
-from agad.defenses.afa import stage2_norm as norm  # noqa: E402
 
-__all__ = ["DEFAULTS", "objective", "norm"]
+
+def objective(model, config):
+  """``MODEL,afa_stage2``: :func:`agad.defenses.afa.afa_stage2` (which reads DEFAULTS lazily)."""
+  from agad.defenses import afa
+  return afa.afa_stage2(model, config)
+
+
+def norm(config):
+  """The deployed fusion norm of stage II: :func:`agad.defenses.afa.stage2_norm`."""
+  from agad.defenses import afa
+  return afa.stage2_norm(config)

@@ -361,4 +361,6 @@ def _adaptive(weight: float):
   return adaptive_loss
 
 
-objective = again
+def objective(model, config) -> base.Objective:
+  """The standalone ``again`` objective of the config grammar (the defense contract)."""
+  return again(model, config)

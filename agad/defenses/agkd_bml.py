@@ -61,7 +61,7 @@ import ml_collections
 
 from agad.attacks import losses as attack_losses
 from agad.data import ClassBank, sample_by_class
-from agad.defenses.teacher import TeacherSlot, check_compatible
+from agad.defenses._teacher import TeacherSlot, check_compatible
 from agad.objectives import base, defaults
 
 NAME = "agkd_bml"
@@ -195,7 +195,7 @@ def _config(config) -> ml_collections.ConfigDict:
 
 
 def check_teacher(teacher_cfg, config) -> None:
-  """:func:`agad.defenses.teacher.check_compatible` for AGKD-BML's teacher field."""
+  """:func:`agad.defenses._teacher.check_compatible` for AGKD-BML's teacher field."""
   check_compatible(teacher_cfg, config, defense="AGKD-BML", field=f"config.objective.{NAME}.teacher.workdir")
 
 
@@ -294,4 +294,6 @@ def _adaptive(net, variables):
   return {"mc": towards_mc}
 
 
-objective = agkd_bml
+def objective(model, config) -> base.Objective:
+  """The standalone ``agkd_bml`` objective of the config grammar (the defense contract)."""
+  return agkd_bml(model, config)

@@ -102,7 +102,7 @@ import ml_collections
 
 from agad.attention import functional as maps_lib
 from agad.attention import model as attention_model
-from agad.defenses.teacher import TeacherSlot, check_compatible
+from agad.defenses._teacher import TeacherSlot, check_compatible
 from agad.objectives import base, defaults
 
 NAME = "atat"
@@ -283,7 +283,7 @@ def _config(config) -> ml_collections.ConfigDict:
 
 
 def check_teacher(teacher_cfg, config) -> None:
-  """:func:`agad.defenses.teacher.check_compatible` (dataset, classes, image shape, model,
+  """:func:`agad.defenses._teacher.check_compatible` (dataset, classes, image shape, model,
   input normalisation) for ATAT's teacher field."""
   check_compatible(teacher_cfg, config, defense="ATAT", field=f"config.objective.{NAME}.teacher.workdir")
 
@@ -379,4 +379,6 @@ def atat(model, config) -> base.Objective:
                         adaptive_loss=None, frozen=_frozen_fn(cfg, config, slot))
 
 
-objective = atat
+def objective(model, config) -> base.Objective:
+  """The standalone ``atat`` objective of the config grammar (the defense contract)."""
+  return atat(model, config)

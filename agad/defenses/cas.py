@@ -205,4 +205,6 @@ def _adaptive(weight: float):
   return adaptive_loss
 
 
-objective = cas
+def objective(model, config) -> base.Objective:
+  """The standalone ``cas`` objective of the config grammar (the defense contract)."""
+  return cas(model, config)

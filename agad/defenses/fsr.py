@@ -339,4 +339,6 @@ def fsr(model, config) -> base.Objective:
   return transform(inner, model, config)._replace(name="fsr")
 
 
-objective = fsr
+def objective(model, config) -> base.Objective:
+  """The standalone ``fsr`` objective of the config grammar (the defense contract)."""
+  return fsr(model, config)
