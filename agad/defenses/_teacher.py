@@ -78,6 +78,31 @@ def check_compatible(teacher_cfg, config, *, defense: str, field: str) -> None:
                        f"the teacher with the student's normalisation and point {field} to it)")
 
 
+def teacher_config(workdir: str, config, *, defense: str, field: str, empty_hint: str, start_note: str):
+  """The teacher run's saved config, checked before any weight is read: the field is set,
+  the workdir is an agad run, the run fits the student (:func:`check_compatible`); a
+  warning when the student does not start from its teacher (``init.workdir``).
+
+  ``empty_hint`` completes "``<defense>`` needs ..." when the field is empty;
+  ``start_note`` says where the paper/code starts the student from its teacher.
+  """
+  import logging
+  import os
+
+  from agad import api
+  if not workdir:
+    raise ValueError(f"{field} is empty: {defense} needs {empty_hint}")
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(f"{field} = {workdir!r} holds no config.json: point it to an agad training workdir")
+  teacher_cfg = api.load_config(workdir)
+  check_compatible(teacher_cfg, config, defense=defense, field=field)
+  init = os.path.abspath(config.init.workdir) if config.init.workdir else ""
+  if init != os.path.abspath(workdir):
+    logging.warning("%s: init.workdir=%r is not the teacher %r; %s: add --config.init.workdir=%s",
+                    defense, config.init.workdir, workdir, start_note, workdir)
+  return teacher_cfg
+
+
 class TeacherSlot:
   """A teacher loaded lazily by the trainer (``frozen``), then applied inside the step."""
 

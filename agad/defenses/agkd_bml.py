@@ -52,7 +52,6 @@ untruncated; the scale-invariant margin attacks are C&W and AutoAttack's DLR).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -61,7 +60,7 @@ import ml_collections
 
 from agad.attacks import losses as attack_losses
 from agad.data import ClassBank, sample_by_class
-from agad.defenses._teacher import TeacherSlot, check_compatible
+from agad.defenses._teacher import TeacherSlot, teacher_config
 from agad.objectives import base, defaults
 
 NAME = "agkd_bml"
@@ -194,34 +193,21 @@ def _config(config) -> ml_collections.ConfigDict:
   return cfg
 
 
-def check_teacher(teacher_cfg, config) -> None:
-  """:func:`agad.defenses._teacher.check_compatible` for AGKD-BML's teacher field."""
-  check_compatible(teacher_cfg, config, defense="AGKD-BML", field=f"config.objective.{NAME}.teacher.workdir")
-
-
 def _frozen_fn(cfg, config, slot: TeacherSlot):
   """``frozen(splits) -> ({"teacher": variables, "bank": ClassBank}, record)``."""
 
   def frozen(splits):
-    from agad import api
-    field = f"config.objective.{NAME}.teacher.workdir"
     workdir = cfg.teacher.workdir
-    if not workdir:
-      raise ValueError(f"{field} is empty: AGKD-BML needs a finished natural run (e.g. launch.train "
-                       "...:MODEL,standard --config.objective.standard.label_smoothing=0.5 "
-                       "--config.objective.standard.smoothing=others)")
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      raise FileNotFoundError(f"{field} = {workdir!r} holds no config.json: point it to an agad training workdir")
-    teacher_cfg = api.load_config(workdir)
-    check_teacher(teacher_cfg, config)
+    teacher_cfg = teacher_config(
+        workdir, config, defense="AGKD-BML", field=f"config.objective.{NAME}.teacher.workdir",
+        empty_hint=("a finished natural run (e.g. launch.train ...:MODEL,standard "
+                    "--config.objective.standard.label_smoothing=0.5 "
+                    "--config.objective.standard.smoothing=others)"),
+        start_note="the code starts the student from its teacher (--nat_init)")
     std = teacher_cfg.get("objective", {}).get("standard", {})
     if teacher_cfg.objective.name != "standard" or float(std.get("label_smoothing", 0.0)) != 0.5:
       logging.warning("AGKD-BML teacher %s is %r with label smoothing %s (the code's: standard, 0.5 over "
                       "the others)", workdir, teacher_cfg.objective.name, std.get("label_smoothing"))
-    init = os.path.abspath(config.init.workdir) if config.init.workdir else ""
-    if init != os.path.abspath(workdir):
-      logging.warning("AGKD-BML: init.workdir=%r is not the teacher %r; the code starts the student from "
-                      "its teacher (--nat_init)", config.init.workdir, workdir)
     tree, record = slot.frozen(splits)
     bank = ClassBank.from_source(splits.train, splits.info.num_classes, augment=splits.info.augment)
     return {**tree, "bank": bank}, {**record, "bank": {"examples": int(bank.num_examples)}}

@@ -92,7 +92,6 @@ masking), so ATAT runs must be evaluated with ``table_aa``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,7 +101,7 @@ import ml_collections
 
 from agad.attention import functional as maps_lib
 from agad.attention import model as attention_model
-from agad.defenses._teacher import TeacherSlot, check_compatible
+from agad.defenses._teacher import TeacherSlot, teacher_config
 from agad.objectives import base, defaults
 
 NAME = "atat"
@@ -282,37 +281,23 @@ def _config(config) -> ml_collections.ConfigDict:
   return cfg
 
 
-def check_teacher(teacher_cfg, config) -> None:
-  """:func:`agad.defenses._teacher.check_compatible` (dataset, classes, image shape, model,
-  input normalisation) for ATAT's teacher field."""
-  check_compatible(teacher_cfg, config, defense="ATAT", field=f"config.objective.{NAME}.teacher.workdir")
-
-
 def _frozen_fn(cfg, config, slot: TeacherSlot):
   """``frozen(splits) -> ({"teacher": variables}, {"teacher": {workdir, step, params_hash}})``."""
 
   def frozen(splits):
-    from agad import api
-    field = f"config.objective.{NAME}.teacher.workdir"
     workdir = cfg.teacher.workdir
-    if not workdir:
-      raise ValueError(f"{field} is empty: ATAT needs a finished natural run of the student's dataset "
-                       "and model (e.g. launch.train --config=...:MODEL,standard), then "
-                       f"--{field[len('config.'):]}=THAT_WORKDIR --config.init.workdir=THAT_WORKDIR")
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      raise FileNotFoundError(f"{field} = {workdir!r} holds no config.json: point it to an agad training workdir")
-    teacher_cfg = api.load_config(workdir)
-    check_teacher(teacher_cfg, config)
+    field = f"config.objective.{NAME}.teacher.workdir"
+    teacher_cfg = teacher_config(
+        workdir, config, defense="ATAT", field=field,
+        empty_hint=("a finished natural run of the student's dataset and model (e.g. launch.train "
+                    f"--config=...:MODEL,standard), then --{field[len('config.'):]}=THAT_WORKDIR "
+                    "--config.init.workdir=THAT_WORKDIR"),
+        start_note="the paper starts the student from its teacher (Sec. 3.2)")
     std = teacher_cfg.get("objective", {}).get("standard", {})
     if teacher_cfg.objective.name != "standard" or float(std.get("label_smoothing", 0.0)) != 0.0:
       logging.warning("ATAT teacher %s is %r with label smoothing %s; the paper's and the code's teacher "
                       "is naturally trained (standard, no smoothing)", workdir, teacher_cfg.objective.name,
                       std.get("label_smoothing"))
-    init = os.path.abspath(config.init.workdir) if config.init.workdir else ""
-    if init != os.path.abspath(workdir):
-      logging.warning("ATAT: init.workdir=%r is not the teacher %r; the paper starts the student from its "
-                      "teacher (Sec. 3.2): add --config.init.workdir=%s", config.init.workdir, workdir,
-                      workdir)
     return slot.frozen(splits)
 
   return frozen
