@@ -6,7 +6,9 @@
 Eval-mode BatchNorm, fp32, the checkpoint chosen on the validation split. Presets:
 ``pgd`` clean + PGD-k (``config.eval``); ``full`` FGSM, PGD-k/100, restarts, C&W-inf,
 the objective's adaptive attack, transfer (with --surrogate), AutoAttack, eps and steps
-sweeps and the gradient-masking checks; ``autoattack`` clean + AutoAttack. Per-example
+sweeps and the gradient-masking checks; ``autoattack`` clean + AutoAttack; ``ladder``
+``table_aa`` + FGSM + PGD-k at every ``eval.ladder`` strength, and the objective's analysis
+against eps (AFA stage II: the fusion weight, plot ``fusion_weight_vs_eps.png``). Per-example
 results are cached under DIR/eval/cache, so re-running adds attacks without redoing
 old ones and an interrupted long run resumes chunk by chunk.
 """
@@ -23,7 +25,7 @@ config_flags.DEFINE_config_file("config", None, "Config whose eval.* fields set 
                                 "(default: the workdir's saved config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
 flags.DEFINE_string("step", "best", "best (by the validation metric: robust accuracy; clean for standard training) | latest | a step number.")
-flags.DEFINE_string("preset", None, "pgd | table | table_aa | full | autoattack (default: config.eval.preset).")
+flags.DEFINE_string("preset", None, "pgd | table | table_aa | full | autoattack | ladder (default: config.eval.preset).")
 flags.DEFINE_integer("num_examples", None, "Evaluate the first N test images (default: config.eval.num_examples).")
 flags.DEFINE_string("surrogate", None, "Workdir of a surrogate model for the transfer attack.")
 flags.DEFINE_string("output", None, "Report directory (default: WORKDIR/eval).")

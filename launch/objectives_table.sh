@@ -13,7 +13,10 @@ for obj in ${OBJECTIVES:-standard pgd_at trades mart alp iat trades+awp cas}; do
   extra=()
   # MART collapses to a constant output at lr 0.05 on the BN-free SmallCNN (WORKSPACE.md);
   # it trains at the official MART lr of 0.01.
-  if [[ "$obj" == mart ]]; then extra=(--config.optim.lr=0.01); dir="$RUNS/mart_lr0.01"; fi
+  # MART and its compositions (mart+fsr, mart+again) train at the same lr.
+  if [[ "$obj" == mart || "$obj" == mart+* ]]; then
+    extra=(--config.optim.lr=0.01); dir="${dir}_lr0.01"
+  fi
   start=$(date +%s)
   "$PYTHON" -m launch.train --config="configs/fashion_mnist.py:smallcnn,$obj" --workdir="$dir" \
       --config.num_epochs="${EPOCHS:-2}" --config.data.max_train="${MAX_TRAIN:-20000}" \

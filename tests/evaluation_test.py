@@ -434,3 +434,48 @@ def test_pgd_rows_do_not_depend_on_batch_chunk_or_device_count():
     assert acc == acc0
     np.testing.assert_array_equal(r, r0)
     np.testing.assert_array_equal(a, a0)
+
+
+def test_ladder_preset_and_validation():
+  from configs import fashion_mnist
+  from agad.evaluation.defaults import merged_eval_config
+  cfg = fashion_mnist.get_config("").eval
+  specs = build_specs(cfg, preset="ladder", adaptive=True)
+  names = [s.name for s in specs]
+  # table_aa's rows (same cache keys) plus FGSM and PGD-20 at every rung below eps.
+  for s in build_specs(cfg, preset="table_aa", adaptive=True):
+    assert s in specs, s.name
+  rungs = {s.name: s for s in specs if s.name.startswith("pgd-20@")}
+  assert sorted(rungs) == ["pgd-20@eps=0.0125", "pgd-20@eps=0.025", "pgd-20@eps=0.05"]
+  for s in rungs.values():  # step / eps held at the eval config's ratio
+    assert s.kw["step_size"] == pytest.approx(cfg.step_size * s.kw["eps"] / cfg.eps)
+  assert "fgsm" in names
+  for bad in ((0.5, 0.25, 1.0), (0.5,), (0.0, 1.0), (0.5, 1.5)):
+    with pytest.raises(ValueError, match=r"eval.ladder=.*increasing factors"):
+      merged_eval_config(None, {"ladder": bad})
+
+
+def test_run_analysis_summarises_plots_and_reports(tmp_path):
+  from agad.evaluation.runner import run_analysis
+  source, _ = _templates_source(n=10, seed=3)
+  seen = []
+
+  def fn(images, labels, key, eps_values):  # y = eps + the image mean: rises with eps
+    seen.append(len(labels))
+    m = images.reshape(len(labels), -1).mean(1)
+    return {"name": "toy", "xlabel": "eps", "ylabel": "y", "x": np.asarray(eps_values),
+            "y": np.asarray(eps_values)[:, None] + m[None, :] * 1e-3, "summary": {}}
+
+  out = run_analysis(fn, source, list(range(7)), eps_values=(0.0, 0.1, 0.2), batch_size=3, seed=0)
+  assert seen == [3, 3, 1] and out["n"] == 7
+  images = source.images[:7].astype(np.float32) / 255
+  means = images.reshape(7, -1).mean(1) * 1e-3
+  np.testing.assert_allclose(out["y_mean"], np.array([0.0, 0.1, 0.2]) + means.mean(), rtol=1e-6)
+  np.testing.assert_allclose(out["y_stderr"], [means.std(ddof=1) / np.sqrt(7)] * 3, rtol=1e-5)
+  assert out["summary"]["spearman_x_y"] > 0.8
+  report = {"n": 7, "eps": 0.2, "norm": "linf", "warnings": [], "records": [],
+            "worst_case": {"attack": "worst-case", "accuracy": 0.0, "stderr": 0.0, "n": 7},
+            "analysis": out}
+  text = markdown(report)
+  assert "**toy** (y) against eps, n = 7" in text and "| 0.1 |" in text
+  assert [p.endswith("toy_vs_eps.png") for p in plots(report, str(tmp_path))] == [True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import scipy.stats
 
 from agad.attacks import iterative as pgd_lib
 from agad.defenses.afa import w0_per_example
@@ -13,22 +14,15 @@ from agad.objectives import base
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
   """Ranks 1..n of a 1-D array, ties sharing their average rank (Spearman's convention)."""
-  values = np.asarray(values, np.float64)
-  order = np.argsort(values, kind="stable")
-  ranks = np.empty(len(values), np.float64)
-  ranks[order] = np.arange(1, len(values) + 1)
-  for v in np.unique(values):
-    tie = values == v
-    ranks[tie] = ranks[tie].mean()
-  return ranks
+  return scipy.stats.rankdata(np.asarray(values, np.float64), method="average")
 
 
 def spearman(a, b) -> float:
-  """Spearman rank correlation: Pearson's r of the average ranks (NaN if one is constant)."""
-  ra, rb = average_ranks(a), average_ranks(b)
-  ra, rb = ra - ra.mean(), rb - rb.mean()
-  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
+  """Spearman rank correlation (NaN if one side is constant)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if np.all(a == a.flat[0]) or np.all(b == b.flat[0]):
+    return float("nan")
+  return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, steps: int = 20,
@@ -54,5 +48,17 @@ def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, s
     w1.append(1.0 - np.asarray(w0_per_example(out)))
   w1 = np.stack(w1)
   eps_rep = np.repeat(np.asarray(eps_values, np.float64), w1.shape[1])
+  rho = spearman(eps_rep, w1.reshape(-1))
   return {"eps": np.asarray(eps_values, np.float64), "w1": w1, "w1_mean": w1.mean(axis=1),
-          "spearman": spearman(eps_rep, w1.reshape(-1))}
+          "spearman": rho,
+          # The Objective.analysis fields (launch.evaluate --preset=ladder plots them).
+          "name": "fusion_weight", "xlabel": "eps (PGD-%d)" % steps,
+          "ylabel": "W1 = 1 - W0 (weight of the robust branch)",
+          "x": np.asarray(eps_values, np.float64), "y": w1, "summary": {"spearman_eps_w1": rho}}
+
+
+def analysis(model, variables):
+  """``Objective.analysis`` of AFA stage II: :func:`fusion_weight_vs_eps`."""
+  def fn(images, labels, key, eps_values):
+    return fusion_weight_vs_eps(model, variables, images, labels, key, eps_values=eps_values)
+  return fn

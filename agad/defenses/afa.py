@@ -354,7 +354,13 @@ def afa_stage2(model, config: Any) -> base.Objective:
 
   return base.Objective("afa_stage2", base.no_aux_state, generate, loss,
                         base.BNPolicy(attack=attack.bn, update="weight generators only (branches frozen)"),
-                        adaptive_losses(ratios))
+                        adaptive_losses(ratios), analysis=_fusion_analysis)
+
+
+def _fusion_analysis(model, variables):
+  """W1 against eps (paper Fig. 6), for ``launch.evaluate --preset=ladder``."""
+  from agad.defenses import _afa_analysis  # it imports this module
+  return _afa_analysis.analysis(model, variables)
 
 
 def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):

@@ -22,7 +22,9 @@ def eval_defaults() -> ml_collections.ConfigDict:
   c.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
   c.params = "auto"           # auto (the weights validation selected on: ema when the run kept and
                               # validated an EMA, else params) | params | ema.
-  c.preset = "pgd"            # pgd (clean + PGD-k) | table | table_aa | full | autoattack.
+  c.preset = "pgd"            # pgd (clean + PGD-k) | table | table_aa | full | autoattack | ladder.
+  c.ladder = (0.125, 0.25, 0.5, 1.0)  # ladder preset: PGD-k at these factors of eps (AFA's
+                              # {1, 2, 4, 8}/255 at 8/255); increasing, in (0, 1], last 1.
   c.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
   c.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
   c.cw_steps = 30             # C&W-inf: PGD steps on the margin.
@@ -68,6 +70,10 @@ def validate_eval_config(cfg) -> None:
   need(cfg.num_examples is None or int(cfg.num_examples) >= 1, "num_examples", "None (all) or an integer >= 1")
   need(cfg.aa_version in ("standard", "plus", "rand"), "aa_version", "standard | plus | rand")
   need(cfg.params in ("auto", "params", "ema"), "params", "auto | params | ema")
+  ladder = [float(f) for f in cfg.ladder]
+  need(bool(ladder) and all(0 < f <= 1 for f in ladder) and ladder == sorted(set(ladder))
+       and ladder[-1] == 1.0, "ladder", "increasing factors of eval.eps in (0, 1] ending at 1, "
+       "e.g. (0.125, 0.25, 0.5, 1.0)")
 
 
 def selected_weights(config) -> str:

@@ -8,6 +8,9 @@ objective declares), so no preset reports PGD alone for a defense that has its o
 ``table_aa``: ``table`` plus AutoAttack, so the report's worst case covers all of them (the
 cached ``table`` attacks are reused).
 ``autoattack``: clean, adaptive, AutoAttack.
+``ladder``: ``table_aa`` plus FGSM and PGD-k at every strength of ``eval.ladder`` (factors of
+``eval.eps``; default AFA's {1, 2, 4, 8}/8), and the objective's analysis against eps when it
+declares one (AFA: its fusion weight, the paper's Fig. 6).
 ``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, MIM-k (mu 1, step eps/k), C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from agad.evaluation.suite import AttackSpec
 
-PRESETS = ("pgd", "table", "table_aa", "full", "autoattack")
+PRESETS = ("pgd", "table", "table_aa", "full", "autoattack", "ladder")
 
 
 def adaptive_specs(variants, eps: float, step: float, k: int) -> list[AttackSpec]:
@@ -29,6 +32,11 @@ def adaptive_specs(variants, eps: float, step: float, k: int) -> list[AttackSpec
   return [AttackSpec.make(f"adaptive-{v + '-' if v else ''}pgd-{k}", "adaptive", eps=eps,
                           step_size=step, steps=k, **({"variant": v} if v else {}))
           for v in (variants or ())]
+
+
+def ladder_factors(eval_cfg) -> tuple[float, ...]:
+  """``eval.ladder``: increasing factors of ``eval.eps`` in (0, 1], the last one 1."""
+  return tuple(float(f) for f in eval_cfg.ladder)
 
 
 def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = False) -> list[AttackSpec]:
@@ -55,6 +63,9 @@ def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = Fals
     return [clean, *adaptive_spec, aa]
   if preset == "table_aa":
     return [clean, pgd(k), cw, *adaptive_spec, aa]
+  if preset == "ladder":
+    rungs = [pgd(k, e=f * eps) for f in ladder_factors(eval_cfg) if f != 1.0]
+    return [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), *rungs, cw, *adaptive_spec, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
            AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0), cw]
   specs += adaptive_spec

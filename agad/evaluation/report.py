@@ -55,11 +55,18 @@ def markdown(report: dict) -> str:
     lines += ["", "No gradient-masking check fired."]
   if skipped:
     lines += ["", "**Checks not applicable to these rows**", ""] + [f"- {c}" for c in skipped]
+  a = report.get("analysis")
+  if a:
+    lines += ["", f"**{a['name']}** ({a['ylabel']}) against {a['xlabel']}, n = {a['n']}, on the "
+              f"attacked test images; rank correlation with eps {a['summary']['spearman_x_y']:.3f}", "",
+              "| eps | mean | stderr |", "|---|---|---|"]
+    lines += [f"| {e:.4g} | {m:.4f} | {se:.4f} |" for e, m, se in zip(a["x"], a["y_mean"], a["y_stderr"])]
   return "\n".join(lines) + "\n"
 
 
 def plots(report: dict, directory: str) -> list[str]:
-  """Accuracy vs eps and vs PGD steps, from the suite's PGD-CE records."""
+  """Accuracy vs eps and vs PGD steps (the suite's PGD-CE records); the objective's analysis
+  against eps when the report has one."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -80,6 +87,19 @@ def plots(report: dict, directory: str) -> list[str]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(directory, f"accuracy_vs_{sweep}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+  a = report.get("analysis")
+  if a:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.errorbar(a["x"], a["y_mean"], yerr=a["y_stderr"], marker="o", capsize=2)
+    ax.set_xlabel(a["xlabel"])
+    ax.set_ylabel(a["ylabel"], fontsize=8)
+    ax.set_title(f"rank correlation {a['summary']['spearman_x_y']:.3f} (n={a['n']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(directory, f"{a['name']}_vs_eps.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)

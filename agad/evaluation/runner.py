@@ -38,7 +38,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   Args:
     workdir: training workdir (``config.json`` and ``checkpoints/``).
     step: ``"best"`` (validation metric), ``"latest"`` or a step number.
-    preset: ``pgd | table | table_aa | full | autoattack`` (default: the run's ``eval.preset``).
+    preset: ``pgd | table | table_aa | full | autoattack | ladder`` (default: the run's ``eval.preset``).
     num_examples: first N test images (default: ``eval.num_examples``; None = all).
     surrogate: workdir of a surrogate model for the transfer attack.
     output: report directory (default ``WORKDIR/eval``; the cache lives under it).
@@ -84,12 +84,46 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
             "dataset": saved.data.name, "split": "test", "model": saved.model.name,
             "objective": saved.objective.name, "bn": "eval (running statistics)",
             "preset": preset})
+  analysis = loaded.objective().analysis
+  if preset == "ladder" and analysis is not None:
+    report["analysis"] = run_analysis(analysis(loaded.model, loaded.variables), test, indices,
+                                      eps_values=(0.0,) + tuple(f * float(eval_cfg.eps)
+                                                                for f in presets.ladder_factors(eval_cfg)),
+                                      batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   write_json(stem + ".json", report)
   with open(stem + ".md", "w") as f:
     f.write(report_lib.markdown(report))
   report_lib.plots(report, out_dir)
   return report, stem
+
+
+def run_analysis(fn, source, indices, *, eps_values, batch_size: int, seed: int,
+                 log: Callable | None = None) -> dict:
+  """Runs an ``Objective.analysis`` function over the evaluated test images in batches
+  (key ``fold_in(seed, batch index)``) and summarises it for the report: the per-eps mean
+  and standard error of ``y`` and the function's ``summary`` (computed on every image)."""
+  import jax
+  import scipy.stats
+  idx = np.arange(len(source.labels)) if indices is None else np.asarray(indices)
+  key = jax.random.key(seed)
+  parts = []
+  for b, start in enumerate(range(0, len(idx), batch_size)):
+    rows = idx[start:start + batch_size]
+    images = source.images[rows].astype(np.float32) / np.float32(255)
+    parts.append(fn(images, source.labels[rows], jax.random.fold_in(key, b), eps_values))
+  y = np.concatenate([np.asarray(p["y"], np.float64) for p in parts], axis=1)   # [n, B]
+  x = np.asarray(parts[0]["x"], np.float64)
+  out = {k: parts[0][k] for k in ("name", "xlabel", "ylabel")}
+  out.update(x=x.tolist(), y_mean=y.mean(axis=1).tolist(),
+             y_stderr=(y.std(axis=1, ddof=1) / np.sqrt(y.shape[1])).tolist() if y.shape[1] > 1
+             else [0.0] * len(x), n=int(y.shape[1]),
+             summary={"spearman_x_y": float(scipy.stats.spearmanr(np.repeat(x, y.shape[1]),
+                                                                   y.reshape(-1)).statistic)})
+  if log:
+    log(f"analysis {out['name']}: mean " + ", ".join(f"{v:.4f} at eps {e:.4g}" for e, v in zip(x, out["y_mean"]))
+        + f"; rank correlation with eps {out['summary']['spearman_x_y']:.3f} (n={out['n']})")
+  return out
 
 
 def _fingerprint(saved, weights) -> str:

@@ -65,6 +65,11 @@ class Objective(NamedTuple):
   # ``record`` (JSON: the teacher's workdir, step and params hash) goes into every
   # checkpoint's metadata and a resume with a different record is refused.
   frozen: Callable[[Any], tuple[PyTree, dict]] | None = None
+  # (model, variables) -> fn(images, labels, key, eps_values) -> a per-example quantity of the
+  # defense against attack strength, which ``launch.evaluate --preset=ladder`` plots: a dict
+  # with ``name``, ``xlabel``, ``ylabel``, ``x [n]`` (the eps values), ``y [n, B]`` and
+  # ``summary`` {str: float} (AFA: its fusion weight, paper Fig. 6). None: nothing to plot.
+  analysis: Callable[..., Callable] | None = None
 
 
 FROZEN = "frozen"  # aux_state key under which the step passes an objective's frozen inputs
