@@ -196,6 +196,70 @@ class AFANormTest(parameterized.TestCase):
       kept_branches(5, (4, -1))
 
 
+class PerStageWeightGeneratorTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # tiny_bn: stem_bn (group "stem"), unit bn1/bn2 (group "stage1"); its stem conv has 8
+      # channels, the unit's input too.
+      ("tiny_bn", "stage", {"norm_hook_stem": 8, "norm_hook_stage1": 8}, 3),
+      # smallcnn_bn: stage 1 reads the 1-channel image, stage 2 the 32-channel pooled map.
+      ("smallcnn_bn", "stage", {"norm_hook_stage1": 1, "norm_hook_stage2": 32}, 4))
+  def test_one_wg_per_group_reading_the_group_input(self, model, per, hooks, layers):
+    shape = {"data.image_shape": (16, 16, 1)}  # smallcnn needs >= 14 pixels a side
+    config, net, params, ms, x, y = _model_and_vars("afa_stage2", model=model, **shape,
+                                                    **{"objective.afa_stage2.wg_per": per})
+    flat = _flat(params)
+    wg_roots = {k.split("/wg/")[0] for k in flat if "/wg/" in k}
+    assert wg_roots == set(hooks)  # no AFANorm layer owns a WG
+    for hook, channels in hooks.items():
+      assert flat[f"{hook}/wg/conv0/kernel"].shape[2] == channels
+    out = base.forward(net, params, ms, x, mode="eval")
+    assert len(sown(out.aux)) == len(hooks)
+    # The per-layer option: one WG inside each of the model's BN layers.
+    config, net_l, params_l, ms_l, *_ = _model_and_vars("afa_stage2", model=model, **shape,
+                                                         **{"objective.afa_stage2.wg_per": "layer"})
+    assert net_l.norm_hook is None
+    assert len(sown(base.forward(net_l, params_l, ms_l, x, mode="eval").aux)) == layers
+
+  def test_stage_weight_reaches_every_layer_of_its_stage_only(self):
+    config, net, params, ms, x, y = _model_and_vars("afa_stage2", model="smallcnn_bn",
+                                                    **{"data.image_shape": (16, 16, 1)})
+    flat = _flat(params)  # SmallCNN's classifier starts at zero: give the logits a signal
+    flat["classifier/kernel"] = jax.random.normal(jax.random.key(9), flat["classifier/kernel"].shape)
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    fwd = lambda p: base.forward(net, p, ms, x, mode="eval")
+    out = fwd(params)
+    # W0 = 1 on every hook (huge bias on the WG's last Linear) is BN_0 everywhere.
+    flat = _flat(params)
+    for hook in ("norm_hook_stage1", "norm_hook_stage2"):
+      flat[f"{hook}/wg/fc1/bias"] = flat[f"{hook}/wg/fc1/bias"] + 1e4
+    ones = fwd(traverse_util.unflatten_dict(flat, sep="/"))
+    branch0 = base.forward(net, params, ms, x, mode="eval", norm_ctx={"branch": 0})
+    np.testing.assert_allclose(ones.logits, branch0.logits, rtol=1e-5, atol=1e-5)
+    # A norm_ctx override bypasses the hooks (w0 = 1 is branch 0 as well).
+    np.testing.assert_allclose(base.forward(net, params, ms, x, mode="eval", norm_ctx={"w0": 1.0}).logits,
+                               branch0.logits, rtol=1e-5, atol=1e-5)
+    # Saturating stage 1's WG alone changes the logits, and differs from saturating both.
+    flat = _flat(params)
+    flat["norm_hook_stage1/wg/fc1/bias"] = flat["norm_hook_stage1/wg/fc1/bias"] + 1e4
+    one_stage = fwd(traverse_util.unflatten_dict(flat, sep="/"))
+    assert not np.allclose(one_stage.logits, out.logits) and not np.allclose(one_stage.logits, ones.logits)
+    w0 = sown(one_stage.aux)
+    np.testing.assert_allclose(w0[0], 1.0)  # stage 1 (sorted by path)
+    # Stage 2 keeps its own WG's weight (its input changed with stage 1's fusion).
+    assert np.all((np.asarray(w0[1]) > 0.01) & (np.asarray(w0[1]) < 0.99))
+
+  def test_bad_wg_settings_are_refused(self):
+    with pytest.raises(ValueError, match="wg_per='layer'"):
+      _model_and_vars("afa_stage2", **{"objective.afa_stage2.wg_out": "channel"})
+    with pytest.raises(ValueError, match="wg_per='row' is not one of"):
+      _model_and_vars("afa_stage2", **{"objective.afa_stage2.wg_per": "row"})
+    m = AFANorm(own_wg=False)
+    x = jnp.ones((2, 3, 3, 4))
+    with pytest.raises(ValueError, match="no weight generator of its own"):
+      m.init(jax.random.key(0), x, train=False)
+
+
 def _stage2_objective(init_workdir="runs/none", **kw):
   config, net, params, ms, x, y = _model_and_vars(
       "afa_stage2", **{"init.workdir": init_workdir, **kw})
@@ -211,9 +275,9 @@ class AdaptiveLossTest(parameterized.TestCase):
                                        "ce1_bce5", "ce1_bce10"])
     out = base.forward(net, params, ms, x, mode="eval")
     w0s = sown(out.aux)
-    assert len(w0s) == 3  # tiny_bn: stem_bn, unit bn1, bn2
+    assert len(w0s) == 2  # tiny_bn, one WG per norm group: the stem's BN, stage 1
     ce = -jnp.take_along_axis(jax.nn.log_softmax(out.logits), y[:, None], 1)[:, 0]
-    bce = sum(-jnp.log(1.0 - w[:, 0]) for w in w0s) / 3
+    bce = sum(-jnp.log(1.0 - w[:, 0]) for w in w0s) / 2
     np.testing.assert_allclose(variants["ce1_bce5"](x, y), ce + 5 * bce, rtol=1e-5)
     np.testing.assert_allclose(variants["ce10_bce1"](x, y), 10 * ce + bce, rtol=1e-5)
 
@@ -226,7 +290,7 @@ class AdaptiveLossTest(parameterized.TestCase):
     # BCE(W0, 0) from the sown weights: -log(1 - W0); ascending it raises W0 (towards the
     # clean branch) on average over layers, weighted by 1 / (1 - W0).
     bce = lambda z: sum(-jnp.log1p(-w[:, 0]) for w in
-                        sown(base.forward(net, params, ms, z, mode="eval").aux)) / 3
+                        sown(base.forward(net, params, ms, z, mode="eval").aux)) / 2
     x = 0.25 + 0.5 * x  # away from the [0, 1] box: a small step is a pure gradient step
     np.testing.assert_allclose(loss(x, y), bce(x), rtol=1e-5)
     g = jax.grad(lambda z: jnp.sum(loss(z, y)))(x)
@@ -307,7 +371,7 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
   np.testing.assert_array_equal(loaded.logits_fn(x), out.logits)
   w0 = afa.w0_per_example(out)
   assert np.all((np.asarray(w0) > 0) & (np.asarray(w0) < 1))
-  assert len(sown(out.aux)) == 4  # smallcnn_bn: four conv-BN-ReLU layers, one WG each
+  assert len(sown(out.aux)) == 2  # smallcnn_bn: two stages, one WG each (wg_per='stage')
   branch0 = base.forward(loaded.model, final.params, final.model_state, x, mode="eval",
                          norm_ctx={"branch": 0}).logits
   assert float(jnp.max(jnp.abs(branch0 - out.logits))) > 0  # the fusion is what runs

@@ -22,7 +22,7 @@ __path__.extend(p for p in os.environ.get("AGAD_DEFENSES_PATH", "").split(os.pat
                 if p and p not in __path__)
 
 from agad.defenses._registry import (add_defaults, build_objective, defaults, find,  # noqa: E402
-                                     names, norm_for, parse, plugins_for, spec_names,
+                                     names, norm_for, norm_hook_for, parse, plugins_for, spec_names,
                                      with_plugin_overrides)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,6 +47,9 @@ def build_model(config: Any, info: Any):
   std = model_cfg.get("std") or info.std
   kwargs = dict(num_classes=info.num_classes, mean=mean, std=std, dtype=DTYPES[model_cfg.dtype],
                 norm=norm_for(spec, config))
+  hook = norm_hook_for(spec, config)
+  if hook is not None:
+    kwargs["norm_hook"] = hook
   input_norm = model_cfg.get("input_norm", "dataset") or "dataset"
   if input_norm not in INPUT_NORMS:
     raise ValueError(f"model.input_norm {input_norm!r} is not one of {INPUT_NORMS}")

@@ -8,8 +8,11 @@ BN_{K-1} (strongest), and fuses them per example (paper Eqs. 1-2):
     W0    = sigmoid(WG(x))                              Eq. 1, W1 = 1 - W0
     x_hat = W0 * BN_0(x) + (1 - W0) * BN_{K-1}(x)       Eq. 2
 
-with ``x [B, H, W, C]`` the BN layer's input (this layer's; the paper's "x is the image
-feature" read literally: one WG per BN layer). The weight generator (paper Fig. 5) is
+with ``x [B, H, W, C]`` the input of the layer's *stage* (``wg_per='stage'``, the default:
+one WG per stage reading the stage's input, :class:`AFAStageHook`, run by the backbone's
+``norm_hook`` and handing W0 to the stage's layers through ``norm_ctx``) or of the layer
+itself (``wg_per='layer'``: one WG per BN layer, the paper's "x is the image feature" read
+literally). The weight generator (paper Fig. 5) is
 
     WG(x) = Linear(ReLU(Linear(GAP(CBR(CBR(x))))))   CBR = Conv3x3(width, no bias)-BN-ReLU
 
@@ -114,6 +117,7 @@ class AFANorm(nn.Module):
   wg_width: int = 16
   wg_out: str = "scalar"
   freeze_stats: bool = True
+  own_wg: bool = True   # False: W0 comes from the stage's AFAStageHook (norm_ctx['w0'])
 
   @nn.compact
   def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
@@ -129,7 +133,11 @@ class AFANorm(nn.Module):
     branches = {lo: BatchNorm(name=f"branch{lo}"), hi: BatchNorm(name=f"branch{hi}")}
     init = self.is_initializing()
     w0 = None
-    if "w0" not in ctx and ("branch" not in ctx or init):
+    if not self.own_wg and "w0" not in ctx and "branch" not in ctx:
+      raise ValueError("this AFANorm has no weight generator of its own (wg_per='stage'): the "
+                       "backbone's norm hook (AFAStageHook) must hand it norm_ctx['w0']; build the "
+                       "model with agad.defenses.build_model, or pass {'w0': w} / {'branch': k}")
+    if self.own_wg and "w0" not in ctx and ("branch" not in ctx or init):
       conv_init = getattr(self.parent, "conv_init", None)
       logit = WeightGenerator(self.wg_width, 1 if self.wg_out == "scalar" else x.shape[-1],
                               conv_init, name="wg")(x, train=train)
@@ -156,6 +164,32 @@ class AFANorm(nn.Module):
     y0 = branches[lo](x, train=bn_train).astype(jnp.float32)
     y1 = branches[hi](x, train=bn_train).astype(jnp.float32)
     return (w * y0 + (1.0 - w) * y1).astype(x.dtype)
+
+
+class AFAStageHook(nn.Module):
+  """One weight generator per norm group (``wg_per='stage'``), as the backbone's
+  ``norm_hook``: ``(x [B, H, W, C], *, train, norm_ctx) -> norm_ctx`` for the group's
+  :class:`AFANorm` layers (built with ``own_wg=False``).
+
+  ``norm_ctx=None`` -> ``{'w0': sigmoid(WG(x)) [B]}`` (W0 sown as ``afa_w0`` ``[B, 1]``,
+  the logit as ``afa_logit``); a ``{'w0': ...}`` or ``{'branch': k}`` override is passed
+  through unchanged (the WG still builds its parameters at init).
+  """
+
+  wg_width: int = 16
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
+    ctx = dict(norm_ctx or {})
+    override = "w0" in ctx or "branch" in ctx
+    if override and not self.is_initializing():
+      return norm_ctx
+    conv_init = getattr(self.parent, "conv_init", None)
+    logit = WeightGenerator(self.wg_width, 1, conv_init, name="wg")(x, train=train)
+    w0 = jax.nn.sigmoid(logit)                                     # [B, 1]
+    self.sow("aux", W0_NAME, w0)
+    self.sow("aux", LOGIT_NAME, logit)
+    return norm_ctx if override else {**ctx, "w0": w0[:, 0]}
 
 
 def sown(aux: Any, name: str = W0_NAME) -> list[jax.Array]:

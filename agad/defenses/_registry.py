@@ -9,8 +9,10 @@ No list to edit, no registration side effect: a module qualifies when it defines
 * ``objective(model, config) -> Objective`` (a standalone objective, the head of a
   spec) and/or ``transform(inner, model, config) -> Objective`` (a name after ``+``);
 * optionally ``plugins(config, num_classes) -> {site: factory}`` (modules it puts inside
-  the network) and ``norm(config) -> factory`` (the backbone's norm layer, e.g. AFA's
-  multi-branch BN).
+  the network), ``norm(config) -> factory`` (the backbone's norm layer, e.g. AFA's
+  multi-branch BN) and ``norm_hook(config) -> factory | None`` (a module run once per
+  stage that hands that stage's norm layers their ``norm_ctx``, e.g. AFA's per-stage
+  weight generator).
 
 ``"a+t1+t2"`` builds ``t2(t1(a))``: transforms apply left to right, innermost first.
 Extra folders on ``agad.defenses``' package path (the ``AGAD_DEFENSES_PATH`` environment
@@ -145,17 +147,28 @@ def plugins_for(spec: str | Iterable[str], config: Any, num_classes: int) -> dic
   return merged
 
 
-def norm_for(spec: str | Iterable[str], config: Any):
-  """The norm factory a name of ``spec`` asks for (``None``: the backbone's BatchNorm)."""
+def _one_builder(spec, config: Any, attr: str, what: str):
+  """``module.<attr>(config)`` of the one name of ``spec`` that defines it (None if none)."""
   chosen, owner = None, None
   for name in spec_names(spec):
-    builder = getattr(find(name), "norm", None)
+    builder = getattr(find(name), attr, None)
     if builder is None:
       continue
-    if chosen is not None:
-      raise ValueError(f"both {owner!r} and {name!r} in {spec!r} replace the model's norm layers")
+    if owner is not None:
+      raise ValueError(f"both {owner!r} and {name!r} in {spec!r} replace {what}")
     chosen, owner = builder(config), name
   return chosen
+
+
+def norm_for(spec: str | Iterable[str], config: Any):
+  """The norm factory a name of ``spec`` asks for (``None``: the backbone's BatchNorm)."""
+  return _one_builder(spec, config, "norm", "the model's norm layers")
+
+
+def norm_hook_for(spec: str | Iterable[str], config: Any):
+  """The backbone's per-group ``norm_ctx`` hook a name of ``spec`` asks for (``None``: none;
+  see :class:`agad.models.layers.Backbone`)."""
+  return _one_builder(spec, config, "norm_hook", "the model's norm hook")
 
 
 def with_plugin_overrides(net, **overrides):

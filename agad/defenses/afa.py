@@ -87,7 +87,8 @@ import numpy as np
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative as pgd_lib
 from agad.attacks import losses as attack_losses
-from agad.defenses._afa_norm import LOGIT_NAME, W0_NAME, AFANorm, kept_branches, per_example_mean, sown
+from agad.defenses._afa_norm import (LOGIT_NAME, W0_NAME, AFANorm, AFAStageHook, kept_branches,
+                                    per_example_mean, sown)
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.objectives.mart import mart_loss
@@ -110,6 +111,8 @@ DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats upda
 STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
 STAGE2_KEEP_INIT = r"(^|/)wg/"
 
+WG_PERS = ("stage", "layer")  # one weight generator per stage (issue default) | per BN layer
+
 _STRENGTH_SALT = 0x41464132
 
 
@@ -131,7 +134,24 @@ def stage2_norm(config: Any):
   kept_branches(int(cfg.num_branches), tuple(cfg.keep))  # fail early on a bad keep
   return functools.partial(AFANorm, num_branches=int(cfg.num_branches), keep=tuple(cfg.keep),
                            wg_width=int(cfg.wg_width), wg_out=cfg.wg_out,
-                           freeze_stats=bool(cfg.freeze_stats))
+                           freeze_stats=bool(cfg.freeze_stats), own_wg=_wg_per(cfg) == "layer")
+
+
+def stage2_norm_hook(config: Any):
+  """Stage II's backbone norm hook: one :class:`AFAStageHook` per stage (``wg_per='stage'``),
+  None for ``wg_per='layer'``."""
+  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
+  return functools.partial(AFAStageHook, wg_width=int(cfg.wg_width)) if _wg_per(cfg) == "stage" else None
+
+
+def _wg_per(cfg) -> str:
+  per = str(cfg.get("wg_per", "stage"))
+  if per not in WG_PERS:
+    raise ValueError(f"objective.afa_stage2.wg_per={per!r} is not one of {WG_PERS}")
+  if per == "stage" and cfg.wg_out != "scalar":
+    raise ValueError(f"objective.afa_stage2.wg_out={cfg.wg_out!r} needs wg_per='layer' (the layers "
+                     "of a stage differ in width); per stage the weight is a scalar")
+  return per
 
 
 def ladder_radii(config: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,13 @@ Norm factories. ``norm(name=...)`` returns a module called as
 ``functools.partial(MultiBranchBatchNorm, num_branches=K)``. ``train=True`` normalises
 with batch statistics and updates ``batch_stats`` (apply with
 ``mutable=['batch_stats']``); ``train=False`` uses the running averages.
+
+Norm hooks. ``norm_hook`` (optional) is a zero-argument factory of a module called as
+``hook(x, *, train, norm_ctx) -> norm_ctx`` once per *norm group* on the group's input:
+every stage (``stage{s}``, its units' shortcuts included), the stem's norm (``stem``,
+ResNet) and the final norm (``final``, pre-activation nets). What it returns is the
+``norm_ctx`` of that group's norm layers; it is built as child ``norm_hook_<group>`` and
+may ``sow('aux', ...)``. AFA's stage II computes one fusion weight per stage with it.
 """
 
 import math
@@ -242,6 +249,7 @@ class Backbone(nn.Module):
     dtype: compute dtype; params stay float32 and logits are returned as float32.
     norm: norm factory (see module docstring).
     plugins: site name -> zero-argument module factory, or None.
+    norm_hook: zero-argument factory of the per-group ``norm_ctx`` hook (module doc), or None.
     input_norm: how ``prepare`` normalises the pixels (one of ``INPUT_NORMS``):
       ``'dataset'`` ``(x - mean) / std`` with the attributes above; ``'per_image'``
       :func:`per_image_normalize` (mean/std unused); ``'none'`` the raw [0, 1] pixels.
@@ -257,6 +265,7 @@ class Backbone(nn.Module):
   norm: Callable[..., nn.Module] = BatchNorm
   plugins: Mapping[str, Callable[[], nn.Module]] | None = None
   input_norm: str = 'dataset'
+  norm_hook: Callable[[], nn.Module] | None = None
 
   # Plain class constants (not fields): each backbone's reference-code init.
   conv_init = staticmethod(KAIMING_FAN_OUT)
@@ -276,6 +285,14 @@ class Backbone(nn.Module):
       x = per_image_normalize(x)
     return x.astype(self.dtype)
 
+  def norm_group(self, x, group: str, *, train, norm_ctx):
+    """The ``norm_ctx`` of norm group ``group`` whose input is ``x`` (``norm_hook``'s, or
+    ``norm_ctx`` unchanged without a hook). Call from the backbone's compact method."""
+    if self.norm_hook is None:
+      return norm_ctx
+    hook = self.norm_hook().clone(parent=self, name=f'norm_hook_{group}')
+    return hook(x, train=train, norm_ctx=norm_ctx)
+
   def residual_stages(self, x, unit: type['Unit'], widths: Sequence[int], *, train, labels,
                       norm_ctx):
     """Stages of residual units; the first unit of every stage after the first strides 2.
@@ -288,11 +305,12 @@ class Backbone(nn.Module):
     clash with the unit child ``stage{s}_unit{i}``.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
+      ctx = self.norm_group(x, f'stage{s}', train=train, norm_ctx=norm_ctx)
       for i in range(n):
         tap = f'stage{s}.unit{i}'
         x = unit(features=width, stride=2 if s > 1 and i == 0 else 1, tap=tap,
                  dtype=self.dtype, norm=self.norm, plugins=self.plugins, conv_init=self.conv_init,
-                 name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=norm_ctx)
+                 name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=ctx)
         x = site(self, tap, x, train=train, labels=labels)
       x = site(self, f'stage{s}', x, train=train, labels=labels)
     return x
@@ -310,9 +328,10 @@ class Backbone(nn.Module):
     a ``pre_pool`` site so that name means the same point in every plain backbone.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
+      ctx = self.norm_group(x, f'stage{s}', train=train, norm_ctx=norm_ctx) if batch_norm else None
       for i in range(n):
         x = conv(self, x, width, bias=True, padding=padding, init=init, name=f'stage{s}_conv{i}')
-        x = (norm_act(self, x, f'stage{s}_bn{i}', train=train, norm_ctx=norm_ctx)
+        x = (norm_act(self, x, f'stage{s}_bn{i}', train=train, norm_ctx=ctx)
              if batch_norm else nn.relu(x))
         if s == 1 and i == 0:
           x = site(self, 'stem', x, train=train, labels=labels)

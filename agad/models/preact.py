@@ -62,7 +62,8 @@ class PreActNet(Backbone):
     x = site(self, 'stem', x, train=train, labels=labels)
     x = self.residual_stages(x, PreActBlock, self.widths, train=train, labels=labels,
                              norm_ctx=norm_ctx)
-    x = norm_act(self, x, 'final_bn', train=train, norm_ctx=norm_ctx)
+    x = norm_act(self, x, 'final_bn', train=train,
+                 norm_ctx=self.norm_group(x, 'final', train=train, norm_ctx=norm_ctx))
     return self.head(x, train=train, labels=labels)
 
 

@@ -32,9 +32,11 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
                 dtype=jnp.float32, plugins: Mapping[str, Callable[[], nn.Module]] | None = None,
                 norm: Callable[..., nn.Module] | None = None,
-                input_norm: str = 'dataset') -> nn.Module:
+                input_norm: str = 'dataset',
+                norm_hook: Callable[[], nn.Module] | None = None) -> nn.Module:
   """The backbone ``name`` (one of MODEL_NAMES); ``norm=None`` means :class:`BatchNorm`.
 
+  ``norm_hook``: the per-group ``norm_ctx`` hook (:class:`~agad.models.layers.Backbone`).
   ``input_norm``: one of ``INPUT_NORMS`` (see :class:`Backbone`): ``'dataset'`` applies
   ``mean``/``std``, ``'per_image'`` standardises each image, ``'none'`` keeps the pixels.
   ``plugins`` keys are used as given: resolve aliases and catch misspelt sites first with
@@ -46,4 +48,4 @@ def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequ
   # Tuples of floats keep the module hashable whatever sequence type the config used.
   return _BUILDERS[name](num_classes=num_classes, mean=tuple(map(float, mean)),
                          std=tuple(map(float, std)), dtype=dtype, plugins=plugins,
-                         norm=norm or BatchNorm, input_norm=input_norm)
+                         norm=norm or BatchNorm, input_norm=input_norm, norm_hook=norm_hook)

@@ -80,7 +80,8 @@ class ResNet(Backbone):
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     x = conv(self, self.prepare(x), self.widths[0], name='stem_conv')
-    x = norm_act(self, x, 'stem_bn', train=train, norm_ctx=norm_ctx)
+    x = norm_act(self, x, 'stem_bn', train=train,
+                 norm_ctx=self.norm_group(x, 'stem', train=train, norm_ctx=norm_ctx))
     x = site(self, 'stem', x, train=train, labels=labels)
     x = self.residual_stages(x, self.block, self.widths, train=train, labels=labels,
                              norm_ctx=norm_ctx)
