@@ -247,7 +247,7 @@ def test_attack_uses_the_eval_mode_combined_loss_normal_start_and_step_option(se
   obj = defenses.build_objective("again", model, cfg)
   x, y = batch["image"], batch["label"]
   variants = obj.adaptive_loss(model, {"params": params, **state})
-  assert set(variants) == {"", "st"}
+  assert set(variants) == {"", "st", "st_t10"}
   out = base.forward(model, params, state, x, mode="eval", labels=y)
   heads = cas_lib.aux_logits(out.aux, AUX_NAME)
   expected = attack_losses.cross_entropy(out.logits, y) + 2.0 * sum(
@@ -256,6 +256,8 @@ def test_attack_uses_the_eval_mode_combined_loss_normal_start_and_step_option(se
   np.testing.assert_allclose(variants["st"](x, y), expected, rtol=1e-5)
   g = lambda v: jax.grad(lambda z: jnp.sum(variants[v](z, y)))(x)
   assert not np.allclose(g(""), g("st"), atol=1e-7)
+  np.testing.assert_allclose(variants["st_t10"](x, y), expected, rtol=1e-5)
+  assert not np.allclose(g("st"), g("st_t10"), atol=1e-7)
   adv = obj.generate(params, state, {}, batch, jax.random.key(4), 0)
   assert float(jnp.abs(adv - x).max()) <= 0.1 + 1e-6
   assert float(jnp.sum(variants[""](adv, y))) > float(jnp.sum(variants[""](x, y)))
@@ -292,7 +294,7 @@ def test_mart_again_adds_the_terms_on_marts_adv_pass_without_another_pass(setup)
   clean, adv_perms = _others(aux.passes["clean"]), _others(aux.passes["adv"])
   assert len(clean) == 2 and all(not np.array_equal(clean[k], adv_perms[k]) for k in clean)
   assert "again_aux_accuracy" in aux.metrics
-  assert set(obj.adaptive_loss(model, {"params": params, **state})) == {"", "st"}
+  assert set(obj.adaptive_loss(model, {"params": params, **state})) == {"", "st", "st_t10"}
 
 
 def test_pgd_at_again_has_agains_loss_and_pgd_ats_attack(setup):

@@ -83,6 +83,17 @@ def test_straight_through_mask_keeps_value_and_adds_the_soft_mask_gradient():
 
   expected = jax.grad(lambda z: f(hard_plugin, z))(feats) + jax.grad(soft_path)(feats)
   np.testing.assert_allclose(jax.grad(lambda z: f(st_plugin, z))(feats), expected, rtol=1e-5, atol=1e-6)
+  # A softer temperature: the same value, the gradient of softmax(z / T) @ W instead.
+  t10 = CASPlugin(num_classes=4, straight_through=True, st_temperature=10.0)
+  np.testing.assert_allclose(f(t10, feats), f(hard_plugin, feats), rtol=1e-6)
+
+  def soft_path_t10(z):
+    soft = jax.nn.softmax((z.mean(axis=(1, 2)) @ kernel + bias) / 10.0, -1) @ kernel.T
+    return jnp.sum(jax.lax.stop_gradient(z) * soft[:, None, None, :] * r)
+
+  expected_t10 = jax.grad(lambda z: f(hard_plugin, z))(feats) + jax.grad(soft_path_t10)(feats)
+  np.testing.assert_allclose(jax.grad(lambda z: f(t10, z))(feats), expected_t10, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(expected_t10, expected, atol=1e-6)
   # Training with labels is unaffected by the flag.
   labels = jnp.array([0, 1, 2])
   out_t = st_plugin.apply(variables, feats, train=True, labels=labels, mutable=["aux"])[0]
@@ -122,7 +133,7 @@ def test_attack_and_adaptive_loss_use_eval_mode_combined_loss(setup):
   obj = cas(model, cfg)
   x, y = batch["image"], batch["label"]
   variants = obj.adaptive_loss(model, {"params": params, **state})
-  assert set(variants) == {"", "st"}
+  assert set(variants) == {"", "st", "st_t10"}
   fn = variants[""]
   logits, aux = _apply(model, params, state, x, train=False, labels=y)
   expected = attack_losses.cross_entropy(logits, y) + 2.0 * attack_losses.cross_entropy(aux, y)
@@ -132,6 +143,9 @@ def test_attack_and_adaptive_loss_use_eval_mode_combined_loss(setup):
   g_hard = jax.grad(lambda z: jnp.sum(fn(z, y)))(x)
   g_st = jax.grad(lambda z: jnp.sum(variants["st"](z, y)))(x)
   assert not np.allclose(g_hard, g_st, atol=1e-7)
+  np.testing.assert_allclose(variants["st_t10"](x, y), expected, rtol=1e-5)
+  g_t10 = jax.grad(lambda z: jnp.sum(variants["st_t10"](z, y)))(x)
+  assert not np.allclose(g_t10, g_st, atol=1e-7)
   assert fn(x, y).shape == (B,)
   adv = obj.generate(params, state, {}, batch, jax.random.key(4), 0)
   assert float(jnp.sum(fn(adv, y))) > float(jnp.sum(fn(x, y)))  # the attack ascends it

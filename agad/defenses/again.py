@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from agad.attacks import losses as attack_losses
-from agad.defenses import _registry
+from agad.defenses import cas as cas_lib
 from agad.defenses.cas import CASPlugin, aux_logits
 from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
@@ -226,8 +226,7 @@ class ASEPlugin(CASPlugin):
     else:
       mask = jnp.take(kernel.T, jnp.argmax(logits, axis=-1), axis=0)  # [B, C]: W[argmax z]
       if self.straight_through:
-        soft = jax.nn.softmax(logits, axis=-1) @ kernel.T
-        mask = mask + soft - jax.lax.stop_gradient(soft)
+        mask = cas_lib.straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
     return features * mask.astype(features.dtype)
 
@@ -277,10 +276,6 @@ def plugins(config: Any, num_classes: int) -> dict:
   return {site: factory for site in sites_for(config)}
 
 
-def _without_aux(model_state):
-  return {k: v for k, v in model_state.items() if k != "aux"}
-
-
 def again(model, config) -> base.Objective:
   """AGAIN objective (PGD-AT + ASE heads, as coded); fields from ``config.objective.again``."""
   cfg = _config(config)
@@ -289,7 +284,7 @@ def again(model, config) -> base.Objective:
   step_size = float(cfg.step_size) or None  # 0: config.attack.step_size
 
   def combined_fn(params, model_state, labels, rng):
-    model_state = _without_aux(model_state)
+    model_state = cas_lib._without_aux(model_state)
 
     def fn(x):  # eval mode: predicted-label masks; "batch" mode: label-mixed masks, rng fixed
       out = base.forward(model, params, model_state, x, mode=attack.bn, labels=labels, rng=rng)
@@ -307,7 +302,7 @@ def again(model, config) -> base.Objective:
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     labels = batch["label"]
-    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels,
+    out = base.forward(model, params, cas_lib._without_aux(model_state), adv, mode="train", labels=labels,
                        taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
     value = jnp.mean(again_per_example(out.logits, out.aux, labels, weight))
     heads = aux_logits(out.aux, AUX_NAME)
@@ -342,23 +337,9 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
 
 
 def _adaptive(weight: float):
-  """``""``: the combined loss through the eval-mode model (hard predicted-label masks);
-  ``"st"``: the same value, mask gradients through ``softmax(z) W`` (straight-through)."""
-
-  def adaptive_loss(net, variables):
-    params = variables["params"]
-    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
-    st_net = _registry.with_plugin_overrides(net, straight_through=True)
-
-    def combined(n):
-      def fn(x, labels):
-        out = base.forward(n, params, model_state, x, mode="eval", labels=labels)
-        return again_per_example(out.logits, out.aux, labels, weight)
-      return fn
-
-    return {"": combined(net), "st": combined(st_net)}
-
-  return adaptive_loss
+  """AGAIN's adaptive losses (the CAS family's variants, ``cas.ADAPTIVE_VARIANTS``) on
+  :func:`again_per_example`."""
+  return cas_lib.adaptive_factory(again_per_example, weight)
 
 
 def objective(model, config) -> base.Objective:

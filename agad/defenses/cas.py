@@ -26,7 +26,7 @@ inner objective's adversarial pass, keeping the inner attack.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -62,9 +62,10 @@ class CASPlugin(nn.Module):
   """
   num_classes: int
   straight_through: bool = False
+  st_temperature: float = 1.0  # the soft mask is softmax(aux_logits / T) @ W
 
   # Fields an adaptive attack may switch (``_registry.with_plugin_overrides``).
-  ADAPTIVE_FIELDS = ("straight_through",)
+  ADAPTIVE_FIELDS = ("straight_through", "st_temperature")
 
   @nn.compact
   def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
@@ -81,10 +82,19 @@ class CASPlugin(nn.Module):
       index = jnp.argmax(logits, axis=-1)
     mask = jnp.take(kernel.T, index, axis=0)  # [B, C]: W[index]
     if self.straight_through and not (train and labels is not None):
-      soft = jax.nn.softmax(logits, axis=-1) @ kernel.T  # [B, C]
-      mask = mask + soft - jax.lax.stop_gradient(soft)
+      mask = straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
     return features * mask.astype(features.dtype)
+
+
+def straight_through_mask(mask: jax.Array, logits: jax.Array, kernel: jax.Array,
+                          temperature: float = 1.0) -> jax.Array:
+  """``mask [B, C]``'s value with the gradient of ``softmax(logits / T) @ W`` (BPDA).
+
+  At T = 1 a confident head's softmax is nearly one-hot and passes almost no gradient; a
+  larger T softens it (the ``st_t10`` adaptive variant)."""
+  soft = jax.nn.softmax(logits / temperature, axis=-1) @ kernel.T  # [B, C]
+  return mask + soft - jax.lax.stop_gradient(soft)
 
 
 def aux_logits(aux: dict, name: str = AUX_NAME) -> list[jax.Array]:
@@ -110,12 +120,8 @@ def cas_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: flo
 
 
 def _without_aux(model_state):
+  """``model_state`` without the ``aux`` collection (sown afresh by every pass)."""
   return {k: v for k, v in model_state.items() if k != "aux"}
-
-
-def straight_through_model(net):
-  """``net`` with every CAS plug-in switched to straight-through masks (same parameters)."""
-  return _registry.with_plugin_overrides(net, straight_through=True)
 
 
 def plugins(config: Any, num_classes: int) -> dict:
@@ -190,19 +196,39 @@ def combined_loss(net, params, model_state, labels, mode: str, weight: float):
   return fn
 
 
-def _adaptive(weight: float):
-  """The adaptive-loss factory: ``""`` is the combined loss through the aux heads (hard
-  predicted-label masks); ``"st"`` the same value with gradients through the masks by
-  straight-through softmax (BPDA)."""
+# Adaptive variants of the CAS family (CAS, AGAIN): name -> straight-through temperature
+# (None: the hard predicted-label masks the deployed model uses).
+ADAPTIVE_VARIANTS = {"": None, "st": 1.0, "st_t10": 10.0}
+
+
+def adaptive_factory(per_example: Callable, weight: float):
+  """``Objective.adaptive_loss`` of a CAS-family defense: every variant of
+  ``ADAPTIVE_VARIANTS`` maximises ``per_example(logits, aux, labels, weight)`` (the
+  combined main + aux loss) through the eval-mode model; ``""`` with the hard masks, the
+  others with the same value and mask gradients by straight-through softmax at their
+  temperature (BPDA)."""
 
   def adaptive_loss(net, variables):
     params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
-    st_net = straight_through_model(net)
-    return {"": lambda x, labels: combined_loss(net, params, model_state, labels, "eval", weight)(x),
-            "st": lambda x, labels: combined_loss(st_net, params, model_state, labels, "eval", weight)(x)}
+    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
+
+    def combined(temperature):
+      n = net if temperature is None else _registry.with_plugin_overrides(
+          net, straight_through=True, st_temperature=temperature)
+
+      def fn(x, labels):
+        out = base.forward(n, params, model_state, x, mode="eval", labels=labels)
+        return per_example(out.logits, out.aux, labels, weight)
+      return fn
+
+    return {name: combined(t) for name, t in ADAPTIVE_VARIANTS.items()}
 
   return adaptive_loss
+
+
+def _adaptive(weight: float):
+  """CAS's adaptive losses: :func:`adaptive_factory` on :func:`cas_per_example`."""
+  return adaptive_factory(cas_per_example, weight)
 
 
 def objective(model, config) -> base.Objective:
