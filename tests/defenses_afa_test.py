@@ -321,6 +321,7 @@ def test_recipes_and_config_names():
   assert frozen("stage1_bn0/branch0/scale") and frozen("stage2_unit0/bn1/branch4/bias")
   assert frozen("classifier/kernel") and not frozen("stage1_bn0/wg/conv0/kernel")
   assert not frozen("stage2_unit0/bn1/wg/fc1/bias")
+  assert not frozen("norm_hook_stage2/wg/conv0/kernel")  # per-stage WGs (the default) train
 
 
 def _fashion_mnist_smoke(objective, workdir, **overrides):
