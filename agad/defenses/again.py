@@ -231,15 +231,8 @@ class ASEPlugin(CASPlugin):
     return features * mask.astype(features.dtype)
 
 
-def again_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
-  """``CE(f(x), y) + weight * mean_k CE(z_k(x), y)`` per example ``[B]`` (``k`` over sites)."""
-  heads = aux_logits(aux, AUX_NAME)
-  if not heads:
-    raise ValueError(f"the AGAIN objective found no '{AUX_NAME}' in the model's 'aux' collection: build "
-                     "the model with agad.defenses.build_model(config, info) (or "
-                     "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
-  extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-  return attack_losses.cross_entropy(logits, labels) + weight * extra
+# ``CE(f(x), y) + weight * mean_k CE(z_k(x), y)`` per example ``[B]`` (``k`` over sites).
+again_per_example = cas_lib.per_example_fn("AGAIN", AUX_NAME)
 
 
 def _config(config) -> ml_collections.ConfigDict:
@@ -299,18 +292,8 @@ def again(model, config) -> base.Objective:
     fn = combined_fn(params, model_state, batch["label"], k_plugins)
     return attack.general(fn, batch["image"], k_attack, step=step, step_size=step_size)
 
-  def loss(params, model_state, aux_state, batch, adv, key, step):
-    del step
-    labels = batch["label"]
-    out = base.forward(model, params, cas_lib._without_aux(model_state), adv, mode="train", labels=labels,
-                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
-    value = jnp.mean(again_per_example(out.logits, out.aux, labels, weight))
-    heads = aux_logits(out.aux, AUX_NAME)
-    metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
-               "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
-    return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
-
-  return base.Objective("again", base.no_aux_state, generate, loss,
+  return base.Objective("again", base.no_aux_state, generate,
+                        cas_lib.adversarial_loss(model, again_per_example, AUX_NAME, weight),
                         base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
 
 
@@ -319,21 +302,7 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   ``"adv"`` pass (the heads exist because ``plugins`` placed them); ``inner``'s attack."""
   del model
   weight = float(_config(config).weight)
-
-  def terms(params, passes, batch, key, step):
-    del params, key, step
-    if "adv" not in passes:
-      raise ValueError(f"+again needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
-    heads = aux_logits(passes["adv"].aux, AUX_NAME)
-    if not heads:
-      raise ValueError(f"+again found no '{AUX_NAME}' in the adversarial pass of {inner.name}: "
-                       "build the model with agad.defenses.build_model(config, info)")
-    labels = batch["label"]
-    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return weight * jnp.mean(extra), {"again_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
-
-  combined = base.add_terms(inner, "again", terms)
-  return combined._replace(adaptive_loss=_adaptive(weight))
+  return cas_lib.heads_transform(inner, "again", AUX_NAME, weight, _adaptive(weight))
 
 
 def _adaptive(weight: float):

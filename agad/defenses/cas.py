@@ -107,16 +107,24 @@ def aux_logits(aux: dict, name: str = AUX_NAME) -> list[jax.Array]:
   return [leaf.astype(jnp.float32) for _, leaf in sorted(found, key=lambda t: t[0])]
 
 
-def cas_per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
-  """``CE(f(x), y) + weight * mean_k CE(aux_k(x), y)`` per example ``[B]``."""
-  heads = aux_logits(aux)
-  if not heads:
-    raise ValueError(f"the CAS objective found no '{AUX_NAME}' in the model's 'aux' collection: "
-                     "build the model with agad.defenses.build_model(config, info) (or "
-                     "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
-  main = attack_losses.cross_entropy(logits, labels)
-  extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-  return main + weight * extra
+def per_example_fn(defense: str, aux_name: str) -> Callable:
+  """``(logits, aux, labels, weight) -> [B]`` = ``CE(f(x), y) + weight * mean_k CE(aux_k(x), y)``
+  over the heads sown as ``aux_name`` (``k`` over sites) of a CAS-family defense."""
+
+  def per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
+    heads = aux_logits(aux, aux_name)
+    if not heads:
+      raise ValueError(f"the {defense} objective found no '{aux_name}' in the model's 'aux' collection: "
+                       "build the model with agad.defenses.build_model(config, info) (or "
+                       "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
+    main = attack_losses.cross_entropy(logits, labels)
+    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
+    return main + weight * extra
+
+  return per_example
+
+
+cas_per_example = per_example_fn("CAS", AUX_NAME)
 
 
 def _without_aux(model_state):
@@ -142,19 +150,27 @@ def cas(model, config) -> base.Objective:
     loss_fn = combined_loss(model, params, model_state, batch["label"], attack.bn, weight)
     return attack.general(loss_fn, batch["image"], key, step=step)
 
+  return base.Objective("cas", base.no_aux_state, generate,
+                        adversarial_loss(model, cas_per_example, AUX_NAME, weight),
+                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
+
+
+def adversarial_loss(model, per_example: Callable, aux_name: str, weight: float) -> Callable:
+  """A CAS-family objective's ``loss``: one train-mode pass on the adversarial batch
+  (plug-in rng ``pass_key(key, 0)``), mean ``per_example``, main and aux accuracies."""
+
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     labels = batch["label"]
     out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels,
                        taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
-    value = jnp.mean(cas_per_example(out.logits, out.aux, labels, weight))
-    heads = aux_logits(out.aux)
+    value = jnp.mean(per_example(out.logits, out.aux, labels, weight))
+    heads = aux_logits(out.aux, aux_name)
     metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
                "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
     return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
 
-  return base.Objective("cas", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
+  return loss
 
 
 def transform(inner: base.Objective, model, config) -> base.Objective:
@@ -167,21 +183,29 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   """
   del model
   weight = float(defaults.objective_config(config, "cas", DEFAULTS).weight)
+  return heads_transform(inner, "cas", AUX_NAME, weight, _adaptive(weight))
+
+
+def heads_transform(inner: base.Objective, name: str, aux_name: str, weight: float,
+                    adaptive_loss: Callable) -> base.Objective:
+  """``<inner>+<name>`` of a CAS-family defense: ``inner``'s loss + ``weight * mean_k
+  CE(aux_k(x'), y)`` over the heads sown as ``aux_name`` in its ``"adv"`` pass (metric
+  ``<name>_aux_accuracy``), ``inner``'s attack, the family's adaptive losses."""
 
   def terms(params, passes, batch, key, step):
     del params, key, step
     if "adv" not in passes:
-      raise ValueError(f"+cas needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
-    heads = aux_logits(passes["adv"].aux)
+      raise ValueError(f"+{name} needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
+    heads = aux_logits(passes["adv"].aux, aux_name)
     if not heads:
-      raise ValueError(f"+cas found no '{AUX_NAME}' in the adversarial pass of {inner.name}: "
+      raise ValueError(f"+{name} found no '{aux_name}' in the adversarial pass of {inner.name}: "
                        "build the model with agad.defenses.build_model(config, info)")
     labels = batch["label"]
     extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return weight * jnp.mean(extra), {"cas_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+    return weight * jnp.mean(extra), {f"{name}_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
 
-  combined = base.add_terms(inner, "cas", terms)
-  return combined._replace(adaptive_loss=_adaptive(weight))
+  combined = base.add_terms(inner, name, terms)
+  return combined._replace(adaptive_loss=adaptive_loss)
 
 
 def combined_loss(net, params, model_state, labels, mode: str, weight: float):

@@ -18,6 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 SPECS = ["standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "trades+awp", "cas+awp", "pgd_at+awp"]
+# Defenses (revisions from session 5 on): compared only when both snapshots have them.
+SPECS_DEFENSES = ["again", "mart+again", "pgd_at+cas", "again+awp", "fsr", "trades+fsr"]
 
 
 def snapshot(out_path: str) -> None:
@@ -31,11 +33,13 @@ def snapshot(out_path: str) -> None:
   # agad.defenses through its import hook).
   if os.path.isdir(os.path.join(os.path.dirname(agad.__file__), "defenses")):
     from agad import defenses as registry
+    specs = SPECS + SPECS_DEFENSES
   else:  # Before the defense platform.
     from agad import objectives as registry
+    specs = SPECS
   res = {}
   for model_name in ("smallcnn", "tiny_bn"):
-    for spec in SPECS:
+    for spec in specs:
       cfg = fashion_mnist.get_config(f"smallcnn,{spec},smoke")
       cfg.attack.steps = 2
       plugins = registry.plugins_for(spec, cfg, 10)
