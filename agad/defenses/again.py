@@ -60,9 +60,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from agad.attacks import losses as attack_losses
 from agad.defenses import cas as cas_lib
-from agad.defenses.cas import CASPlugin, aux_logits
+from agad.defenses.cas import CASPlugin
 from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
 
