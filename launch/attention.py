@@ -1,6 +1,6 @@
 """Draw attention maps of a checkpoint, clean vs PGD-20, and write their ASC/shift statistics.
 
-  python -m launch.attention --workdir=DIR [--compare=DIR2] [--site=features]
+  python -m launch.attention --workdir=DIR [--compare=DIR2[,DIR3...]] [--site=features]
       [--num_images=16] [--figure_images=8] [--step=best] [--explain=label|predicted]
 
 Takes the first ``num_images`` test images, attacks them with PGD-``steps`` (L-inf, CE,
@@ -11,7 +11,7 @@ model (the same attack for the ``--compare`` model), and writes under
   examples_<name>_<site>.png      per image (the first figure_images): input, adversarial,
                                   each map clean | adv
   distributions_<site>.png        ASC (clean, adv) and L1 shift per class, one row per run
-  side_by_side_<site>.png         with --compare: Grad-CAM of both runs, clean | adv
+  side_by_side_<site>.png         with --compare: Grad-CAM of every run, clean | adv
   attention_<site>.json           per run: step, attack, accuracies, ASC and shift stats
                                   overall and per class (agad.attention.study.summary)
 
@@ -28,14 +28,14 @@ from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
-flags.DEFINE_string("compare", None, "A second workdir shown beside the first (e.g. standard "
-                    "training vs PGD-AT).")
+flags.DEFINE_list("compare", None, "Workdirs shown beside the first, comma-separated (e.g. "
+                  "standard training, ATAT and AGKD-BML vs PGD-AT).")
 flags.DEFINE_string("site", "features", "Site of the maps (any site or unit alias, e.g. "
                     "stage2.pre_pool for SmallCNN's 8x8 maps, stage3.unit[-1]).")
 flags.DEFINE_integer("num_images", 16, "First N test images (all of them enter the statistics).")
 flags.DEFINE_integer("figure_images", 8, "Images (rows) drawn in the per-image figures.")
 flags.DEFINE_string("step", "best", "Checkpoint of --workdir: best | latest | a step number.")
-flags.DEFINE_string("compare_step", "best", "Checkpoint of --compare.")
+flags.DEFINE_string("compare_step", "best", "Checkpoint of every --compare workdir.")
 flags.DEFINE_enum("explain", "label", ["label", "predicted"], "Class a map explains: the true "
                   "label (clean and adversarial alike) or each input's prediction.")
 flags.DEFINE_list("kinds", None, "Map kinds (default: grad_cam, cam where it applies, "
@@ -64,9 +64,8 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
   eps, step_size = float(main.config.eval.eps), float(main.config.eval.step_size)
   images, labels = study_lib.test_images(main.splits(), num_images)
   names = study_lib.class_names(main.info.name, main.info.num_classes)
-  runs = [(workdir, main)]
-  if compare:
-    runs.append((compare, agad.load(compare, compare_step)))
+  compare = [compare] if isinstance(compare, str) else list(compare or [])
+  runs = [(workdir, main)] + [(c, agad.load(c, compare_step)) for c in compare]
 
   studies, stats, figures = {}, {}, []
   safe_site = site.replace("[", "").replace("]", "").replace(".", "_")

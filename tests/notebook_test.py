@@ -76,7 +76,9 @@ def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
 @needs_data
 def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
   workdir = smoke_runs["pgd_at"]
-  out = _run(["launch.attention", f"--workdir={workdir}", f"--compare={smoke_runs['standard']}",
+  # Two comparison workdirs (the same run twice: labels standard, standard_2).
+  out = _run(["launch.attention", f"--workdir={workdir}",
+              f"--compare={smoke_runs['standard']},{smoke_runs['standard']}",
               "--num_images=12", "--site=stage2.pre_pool"], timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   folder = os.path.join(workdir, "eval", "attention")
@@ -86,9 +88,10 @@ def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
                "distributions_stage2_pre_pool", "side_by_side_stage2_pre_pool"):
     png = matplotlib.image.imread(os.path.join(folder, name + ".png"))
     assert png.ndim == 3 and min(png.shape[:2]) > 200 and png.std() > 0.01, name
-  assert stats["num_images"] == 12 and set(stats["runs"]) == {"pgd_at", "standard"}
+  assert stats["num_images"] == 12 and set(stats["runs"]) == {"pgd_at", "standard", "standard_2"}
+  assert stats["runs"]["standard"]["all"] == stats["runs"]["standard_2"]["all"]  # same run, same key
   for name, run in stats["runs"].items():
-    assert run["objective"] == name and run["model"] == "smallcnn"
+    assert run["objective"] == name.removesuffix("_2") and run["model"] == "smallcnn"
     assert run["attack"] == {"name": "pgd-20", "norm": "linf", "eps": 0.1, "step_size": 0.01,
                              "steps": 20, "seed": 0, "bn": "eval"}
     assert run["kinds"] == ["grad_cam", "channel_mean"]  # no CAM: SmallCNN flattens
