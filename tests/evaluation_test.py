@@ -449,7 +449,9 @@ def test_ladder_preset_and_validation():
   assert sorted(rungs) == ["pgd-20@eps=0.0125", "pgd-20@eps=0.025", "pgd-20@eps=0.05"]
   for s in rungs.values():  # step / eps held at the eval config's ratio
     assert s.kw["step_size"] == pytest.approx(cfg.step_size * s.kw["eps"] / cfg.eps)
-  assert "fgsm" in names
+  assert "fgsm" in names and not any(n.startswith("transfer") for n in names)
+  with_surrogate = [s.name for s in build_specs(cfg, preset="ladder", adaptive=True, surrogate=True)]
+  assert with_surrogate == names[:-1] + ["transfer-pgd-20", names[-1]]  # AutoAttack stays last
   for bad in ((0.5, 0.25, 1.0), (0.5,), (0.0, 1.0), (0.5, 1.5)):
     with pytest.raises(ValueError, match=r"eval.ladder=.*increasing factors"):
       merged_eval_config(None, {"ladder": bad})

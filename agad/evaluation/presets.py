@@ -8,9 +8,9 @@ objective declares), so no preset reports PGD alone for a defense that has its o
 ``table_aa``: ``table`` plus AutoAttack, so the report's worst case covers all of them (the
 cached ``table`` attacks are reused).
 ``autoattack``: clean, adaptive, AutoAttack.
-``ladder``: ``table_aa`` plus FGSM and PGD-k at every strength of ``eval.ladder`` (factors of
-``eval.eps``; default AFA's {1, 2, 4, 8}/8), and the objective's analysis against eps when it
-declares one (AFA: its fusion weight, the paper's Fig. 6).
+``ladder``: ``table_aa`` plus FGSM, PGD-k at every strength of ``eval.ladder`` (factors of
+``eval.eps``; default AFA's {1, 2, 4, 8}/8), transfer from a surrogate (if given), and the
+objective's analysis against eps when it declares one (AFA: its fusion weight, Fig. 6).
 ``full``: clean, FGSM, PGD-k, PGD-100, PGD-k x 5 restarts, MIM-k (mu 1, step eps/k), C&W-inf (PGD on the
 kappa-clipped margin), the defense's adaptive attack (if it has one), transfer from a
 surrogate (if given), AutoAttack, PGD-k at eps x {0.25, 0.5, 1.5, 2} and at eps = 0.5
@@ -63,14 +63,15 @@ def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = Fals
     return [clean, *adaptive_spec, aa]
   if preset == "table_aa":
     return [clean, pgd(k), cw, *adaptive_spec, aa]
+  transfer = ([AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k)]
+              if surrogate else [])
   if preset == "ladder":
     rungs = [pgd(k, e=f * eps) for f in ladder_factors(eval_cfg) if f != 1.0]
-    return [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), *rungs, cw, *adaptive_spec, aa]
+    return [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), *rungs, cw, *adaptive_spec,
+            *transfer, aa]
   specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
            AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0), cw]
-  specs += adaptive_spec
-  if surrogate:
-    specs.append(AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k))
+  specs += adaptive_spec + transfer
   specs.append(aa)
   # The eps sweep keeps step/eps fixed; eps = 0.5 must drive accuracy to ~0.
   specs += [pgd(k, e=f * eps) for f in (0.25, 0.5, 1.5, 2.0)] + [pgd(k, e=0.5, size=0.05)]
