@@ -6,7 +6,8 @@ The CIFAR/SVHN datasets need TFDS files this machine cannot download, so each re
 (``configs/<dataset>.py:<model>,<spec>`` with its epochs, lr steps, eps, attack and
 backbone unchanged) runs on ``data.name=synthetic`` images of the dataset's shape and
 class count: teacher runs first where the recipe needs one (ATAT: a ``standard`` run of
-the same backbone; AGKD-BML: the same with label smoothing 0.5 over the other classes;
+the same backbone with the student's per-image standardisation; AGKD-BML: the same with
+label smoothing 0.5 over the other classes;
 AFA stage II: its stage-I run), then ``stop_after_steps=1`` with a small batch, then
 ``agad.load`` of the saved checkpoint and one forward pass of the deployed model and of
 every adaptive-loss variant. Prints one line per run (wall time, loss, parameters) and
@@ -35,7 +36,9 @@ RECIPES = [
     ("cifar10", "resnet18", "trades+fsr", None),
     ("cifar10", "wrn34_10", "again+awp", None),
     ("cifar100", "wrn34_10", "again+awp", None),
-    ("cifar10", "wrn34_10", "atat", ("teacher", {})),
+    # ATAT's student standardises each image (the code's per_image_standardization); its
+    # teacher must too (the student starts from it).
+    ("cifar10", "wrn34_10", "atat", ("teacher", {"model.input_norm": "per_image"})),
     ("cifar10", "wrn28_10", "agkd_bml", ("teacher", {"objective.standard.label_smoothing": 0.5,
                                                      "objective.standard.smoothing": "others"})),
     ("cifar10", "wrn28_10", "afa_stage2", ("stage1", "afa")),
