@@ -7,7 +7,7 @@ The CIFAR/SVHN datasets need TFDS files this machine cannot download, so each re
 backbone unchanged) runs on ``data.name=synthetic`` images of the dataset's shape and
 class count: teacher runs first where the recipe needs one (ATAT: a ``standard`` run of
 the same backbone with the student's per-image standardisation; AGKD-BML: the same with
-label smoothing 0.5 over the other classes;
+label smoothing 0.5 over the other classes and [-1, 1] inputs;
 AFA stage II: its stage-I run), then ``stop_after_steps=1`` with a small batch, then
 ``agad.load`` of the saved checkpoint and one forward pass of the deployed model and of
 every adaptive-loss variant. Prints one line per run (wall time, loss, parameters) and
@@ -39,8 +39,11 @@ RECIPES = [
     # ATAT's student standardises each image (the code's per_image_standardization); its
     # teacher must too (the student starts from it).
     ("cifar10", "wrn34_10", "atat", ("teacher", {"model.input_norm": "per_image"})),
+    # AGKD-BML's code feeds [-1, 1] inputs (mean = std = 0.5) to teacher and student alike.
     ("cifar10", "wrn28_10", "agkd_bml", ("teacher", {"objective.standard.label_smoothing": 0.5,
-                                                     "objective.standard.smoothing": "others"})),
+                                                     "objective.standard.smoothing": "others",
+                                                     "model.mean": (0.5, 0.5, 0.5),
+                                                     "model.std": (0.5, 0.5, 0.5)})),
     ("cifar10", "wrn28_10", "afa_stage2", ("stage1", "afa")),
     ("svhn", "wrn16_8", "afa_stage2", ("stage1", "afa")),
 ]
