@@ -64,6 +64,24 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _errorbar_png(plt, path: str, xs, ys, es, *, xlabel: str, ylabel: str, ylabel_size=None,
+                  title: str | None = None, log_x: bool = False) -> str:
+  """One small error-bar figure written to ``path`` (returned)."""
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel, fontsize=ylabel_size)
+  if title:
+    ax.set_title(title, fontsize=9)
+  if log_x:
+    ax.set_xscale("log")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plots(report: dict, directory: str) -> list[str]:
   """Accuracy vs eps and vs PGD steps (the suite's PGD-CE records); the objective's analysis
   against eps when the report has one."""
@@ -77,30 +95,13 @@ def plots(report: dict, directory: str) -> list[str]:
     pts = sorted((r[key], 100 * r["accuracy"], 100 * r["stderr"]) for r in rows)
     if len(pts) < 2:
       continue
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
     xs, ys, es = zip(*pts)
-    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=2)
-    ax.set_xlabel(label)
-    ax.set_ylabel("robust accuracy (%)")
-    if sweep == "steps":
-      ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(directory, f"accuracy_vs_{sweep}.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_errorbar_png(plt, os.path.join(directory, f"accuracy_vs_{sweep}.png"), xs, ys, es,
+                                 xlabel=label, ylabel="robust accuracy (%)", log_x=sweep == "steps"))
   a = report.get("analysis")
   if a:
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.errorbar(a["x"], a["y_mean"], yerr=a["y_stderr"], marker="o", capsize=2)
-    ax.set_xlabel(a["xlabel"])
-    ax.set_ylabel(a["ylabel"], fontsize=8)
-    ax.set_title(f"rank correlation {a['summary']['spearman_x_y']:.3f} (n={a['n']})", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(directory, f"{a['name']}_vs_eps.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_errorbar_png(
+        plt, os.path.join(directory, f"{a['name']}_vs_eps.png"), a["x"], a["y_mean"], a["y_stderr"],
+        xlabel=a["xlabel"], ylabel=a["ylabel"], ylabel_size=8,
+        title=f"rank correlation {a['summary']['spearman_x_y']:.3f} (n={a['n']})"))
   return written
