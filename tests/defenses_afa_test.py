@@ -395,3 +395,28 @@ def test_spearman_hand_values():
   assert _afa_analysis.spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
   # x = (1, 2, 3), y = (1, 3, 2): d = (0, -1, 1), rho = 1 - 6 * 2 / (3 * 8) = 0.5.
   assert _afa_analysis.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+
+
+def test_fixed_mix_sweep_clean_rows_and_attacked_rows_by_hand():
+  """Clean rows equal each routing's own argmax; attacked rows equal PGD through that
+  routing with the documented key; best_fixed is the column maximum."""
+  config, net, params, ms, x, y = _model_and_vars()
+  variables = {"params": params, **ms}
+  mixes = _afa_analysis.default_mixes(K)
+  assert list(mixes)[:K] == [f"BN_{k}" for k in range(K)] and len(mixes) == K + 3
+  np.testing.assert_allclose(mixes["0.25 BN_0 + 0.75 BN_4"], [0.25, 0, 0, 0, 0.75])
+  key = jax.random.key(7)
+  out = _afa_analysis.fixed_mix_sweep(net, variables, x, y, key, mixes=mixes, eps_values=(0.0, 0.3),
+                                      steps=3)
+  chex.assert_shape(out["correct"], (K + 3, 2, 6))
+  for k in range(K):
+    logits = base.forward(net, params, ms, x, mode="eval", norm_ctx={"branch": k}).logits
+    np.testing.assert_array_equal(out["correct"][k, 0], np.asarray(jnp.argmax(logits, -1) == y))
+  w = jnp.broadcast_to(mixes["0.5 BN_0 + 0.5 BN_4"], (6, K))
+  fn = base.logits_fn_for(net, params, ms, mode="eval", norm_ctx={"mix": w})
+  xa = afa.pgd_lib.pgd(fn, x, y, jax.random.fold_in(key, 1), eps=0.3, step_size=2.5 * 0.3 / 3, steps=3)
+  np.testing.assert_array_equal(out["correct"][K + 1, 1], np.asarray(jnp.argmax(fn(xa), -1) == y))
+  np.testing.assert_allclose(out["best_fixed"], out["correct"].mean(-1).max(0))
+  with pytest.raises(ValueError, match="one weight per branch"):
+    _afa_analysis.fixed_mix_sweep(net, variables, x, y, key, mixes={"bad": np.ones((2, K))},
+                                  eps_values=(0.0,))

@@ -1,9 +1,13 @@
-"""AFA's Fig. 6 analysis: the fusion weight of a deployed stage-II model against attack
-strength, and the rank correlation that says whether it rises with eps."""
+"""AFA's analyses: the fusion weight of a deployed stage-II model against attack strength
+and the rank correlation that says whether it rises with eps (Fig. 6); and a stage-I run's
+accuracy under fixed branch routings (the ceiling of what stage II can reach).
+
+``python -m launch.dev.afa_branches --workdir=<stage-I run>`` prints the routing sweep."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
@@ -62,3 +66,50 @@ def analysis(model, variables):
   def fn(images, labels, key, eps_values):
     return fusion_weight_vs_eps(model, variables, images, labels, key, eps_values=eps_values)
   return fn
+
+
+def default_mixes(num_branches: int, weights=(0.75, 0.5, 0.25)) -> dict[str, np.ndarray]:
+  """Fixed routings of a stage-I run: each branch alone (``BN_k``), then the stage-II pair
+  ``w BN_0 + (1 - w) BN_{K-1}`` for each ``w`` in ``weights``."""
+  eye = np.eye(num_branches, dtype=np.float32)
+  mixes = {f"BN_{k}": eye[k] for k in range(num_branches)}
+  for w in weights:
+    mixes[f"{w:g} BN_0 + {1 - w:g} BN_{num_branches - 1}"] = w * eye[0] + (1 - w) * eye[-1]
+  return mixes
+
+
+def fixed_mix_sweep(model, variables, images, labels, key, *, mixes, eps_values, steps: int = 20,
+                    step_ratio: float = 2.5, norm: str = "linf") -> dict:
+  """Accuracy of a stage-I run under FIXED branch routings, clean and under white-box PGD.
+
+  Stage II can only help if the best fixed routing differs between clean and attacked
+  inputs: this sweep gives that ceiling. For each routing ``mixes[name]`` (``[K]``
+  weights, the same for every example: ``norm_ctx={'mix': w}`` in eval mode) and each
+  ``eps`` in ``eps_values`` (0 = clean): PGD-``steps`` on CE through that routing (step
+  ``step_ratio * eps / steps``, uniform start, key ``fold_in(key, i)`` for the i-th eps,
+  the same for every routing), then per-example correctness.
+
+  Returns ``{"names": [M], "eps": [E], "correct": bool [M, E, B], "accuracy": [M, E],
+  "best_fixed": [E]}`` (``best_fixed``: for each eps the best routing's accuracy, the most
+  a per-strength choice of routing could reach; not a per-example oracle).
+  """
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k not in ("params", "aux")}
+  names = list(mixes)
+  b = images.shape[0]
+  correct = np.zeros((len(names), len(eps_values), b), bool)
+  for m, name in enumerate(names):
+    w = np.asarray(mixes[name], np.float32)
+    if w.ndim != 1:
+      raise ValueError(f"mix {name!r} has shape {w.shape}: give one weight per branch, shape [K]")
+    ctx = {"mix": jnp.broadcast_to(w, (b,) + w.shape)}
+    logits_fn = jax.jit(base.logits_fn_for(model, params, model_state, mode="eval", norm_ctx=ctx))
+    for i, eps in enumerate(eps_values):
+      x = images
+      if eps > 0:
+        x = pgd_lib.pgd(logits_fn, images, labels, jax.random.fold_in(key, i), eps=float(eps),
+                        step_size=step_ratio * float(eps) / steps, steps=steps, norm=norm)
+      correct[m, i] = np.asarray(jnp.argmax(logits_fn(x), -1) == labels)
+  accuracy = correct.mean(axis=-1)
+  return {"names": names, "eps": np.asarray(eps_values, np.float64), "correct": correct,
+          "accuracy": accuracy, "best_fixed": accuracy.max(axis=0)}
