@@ -481,3 +481,23 @@ def test_run_analysis_summarises_plots_and_reports(tmp_path):
   text = markdown(report)
   assert "**toy** (y) against eps, n = 7" in text and "| 0.1 |" in text
   assert [p.endswith("toy_vs_eps.png") for p in plots(report, str(tmp_path))] == [True]
+
+
+def test_input_gradient_stats_tells_a_dead_layer_from_saturation():
+  """A hidden ReLU unit that is off for some inputs gives them one identical logit vector
+  (constant); a saturated softmax gives zero gradients with distinct logits."""
+  from agad.evaluation import checks
+  x = jnp.linspace(0.0, 1.0, 10).reshape(10, 1, 1, 1) * jnp.ones((10, 2, 2, 1))
+  y = jnp.zeros((10,), jnp.int32)
+  # Hidden unit relu(sum(x) - 2): off for the 5 images with sum(x) < 2 (values < 0.5).
+  dead = Partial(lambda v: jnp.stack([jax.nn.relu(v.sum((1, 2, 3)) - 2.0), jnp.zeros(len(v))], -1)
+                 + jnp.array([1.0, -1.0]))
+  stats = checks.input_gradient_stats(dead, x, y)
+  off = float(np.mean(np.asarray(x[:, 0, 0, 0]) * 4 <= 2))
+  assert off == 0.5
+  assert stats["zero"] == pytest.approx(off) and stats["constant"] == pytest.approx(off)
+  # Saturation: class 0 wins by >= 200 nats, so p_y = 1 in float32 and the CE gradient is 0,
+  # but every image has its own logits.
+  saturated = Partial(lambda v: jnp.stack([200.0 + 100.0 * v.sum((1, 2, 3)), jnp.zeros(len(v))], -1))
+  stats = checks.input_gradient_stats(saturated, x, y)
+  assert stats["zero"] == 1.0 and stats["constant"] == 0.0 and stats["nonfinite"] == 0.0

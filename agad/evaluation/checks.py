@@ -130,12 +130,25 @@ def steps_sweep(report: dict) -> list[dict]:
 
 
 def input_gradient_stats(logits_fn, images, labels) -> dict:
-  """Fraction of examples whose CE input gradient is exactly zero or non-finite."""
-  grad = jax.jit(jax.grad(lambda f, x, y: jnp.sum(losses.cross_entropy(f(x), y)), argnums=1))(
+  """Fractions of examples whose CE input gradient is exactly zero (``zero``) or
+  non-finite (``nonfinite``), and of examples with a zero gradient that share one exact
+  logit vector with others (``constant``: the largest such group; a constant-output region,
+  e.g. a hidden ReLU layer with every unit off, rather than a saturated softmax, whose
+  logits still differ per example)."""
+  def loss(f, x, y):
+    z = f(x)
+    return jnp.sum(losses.cross_entropy(z, y)), z
+
+  (_, logits), grad = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True))(
       logits_fn, images, labels)
   flat = np.asarray(grad).reshape(len(images), -1)
-  return {"zero": float(np.mean(np.all(flat == 0, axis=1))),
-          "nonfinite": float(np.mean(~np.all(np.isfinite(flat), axis=1)))}
+  zero = np.all(flat == 0, axis=1)
+  constant = 0.0
+  if zero.sum() > 1:
+    _, counts = np.unique(np.asarray(logits)[zero], axis=0, return_counts=True)
+    constant = float(counts.max()) / len(images) if counts.max() > 1 else 0.0
+  return {"zero": float(np.mean(zero)), "nonfinite": float(np.mean(~np.all(np.isfinite(flat), axis=1))),
+          "constant": constant}
 
 
 def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
@@ -157,8 +170,12 @@ def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
   if stats["nonfinite"] > 0:
     w.append(f"{100 * stats['nonfinite']:.1f}% of examples have non-finite input gradients")
   if stats["zero"] > 0.01:
-    w.append(f"{100 * stats['zero']:.1f}% of examples have exactly zero input gradients "
-             "(quantisation or saturation masks gradients: use BPDA, EOT or a black-box attack)")
+    why = ("quantisation or saturation masks gradients: use BPDA, EOT or a black-box attack")
+    if stats["constant"] > 0.01:
+      why = (f"{100 * stats['constant']:.1f}% of examples get one identical logit vector: a "
+             "constant-output region, e.g. a hidden ReLU layer with every unit off (dead units); "
+             "gradient attacks cannot move them, black-box attacks and best iterates can")
+    w.append(f"{100 * stats['zero']:.1f}% of examples have exactly zero input gradients ({why})")
   first = np.asarray(logits_fn(images, jax.random.key(seed)) if stochastic else logits_fn(images))
   if (first.ndim == 2 and np.all(first >= -1e-5) and np.all(first <= 1 + 1e-5)
       and np.allclose(first.sum(-1), 1.0, atol=1e-4)):
