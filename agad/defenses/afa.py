@@ -34,7 +34,8 @@ branch's B examples, so each example updates only its strength's running statist
 Stage II (Sec. 4.2-4.3, Fig. 4b). :func:`stage2_norm` replaces every BN by
 :class:`~agad.defenses._afa_norm.AFANorm`: BN_0 and BN_{K-1} kept (same variable names as
 stage I, so ``init.workdir=<stage-I run>`` copies them by identity; the middle branches
-are dropped), fused by a weight generator per BN layer (Eqs. 1-2):
+are dropped), fused by a weight generator (Eqs. 1-2; one per stage by default, handed to the
+stage's BN layers through the backbone's ``norm_hook``; ``wg_per="layer"``: one per BN layer):
 ``x_hat = W0 BN_0(x) + (1 - W0) BN_{K-1}(x)``, ``W0 = sigmoid(WG(x))`` sown as
 ``aux/afa_w0``. Everything but the WGs is frozen (``init.freeze`` = :data:`STAGE2_FREEZE`,
 parameters; ``freeze_stats`` = running statistics); the WGs train on CE only, on inputs
@@ -51,9 +52,10 @@ channels), ascended: it pushes W0 towards 1, i.e. makes the adversarial input lo
 to the fusion (the reference review's reading; the paper's supplement is unavailable).
 
 Parameters (10 classes; stage I adds (K-1) x 2C per BN layer, stage II drops K-2 of
-them and adds one WG per BN layer of C channels, 144 C + 2,657 parameters at width 16):
-SmallCNN-BN (28x28x1) 314,122 -> 351,246 (4 WGs, 38,276); WRN-28-10 36,551,002 ->
-37,856,115 (25 WGs, 1,358,969); WRN-16-8 stage II 11,521,511 (13 WGs, 552,941).
+them and adds WGs; with ``wg_per="layer"`` one per BN layer of C channels, 144 C + 2,657
+parameters at width 16): SmallCNN-BN (28x28x1) 314,122 -> 351,246 (4 WGs, 38,276); WRN-28-10
+36,551,002 -> 37,856,115 (25 WGs, 1,358,969); WRN-16-8 stage II 11,521,511 (13 WGs, 552,941).
+Per stage (the default): SmallCNN-BN 323,036 (2 WGs), WRN-28-10 36.67M (4 WGs).
 
 Open choices and defaults (WORKSPACE.md lists them too):
   * ladder relative to ``attack.eps`` (one default for every dataset);
@@ -66,8 +68,9 @@ Open choices and defaults (WORKSPACE.md lists them too):
     shared weights take a K-times larger step than one loss would; ``"mean"`` divides by K
     (on Fashion-MNIST ``smallcnn_bn`` the sum killed 91% of the BN-free hidden Linear's units
     in 312 steps, WORKSPACE.md);
-  * one WG per BN layer reading that layer's input (Eq. 1-2 literally). A WG per network
-    stage shared by its BN layers needs a backbone hook the core lacks (not implemented);
+  * one WG per network stage reading the stage's input, its scalar W0 shared by the stage's
+    BN layers (``wg_per="stage"``, the issue's default); ``wg_per="layer"``: one WG per BN
+    layer reading that layer's input (Eq. 1-2 literally);
   * WG width 16, scalar W0 (``wg_out="channel"``: one per channel);
   * stage II: statistics frozen, eps ~ U(0, xi_max) per example, CE only;
   * stage I's own validation/eval routes ``norm_ctx=None`` = BN_0 (the clean branch);
@@ -240,7 +243,7 @@ def afa_stage1(model, config: Any) -> base.Objective:
     raise ValueError(f"objective.afa.base={cfg.base!r} is not one of {BASES}")
   if cfg.clean_in_branch not in CLEAN_MODES:
     raise ValueError(f"objective.afa.clean_in_branch={cfg.clean_in_branch!r} is not one of {CLEAN_MODES}")
-  reduction = cfg.get("loss_reduction", "sum")
+  reduction = cfg.loss_reduction
   if reduction not in REDUCTIONS:
     raise ValueError(f"objective.afa.loss_reduction={reduction!r} is not one of {REDUCTIONS}")
   eps, step_size = ladder_radii(config, cfg)

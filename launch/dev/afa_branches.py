@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 import agad
-from agad.defenses import _afa_analysis
+from agad.defenses import _afa_analysis, afa
+from agad.objectives import defaults
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A stage-I run (objective afa).", required=True)
@@ -44,7 +45,7 @@ def main(argv):
   labels = np.asarray(test.labels[:n])
   eps_unit = float(run.config.attack.eps)
   eps = [float(e) * eps_unit for e in FLAGS.eps]
-  k = int(run.config.objective.get("afa", {}).get("num_branches", 5))
+  k = int(defaults.objective_config(run.config, "afa", afa.DEFAULTS).num_branches)
   out = _afa_analysis.fixed_mix_sweep(run.model, run.variables, images, labels,
                                       jax.random.key(FLAGS.seed), mixes=_afa_analysis.default_mixes(k),
                                       eps_values=eps, steps=FLAGS.steps)
