@@ -43,7 +43,7 @@ Paper (Tables 1, 3, CIFAR-10, WRN-28-10, PGD at eps 0/1/2/4/8 /255): PGD-AT+AFA 
 """
 
 from agad import defenses
-from agad.defenses import afa
+from agad.defenses import afa_stage2
 from configs import common
 
 
@@ -55,8 +55,8 @@ def cifar_config(name: str, arg: str | None):
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
   _again_recipe(c, arg)
-  if afa.spec_head(arg) == "afa_stage2":
-    afa.stage2_recipe(c, lr=0.01)   # AFA stage II (paper Sec. 5.1: CIFAR lr 0.01)
+  if afa_stage2.spec_head(arg) == "afa_stage2":
+    afa_stage2.stage2_recipe(c, lr=0.01)   # AFA stage II (paper Sec. 5.1: CIFAR lr 0.01)
   return common.apply_arg(c, arg)
 
 

@@ -51,11 +51,10 @@ ratios a:b in {10:1, 5:1, 2:1, 1:1, 1:2, 1:5, 1:10}, variants ``ce10_bce1`` ...
 channels), ascended: it pushes W0 towards 1, i.e. makes the adversarial input look clean
 to the fusion (the reference review's reading; the paper's supplement is unavailable).
 
-Parameters (10 classes; stage I adds (K-1) x 2C per BN layer, stage II drops K-2 of
-them and adds WGs; with ``wg_per="layer"`` one per BN layer of C channels, 144 C + 2,657
-parameters at width 16): SmallCNN-BN (28x28x1) 314,122 -> 351,246 (4 WGs, 38,276); WRN-28-10
-36,551,002 -> 37,856,115 (25 WGs, 1,358,969); WRN-16-8 stage II 11,521,511 (13 WGs, 552,941).
-Per stage (the default): SmallCNN-BN 323,036 (2 WGs), WRN-28-10 36.67M (4 WGs).
+Parameters (10 classes; stage I adds (K-1) x 2C per BN layer; stage II drops K-2 of them,
+adds WGs): per stage (default) SmallCNN-BN 323,036 (2 WGs), WRN-28-10 36.67M (4 WGs);
+``wg_per="layer"`` (144 C + 2,657 per WG at width 16): SmallCNN-BN (28x28x1) 314,122 ->
+351,246 (4 WGs), WRN-28-10 36,551,002 -> 37,856,115 (25), WRN-16-8 11,521,511 (13).
 
 Open choices and defaults (WORKSPACE.md lists them too):
   * ladder relative to ``attack.eps`` (one default for every dataset);
@@ -93,6 +92,8 @@ import numpy as np
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative as pgd_lib
 from agad.attacks import losses as attack_losses
+from agad.defenses import afa_stage2 as stage2_module
+from agad.defenses.afa_stage2 import STAGE2_FREEZE, STAGE2_KEEP_INIT
 from agad.defenses._afa_norm import (LOGIT_NAME, W0_NAME, AFANorm, AFAStageHook, kept_branches,
                                     per_example_mean, sown)
 from agad.models.layers import MultiBranchBatchNorm
@@ -114,11 +115,6 @@ DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-exa
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
 DEFAULTS.loss_reduction = "sum"    # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
 
-# Stage II trains the weight generators only: freeze every other parameter (regex on
-# '/'-joined paths, re.search) and let the WGs (absent from the stage-I run) keep their init.
-STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
-STAGE2_KEEP_INIT = r"(^|/)wg/"
-
 WG_PERS = ("stage", "layer")  # one weight generator per stage (issue default) | per BN layer
 
 _STRENGTH_SALT = 0x41464132
@@ -132,8 +128,7 @@ def norm(config: Any):
 
 def stage2_defaults() -> ml_collections.ConfigDict:
   """Stage II's ``DEFAULTS`` (defined in ``afa_stage2.py``, where the registry reads them)."""
-  from agad.defenses import afa_stage2
-  return afa_stage2.DEFAULTS
+  return stage2_module.DEFAULTS
 
 
 def stage2_norm(config: Any):
@@ -394,27 +389,6 @@ def _fusion_analysis(model, variables):
   """W1 against eps (paper Fig. 6), for ``launch.evaluate --preset=ladder``."""
   from agad.defenses import _afa_analysis  # it imports this module
   return _afa_analysis.analysis(model, variables)
-
-
-def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
-  """Stage II's schedule and freezing on config ``c`` (paper Sec. 5.1: 20 epochs, decay
-  x0.1 at epoch 10; lr 0.01 CIFAR-10 / 0.001 SVHN). ``init.workdir`` is the user's."""
-  c.num_epochs = num_epochs
-  c.optim.lr = lr
-  c.optim.schedule = "piecewise"
-  c.optim.boundaries = tuple(boundaries)
-  c.optim.decay_factor = 0.1
-  c.optim.warmup_epochs = 0.0
-  c.attack.eps_warmup_steps = 0
-  c.init.freeze = STAGE2_FREEZE
-  c.init.keep_init = STAGE2_KEEP_INIT
-  return c
-
-
-def spec_head(arg: str | None) -> str:
-  """The objective head of a config argument ``MODEL,OBJECTIVE[,smoke]`` ('' if none)."""
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip() and p.strip() != "smoke"]
-  return parts[1].split("+")[0].strip() if len(parts) > 1 else ""
 
 
 def objective(model, config) -> base.Objective:

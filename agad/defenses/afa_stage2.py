@@ -2,7 +2,8 @@
 
 The objective and norm factory live in :mod:`agad.defenses.afa` (see its docstring);
 this module holds stage II's ``config.objective.afa_stage2`` fields, so the registry
-(``agad.defenses.<name>``) finds them beside the objective.
+(``agad.defenses.<name>``) finds them beside the objective, and the recipe the configs apply
+(:func:`stage2_recipe`); it imports no JAX and never imports ``afa`` at module level.
 """
 
 import ml_collections
@@ -18,6 +19,31 @@ DEFAULTS.freeze_stats = True  # kept branches use running statistics, never upda
 DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: config.attack.
 DEFAULTS.adaptive_ratios = "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
 
+# Stage II trains the weight generators only: freeze every other parameter (regex on
+# '/'-joined paths, re.search) and let the WGs (absent from the stage-I run) keep their init.
+STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
+STAGE2_KEEP_INIT = r"(^|/)wg/"
+
+
+def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
+  """Stage II's schedule and freezing on config ``c`` (paper Sec. 5.1: 20 epochs, decay
+  x0.1 at epoch 10; lr 0.01 CIFAR-10 / 0.001 SVHN). ``init.workdir`` is the user's."""
+  c.num_epochs = num_epochs
+  c.optim.lr = lr
+  c.optim.schedule = "piecewise"
+  c.optim.boundaries = tuple(boundaries)
+  c.optim.decay_factor = 0.1
+  c.optim.warmup_epochs = 0.0
+  c.attack.eps_warmup_steps = 0
+  c.init.freeze = STAGE2_FREEZE
+  c.init.keep_init = STAGE2_KEEP_INIT
+  return c
+
+
+def spec_head(arg: str | None) -> str:
+  """The objective head of a config argument ``MODEL,OBJECTIVE[,smoke]`` ('' if none)."""
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip() and p.strip() != "smoke"]
+  return parts[1].split("+")[0].strip() if len(parts) > 1 else ""
 
 
 def objective(model, config):
