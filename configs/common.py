@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.momentum = 0.9           # SGD momentum.
   c.optim.nesterov = False         # Nesterov momentum.
   c.optim.weight_decay = 5e-4      # Coupled (PyTorch-style) weight decay on every parameter.
+  c.optim.grad_clip = 0.0          # > 0: clip the gradient's global L2 norm to this (0 = off, as the papers).
   c.optim.schedule = "piecewise"   # piecewise | cosine | constant.
   c.optim.warmup_epochs = 0.0      # Linear warm-up from 0 (epochs).
   c.optim.boundaries = (75, 90)    # piecewise: epochs at which lr *= decay_factor.

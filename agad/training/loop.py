@@ -47,8 +47,14 @@ def _flatten(d: Any, prefix: str = "") -> dict:
   return out
 
 
+# Fields added after runs were saved, with the value that reproduces those runs: a
+# checkpoint without the field resumes under that value (anything else is a change).
+ADDED_FIELDS = {"optim.grad_clip": 0.0}
+
+
 def trajectory_diff(old: dict, new: dict) -> list[str]:
   a, b = _flatten(old), _flatten(new)
+  a = {**{k: v for k, v in ADDED_FIELDS.items() if a and k.split(".")[0] in old}, **a}
   return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
           for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 

@@ -3,6 +3,11 @@
 SGD with momentum and coupled weight decay as PyTorch's ``SGD(weight_decay=...)``
 computes it (``g <- g + wd * w`` before momentum), which is what every seed
 implementation uses. Schedules are defined in epochs and converted to steps.
+
+``optim.grad_clip > 0`` rescales the loss gradient to that global L2 norm when it is larger
+(``torch.nn.utils.clip_grad_norm_`` before ``SGD.step``: the clip sees the gradient of the
+trainable parameters only, before weight decay is added). None of the seed papers clips; it
+is there for losses too sharp for plain SGD (ATAT's ``code_cifar10`` logit MSE, WORKSPACE.md).
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ def _path_labels(params: Any, frozen_patterns: list[str]) -> Any:
 
 def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *,
                    frozen: list[str] | None = None, params: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD(momentum, nesterov) + weight decay; parameters matching ``frozen`` regexes
-  (on '/'-joined paths) get zero updates (``optax.multi_transform``)."""
+  """[clip] + SGD(momentum, nesterov) + weight decay; parameters matching ``frozen`` regexes
+  (on '/'-joined paths) get zero updates (``optax.multi_transform``) and are outside the clip's norm."""
   schedule = make_schedule(cfg, steps_per_epoch, num_epochs)
   if cfg.name != "sgd":
     raise ValueError(f"optim.name {cfg.name!r} is not supported; use 'sgd'")
-  tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+  clip = float(cfg.get("grad_clip", 0.0) or 0.0)
+  if not clip >= 0:
+    raise ValueError(f"optim.grad_clip={cfg.grad_clip} must be >= 0 (0 = no clipping; e.g. 1.0 "
+                     "clips the gradient's global L2 norm to 1)")
+  tx = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
+                   optax.add_decayed_weights(cfg.weight_decay),
                    optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   if frozen:
     if params is None:
