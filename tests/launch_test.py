@@ -79,7 +79,7 @@ def test_unknown_override_and_bad_arg_fail():
   assert out.returncode != 0 and "learning_rate" in out.stderr
   # One line naming the field and the fields that exist there, no traceback.
   assert ("unknown config field in --config.optim.learning_rate; fields of config.optim: boundaries, "
-          "decay_factor, lr," in out.stderr) and "Traceback" not in out.stderr
+          "decay_factor, grad_clip, lr," in out.stderr) and "Traceback" not in out.stderr
   out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
               "--workdir=/tmp/never", "--config.attack.eps=3.0"])
   assert out.returncode != 0 and "config.attack.eps=3.0 is invalid" in out.stderr

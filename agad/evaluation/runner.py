@@ -4,7 +4,8 @@ What ``python -m launch.evaluate`` does, as a library call: restore the checkpoi
 (eval-mode BN, the model's compute dtype, "best" chosen on the validation split), build
 the preset's attack specs from the run's ``eval`` config, run the cached suite on the
 first ``num_examples`` test images (stored adversarials re-verified by a float32 forward
-pass), and write the JSON report, Markdown table and plots.
+pass), and write the JSON report, Markdown table, plots and the per-example results (.npz,
+for paired comparisons: ``python -m launch.compare``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def write_json(path: str, payload: dict) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, default=lambda o: np.asarray(o).tolist())
+  os.replace(tmp, path)
+
+
+def write_npz(path: str, arrays: dict) -> None:
+  """Writes per-example arrays atomically (``agad.evaluation.compare`` reads them)."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
   os.replace(tmp, path)
 
 
@@ -91,6 +99,8 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
                                                                 for f in presets.ladder_factors(eval_cfg)),
                                       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
+  write_npz(stem + ".npz", report.pop("per_example"))
+  report["per_example_file"] = os.path.basename(stem) + ".npz"
   write_json(stem + ".json", report)
   with open(stem + ".md", "w") as f:
     f.write(report_lib.markdown(report))

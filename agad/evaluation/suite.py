@@ -302,7 +302,7 @@ class Suite:
     eps = spec.kw.get("eps")
     return self.eps is None or eps is None or abs(float(eps) - float(self.eps)) <= 1e-9
 
-  def worst_case(self) -> dict:
+  def worst_case_robust(self) -> tuple[np.ndarray, list[str]]:
     """Per-example minimum over every attack run at the suite's eps (verified breaks)."""
     robust = np.ones(len(self.indices), bool)
     over = []
@@ -310,7 +310,17 @@ class Suite:
       if r.get("in_threat_model", True):
         robust &= r["robust"]
         over.append(name)
-    return robustness.accuracy_record(robust, attack="worst-case", over=sorted(over))
+    return robust, sorted(over)
+
+  def worst_case(self) -> dict:
+    robust, over = self.worst_case_robust()
+    return robustness.accuracy_record(robust, attack="worst-case", over=over)
+
+  def per_example(self) -> dict:
+    """Arrays for paired comparisons (``agad.evaluation.compare``): ``indices`` [n],
+    ``worst_case`` [n] and ``row/<name>`` [n] (robust after verification)."""
+    return {"indices": np.asarray(self.indices, np.int64), "worst_case": self.worst_case_robust()[0],
+            **{f"row/{name}": np.asarray(r["robust"], bool) for name, r in self.results.items()}}
 
   def verify(self, eps: float, norm: str = "linf") -> dict:
     """Re-checks the stored worst-case adversarials (``self.adversarial``) with
@@ -332,7 +342,8 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
               checks_cfg: dict | None = None, dtype: str = "float32",
               verify_logits_fn: Callable | None = None, stochastic: bool = False,
               fingerprint: str = "", **suite_kwargs) -> dict:
-  """Runs ``specs`` and the automatic checks; returns the report dict.
+  """Runs ``specs`` and the automatic checks; returns the report dict (its ``per_example``
+  holds numpy arrays, :meth:`Suite.per_example`; ``runner.evaluate`` writes them to an .npz).
 
   Args:
     eps, norm: the report's threat model.
@@ -361,6 +372,7 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
       "attack_code_version": ATTACK_CODE_VERSION,
       "records": records, "worst_case": suite.worst_case(), "verification": verified,
       "wall_time_s": time.time() - t0, "sweep_steps": sweep_steps, "computed_here": suite.where,
+      "per_example": suite.per_example(),
   }
   report["warnings"] = checks.report_warnings(report, **(checks_cfg or {}))
   report["not_applicable"] = checks.not_applicable(report)
