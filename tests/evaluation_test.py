@@ -106,6 +106,24 @@ def test_report_warnings_on_hand_made_records():
   assert checks.report_warnings(clean_report) == []
 
 
+def test_checks_at_their_threshold_do_not_fire_on_float_noise():
+  # 0.641 - 0.601 is 4.0000000000000036 pp in floats: exactly the 4 pp threshold, which says "more than".
+  rec = lambda name, kind, acc, **kw: {"attack": name, "kind": kind, "accuracy": acc, "stderr": 0.01,
+                                       "n": 1000, "eps": 0.1, **kw}
+  pgd = lambda name, acc, steps: rec(name, "pgd", acc, steps=steps, restarts=1, loss="ce")
+  at = {"eps": 0.1, "sweep_steps": 20, "records": [
+      pgd("pgd-20", 0.641, 20), pgd("pgd-100", 0.631, 100), rec("autoattack", "autoattack", 0.601),
+      rec("fgsm", "fgsm", 0.636), rec("square", "square", 0.599)]}  # every gap exactly at its threshold
+  assert checks.report_warnings(at) == []
+  above = {"eps": 0.1, "sweep_steps": 20, "records": [
+      pgd("pgd-20", 0.642, 20), pgd("pgd-100", 0.630, 100), rec("autoattack", "autoattack", 0.601),
+      rec("fgsm", "fgsm", 0.636), rec("square", "square", 0.597)]}
+  w = " | ".join(checks.report_warnings(above))
+  for needle in ("4.10 pp above AutoAttack", "falls by 1.20 pp", "weaker than FGSM",
+                 "beats every white-box attack (best 60.10%)"):
+    assert needle in w, (needle, w)
+
+
 def test_randomised_model_is_flagged():
   source, templates = _templates_source(seed=2)
   rng = np.random.default_rng(0)
