@@ -77,7 +77,7 @@ def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float 
                  f"AutoAttack ({100 * a['accuracy']:.2f}%): PGD alone overstates robustness here")
   sweep = sorted((r["eps"], 100 * r["accuracy"]) for r in eps_sweep(report))
   for (e1, a1), (e2, a2) in zip(sweep, sweep[1:]):
-    if a2 > a1 + sweep_tolerance_pp:
+    if _pp(a2 / 100, a1 / 100) > sweep_tolerance_pp:
       w.append(f"accuracy rises with eps ({a1:.2f}% at {e1:.4g} -> {a2:.2f}% at {e2:.4g}): "
                "the attack is failing at larger radii")
   for e, a in sweep:
