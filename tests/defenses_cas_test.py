@@ -10,7 +10,7 @@ from agad import models
 from agad.attacks import losses as attack_losses
 from agad.objectives import base
 from agad.defenses.cas import AUX_NAME, CASPlugin, aux_logits, cas
-from tests.helpers import objective_defaults
+from tests.helpers import assert_close, objective_defaults
 from agad.defenses import plugins_for
 
 K = 10
@@ -124,7 +124,7 @@ def test_cas_loss_is_ce_plus_two_mean_aux_ce(setup):
               + 2.0 * jnp.mean(attack_losses.cross_entropy(aux, y)))
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   ref = base.forward(model, params, state, adv, mode="train", labels=y)
-  jax.tree.map(np.testing.assert_allclose, new_state, ref.model_state)
+  assert_close(new_state, ref.model_state)  # two programs: float32 tolerances
   assert set(metrics) >= {"adv_accuracy", "aux_accuracy"}
 
 

@@ -50,3 +50,18 @@ def objective_defaults(names=("standard", "pgd_at", "trades", "mart", "alp", "ia
   for name in names:
     c[name] = defenses.defaults(name)
   return c
+
+
+# Tolerance policy (docs/testing.md). Bitwise equality (``chex.assert_trees_all_equal``)
+# only where the *same compiled program* runs twice on the same inputs: a resume, a cache
+# replay, sharded vs sharded, the same jitted function called again. Anything that crosses
+# a jit boundary (jitted vs eager), a different batch split, device count or a different
+# program compares with float32 tolerances: XLA may fuse, reorder and vectorise each program
+# differently on each CPU (AVX2 vs AVX-512), which moves results by a few ulps.
+F32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_close(actual, expected, **tol):
+  """``chex.assert_trees_all_close`` with the float32 cross-program tolerances ``F32``."""
+  import chex
+  chex.assert_trees_all_close(actual, expected, **{**F32, **tol})

@@ -136,7 +136,11 @@ def ase_weights(class_weights: jax.Array, labels: jax.Array, other_labels: jax.A
   if class_weights.ndim != 2:
     raise ValueError(f"class_weights must be the [C, K] kernel, got shape {class_weights.shape}")
   rows = class_weights.T  # [K, C]
-  return alpha * jnp.take(rows, labels, axis=0) + (1.0 - alpha) * jnp.take(rows, other_labels, axis=0)
+  # mode='clip': the labels are in range by construction; jnp.take's default 'fill' mode
+  # guards each row with an in-bounds select that writes NaN, and one XLA:CPU compilation of
+  # the train step (YNN fusions off) got that select wrong: NaN gradients at valid labels.
+  return (alpha * jnp.take(rows, labels, axis=0, mode="clip")
+          + (1.0 - alpha) * jnp.take(rows, other_labels, axis=0, mode="clip"))
 
 
 def _moments(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -173,7 +177,7 @@ def hybrid_feature_fusion(features: jax.Array, permutation: jax.Array, gammas: j
     raise ValueError(f"hybrid feature fusion needs spatial axes [B, H, W, C]; got shape {features.shape} "
                      "(a pooled site): put the ASE plug-in at a feature map or set objective.again.hff=False")
   a = features
-  a_style = jnp.take(a, permutation, axis=0)
+  a_style = jnp.take(a, permutation, axis=0, mode="clip")  # a permutation: in range
   a1 = adain(a, a_style, eps)
   a2 = adain(a_style, a, eps)
   stats = [_moments(t, eps) for t in (a, a_style, a1, a2)]
@@ -219,11 +223,11 @@ class ASEPlugin(CASPlugin):
     logits = pooled @ kernel + bias
     self.sow("aux", AUX_NAME, logits)
     if mixing:
-      other = jnp.take(labels, jax.random.permutation(k_labels, labels.shape[0]), axis=0)
+      other = jnp.take(labels, jax.random.permutation(k_labels, labels.shape[0]), axis=0, mode="clip")
       self.sow("aux", OTHER_LABELS_NAME, other)
       mask = ase_weights(kernel, labels, other, alpha=self.alpha)
     else:
-      mask = jnp.take(kernel.T, jnp.argmax(logits, axis=-1), axis=0)  # [B, C]: W[argmax z]
+      mask = jnp.take(kernel.T, jnp.argmax(logits, axis=-1), axis=0, mode="clip")  # [B, C]: W[argmax z]
       if self.straight_through:
         mask = cas_lib.straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))

@@ -39,14 +39,15 @@ def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
   logits_adv = logits_adv.astype(jnp.float32)
   batch_size = logits_adv.shape[0]
   adv_probs = jax.nn.softmax(logits_adv, axis=-1)
-  # torch.argsort(adv_probs)[:, -2:]; new_y = second-largest if the largest is y.
+  # torch.argsort(adv_probs)[:, -2:]; new_y = second-largest if the largest is y. Gathers use
+  # mode="clip" (indices in range by construction): never a NaN fill (tests/numerics_test.py).
   top2 = jnp.argsort(adv_probs, axis=-1)[:, -2:]
   new_y = jnp.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
-  boosted = -jnp.take_along_axis(jnp.log(1.0001 - adv_probs + 1e-12), new_y[:, None], axis=-1)[:, 0]
+  boosted = -jnp.take_along_axis(jnp.log(1.0001 - adv_probs + 1e-12), new_y[:, None], axis=-1, mode="clip")[:, 0]
   loss_adv = base.cross_entropy_mean(logits_adv, labels) + jnp.mean(boosted)
 
   nat_probs = jax.nn.softmax(logits_clean, axis=-1)
-  true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1)[:, 0]
+  true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1, mode="clip")[:, 0]
   # nn.KLDivLoss(reduction='none')(log(adv_probs + 1e-12), nat_probs):
   # target * (log target - input), 0 where target == 0.
   log_nat = jax.nn.log_softmax(logits_clean, axis=-1)

@@ -1,0 +1,82 @@
+"""Numerics that hold on any CPU: no expression whose value depends on one compilation.
+
+A gather in ``jnp.take``'s default ``'fill'`` mode guards every row with an in-bounds
+select that writes NaN; one XLA:CPU compilation of the AGAIN train step (YNN fusions off)
+got that select wrong and returned NaN gradients for valid labels. Every label/argmax
+gather in agad's losses and plug-ins uses ``mode='clip'`` (the indices are in range by
+construction), and these tests keep it so in every train step.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from jax.extend import core as jex_core
+
+from agad.defenses import again as again_lib
+from agad.defenses import agkd_bml
+from agad.objectives.mart import mart_loss
+from agad.training import loop
+from agad.training import step as step_lib
+from tests.helpers import assert_close, tiny_config
+
+# Every objective and composition a Fashion-MNIST smoke run trains without a teacher.
+SPECS = ("standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "again", "fsr", "afa",
+         "trades+awp", "trades+again", "mart+again", "again+awp", "trades+fsr", "trades+cas")
+
+
+def _fill_mode_gathers(jaxpr, found):
+  """Appends ``(primitive, dtype)`` of every gather/scatter in NaN-fill mode, recursively."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name.startswith(("gather", "scatter")):
+      if "FILL_OR_DROP" in str(eqn.params.get("mode")):
+        found.append((eqn.primitive.name, str(eqn.invars[0].aval)))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          _fill_mode_gathers(sub.jaxpr, found)
+        elif isinstance(sub, jex_core.Jaxpr):
+          _fill_mode_gathers(sub, found)
+  return found
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_no_train_step_gathers_in_nan_fill_mode(tmp_path, spec):
+  trainer = loop.Trainer(tiny_config(spec), str(tmp_path))
+  state = jax.eval_shape(trainer.initial_state)
+  train_step = step_lib.make_train_step(trainer.exp.objective, trainer.tx, ema_decay=0.0)
+  batch = {"image": jnp.zeros((16, 8, 8, 1)), "label": jnp.zeros((16,), jnp.int32)}
+  jaxpr = jax.make_jaxpr(train_step)(state, batch, trainer.frozen)
+  assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+
+
+def test_label_gathers_of_agkd_bml_and_mart_use_clip_mode():
+  """AGKD-BML's MART term (its step needs a teacher, so it is not in SPECS) and MART's loss."""
+  logits = jax.random.normal(jax.random.key(0), (4, 10))
+  labels = jnp.array([0, 9, 3, 9])
+  for fn in (lambda a: agkd_bml.mart_term(logits, a, labels, beta=6.0),
+             lambda a: mart_loss(logits, a, labels, beta=6.0)):
+    jaxpr = jax.make_jaxpr(jax.grad(fn))(logits)
+    assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+
+
+class ASEWeightsAtTheBoundaryTest(parameterized.TestCase):
+  """``ase_weights`` at the first and last class (the rows next to the gather's bounds):
+  exact rows, finite gradients, jitted and not."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_boundary_labels_give_exact_rows_and_finite_gradients(self):
+    kernel = jax.random.normal(jax.random.key(0), (6, 4))  # [C, K]
+    y = jnp.array([0, 3, 3, 0])
+    other = jnp.array([3, 0, 3, 0])
+    fn = self.variant(lambda w: again_lib.ase_weights(w, y, other, alpha=0.6))
+    rows = np.asarray(kernel).T
+    assert_close(fn(kernel), 0.6 * rows[np.asarray(y)] + 0.4 * rows[np.asarray(other)])
+    grad = self.variant(jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other, alpha=0.6) ** 2)))(kernel)
+    chex.assert_tree_all_finite(grad)
+    # Column k of the gradient collects the rows that selected class k: classes 1, 2 none.
+    chex.assert_trees_all_equal(grad[:, 1:3], jnp.zeros((6, 2)))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other))))(kernel)
+    assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
