@@ -116,7 +116,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
       raise ValueError(f"config arg {arg!r}: unknown model {parts[0]!r}; known: {sorted(models_lib.MODEL_NAMES)}")
     c.model.name = parts[0]
   if len(parts) == 2:
-    defenses.parse(parts[1])  # Fails early with the list of known names.
+    from agad.defenses._validate import check_spec
+    check_spec(parts[1])  # Fails early (empty, repeated or unknown names) with the known ones.
     c.objective.name = parts[1]
   if defenses.spec_names(c.objective.name)[0] == "standard":
     c.checkpoint.best_metric = "val/clean_accuracy"  # Standard training is chosen on clean accuracy.

@@ -114,6 +114,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
+  with common.refuse_bad_input():  # Bad flags are refused before anything is written, in one line.
+    common.check_attention_flags(
+        workdir=FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
+        figure_images=FLAGS.figure_images, step=FLAGS.step, compare_step=FLAGS.compare_step,
+        explain=FLAGS.explain, kinds=FLAGS.kinds, steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output)
   out = run(FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
             figure_images=FLAGS.figure_images, step=FLAGS.step,
             compare_step=FLAGS.compare_step, explain=FLAGS.explain, kinds=FLAGS.kinds,
@@ -124,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -38,6 +38,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
   from agad.evaluation import runner
+  with common.refuse_bad_input():  # Bad flags are refused before any work, in one line.
+    common.check_evaluate_flags(
+        workdir=FLAGS.workdir, step=FLAGS.step, preset=FLAGS.preset, num_examples=FLAGS.num_examples,
+        surrogate=FLAGS.surrogate, output=FLAGS.output, chunk=FLAGS.chunk,
+        eval_config=FLAGS.config.eval if FLAGS.config else None)
 
   report, stem = runner.evaluate(
       FLAGS.workdir, step=FLAGS.step, preset=FLAGS.preset, num_examples=FLAGS.num_examples,

@@ -20,13 +20,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
-  from agad.evaluation.defaults import validate_eval_config
   from agad.training import builders, loop
-  try:  # Bad input is refused before any work, in one line.
-    builders.check_config(FLAGS.config)
-    validate_eval_config(FLAGS.config.eval)  # the evaluation settings saved with the run
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  with common.refuse_bad_input():  # Bad input is refused before any work, in one line.
+    common.check_train_config(FLAGS.config)  # every field, in milliseconds
+    builders.preflight(FLAGS.config)  # sites, norms, the objective: abstract shapes, no data
   loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

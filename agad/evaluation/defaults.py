@@ -7,6 +7,8 @@ values (``runner.evaluate``).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import ml_collections
@@ -52,28 +54,66 @@ def merged_eval_config(saved: Any = None, override: Any = None) -> ml_collection
       raise KeyError(f"{what} has unknown fields {unknown}; known: {known}")
     for k, v in values.items():
       if k in known:
-        cfg[k] = v
+        try:
+          cfg[k] = v
+        except TypeError:  # ConfigDict's type check: say what the field takes
+          raise TypeError(f"config.eval.{k}={v!r} is invalid: {eval_rules()[k][1]}") from None
   validate_eval_config(cfg)
   return cfg
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _ladder_ok(v) -> bool:
+  if not isinstance(v, (tuple, list)) or not v or not all(_is_real(f) for f in v):
+    return False
+  ladder = [float(f) for f in v]
+  return all(0 < f <= 1 for f in ladder) and ladder == sorted(set(ladder)) and ladder[-1] == 1.0
+
+
+def eval_rules() -> dict:
+  """``{field: (ok(value) -> bool, accepted)}`` for every field of :func:`eval_defaults`."""
+  from agad.evaluation.presets import PRESETS
+  positive_int = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+  step = (lambda v: _is_real(v) and v > 0, "a step size > 0 (pixel units)")
+  return {
+      "batch_size": positive_int,
+      "pgd_steps": positive_int,
+      "step_size": step,
+      "eps": (lambda v: _is_real(v) and 0 <= v <= 1, "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)"),
+      "restarts": positive_int,
+      "num_examples": (lambda v: v is None or (_is_int(v) and v >= 1), "None (all) or an integer >= 1"),
+      "params": (lambda v: v in ("auto", "params", "ema"), "auto | params | ema"),
+      "preset": (lambda v: isinstance(v, str) and v in PRESETS, " | ".join(PRESETS)),
+      "ladder": (_ladder_ok, "increasing factors of eval.eps in (0, 1] ending at 1, "
+                             "e.g. (0.125, 0.25, 0.5, 1.0)"),
+      "aa_version": (lambda v: v in ("standard", "plus", "rand"), "standard | plus | rand"),
+      "cw_kappa": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (the C&W margin)"),
+      "cw_steps": positive_int,
+      "cw_step_size": step,
+      "cache": (lambda v: isinstance(v, bool), "True | False"),
+      "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (a seed)"),
+  }
+
+
 def validate_eval_config(cfg) -> None:
-  """Range checks with messages naming the field, the value and what is accepted."""
-  def need(ok, field, accepted):
-    if not ok:
-      raise ValueError(f"eval.{field}={cfg[field]!r} is invalid: {accepted}")
-  need(0.0 <= float(cfg.eps) <= 1.0, "eps", "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)")
-  need(float(cfg.step_size) > 0, "step_size", "a positive step size")
-  need(float(cfg.cw_step_size) > 0, "cw_step_size", "a positive step size")
-  for field in ("batch_size", "pgd_steps", "restarts", "cw_steps"):
-    need(int(cfg[field]) >= 1 and int(cfg[field]) == cfg[field], field, "an integer >= 1")
-  need(cfg.num_examples is None or int(cfg.num_examples) >= 1, "num_examples", "None (all) or an integer >= 1")
-  need(cfg.aa_version in ("standard", "plus", "rand"), "aa_version", "standard | plus | rand")
-  need(cfg.params in ("auto", "params", "ema"), "params", "auto | params | ema")
-  ladder = [float(f) for f in cfg.ladder]
-  need(bool(ladder) and all(0 < f <= 1 for f in ladder) and ladder == sorted(set(ladder))
-       and ladder[-1] == 1.0, "ladder", "increasing factors of eval.eps in (0, 1] ending at 1, "
-       "e.g. (0.125, 0.25, 0.5, 1.0)")
+  """Every field of a run's ``eval`` config: known (a typo must not be ignored), its type
+  and range. Messages name the field, the value and what is accepted:
+  ``config.eval.FIELD=VALUE is invalid: ACCEPTED``."""
+  rules = eval_rules()
+  for field in cfg.keys():
+    if field not in rules:
+      raise ValueError(f"config.eval.{field}={cfg[field]!r} is invalid: no such field; fields of "
+                       f"config.eval: {', '.join(sorted(rules))}")
+    ok, accepted = rules[field]
+    if not ok(cfg[field]):
+      raise ValueError(f"config.eval.{field}={cfg[field]!r} is invalid: {accepted}")
 
 
 def selected_weights(config) -> str:

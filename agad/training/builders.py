@@ -14,6 +14,9 @@ from agad import data as data_lib
 from agad import defenses
 from agad.objectives import base
 from agad.training import optim
+from agad.validation import (BOOL, NON_NEGATIVE, POSITIVE, REGEXES, SEED, STEP, STR, Rule, check,
+                             choice_rule, flatten, int_rule, is_int, is_real, is_seq, need, num_rule,
+                             optional, unknown_field)
 
 
 class Experiment(NamedTuple):
@@ -23,44 +26,160 @@ class Experiment(NamedTuple):
   objective: base.Objective
 
 
-def check_config(config: Any) -> None:
+# ------------------------------------------------------------------ config validation
+# Every field of a training config (configs/common.py's base_config; eval.* aside: see
+# agad/evaluation/defaults.py) has a rule in config_rules; a field without one is unknown.
+
+
+def _param_map_ok(v) -> bool:
+  try:
+    return isinstance(v, str) and parse_param_map(v) is not None
+  except ValueError:
+    return False
+
+
+def _shape_ok(v) -> bool:
+  return is_seq(v) and len(v) == 3 and all(is_int(d) and d >= 1 for d in v)
+
+
+def _increasing(v) -> bool:
+  return is_seq(v) and all(is_real(b) and b >= 0 for b in v) and list(v) == sorted(set(float(b) for b in v))
+
+
+def _attack_rules(prefix: str) -> dict:
+  return {
+      f"{prefix}.eps": None,  # the range depends on the norm: check_config
+      f"{prefix}.step_size": num_rule(0, lo_open=True, what=" (the PGD step, pixel units)"),
+      f"{prefix}.steps": int_rule(1),
+      f"{prefix}.norm": choice_rule(("linf", "l2")),
+      f"{prefix}.random_start": choice_rule(("uniform", "normal", "none")),
+  }
+
+
+def config_rules() -> dict[str, Rule | None]:
+  """``{dotted field: Rule}`` for every field :func:`check_config` knows (None: checked
+  there by hand). ``objective.*`` is ``agad.defenses._validate``'s, ``eval.*`` is
+  ``agad.evaluation.defaults.validate_eval_config``'s."""
+  from agad import models as models_lib
+  from agad.attacks import driver as driver_lib
+  return {
+      "seed": SEED,
+      "batch_size": None,  # an integer >= 1 dividing by the device count
+      "num_epochs": num_rule(0, lo_open=True, what=" (epochs; fractions allowed)"),
+      "data.name": choice_rule(data_lib.DATASET_NAMES),
+      "data.data_dir": optional(STR, "the dataset's default place"),
+      "data.val_size": int_rule(0, what=" (examples carved from train; 0 = no validation split)"),
+      "data.val_seed": SEED,
+      "data.max_train": optional(int_rule(1), "all"),
+      "data.max_test": optional(int_rule(1), "all"),
+      "data.num_train": int_rule(1),
+      "data.num_test": int_rule(1),
+      "data.image_shape": Rule(_shape_ok, "(H, W, C), three integers >= 1"),
+      "data.num_classes": int_rule(2),
+      "model.name": choice_rule(models_lib.MODEL_NAMES),
+      "model.dtype": choice_rule(defenses.DTYPES),
+      "model.input_norm": choice_rule(defenses.INPUT_NORMS),
+      "model.mean": None,  # None or per-channel numbers
+      "model.std": None,
+      "objective.name": None,  # the spec
+      **_attack_rules("attack"),
+      "attack.bn": choice_rule(("eval", "batch"), what=" (train would update BN statistics)"),
+      "attack.driver": choice_rule(driver_lib.DRIVERS),
+      "attack.eps_warmup_steps": int_rule(0, what=" (0 = off)"),
+      "optim.name": choice_rule(("sgd",)),
+      "optim.lr": num_rule(0, lo_open=True, what=" (a positive finite learning rate)"),
+      "optim.momentum": num_rule(0, 1, hi_open=True),
+      "optim.nesterov": BOOL,
+      "optim.weight_decay": NON_NEGATIVE,
+      "optim.grad_clip": num_rule(0, what=" (0 = no clipping)"),
+      "optim.schedule": choice_rule(optim.SCHEDULES),
+      "optim.warmup_epochs": NON_NEGATIVE,
+      "optim.boundaries": Rule(_increasing, "increasing epochs >= 0, e.g. (75, 90)"),
+      "optim.decay_factor": POSITIVE,
+      "ema_decay": num_rule(0, 1, hi_open=True, what=" (0 = off)"),
+      "validation.batch_size": int_rule(1),
+      "validation.use_ema": BOOL,
+      "validation.seed": SEED,
+      "validation.adaptive": BOOL,
+      **_attack_rules("validation.attack"),
+      "checkpoint.keep": int_rule(1),
+      "checkpoint.every_steps": int_rule(0, what=" (0 = only at epoch ends)"),
+      "checkpoint.async_save": BOOL,
+      "checkpoint.best_metric": choice_rule(("",) + tuple(ckpt_lib.BEST_METRICS), what=" ('' = by the objective)"),
+      "init.workdir": Rule(lambda v: isinstance(v, str), "a training workdir ('' = random init)"),
+      "init.step": STEP,
+      "init.param_map": Rule(_param_map_ok, "'dst_prefix=src_prefix,...' ('' = identity)"),
+      "init.freeze": REGEXES,
+      "init.keep_init": REGEXES,
+      "allow_eps_mismatch": BOOL,
+      "log_every_steps": int_rule(1),
+      "prefetch": int_rule(1),
+      "stop_after_steps": int_rule(0, what=" (0 = run to the end)"),
+  }
+
+
+def check_config(config: Any, *, num_devices: int | None = None) -> None:
   """Refuses, before any work, configs that would train or validate something other than
-  what they say; each message names the field, the value and what is accepted.
+  what they say; each message names the field, the value and what is accepted
+  (``config.FIELD=VALUE is invalid: ACCEPTED``).
 
-  Ranges: radii in [0, 1] pixel units, positive step sizes, integer step counts, a
-  positive finite learning rate, positive batch and epochs, known names. The training
-  attack's radius, the validation radius (which picks "best") and the test radius must
-  agree unless ``allow_eps_mismatch`` says the difference is wanted: a
-  ``--config.attack.eps=...`` override alone would otherwise select and report at the old
-  radius. The model must accept the dataset's images (checked on abstract shapes).
+  Every field of ``configs/common.py``'s ``base_config`` but ``eval.*`` (its own
+  ``agad.evaluation.defaults.validate_eval_config``) has a rule in :func:`config_rules`:
+  types (a string is not a radius, a float is not a step count, a bool is not a number),
+  ranges (radii in [0, 1] pixel units, positive step sizes and learning rate, positive
+  batch and epochs), known names; a field with no rule is refused as unknown (a typo
+  would otherwise be ignored). The global batch must divide by ``num_devices`` (default
+  ``jax.device_count()``). ``config.objective`` (the spec and each of its names' fields)
+  is checked by ``agad.defenses._validate.check_objective``. The training attack's
+  radius, the validation radius (which picks "best") and the test radius must agree unless
+  ``allow_eps_mismatch`` says the difference is wanted: a ``--config.attack.eps=...``
+  override alone would otherwise select and report at the old radius. Values only: no
+  model, no data, milliseconds; :func:`preflight` adds what needs the model.
   """
-  import math
+  from agad.defenses import _validate as defense_checks
+  rules = config_rules()
+  for path, value in flatten(config).items():
+    if path.startswith(("eval.", "objective.")) and path != "objective.name":
+      continue
+    if path not in rules:
+      unknown_field(rules, path, value)
+    if rules[path] is not None:
+      check(rules[path], path, value)
 
-  def need(ok, field, value, accepted):
-    if not ok:
-      raise ValueError(f"config.{field}={value!r} is invalid: {accepted}")
-
+  batch = config.batch_size
+  need(is_int(batch) and batch >= 1, "batch_size", batch, "an integer >= 1 (the global batch)")
+  n = jax.device_count() if num_devices is None else int(num_devices)
+  if batch % n:
+    near = [b for b in (batch - batch % n, batch - batch % n + n) if b >= 1]
+    need(False, "batch_size", batch, f"a multiple of the {n} devices (the global batch is split "
+         f"evenly), e.g. {' or '.join(map(str, near))}")
   for prefix, attack in (("attack", config.attack), ("validation.attack", config.validation.attack)):
-    need(0.0 <= float(attack.eps) <= (1.0 if attack.norm == "linf" else 1e3), f"{prefix}.eps", attack.eps,
-         "a radius in pixel units, in [0, 1] for linf (e.g. 8/255 or 0.1)")
-    need(float(attack.step_size) > 0, f"{prefix}.step_size", attack.step_size, "a positive step size")
-    need(int(attack.steps) == attack.steps and int(attack.steps) >= 1, f"{prefix}.steps", attack.steps,
-         "an integer >= 1")
-    need(attack.norm in ("linf", "l2"), f"{prefix}.norm", attack.norm, "linf | l2")
-    need(attack.random_start in ("uniform", "normal", "none"), f"{prefix}.random_start",
-         attack.random_start, "uniform | normal | none")
-  need(config.attack.bn in ("eval", "batch"), "attack.bn", config.attack.bn, "eval | batch")
-  lr = float(config.optim.lr)
-  need(math.isfinite(lr) and lr > 0, "optim.lr", config.optim.lr, "a positive finite learning rate")
-  need(int(config.batch_size) >= 1, "batch_size", config.batch_size, "an integer >= 1")
-  need(float(config.num_epochs) > 0, "num_epochs", config.num_epochs, "a positive number of epochs")
-  need(float(config.ema_decay) >= 0 and float(config.ema_decay) < 1, "ema_decay", config.ema_decay,
-       "0 (off) or in (0, 1)")
-  if data_lib.DATASET_NAMES and config.data.name not in data_lib.DATASET_NAMES:
-    need(False, "data.name", config.data.name, f"one of {list(data_lib.DATASET_NAMES)}")
+    linf = attack.norm == "linf"
+    need(num_rule(0, 1.0 if linf else 1e3).ok(attack.eps), f"{prefix}.eps", attack.eps,
+         "a radius in [0, 1] pixel units for linf (e.g. 8/255 or 0.1)" if linf
+         else "a radius in [0, 1000] pixel units for l2")
+  channels = None
+  if config.data.name == "synthetic":
+    channels = config.data.image_shape[-1]
+    need(config.data.val_size < config.data.num_train, "data.val_size", config.data.val_size,
+         f"an integer in [0, data.num_train={config.data.num_train})")
+  else:
+    channels = data_lib.dataset_info(config.data).image_shape[-1]
+  lengths = sorted({1, channels})
+  for key, positive in (("mean", False), ("std", True)):
+    value = config.model.get(key)
+    ok = value is None or (is_seq(value) and len(value) in lengths
+                           and all(is_real(v) and (not positive or v > 0) for v in value))
+    need(ok, f"model.{key}", value, f"None (the dataset's) or {' or '.join(map(str, lengths))} "
+         f"{'positive ' if positive else ''}numbers, one per channel, e.g. {(0.5,) * channels}")
+
+  defense_checks.check_objective(config)
+
+  eval_eps = config.get("eval", {}).get("eps", config.attack.eps)
+  need(num_rule(0, 1).ok(eval_eps), "eval.eps", eval_eps, "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)")
   radii = {"attack.eps": float(config.attack.eps),
            "validation.attack.eps": float(config.validation.attack.eps),
-           "eval.eps": float(config.eval.eps)}
+           "eval.eps": float(eval_eps)}
   if len(set(radii.values())) > 1 and not config.get("allow_eps_mismatch", False):
     listed = ", ".join(f"{k}={v:.6g}" for k, v in radii.items())
     raise ValueError(f"the radii differ ({listed}): override all three together, or set "
@@ -84,6 +203,30 @@ def check_model_fits_data(model, config: Any, info: Any) -> None:
   empty = sorted(path[-1] for path, v in flat.items() if any(0 in leaf.shape for leaf in jax.tree.leaves(v)))
   if empty:
     raise refuse(f"the feature maps at {empty} are empty")
+
+
+def preflight(config: Any, *, num_devices: int | None = None) -> None:
+  """:func:`check_config`, then what needs the model, on abstract shapes only (no data
+  read, no compile): the backbone with its objective's plug-ins and norm layers (a plug-in
+  site the model lacks, AFA's kept branches), a backbone that cannot take the dataset's
+  images, and the objective itself (a teacher's workdir, AFA stage II's init). What
+  ``launch.train`` runs before any work; the trainer builds the same things again."""
+  check_config(config, num_devices=num_devices)
+  info = data_lib.dataset_info(config.data)
+  try:
+    model = defenses.build_model(config, info)
+  except ValueError as e:  # name the objective.<name>.site(s) field that holds a bad site
+    for name in defenses.spec_names(config.objective.name):
+      user = config.objective.get(name) or {}
+      for field in ("site", "sites"):
+        value = user.get(field)
+        sites = (value,) if isinstance(value, str) else tuple(value or ())
+        if any(f"'{s}'" in str(e) for s in sites):
+          raise ValueError(f"config.objective.{name}.{field}={value!r} is invalid for model "
+                           f"{config.model.name!r}: {e}") from None
+    raise
+  check_model_fits_data(model, config, info)
+  defenses.build_objective(config.objective.name, model, config)
 
 
 def build_experiment(config: Any) -> Experiment:
