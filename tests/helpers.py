@@ -3,6 +3,21 @@
 from configs import fashion_mnist
 
 
+def train_tiny(workdir, spec: str, model: str = "smallcnn", **overrides):
+  """Trains ``spec`` on the tiny synthetic config (16x16 images so SmallCNN fits) through the
+  training loop in this process; returns ``(config, metrics.jsonl lines)``."""
+  import json
+  import os
+
+  from agad.training import loop
+  config = tiny_config(spec, model, **{"data.image_shape": (16, 16, 1), "num_epochs": 1,
+                                        "log_every_steps": 1, **overrides})
+  trainer = loop.Trainer(config, str(workdir))
+  trainer.run()
+  assert trainer.train_traces == 1
+  return config, [json.loads(l) for l in open(os.path.join(str(workdir), "metrics.jsonl"))]
+
+
 def tiny_config(objective: str = "pgd_at", model: str = "tiny_bn", **overrides):
   c = fashion_mnist.get_config(f"{model},{objective},smoke")
   c.data.name = "synthetic"
