@@ -331,16 +331,43 @@ def test_awp_perturbs_the_ase_heads(setup):
 
 def test_sites_default_per_backbone_and_override():
   cfg = make_config()
+  # The paper's ResNet placement: "ASE is used in the second last layer of the model"
+  # (Fig. 2 caption), i.e. ONE site, the output of layer4 before GAP and the classifier:
+  # agad's ``features`` site. Its ResNet-18 results (Table 2, AGAIN-PGD-AT) are Table 5's
+  # "Layer4" row, Table 5 moving that one site across layers.
+  for name in ("resnet18", "resnet34", "resnet50"):
+    cfg.model.name = name
+    assert tuple(again_lib.plugins(cfg, K)) == ("features",)
+  # The released code's placement (WRN-34-10): the last unit's branch and the final features.
   for name, expected in (("smallcnn", ("stage2.pre_pool", "features")),
-                         ("resnet18", ("stage3.unit[-1]", "stage4.unit[-1]")),
+                         ("wrn34_10", ("stage3.unit[-1].branch", "features")),
+                         ("preact_resnet18", ("stage4.unit[-1].branch", "features"))):
+    cfg.model.name = name
+    assert tuple(again_lib.plugins(cfg, K)) == expected
+  # Named placements: "code" gives the ResNets the code's two sites, "paper" the one site.
+  cfg.objective.again.sites = ("code",)   # --config.objective.again.sites='("code",)'
+  for name, expected in (("resnet18", ("stage4.unit[-1].branch", "features")),
                          ("wrn34_10", ("stage3.unit[-1].branch", "features"))):
     cfg.model.name = name
     assert tuple(again_lib.plugins(cfg, K)) == expected
+  cfg.objective.again.sites = ("paper",)
+  assert tuple(again_lib.plugins(cfg, K)) == ("features",)  # wrn34_10
+  cfg.model.name = "smallcnn"  # neither the paper nor the code has it: a clear error, up front
+  with pytest.raises(ValueError, match=r"sites=\('paper',\): .*not for model 'smallcnn'.*name the sites"):
+    again_lib._config(cfg)
   cfg.objective.again.sites = ("stem",)
   assert tuple(again_lib.plugins(cfg, K)) == ("stem",)
+  d = cfg.to_dict()  # a dict config (a saved config.json) may hold one name or a preset as a string
+  d["objective"]["again"]["sites"] = "code"
+  d["model"]["name"] = "resnet18"
+  assert tuple(again_lib.plugins(ml_collections.ConfigDict(d, type_safe=False), K)) == (
+      "stage4.unit[-1].branch", "features")
   cfg = make_config()
   cfg.model.name = "mystery_net"
   with pytest.raises(ValueError, match="no default sites for model 'mystery_net'.*objective.again.sites"):
+    again_lib.plugins(cfg, K)
+  cfg.objective.again.sites = ("code",)
+  with pytest.raises(ValueError, match=r"sites=\('code',\): .*not for model 'mystery_net'"):
     again_lib.plugins(cfg, K)
   with pytest.raises(NotImplementedError, match="schedule='none'"):
     again_lib.plugins(make_config(schedule="linear"), K)
@@ -348,14 +375,16 @@ def test_sites_default_per_backbone_and_override():
     again_lib.plugins(make_config(alpha=1.5), K)
 
 
-@pytest.mark.parametrize("dataset,model,sites,channels", [
-    ("cifar10", "resnet18", ("stage3.unit1", "stage4.unit1"), (256, 512)),
-    ("cifar10", "wrn34_10", ("stage3.unit4.branch", "features"), (640, 640)),
-    ("cifar100", "wrn34_10", ("stage3.unit4.branch", "features"), (640, 640)),
+@pytest.mark.parametrize("dataset,model,preset,sites,channels", [
+    ("cifar10", "resnet18", (), ("features",), (512,)),   # the paper's one site, after layer4
+    ("cifar10", "resnet18", ("code",), ("stage4.unit1.branch", "features"), (512, 512)),
+    ("cifar10", "wrn34_10", (), ("stage3.unit4.branch", "features"), (640, 640)),
+    ("cifar100", "wrn34_10", (), ("stage3.unit4.branch", "features"), (640, 640)),
 ])
-def test_big_backbones_get_plugins_at_the_coded_sites(dataset, model, sites, channels):
+def test_big_backbones_get_plugins_at_their_sites(dataset, model, preset, sites, channels):
   import importlib
   config = importlib.import_module(f"configs.{dataset}").get_config(f"{model},again+awp")
+  config.objective.again.sites = preset
   info = data_lib.dataset_info(config.data)
   net = defenses.build_model(config, info)
   assert tuple(net.plugins) == sites

@@ -314,29 +314,84 @@ def test_standalone_fsr_is_eval_mode_ce_pgd_plus_the_terms(setup):
   np.testing.assert_array_equal(out.logits, ref.logits)
 
 
-def test_adaptive_variants_combined_loss_and_straight_through_mask(setup):
-  cfg, model, params, state, batch = setup
+def test_adaptive_combined_variant_descends_the_non_robust_term(setup):
+  """Variant "": main CE + lam_sep [CE(h(f+), y) - CE(h(f-), y')] + lam_rec CE(h(f~-), y).
+
+  The attacker wants the final prediction wrong. FSR trains f- = (1 - m) f to vote for y'
+  (the top wrong class) and keeps f- in its output (f + (1 - m) R(f-)), so the attack
+  descends CE(h(f-), y') (pushes f- toward y', with the main CE term); ascending it, as an
+  attack on the training loss does, pushes f- away from y', i.e. helps the defender.
+  """
+  _, model, params, state, batch = setup
+  cfg = make_config(lam_sep=0.7, lam_rec=1.3)
   obj = defenses.build_objective("trades+fsr", model, cfg)
   x, y = batch["image"], batch["label"]
   variants = obj.adaptive_loss(model, {"params": params, **state})
-  assert set(variants) == {"", "st"}
+  assert set(variants) == {"", "st_t0.5", "st", "st_t2"}
   out = base.forward(model, params, state, x, mode="eval")
   a = out.aux["plugin_features"]
-  per_example = (attack_losses.cross_entropy(out.logits, y)
-                 + fsr_module.fsr_terms_per_example(out.logits, a["fsr_pos"][0], a["fsr_neg"][0],
-                                                    a["fsr_rec"][0], y))
+  pos, neg, rec = a["fsr_pos"][0], a["fsr_neg"][0], a["fsr_rec"][0]
+  logits = np.asarray(out.logits)
+  # y' by hand: the best class other than y.
+  wrong = np.array([max((k for k in range(K) if k != y[i]), key=lambda k: logits[i, k]) for i in range(B)])
+  ce = lambda z, t: jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, jnp.asarray(t)[:, None], axis=-1)[:, 0]
+  attack = ce(out.logits, y) + 0.7 * (ce(pos, y) - ce(neg, wrong)) + 1.3 * ce(rec, y)
   chex.assert_shape(variants[""](x, y), (B,))
-  np.testing.assert_allclose(variants[""](x, y), per_example, rtol=1e-5)
-  np.testing.assert_allclose(jnp.mean(variants[""](x, y)), fsr_loss(out.logits, a["fsr_pos"][0], a["fsr_neg"][0],
-                                                                    a["fsr_rec"][0], y), rtol=1e-5)
-  # "st": the same forward value as plain CE, a different (softer-mask) input gradient.
+  np.testing.assert_allclose(variants[""](x, y), attack, rtol=1e-5, atol=1e-6)
+  # Not the training loss: that one has + CE(h(f-), y') (2 * 0.7 * CE(neg, y') above it).
+  train = ce(out.logits, y) + fsr_module.fsr_terms_per_example(out.logits, pos, neg, rec, y,
+                                                               lam_sep=0.7, lam_rec=1.3)
+  np.testing.assert_allclose(train - variants[""](x, y), 1.4 * ce(neg, wrong), rtol=1e-5, atol=1e-6)
+  assert float(jnp.min(ce(neg, wrong))) > 1e-3
+
+
+def _straight_through_grad(model, params, state, x, y, tau_b):
+  """d CE(f(x), y) / dx with the FSR mask's forward value at tau = 0.1 and its Jacobian that
+  of the soft mask at ``tau_b``, by the chain rule (no stop_gradient trick): the gradient
+  through f with the mask held at its value, plus the mask's cotangent pulled back through
+  ``fsr_mask(S(f), tau=tau_b)``; then back through the backbone to x. Returns the gradient
+  and its part through the mask."""
+  p, s = params["plugin_features"], state["batch_stats"]["plugin_features"]
+  head = params["classifier"]
+
+  def loss(f, m):  # the plug-in's output and the backbone's head after the site
+    out = f + (1 - m) * _net_eval((1 - m) * f, p, s, "rec")
+    logits = out.mean(axis=(1, 2)) @ head["kernel"] + head["bias"]
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0])
+
+  features = lambda z: base.forward(model, params, state, z, mode="eval", taps=("stage1",)).taps["stage1"]
+  f, pull_x = jax.vjp(features, x)
+  m = fsr_mask(_net_eval(f, p, s, "sep"), tau=0.1)
+  g_f, g_m = jax.grad(loss, argnums=(0, 1))(f, m)
+  _, pull_soft = jax.vjp(lambda z: fsr_mask(_net_eval(z, p, s, "sep"), tau=tau_b), f)
+  through_mask = pull_x(pull_soft(g_m)[0])[0]
+  return pull_x(g_f)[0] + through_mask, through_mask
+
+
+def test_straight_through_variants_use_their_backward_temperature(setup):
+  _, model, params, state, batch = setup
+  x, y = batch["image"], batch["label"]
   ce = lambda z: attack_losses.cross_entropy(base.forward(model, params, state, z, mode="eval").logits, y)
-  np.testing.assert_allclose(variants["st"](x, y), ce(x), rtol=1e-6)
-  g_ce = jax.grad(lambda z: jnp.sum(ce(z)))(x)
-  g_st = jax.grad(lambda z: jnp.sum(variants["st"](z, y)))(x)
-  assert not np.allclose(g_ce, g_st, rtol=1e-3, atol=1e-7)
-  st = defenses.with_plugin_overrides(model, tau_backward=1.0)
-  assert st.plugins["features"].keywords["tau_backward"] == 1.0
+  grad = lambda fn: jax.grad(lambda z: jnp.sum(fn(z, y)))(x)
+  g_ce = grad(lambda z, t: ce(z))
+  through_mask = {}
+  # "st" reads objective.fsr.adaptive_tau_backward (default 1); the others are fixed.
+  for tau_backward, temperatures in ((1.0, {"st_t0.5": 0.5, "st": 1.0, "st_t2": 2.0}), (0.7, {"st": 0.7})):
+    variants = defenses.build_objective("trades+fsr", model, make_config(adaptive_tau_backward=tau_backward)
+                                        ).adaptive_loss(model, {"params": params, **state})
+    assert set(variants) == {"", "st_t0.5", "st", "st_t2"}
+    for name, tau_b in temperatures.items():
+      np.testing.assert_allclose(variants[name](x, y), ce(x), rtol=1e-6)  # the deployed forward value
+      expected, through_mask[tau_b] = _straight_through_grad(model, params, state, x, y, tau_b)
+      scale, g = float(jnp.max(jnp.abs(expected))), grad(variants[name])
+      np.testing.assert_allclose(g, expected, rtol=1e-4, atol=1e-4 * scale)
+      assert not np.allclose(g, g_ce, rtol=1e-3, atol=1e-3 * scale)  # not the steep mask's
+  # The temperature matters: the parts of the gradient through the mask differ.
+  for a, b in ((0.5, 1.0), (1.0, 2.0), (0.5, 2.0), (0.7, 1.0)):
+    scale = float(jnp.max(jnp.abs(through_mask[b])))
+    assert scale > 1e-6 and not np.allclose(through_mask[a], through_mask[b], rtol=0.05, atol=0.05 * scale), (a, b)
+  st = defenses.with_plugin_overrides(model, tau_backward=2.0)
+  assert st.plugins["features"].keywords["tau_backward"] == 2.0
 
 
 def test_config_errors_name_the_value_and_a_misplaced_plugin_is_refused():

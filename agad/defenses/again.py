@@ -44,10 +44,18 @@ value with the hard predicted-label masks' gradient replaced by that of the soft
 ``defenses.with_plugin_overrides``).
 
 Sites (``plugins(config, K)``; ``objective.again.sites`` overrides the per-backbone default
-``DEFAULT_SITES[config.model.name]``): WRN as coded, the residual branch of the last unit
-of the last stage after its BN-ReLU (``stage3.unit[-1].branch``, 640x8x8, masking the
-conv branch only) and ``features`` (after the final BN-ReLU); see ``DEFAULT_SITES`` for
-the others.
+``DEFAULT_SITES[config.model.name]``, or names a preset, ``("paper",)`` or ``("code",)``,
+``SITE_PRESETS``):
+  ``"paper"`` one ASE "in the second last layer of the model" (Fig. 2 caption; Sec. 3 and
+            5.5): ``features``, the last feature map before GAP and the classifier. The
+            paper's ResNet-18 results use it: Table 5 ablates *one* site at a time and its
+            "Layer4" row (87.88 / 54.43 / 53.13 / 55.80) is Table 2's AGAIN-PGD-AT row.
+  ``"code"``  the released WRN code's two sites: the residual branch of the last unit of
+            the last stage (WRN: after that unit's BN-ReLU, ``stage3.unit[-1].branch``,
+            640x8x8, masking the conv branch only) and ``features`` (after the final
+            BN-ReLU).
+Defaults: ResNet-18/34/50 ``"paper"`` (no code was released for them); WRNs and
+PreActResNet-18 ``"code"``; see ``DEFAULT_SITES`` for the others.
 """
 
 from __future__ import annotations
@@ -68,20 +76,51 @@ from agad.objectives import base, defaults
 AUX_NAME = "again_logits"          # the aux head's logits, sown per site
 OTHER_LABELS_NAME = "again_other"  # y' of a training pass, sown per site (tests, inspection)
 
-# Per-backbone default sites (``config.model.name``), overridden by objective.again.sites.
-DEFAULT_SITES = {
-    # As coded for WRN-34-10: input of the last unit's conv branch of block3 after that
-    # unit's BN-ReLU, and after the final BN-ReLU (wideresnet_AGAIN_woHFF.py).
+# The paper's placement: one ASE "in the second last layer of the model" (Fig. 2 caption;
+# Sec. 3 visualises "the second last layer"; Sec. 5.5: the deeper the better). On agad's
+# backbones that is the ``features`` site, the last feature map before GAP and the
+# classifier (ResNet: the output of layer4, [B, 4, 4, 512 e], the same tensor as ``stage4``
+# and ``stage4.unit[-1]``). Table 5 ("the effect of our proposed method at different layers")
+# moves that ONE site over Layer1..Layer4; its "Layer4" row (clean 87.88, PGD-20 54.43,
+# PGD-100 53.13, C&W 55.80) is Table 2's AGAIN-PGD-AT row, i.e. the paper's ResNet-18
+# results use the single layer4 site.
+PAPER_SITES = {name: ("features",) for name in (
+    "resnet18", "resnet34", "resnet50", "preact_resnet18", "wrn34_10", "wrn28_10", "wrn16_8", "tiny_bn")}
+
+# The released code's placement (WRN-34-10 only, wideresnet_AGAIN_woHFF.py): two sites, the
+# input of the last unit's conv branch of the last stage after that unit's BN-ReLU, and
+# after the final BN-ReLU. On the post-activation ResNets the branch site is the last
+# unit's residual branch output (after its last BN, before the addition): the closest
+# "conv branch only" point they have.
+CODE_SITES = {
     "wrn34_10": ("stage3.unit[-1].branch", "features"),
     "wrn28_10": ("stage3.unit[-1].branch", "features"),
     "wrn16_8": ("stage3.unit[-1].branch", "features"),
-    # The same placement on the pre-activation ResNet-18 (its last stage is stage 4).
     "preact_resnet18": ("stage4.unit[-1].branch", "features"),
-    # The paper's ResNet-18 (no code released; Table 5 "Layer3/Layer4"): the outputs of the
-    # last unit of layer3 and of layer4.
-    "resnet18": ("stage3.unit[-1]", "stage4.unit[-1]"),
-    "resnet34": ("stage3.unit[-1]", "stage4.unit[-1]"),
-    "resnet50": ("stage3.unit[-1]", "stage4.unit[-1]"),
+    "resnet18": ("stage4.unit[-1].branch", "features"),
+    "resnet34": ("stage4.unit[-1].branch", "features"),
+    "resnet50": ("stage4.unit[-1].branch", "features"),
+    "tiny_bn": ("stage1.unit[-1].branch", "features"),
+}
+
+# ``objective.again.sites = ("paper",)`` / ``("code",)`` (or the bare string): the
+# placement above for the backbone.
+SITE_PRESETS = {"paper": PAPER_SITES, "code": CODE_SITES}
+
+# Per-backbone default sites (``config.model.name``), overridden by objective.again.sites.
+DEFAULT_SITES = {
+    # As coded for WRN-34-10 (the only released model): CODE_SITES.
+    "wrn34_10": CODE_SITES["wrn34_10"],
+    "wrn28_10": CODE_SITES["wrn28_10"],
+    "wrn16_8": CODE_SITES["wrn16_8"],
+    # The code's placement on the pre-activation ResNet-18 (its last stage is stage 4).
+    "preact_resnet18": CODE_SITES["preact_resnet18"],
+    # The paper's ResNet-18 (no code released): its one site in the second last layer,
+    # after layer4 (PAPER_SITES; Table 5 "Layer4" = Table 2 AGAIN-PGD-AT). The code's two
+    # sites: objective.again.sites=("code",).
+    "resnet18": PAPER_SITES["resnet18"],
+    "resnet34": PAPER_SITES["resnet34"],
+    "resnet50": PAPER_SITES["resnet50"],
     # Not in the paper. SmallCNN, like the WRN placement, two sites in the last conv stage:
     # after its last conv-ReLU (8x8x64, before pool 2) and after pool 2 (4x4x64, before
     # flattening). ("stage1", "features") was worse on the Fashion-MNIST table recipe (seed
@@ -91,7 +130,7 @@ DEFAULT_SITES = {
     "smallcnn_bn": ("stage2.pre_pool", "features"),
     "vgg16": ("stage4", "features"),
     # Test backbone (one residual unit): the WRN placement.
-    "tiny_bn": ("stage1.unit[-1].branch", "features"),
+    "tiny_bn": CODE_SITES["tiny_bn"],
 }
 
 # AGAIN (Yin et al. CVPR 2023; InsLin/AGAIN @911f238, AGAIN_with_AWP/).
@@ -103,7 +142,9 @@ DEFAULTS.alpha = 0.6
 # CAS --beta 2, averaged over 2 heads); paper Eq. 7: 1 with one head.
 DEFAULTS.weight = 2.0
 # ASE sites; () = DEFAULT_SITES[config.model.name] (WRN as coded: last unit's branch of
-# block3 and the final features). A tuple of site names or aliases overrides it.
+# block3 and the final features; ResNet-18/34/50 as in the paper: the one site after
+# layer4). ("paper",) / ("code",): that placement for the backbone (SITE_PRESETS). A tuple
+# of site names or aliases (or one name) overrides it.
 DEFAULTS.sites = ()
 # Training-attack start: code x + 0.001 N(0, I) (train_awp_again_cifar.py). None: config.attack.
 DEFAULTS.random_start = "normal"
@@ -249,18 +290,44 @@ def _config(config) -> ml_collections.ConfigDict:
     raise ValueError(f"objective.again.step_size={cfg.step_size} must be > 0, or 0 for config.attack.step_size")
   if not 0.0 <= float(cfg.alpha) <= 1.0:
     raise ValueError(f"objective.again.alpha={cfg.alpha} must be in [0, 1] (paper: [0.5, 1], default 0.6)")
+  model = config.get("model") if hasattr(config, "get") else None
+  preset = _preset(cfg.sites)
+  if preset and model is not None:
+    _preset_sites(preset, model.name)  # up front: a preset the backbone lacks
   return cfg
 
 
+def _preset(sites) -> str | None:
+  """The preset ``sites`` names: ``"code"`` or ``("code",)`` (the form a tuple-typed config
+  field takes: ``--config.objective.again.sites='("code",)'``); else None."""
+  names = (sites,) if isinstance(sites, str) else tuple(sites or ())
+  return names[0] if len(names) == 1 and names[0] in SITE_PRESETS else None
+
+
+def _preset_sites(preset: str, model_name: str) -> tuple[str, ...]:
+  table = SITE_PRESETS[preset]
+  if model_name not in table:
+    raise ValueError(f"objective.again.sites=('{preset}',): that placement is defined for {sorted(table)}, "
+                     f"not for model {model_name!r}; name the sites instead, e.g. "
+                     "--config.objective.again.sites='(\"features\",)'")
+  return table[model_name]
+
+
 def sites_for(config: Any) -> tuple[str, ...]:
-  """``objective.again.sites`` or the backbone's default (``DEFAULT_SITES``)."""
+  """``objective.again.sites``: site names, a preset (``("paper",)`` / ``("code",)``,
+  ``SITE_PRESETS``) resolved for ``config.model.name``, or ``()`` for the backbone's
+  default (``DEFAULT_SITES``)."""
   cfg = _config(config)
-  if cfg.sites:
-    return (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
   name = config.model.name
+  sites = cfg.sites
+  if _preset(sites):
+    return _preset_sites(_preset(sites), name)
+  if sites:
+    return (sites,) if isinstance(sites, str) else tuple(sites)
   if name not in DEFAULT_SITES:
     raise ValueError(f"AGAIN has no default sites for model {name!r} (defaults exist for "
-                     f"{sorted(DEFAULT_SITES)}); set --config.objective.again.sites='(\"site\", ...)'")
+                     f"{sorted(DEFAULT_SITES)}); set --config.objective.again.sites='(\"site\", ...)' "
+                     f"or a preset, one of {sorted(SITE_PRESETS)}")
   return DEFAULT_SITES[name]
 
 

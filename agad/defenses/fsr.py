@@ -50,14 +50,21 @@ then one train-mode pass over ``x'``. ``<objective>+fsr`` (``pgd_at+fsr``, ``tra
 ``mart+fsr``, the paper's Table 1; the code releases PGD-AT only) adds the terms on the
 inner objective's own ``"adv"`` pass (no extra pass) and keeps its attack.
 
-Adaptive evaluation (``adaptive_loss``, run by every evaluation preset):
-  ``""``   the training loss per example (main CE + the FSR terms) through the eval-mode
-           model. (The authors' ``test.py`` attacks the main-logit CE only, in eval mode:
-           that is the table's plain PGD-20 row.)
-  ``"st"`` main-logit CE through a straight-through mask: the forward value is the tau =
-           0.1 mask, its gradient that of the mask at ``tau_backward``
-           (``objective.fsr.adaptive_tau_backward``, default 1.0), via the plug-in's
-           ``ADAPTIVE_FIELDS`` and ``agad.defenses.with_plugin_overrides``.
+Adaptive evaluation (``adaptive_loss``, run by every evaluation preset; ``ADAPTIVE_VARIANTS``):
+  ``""``   main CE + the FSR terms *with the sign an attacker wants* through the eval-mode
+           model: ``CE(f(x), y) + lam_sep [CE(h(f+), y) - CE(h(f-), y')] + lam_rec
+           CE(h(f~-), y)`` (``adaptive_terms_per_example``). The f- term is descended: the
+           defender trains f- to hold the evidence for y' (the most probable wrong class),
+           and f- still reaches the output (``f~ = f + (1 - m) R(f-)``), so the attacker
+           wants that evidence to grow; ascending the training loss as is would push f-
+           away from y', against the main CE term. (The authors' ``test.py`` attacks the
+           main-logit CE only, in eval mode: that is the table's plain PGD-20 row.)
+  ``"st_t0.5"``, ``"st"``, ``"st_t2"``  main-logit CE through a straight-through mask: the
+           forward value is the tau = 0.1 mask, its gradient that of the mask at the
+           backward temperature tau_b = 0.5, ``objective.fsr.adaptive_tau_backward``
+           (default 1.0) and 2 (the CAS family's ``st_t10`` naming), via the plug-in's
+           ``ADAPTIVE_FIELDS`` and ``agad.defenses.with_plugin_overrides``. A small tau_b
+           keeps the steep mask's local gradient, a large one sees further along r.
 
 Site per backbone (``objective.fsr.site``, default ``features``):
   ResNet-18            ``features`` = after layer4 (``[B, 4, 4, 512]``), resnet_fsr.py
@@ -107,7 +114,13 @@ DEFAULTS.random_start = "uniform"  # attacks/pgd.py perturb(x, y, True): U(-eps,
 DEFAULTS.attack_bn = "eval"       # net.eval() + is_eval=True in the attack: running stats, u = 0.5.
 # Not in the paper or code: the backward temperature of the "st" adaptive attack
 # (straight-through mask; forward value at tau). Pitfall 11 of seed_implementations.md.
+# "st_t0.5" and "st_t2" sweep it at 0.5 and 2 (ADAPTIVE_VARIANTS).
 DEFAULTS.adaptive_tau_backward = 1.0
+
+# Adaptive variants: name -> the straight-through mask's backward temperature tau_b (None
+# for "": the deployed mask, main CE + the FSR terms as an attacker signs them; "default":
+# objective.fsr.adaptive_tau_backward). Named like the CAS family's "st" / "st_t10".
+ADAPTIVE_VARIANTS = {"": None, "st_t0.5": 0.5, "st": "default", "st_t2": 2.0}
 
 
 def fsr_mask(r: jax.Array, *, tau: float = 0.1, u: jax.Array | None = None) -> jax.Array:
@@ -213,6 +226,29 @@ def fsr_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array, rec
   return lam_sep * (ce(pos, labels) + ce(neg, wrong)) + lam_rec * ce(rec, labels)
 
 
+def adaptive_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array, rec: jax.Array,
+                               labels: jax.Array, *, lam_sep: float = 1.0, lam_rec: float = 1.0) -> jax.Array:
+  """The FSR terms as the adaptive attack ascends them, per example ``[B]``::
+
+      lam_sep [CE(pos, y) - CE(neg, y')] + lam_rec CE(rec, y)        (y' from ``logits``)
+
+  The training loss has ``+ CE(neg, y')``: the defender trains the Separation net to put
+  into f- = (1 - m) f the activations that vote for y', "the wrong class with the highest
+  prediction score from the final model output" (paper Eq. 3, Sec. 3.1: f- holds the
+  activations "responsible for the most probable misprediction"). FSR does not drop them:
+  the output ``f~ = f+ + f~- = f + (1 - m) R(f-)`` keeps all of f. An attacker who wants
+  the final prediction wrong (y' first) wants that evidence to grow, in f- as everywhere
+  else, so it *descends* CE(h(f-), y'). Ascending it, as an attack on the training loss
+  as is does, pushes h(f-) away from y', against the main CE term, i.e. it partly works
+  for the defender. The other two terms score features that are summed into the output
+  (f+, f~-) against the true label and are ascended, like the main CE. ``-CE <= 0`` is
+  bounded above, so the descended term cannot swamp the others.
+  """
+  ce = attack_losses.cross_entropy
+  wrong = top_wrong_class(logits, labels)
+  return lam_sep * (ce(pos, labels) - ce(neg, wrong)) + lam_rec * ce(rec, labels)
+
+
 def fsr_loss(logits: jax.Array, logits_pos: jax.Array, logits_neg: jax.Array, logits_rec: jax.Array,
              labels: jax.Array, *, lam_sep: float = 1.0, lam_rec: float = 1.0) -> jax.Array:
   """The scalar FSR minimises on adversarial inputs (train.py:139-165), batch means:
@@ -284,24 +320,36 @@ def _state(variables: dict) -> dict:
 
 
 def _adaptive(cfg):
-  """The adaptive-loss factory: ``""`` main CE + FSR terms through the eval-mode model;
-  ``"st"`` main CE through straight-through masks (backward at ``adaptive_tau_backward``)."""
+  """The adaptive-loss factory (``ADAPTIVE_VARIANTS``): ``""`` main CE + the FSR terms as
+  an attacker signs them (``adaptive_terms_per_example``) through the eval-mode model;
+  ``"st_t0.5"`` / ``"st"`` / ``"st_t2"`` main CE through straight-through masks, backward
+  at tau_b = 0.5 / ``adaptive_tau_backward`` / 2."""
   lam_sep, lam_rec = float(cfg.lam_sep), float(cfg.lam_rec)
-  tau_backward = float(cfg.adaptive_tau_backward)
 
   def adaptive_loss(net, variables):
     params, state = variables["params"], _state(variables)
-    st_net = _registry.with_plugin_overrides(net, tau_backward=tau_backward)
 
     def combined(x, labels):
       out = base.forward(net, params, state, x, mode="eval")
-      return (attack_losses.cross_entropy(out.logits, labels)
-              + _terms_from_aux(out.logits, out.aux, labels, lam_sep, lam_rec))
+      heads = fsr_heads(out.aux)
+      terms = sum(adaptive_terms_per_example(out.logits, p, n, r, labels, lam_sep=lam_sep, lam_rec=lam_rec)
+                  for p, n, r in heads) / len(heads)
+      return attack_losses.cross_entropy(out.logits, labels) + terms
 
-    def straight_through(x, labels):
-      return attack_losses.cross_entropy(base.forward(st_net, params, state, x, mode="eval").logits, labels)
+    def straight_through(tau_backward: float):
+      st_net = _registry.with_plugin_overrides(net, tau_backward=tau_backward)
 
-    return {"": combined, "st": straight_through}
+      def fn(x, labels):
+        return attack_losses.cross_entropy(base.forward(st_net, params, state, x, mode="eval").logits, labels)
+      return fn
+
+    variants = {}
+    for name, tau_b in ADAPTIVE_VARIANTS.items():
+      if tau_b is None:
+        variants[name] = combined
+      else:
+        variants[name] = straight_through(float(cfg.adaptive_tau_backward if tau_b == "default" else tau_b))
+    return variants
 
   return adaptive_loss
 
