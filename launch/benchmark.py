@@ -89,14 +89,15 @@ def main(argv):
   if FLAGS.mode == "train":
     step = jax.jit(step_lib.make_train_step(objective, tx, ema_decay=config.ema_decay),
                    in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+    frozen = None  # (state, batch, frozen): objectives with frozen inputs are refused above.
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(FLAGS.steps):
       t = time.perf_counter()
-      state, metrics = step(state, batch)
+      state, metrics = step(state, batch, frozen)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t)
     med = float(np.median(times))

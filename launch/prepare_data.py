@@ -10,6 +10,7 @@ Fashion-MNIST needs no preparation (`apt-get install -y dataset-fashion-mnist`);
 for Tiny ImageNet this prints the manual steps.
 """
 
+import importlib.util
 import sys
 
 from absl import app
@@ -31,15 +32,18 @@ val/images/*.JPEG, val/val_annotations.txt}}; then set config.data.data_dir={dir
 (The official val split, which has labels, serves as the test split.)"""
 
 
+def tensorflow_installed() -> bool:
+  """TFDS's builders download and encode with TensorFlow (looked up, not imported: slow)."""
+  return importlib.util.find_spec('tensorflow') is not None
+
+
 def main(argv):
   del argv
   name, data_dir = _DATASET.value, _DATA_DIR.value
   if name == 'tiny_imagenet':
     print(_TINY_IMAGENET_STEPS.format(dir=data_dir or 'DIR'))
     return 0
-  try:
-    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if not tensorflow_installed():
     sys.exit(f'Preparing {name} needs TensorFlow (TFDS downloads and encodes with it), '
              'which agad does not install by default. Fix: `pip install -e .[prepare]` '
              '(adds tensorflow-cpu), on a machine with internet, then rerun this '

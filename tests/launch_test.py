@@ -1,4 +1,8 @@
-"""End to end: launch.train then launch.evaluate on real Fashion-MNIST (smoke config)."""
+"""End to end: launch.train then launch.evaluate on real Fashion-MNIST (smoke config).
+
+launch.train's run is the session's shared smoke checkpoint (``smoke_workdir``, conftest.py);
+the commands that write into a workdir run on a private copy of it.
+"""
 
 import json
 import os
@@ -7,29 +11,22 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 import agad
 from agad.evaluation import AttackSpec, Suite
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+from tests.smoke import REPO, SMOKE_CONFIG, copy_workdir, launch_env, needs_data
 
 
 def _run(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=launch_env(), capture_output=True,
                         text=True, **kw)
 
 
-@pytest.mark.skipif(not os.path.exists(FMNIST),
-                    reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
-def test_train_then_evaluate_smoke(tmp_path):
-  workdir = str(tmp_path / "run")
-  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
-              f"--workdir={workdir}"])
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "validation at step" in out.stderr
+@needs_data
+def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
+  # launch.train --config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke (the fixture's run).
+  assert "validation at step" in open(smoke_workdir + ".log").read()
+  workdir = copy_workdir(smoke_workdir, tmp_path / "run")
   for name in ("config.json", "run_record.json", "metrics.jsonl"):
     assert os.path.exists(os.path.join(workdir, name)), name
   record = json.load(open(os.path.join(workdir, "run_record.json")))["launches"][0]
@@ -68,8 +65,7 @@ def test_train_then_evaluate_smoke(tmp_path):
   assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in report["records"]]
 
   # Re-running the finished workdir exits 0 without training.
-  again = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
-                f"--workdir={workdir}"], timeout=120)
+  again = _run(["launch.train", f"--config={SMOKE_CONFIG}", f"--workdir={workdir}"], timeout=120)
   assert again.returncode == 0 and "already finished" in again.stderr
 
 

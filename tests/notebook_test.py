@@ -1,5 +1,6 @@
 """notebooks/attention_maps.ipynb and launch.attention on smoke checkpoints of real
-Fashion-MNIST (PGD-AT and standard training, ~10 s each to train)."""
+Fashion-MNIST: PGD-AT (the session's shared ``smoke_workdir``, conftest.py) and standard
+training (~10 s to train, here)."""
 
 import json
 import os
@@ -9,16 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.smoke import REPO, copy_workdir, launch_env, needs_data
+
 NOTEBOOK = os.path.join(REPO, "notebooks", "attention_maps.ipynb")
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
-needs_data = pytest.mark.skipif(
-    not os.path.exists(FMNIST),
-    reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
 
 
 def _env(**extra):
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **extra)
+  return launch_env(**extra)
 
 
 def _run(args, **kw):
@@ -27,17 +25,14 @@ def _run(args, **kw):
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-  """``{"pgd_at": workdir, "standard": workdir}`` of SmallCNN smoke runs."""
-  root = tmp_path_factory.mktemp("attention_runs")
-  runs = {}
-  for objective in ("pgd_at", "standard"):
-    workdir = str(root / objective)
-    out = _run(["launch.train", f"--config=configs/fashion_mnist.py:smallcnn,{objective},smoke",
-                f"--workdir={workdir}"], timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs[objective] = workdir
-  return runs
+def smoke_runs(smoke_workdir, tmp_path_factory):
+  """``{"pgd_at": workdir, "standard": workdir}`` of SmallCNN smoke runs (read-only: the
+  pgd_at one is shared by the whole session)."""
+  workdir = str(tmp_path_factory.mktemp("attention_runs") / "standard")
+  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,standard,smoke",
+              f"--workdir={workdir}"], timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return {"pgd_at": smoke_workdir, "standard": workdir}
 
 
 def test_notebook_is_stripped():
@@ -75,7 +70,9 @@ def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
 
 @needs_data
 def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
-  workdir = smoke_runs["pgd_at"]
+  # It writes under its workdir (eval/attention/): a private copy of the shared run, named
+  # pgd_at as the figures and statistics are labelled by the workdir's name.
+  workdir = copy_workdir(smoke_runs["pgd_at"], tmp_path / "pgd_at")
   # Two comparison workdirs (the same run twice: labels standard, standard_2).
   out = _run(["launch.attention", f"--workdir={workdir}",
               f"--compare={smoke_runs['standard']},{smoke_runs['standard']}",

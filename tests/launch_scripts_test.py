@@ -1,0 +1,64 @@
+"""Smoke runs of the documented shell scripts: launch/main_job.sh and
+launch/objectives_table.sh (SMOKE=1, on copies of the shared smoke checkpoint) and
+launch/test.sh; registered in tests/docs_commands_test.py."""
+
+import json
+import os
+import re
+
+from tests.docs_commands_test import documented_commands
+from tests.smoke import (REPO, attacks, copy_workdir, launch_env, needs_data, needs_env_sh, reports,
+                         require_env_sh_no_op, run_bash, tail)
+
+
+@needs_data
+@needs_env_sh
+def test_main_job_sh_smoke(smoke_workdir, tmp_path):
+  """``SMOKE=1 bash launch/main_job.sh DIR`` on a copy of the shared checkpoint (same config:
+  launch.train finds the run finished and exits), then its evaluation (clean + PGD-3, 128
+  test images)."""
+  require_env_sh_no_op()
+  workdir = copy_workdir(smoke_workdir, tmp_path / "run")
+  out = run_bash("launch/main_job.sh", [workdir], env=launch_env(SMOKE="1"))
+  assert out.returncode == 0, tail(out)
+  assert "already finished" in out.stderr
+  (path,) = reports(os.path.join(workdir, "eval"), "pgd")
+  report = json.load(open(path))
+  assert attacks(path) == ["clean", "pgd-3"] and report["n"] == 128
+  assert '{"clean": ' in out.stdout
+
+
+@needs_data
+@needs_env_sh
+def test_objectives_table_sh_smoke(smoke_workdir, tmp_path):
+  """``SMOKE=1 OBJECTIVES=pgd_at NUM_EXAMPLES=2 bash launch/objectives_table.sh RUNS``: the
+  row's workdir is a copy of the shared smoke checkpoint (same config: training exits at
+  once), then the table preset and the wall-time line."""
+  require_env_sh_no_op()
+  runs = tmp_path / "runs"
+  copy_workdir(smoke_workdir, runs / "pgd_at")
+  out = run_bash("launch/objectives_table.sh", [str(runs)],
+                 env=launch_env(SMOKE="1", OBJECTIVES="pgd_at", NUM_EXAMPLES="2"))
+  assert out.returncode == 0, tail(out)
+  assert "already finished" in out.stderr
+  (path,) = reports(str(runs / "pgd_at" / "eval"), "table")
+  assert attacks(path) == ["clean", "pgd-3", "cw-30"] and json.load(open(path))["n"] == 2
+  assert re.fullmatch(r"pgd_at wall \d+ s\n", (runs / "walltimes.txt").read_text())
+
+
+@needs_env_sh
+def test_test_sh_runs_a_test():
+  """``bash launch/test.sh PATH`` (env.sh, then pytest with the script's options, xdist
+  workers included) on one quick test of this file: the whole suite from inside the suite
+  would recurse, and this suite is the rest of the command. The test files that documented
+  ``bash launch/test.sh`` / ``python -m pytest`` commands name exist (this suite runs them)."""
+  require_env_sh_no_op()
+  # A fresh pytest run: none of this run's pytest/xdist variables (the JAX compile cache is kept).
+  env = {k: v for k, v in launch_env().items() if not k.startswith("PYTEST_")}
+  out = run_bash("launch/test.sh", ["tests/docs_commands_test.py::test_extraction_reads_every_form_of_command",
+                                    "-p", "no:cacheprovider"], env=env)
+  assert out.returncode == 0, tail(out)
+  assert re.search(r"\b1 passed\b", out.stdout), tail(out)
+  named = {a.split("::")[0] for c in documented_commands() if c.program in ("pytest", "bash launch/test.sh")
+           for a in c.args if a.startswith("tests/") and a.split("::")[0].endswith(".py")}
+  assert all(os.path.exists(os.path.join(REPO, f)) for f in named), named
