@@ -20,12 +20,20 @@ threads) and (4) the restore itself succeeds. Resume and ``read_state`` /
 ``resolve_step`` with ``"latest"`` or ``"best"`` fall back to the newest (best) intact
 step and log one line naming the damaged step; an explicit damaged step is an error
 naming the reason.
+
+A save that cannot be written (disk full, read-only file system, no permission) raises
+``WorkdirWriteError``: one line naming the step, the path and the last intact step, which
+stays restorable (orbax renames a step's temporary folder into place only once every file
+is written, and deletes old steps only after that). With async saving a failure in the
+background surfaces at the next ``save``, ``wait`` or ``close``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging as py_logging
 import os
 from typing import Any, Callable
 
@@ -41,6 +49,68 @@ BEST_METRIC = "val/robust_accuracy"
 BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
 COMMIT_MARKER = "commit_success.txt"   # written by orbax once a step is fully committed
 ITEMS = ("state", "data", "meta")
+
+# errno values that mean "this folder cannot be written", whatever the file.
+WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+# The same conditions as tensorstore words them (it raises ValueError with the OS message).
+_WRITE_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                   "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+class WorkdirWriteError(OSError):
+  """A workdir (checkpoint) write failed because the folder cannot be written: disk full,
+  read-only, no permission. The message is one line and names the path."""
+
+  def __init__(self, message: str, *, code: int | None = None, path: str | None = None):
+    super().__init__(message)
+    self.code, self.path = code, path
+
+  def __str__(self) -> str:  # OSError's own __str__ would print "[Errno None] ..."
+    return self.args[0]
+
+
+def write_failure(error: BaseException | None) -> tuple[int, str] | None:
+  """``(errno, "disk full: <file>")`` if ``error`` (or an exception it was raised from) is a
+  failed write to a full / read-only / forbidden folder, else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, WorkdirWriteError):
+      return error.code, str(error)
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+      where = f": {error.filename}" if error.filename else ""
+      return error.errno, f"{WRITE_ERRNOS[error.errno]}{where}"
+    if not isinstance(error, OSError):
+      for text, code in _WRITE_MESSAGES.items():
+        if text in str(error):
+          return code, f"{WRITE_ERRNOS[code]}: {_short(error, typed=False)}"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _QuietWriteFailures(py_logging.Filter):
+  """Drops the traceback (keeps the line) of orbax's own log records of a write failure.
+
+  Orbax logs a failed background write with its full traceback from each of its worker
+  threads; the ``WorkdirWriteError`` raised to the caller already says what failed, in one
+  line. Every other error keeps its traceback.
+  """
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    # After a failed background write, orbax's last writer thread finds its executor (or
+    # the interpreter) shut down ("cannot schedule new futures after [interpreter]
+    # shutdown"): a consequence of the failure already reported, not a second error.
+    if error is not None and "orbax" in record.pathname and (
+        write_failure(error) or (isinstance(error, RuntimeError)
+                                 and "cannot schedule new futures after" in str(error))):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_QUIET = _QuietWriteFailures()
 
 
 def damage(directory: str, step: int, *, read_arrays: bool = False) -> str | None:
@@ -110,12 +180,19 @@ def best_metric_for(config: Any) -> str:
 
 
 class Checkpointer:
-  """Save / restore TrainState + data-iterator state + metadata in ``directory``."""
+  """Save / restore TrainState + data-iterator state + metadata in ``directory``.
+
+  ``save`` / ``wait`` / ``close`` raise ``WorkdirWriteError`` (one line: the step, the path,
+  the last intact step) when a step cannot be written; with async saving, ``save`` and
+  ``wait`` first check that the previous step was committed.
+  """
 
   def __init__(self, directory: str, *, keep: int = 2, best_metric: str = BEST_METRIC,
                async_save: bool = True, create: bool = True):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
+    self._pending: int | None = None   # a step handed to orbax, not yet checked committed
+    py_logging.getLogger("absl").addFilter(_QUIET)  # a logger keeps one copy of a filter
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
@@ -124,9 +201,14 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save,
         best_fn=lambda m: m[best_metric], best_mode="max",
-        keep_checkpoints_without_metrics=True, create=create)
+        keep_checkpoints_without_metrics=True, create=create,
+        # The step's temporary folder is made in the caller's thread: made in the background,
+        # a failed mkdir (read-only or full disk) left orbax's writer threads waiting 300 s
+        # for it, and the process hung that long after the error (measured, orbax 0.12.8).
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
+    self._async = async_save
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -149,15 +231,61 @@ class Checkpointer:
     return best
 
   def save(self, step: int, state: Any, *, data_state: dict, meta: dict) -> None:
+    """Saves ``step`` (in the background with async saving).
+
+    Raises:
+      WorkdirWriteError: this step, or the previous async one, could not be written.
+    """
+    self._confirm()
     metrics = meta.get("metrics") or None
     if metrics is not None and self.best_metric not in metrics:
       metrics = None
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(data_state),
-                                meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
+    except Exception as e:  # noqa: BLE001  (only write failures are translated)
+      self._raise_if_write_failure(step, e)
+      raise
+    self._pending = step
+    if not self._async:  # written already: check it now
+      self._confirm()
+
+  def _confirm(self) -> None:
+    """Waits for the pending save and checks that its step was committed on disk."""
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      self._raise_if_write_failure(step, e)
+      raise
+    if step is not None and (reason := damage(self.directory, step)) is not None:
+      # Orbax can log a failed finalisation without raising it; the folder is the truth.
+      raise WorkdirWriteError(
+          f"checkpoint step {step} was not committed to {self.directory} ({reason}); "
+          f"{self._last_intact_note(step)}", path=self.directory)
+
+  def _raise_if_write_failure(self, step: int | None, error: BaseException) -> None:
+    failure = write_failure(error)
+    if failure is None:
+      return
+    code, reason = failure
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    raise WorkdirWriteError(
+        f"cannot write {what} to {self.directory} ({reason}); {self._last_intact_note(step)}",
+        code=code, path=self.directory) from None
+
+  def _last_intact_note(self, failed: int | None) -> str:
+    """Names the newest intact step on disk: the one a re-run resumes from."""
+    steps = sorted((int(d) for d in _listdir(self.directory) if d.isdigit()), reverse=True)
+    good = next((s for s in steps if s != failed and damage(self.directory, s) is None), None)
+    fix = "free space or make it writable, then re-run the same command to resume"
+    if good is None:
+      return f"no earlier checkpoint was saved: {fix} from the start"
+    return f"the last good checkpoint, step {good}, is kept and restorable: {fix} from it"
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores ``(state, data_state, meta)``; ``abstract_state`` carries shardings."""
@@ -230,11 +358,36 @@ class Checkpointer:
     return dict(restored["meta"])
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the pending save is written; ``WorkdirWriteError`` if it could not be."""
+    self._confirm()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def close(self, *, quiet: bool = False) -> None:
+    """Finishes the pending save and closes. ``quiet``: never raise (the caller is already
+    raising an error that this one must not hide); a failure is logged in one line."""
+    try:
+      self._confirm()
+    except Exception as e:  # noqa: BLE001
+      if not quiet:
+        self._close_manager()
+        raise
+      logging.warning("while stopping: %s", e if isinstance(e, WorkdirWriteError) else _short(e))
+    self._close_manager()
+
+  def _close_manager(self) -> None:
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001
+      # A write failure was already raised (or logged) by _confirm; orbax re-raises it
+      # from another of its threads here.
+      if write_failure(e) is None:
+        raise
+
+
+def _listdir(directory: str) -> list[str]:
+  try:
+    return os.listdir(directory)
+  except OSError:
+    return []
 
 
 def abstract_like(state: Any) -> Any:
@@ -364,13 +517,15 @@ def resolve_step(directory: str, step: Any, *, best_metric: str | None = None,
   return _select(directory, step, best_metric, verify)[0]
 
 
-def read_state(workdir: str, step: Any = "latest") -> tuple[dict, int]:
+def read_state(workdir: str, step: Any = "latest", *, with_key: bool = False) -> tuple[dict, int]:
   """The raw saved TrainState of a workdir as nested dicts of numpy arrays, and its step.
 
   No model, objective or data is built: any workdir can be read, on any number of
   devices. ``"latest"`` / ``"best"`` skip damaged checkpoints (``resolve_step``).
+  ``with_key`` keeps the trainer's PRNG key (raw uint32 data; for bitwise run comparisons).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   step, raw = _select(directory, step, None, True, lambda s: _read_state(directory, s))
-  raw.pop("key", None)  # The PRNG key (raw uint32 data); nothing outside the trainer needs it.
+  if not with_key:
+    raw.pop("key", None)  # Nothing outside the trainer needs the PRNG key.
   return jax.tree.map(np.asarray, raw), step

@@ -4,6 +4,12 @@ Resumes from the newest intact checkpoint in ``workdir`` automatically (exactly:
 and the input iterator state are restored together), refuses to resume when a
 trajectory field of the config changed, validates on a split carved from train after
 every epoch and keeps the best checkpoint by validation robust accuracy.
+
+Stops, in one line that names what to do, when the run cannot go on: a non-finite training
+loss or gradient norm (``NonFiniteError``: the step and the metric; checked for every step
+at each log and before each save, so no checkpoint follows a bad step) or a workdir that
+cannot be written (``checkpoint.WorkdirWriteError``: the path). Either way the last good
+checkpoint stays restorable.
 """
 
 from __future__ import annotations
@@ -60,7 +66,12 @@ def trajectory_diff(old: dict, new: dict) -> list[str]:
 
 
 class NonFiniteError(FloatingPointError):
-  pass
+  """Training diverged: a non-finite loss or gradient norm (the message names the step)."""
+
+
+# Per-step metrics whose non-finite value means the run diverged (a NaN gradient makes the
+# parameters NaN at once, a step before the loss shows it).
+FINITE_METRICS = ("loss", "grad_norm")
 
 
 class Trainer:
@@ -152,9 +163,49 @@ class Trainer:
                                  best_metric=ckpt_lib.best_metric_for(config),
                                  async_save=config.checkpoint.async_save)
     try:
-      return self._run(ckpt)
-    finally:
-      ckpt.close()
+      state = self._run(ckpt)
+    except OSError as e:
+      ckpt.close(quiet=True)  # finish any pending save; never hide this error behind its own
+      failure = ckpt_lib.write_failure(e)
+      if failure is None or isinstance(e, ckpt_lib.WorkdirWriteError):
+        raise
+      # A full or read-only disk hits metrics.jsonl or the run record as well as checkpoints.
+      code, reason = failure
+      raise ckpt_lib.WorkdirWriteError(
+          f"cannot write to the workdir {self.workdir} ({reason}); "
+          f"{self._last_good(ckpt)}", code=code, path=self.workdir) from None
+    except BaseException:
+      ckpt.close(quiet=True)
+      raise
+    ckpt.close()
+    return state
+
+  def _last_good(self, ckpt: ckpt_lib.Checkpointer) -> str:
+    step = ckpt.latest_step()
+    if step is None:
+      return "no checkpoint was saved yet."
+    return f"the last good checkpoint (step {step}) is kept in {ckpt.directory}."
+
+  def _check_finite(self, pending: list[tuple[int, dict]], ckpt: ckpt_lib.Checkpointer) -> None:
+    """Raises ``NonFiniteError`` at the first pending step whose loss or gradient norm is
+    not finite, naming the step, the metric and the remedies."""
+    for step, metrics in pending:
+      for name in FINITE_METRICS:
+        value = float(metrics[name]) if name in metrics else 0.0
+        if not math.isfinite(value):
+          raise NonFiniteError(f"non-finite training {name} ({value}) at step {step}; "
+                               + self._last_good(ckpt) + " " + self._divergence_advice(ckpt))
+
+  def _divergence_advice(self, ckpt: ckpt_lib.Checkpointer) -> str:
+    optim = self.config.optim
+    lr, clip = float(optim.lr), float(optim.get("grad_clip", 0.0))
+    clip_flag = (f"a smaller --config.optim.grad_clip (now {clip:g})" if clip > 0
+                 else "--config.optim.grad_clip=1.0")
+    start = (f", from this run's last good weights with --config.init.workdir={self.workdir} "
+             f"--config.init.step={ckpt.latest_step()}" if ckpt.latest_step() is not None else "")
+    return (f"Train in a new --workdir (a resume refuses changed optim fields) with {clip_flag} "
+            f"and a lower --config.optim.lr (now {lr:g}, e.g. {lr / 10:g}){start}; "
+            "or check the data.")
 
   def _run(self, ckpt: ckpt_lib.Checkpointer) -> TrainState:
     config = self.config
@@ -203,7 +254,7 @@ class Trainer:
     stop_at = self.total_steps
     if config.stop_after_steps:
       stop_at = min(stop_at, config.stop_after_steps)
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (step, metrics) since the last log
     epoch_metrics: dict = {}
     t_log = time.time()
     steps_since_log = 0
@@ -216,21 +267,14 @@ class Trainer:
       while step < stop_at:
         batch = next(prefetch)
         state, metrics = self.train_step(state, batch, self.frozen)
-        pending.append(metrics)
         step += 1
+        pending.append((step, metrics))
         steps_since_log += 1
         epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
         if step % config.log_every_steps == 0 or epoch_end or step == stop_at:
-          scalars = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+          self._check_finite(pending, ckpt)
+          scalars = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
           pending.clear()
-          if not math.isfinite(scalars["loss"]):
-            raise NonFiniteError(
-                f"non-finite training loss {scalars['loss']} at step {step}; "
-                + (f"the last good checkpoint (step {ckpt.latest_step()}) is kept. "
-                   if ckpt.latest_step() is not None else "no checkpoint was saved yet. ")
-                + "Start a new --workdir with a lower "
-                "optim.lr (a resume refuses a changed lr), optionally from this run's last good "
-                "weights with --config.init.workdir=THIS_WORKDIR; or check the data.")
           now = time.time()
           rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
           eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
@@ -255,6 +299,7 @@ class Trainer:
                        f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
                        if "val/pgd_robust_accuracy" in val else "", val["val/n"])
         if save_now:
+          self._check_finite(pending, ckpt)  # steps since the last log: none may be bad
           self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
                      epoch_metrics if epoch_end else {})
     finally:
@@ -266,7 +311,7 @@ class Trainer:
   def _save(self, ckpt, step, state, data_state, fingerprint, metrics) -> None:
     if not bool(self.finite(state)):
       raise NonFiniteError(f"the train state has non-finite values at step {step}; not saving it. "
-                           f"The last good checkpoint (step {ckpt.latest_step()}) is kept.")
+                           + self._last_good(ckpt) + " " + self._divergence_advice(ckpt))
     meta = {"step": step, "epoch": step / self.steps_per_epoch, "trajectory": fingerprint,
             "metrics": metrics, "best_metric": ckpt.best_metric, "frozen": self.frozen_record}
     ckpt.save(step, state, data_state=data_state, meta=meta)
