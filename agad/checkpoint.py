@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging as py_logging
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -111,6 +112,27 @@ class _QuietWriteFailures(py_logging.Filter):
 
 
 _QUIET = _QuietWriteFailures()
+
+
+def _quiet_closed_event_loops() -> None:
+  """Installed once a write has failed: drops "Event loop is closed" unraisable errors.
+
+  Orbax's writer threads that were still running when the save failed complete into event
+  loops it has already closed; each completion (a tensorstore callback) prints a raw
+  asyncio traceback through ``sys.unraisablehook`` (31 of them for one failed save of a tiny
+  model). They carry nothing of the failure, which ``WorkdirWriteError`` reports. Every other
+  unraisable error still reaches the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "agad_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.agad_quiet = True
+  sys.unraisablehook = hook
 
 
 def damage(directory: str, step: int, *, read_arrays: bool = False) -> str | None:
@@ -272,6 +294,7 @@ class Checkpointer:
     failure = write_failure(error)
     if failure is None:
       return
+    _quiet_closed_event_loops()
     code, reason = failure
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
     raise WorkdirWriteError(

@@ -198,9 +198,6 @@ def _make_unwritable(monkeypatch, directory, how):
   return monkeypatch.undo
 
 
-# Orbax's asyncio writer threads, cut short by the failed write, finish after their event loop
-# closed ("Event loop is closed", unraisable): its own clean-up, nothing of the result.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how,async_save", [("read_only", False), ("disk_full", True)])
 def test_unwritable_checkpoints_are_one_clear_error_and_the_last_step_restores(
     runs, tmp_path, monkeypatch, caplog, how, async_save):
