@@ -106,7 +106,7 @@ def parse_commands(text: str, name: str = "<doc>") -> list[Command]:
       following = _START.search(rest)
       if following:
         rest = rest[:following.start()]
-      options, words = {}, []
+      options, words, pending = {}, [], None
       for token in rest.split():
         if token in _STOP:
           break
@@ -114,8 +114,14 @@ def parse_commands(text: str, name: str = "<doc>") -> list[Command]:
         token = token.strip("\"'`[](),")
         words.append(token)
         if token.startswith("--") and len(token) > 2:
-          key, _, value = token[2:].partition("=")
+          key, eq, value = token[2:].partition("=")
           options.setdefault(key, []).extend(value.split("|") if value else [""])
+          pending = None if eq else key
+        elif pending and token and not token.startswith("-"):  # --flag VALUE (absl takes both)
+          options[pending] = [v for v in options[pending] if v] + token.split("|")
+          pending = None
+        else:
+          pending = None
         if closes_quote:  # the end of a quoted command (gcloud ... --command="...")
           break
       text_ = " ".join([m.group(0).strip(), *words])
@@ -195,6 +201,7 @@ SMOKE_RUNS = {
     "launch.train": _LAUNCH,                    # --config=FILE: the config's default objective
     "launch.train pgd_at": _LAUNCH,             # the shared smoke checkpoint (conftest.py)
     "launch.train trades+awp": _TRAIN,
+    "launch.train again": "tests/launch_train_test.py::test_train_again_as_documented",
     "launch.train --distributed": _TRAIN,
     "launch.train standard": (_TRAIN, _ATAT),   # AGKD-BML's teacher (label smoothing), ATAT's
     "launch.train agkd_bml --config.init.workdir": _TRAIN,
@@ -221,6 +228,7 @@ SMOKE_RUNS = {
     "launch.prepare_data --dataset=svhn_cropped": "tests/launch_train_test.py::test_prepare_data_paths_with_mocked_tfds",
     "launch.dev.afa_branches": _TRAIN,
     "launch.dev.recipe_smoke": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
+    "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_runs_one_spec",
 }
 
 # Dev-only commands that need the separate torch environment (.venv-parity): never run here.
@@ -303,7 +311,7 @@ def test_extraction_reads_every_form_of_command():
       "| evaluate | `.venv/bin/python -m launch.evaluate --workdir=runs/x [--preset=pgd\\|full] "
       "[--surrogate=<its base>]` |",
       "A wrapped span: `python -m launch.benchmark",
-      "--mode=eval` and `launch.compare --defense=a --base=b` then `python3 tools/plot.py --x=1`.",
+      "--mode eval` and `launch.compare --defense=a --base=b` then `python3 tools/plot.py --x=1`.",
       "`gcloud ssh --command=\"cd agad && .venv/bin/python -m launch.train --distributed --config=... \"`",
       "`python -m launch.train --config=configs/fashion_mnist.py:smallcnn,atat "
       "--config.init.workdir=runs/t` then `python -m launch.dev.recipe_smoke`;",

@@ -1,10 +1,12 @@
-"""Smoke runs of the documented shell scripts: launch/main_job.sh and
-launch/objectives_table.sh (SMOKE=1, on copies of the shared smoke checkpoint) and
-launch/test.sh; registered in tests/docs_commands_test.py."""
+"""Smoke runs of the documented scripts: launch/main_job.sh and launch/objectives_table.sh
+(SMOKE=1, on copies of the shared smoke checkpoint), launch/test.sh and
+tools/numerics_sweep.py; registered in tests/docs_commands_test.py."""
 
 import json
 import os
 import re
+import subprocess
+import sys
 
 from tests.docs_commands_test import documented_commands
 from tests.smoke import (REPO, attacks, copy_workdir, launch_env, needs_data, needs_env_sh, reports,
@@ -62,3 +64,14 @@ def test_test_sh_runs_a_test():
   named = {a.split("::")[0] for c in documented_commands() if c.program in ("pytest", "bash launch/test.sh")
            for a in c.args if a.startswith("tests/") and a.split("::")[0].endswith(".py")}
   assert all(os.path.exists(os.path.join(REPO, f)) for f in named), named
+
+
+def test_numerics_sweep_runs_one_spec(tmp_path):
+  """``.venv/bin/python tools/numerics_sweep.py --specs=standard``: the cheapest spec's smoke
+  run under both XLA:CPU code paths (the sweep does every spec the same way)."""
+  out = subprocess.run([sys.executable, "tools/numerics_sweep.py", "--specs=standard", f"--out={tmp_path}"],
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, tail(out)
+  lines = out.stdout.splitlines()
+  assert [l.split()[:3] for l in lines[:2]] == [["default", "standard", "ok"], ["ynn_off", "standard", "ok"]], lines
+  assert lines[-1].startswith("all finite")

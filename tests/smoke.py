@@ -28,8 +28,9 @@ def launch_env(**extra) -> dict:
   """The environment of a launch subprocess: CPU, this checkout first on the path, and the
   suite's compile policy (conftest.py: cheap compiles beat fast code for tiny programs;
   the smoke runs are compile-bound, about 1.5-2.5x faster this way)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-              **extra)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.update(extra)
+  return env
 
 
 def run_module(args, *, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
