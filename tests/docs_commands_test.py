@@ -201,7 +201,7 @@ SMOKE_RUNS = {
     "launch.train": _LAUNCH,                    # --config=FILE: the config's default objective
     "launch.train pgd_at": _LAUNCH,             # the shared smoke checkpoint (conftest.py)
     "launch.train trades+awp": _TRAIN,
-    "launch.train again": "tests/launch_train_test.py::test_train_again_as_documented",
+    "launch.train again": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
     "launch.train --distributed": _TRAIN,
     "launch.train standard": (_TRAIN, _ATAT),   # AGKD-BML's teacher (label smoothing), ATAT's
     "launch.train agkd_bml --config.init.workdir": _TRAIN,
@@ -228,7 +228,7 @@ SMOKE_RUNS = {
     "launch.prepare_data --dataset=svhn_cropped": "tests/launch_train_test.py::test_prepare_data_paths_with_mocked_tfds",
     "launch.dev.afa_branches": _TRAIN,
     "launch.dev.recipe_smoke": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
-    "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_runs_one_spec",
+    "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
 }
 
 # Dev-only commands that need the separate torch environment (.venv-parity): never run here.
