@@ -1,10 +1,11 @@
 """Numerics that hold on any CPU: no expression whose value depends on one compilation.
 
-A gather in ``jnp.take``'s default ``'fill'`` mode guards every row with an in-bounds
-select that writes NaN; one XLA:CPU compilation of the AGAIN train step (YNN fusions off)
-got that select wrong and returned NaN gradients for valid labels. Every label/argmax
-gather in agad's losses and plug-ins uses ``mode='clip'`` (the indices are in range by
-construction), and these tests keep it so in every train step.
+AGAIN's label gathers (``W[y]``, ``W[y']``) had NaN gradients for valid labels in two
+XLA:CPU compilations of the train step (YNN fusions off; cheap-compile mode): the NaN came
+from the scatter-add behind the gathers' gradients (and the gathers' NaN fill mode).
+agad's losses and plug-ins pick label rows and entries by one-hot products
+(``agad.attacks.losses.rows`` / ``pick``), so a train step has no scatter on floats and no
+gather in NaN-fill mode; these tests keep it so (docs/results/numerics.md).
 """
 
 import chex
@@ -15,6 +16,7 @@ import pytest
 from absl.testing import parameterized
 from jax.extend import core as jex_core
 
+from agad.attacks import losses
 from agad.defenses import again as again_lib
 from agad.defenses import agkd_bml
 from agad.objectives.mart import mart_loss
@@ -28,11 +30,14 @@ SPECS = ("standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "again", "
 
 
 def _fill_mode_gathers(jaxpr, found):
-  """Appends ``(primitive, dtype)`` of every gather/scatter in NaN-fill mode, recursively."""
+  """Appends ``(primitive, dtype)`` of every gather in NaN-fill mode and every scatter into
+  floats (a gather's gradient), recursively through sub-programs."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name.startswith(("gather", "scatter")):
-      if "FILL_OR_DROP" in str(eqn.params.get("mode")):
-        found.append((eqn.primitive.name, str(eqn.invars[0].aval)))
+    name = eqn.primitive.name
+    if name.startswith(("gather", "scatter")):
+      floating = jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating)
+      if "FILL_OR_DROP" in str(eqn.params.get("mode")) or (name.startswith("scatter") and floating):
+        found.append((name, str(eqn.invars[0].aval)))
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else (value,):
         if isinstance(sub, jex_core.ClosedJaxpr):
@@ -43,7 +48,7 @@ def _fill_mode_gathers(jaxpr, found):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_no_train_step_gathers_in_nan_fill_mode(tmp_path, spec):
+def test_no_train_step_scatters_floats_or_gathers_in_nan_fill_mode(tmp_path, spec):
   trainer = loop.Trainer(tiny_config(spec), str(tmp_path))
   state = jax.eval_shape(trainer.initial_state)
   train_step = step_lib.make_train_step(trainer.exp.objective, trainer.tx, ema_decay=0.0)
@@ -52,7 +57,7 @@ def test_no_train_step_gathers_in_nan_fill_mode(tmp_path, spec):
   assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
 
 
-def test_label_gathers_of_agkd_bml_and_mart_use_clip_mode():
+def test_label_picks_of_agkd_bml_and_mart_are_gather_free():
   """AGKD-BML's MART term (its step needs a teacher, so it is not in SPECS) and MART's loss."""
   logits = jax.random.normal(jax.random.key(0), (4, 10))
   labels = jnp.array([0, 9, 3, 9])
@@ -80,3 +85,22 @@ class ASEWeightsAtTheBoundaryTest(parameterized.TestCase):
     chex.assert_trees_all_equal(grad[:, 1:3], jnp.zeros((6, 2)))
     jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other))))(kernel)
     assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+
+
+class PickAndRowsTest(parameterized.TestCase):
+  """``losses.pick`` / ``losses.rows`` equal indexing exactly (one term times 1, the rest
+  times 0) and their gradients put the cotangent on the picked entries only."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equal_indexing_and_gradients_at_the_boundary_indices(self):
+    values = jax.random.normal(jax.random.key(0), (4, 6))
+    index = jnp.array([0, 5, 5, 2])
+    chex.assert_trees_all_equal(self.variant(losses.pick)(values, index),
+                                values[jnp.arange(4), index])
+    table = jax.random.normal(jax.random.key(1), (6, 3))
+    chex.assert_trees_all_equal(self.variant(losses.rows)(table, index), table[index])
+    grad = self.variant(jax.grad(lambda t: jnp.sum(losses.rows(t, index, 0.5))))(table)
+    want = np.zeros((6, 3), np.float32)
+    for k in np.asarray(index):
+      want[k] += 0.5
+    chex.assert_trees_all_equal(grad, jnp.asarray(want))

@@ -19,6 +19,25 @@ LossFn = Callable[..., jax.Array]
 SMOOTHING = ("all", "others")
 
 
+def pick(values: jax.Array, index: jax.Array) -> jax.Array:
+  """``values[b, index[b]]`` over the last axis ``[B, K] -> [B]`` as a one-hot contraction.
+
+  No gather in the forward pass and no scatter-add in the backward pass: one XLA:CPU
+  compilation wrote NaN into the scatter-add behind a label gather's gradient (valid
+  labels; docs/results/numerics.md). With finite values the result is exact (one term
+  times 1, the others times 0).
+  """
+  onehot = jax.nn.one_hot(index, values.shape[-1], dtype=values.dtype)
+  return jnp.sum(values * onehot, axis=-1)
+
+
+def rows(table: jax.Array, index: jax.Array, weights: jax.Array | float = 1.0) -> jax.Array:
+  """``weights * table[index]`` ``[B, C]`` for ``table [K, C]`` and ``index [B]``, as a
+  one-hot matrix product (see :func:`pick`: no gather, no scatter-add in the gradient)."""
+  onehot = jax.nn.one_hot(index, table.shape[0], dtype=table.dtype) * weights
+  return jnp.dot(onehot, table, precision=jax.lax.Precision.HIGHEST)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
                   smoothing: str = "all") -> jax.Array:
   """Cross-entropy ``[B]`` with optional label smoothing ``s``.

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from agad.attacks import losses as attack_losses
 from agad.defenses import cas as cas_lib
 from agad.defenses.cas import CASPlugin
 from agad.models.layers import torch_linear_uniform
@@ -177,11 +178,11 @@ def ase_weights(class_weights: jax.Array, labels: jax.Array, other_labels: jax.A
   if class_weights.ndim != 2:
     raise ValueError(f"class_weights must be the [C, K] kernel, got shape {class_weights.shape}")
   rows = class_weights.T  # [K, C]
-  # mode='clip': the labels are in range by construction; jnp.take's default 'fill' mode
-  # guards each row with an in-bounds select that writes NaN, and one XLA:CPU compilation of
-  # the train step (YNN fusions off) got that select wrong: NaN gradients at valid labels.
-  return (alpha * jnp.take(rows, labels, axis=0, mode="clip")
-          + (1.0 - alpha) * jnp.take(rows, other_labels, axis=0, mode="clip"))
+  # One-hot products, not gathers: the gather's gradient (a scatter-add) came out NaN for
+  # valid labels in some XLA:CPU compilations of the train step (docs/results/numerics.md).
+  coefficients = (alpha * jax.nn.one_hot(labels, rows.shape[0], dtype=rows.dtype)
+                  + (1.0 - alpha) * jax.nn.one_hot(other_labels, rows.shape[0], dtype=rows.dtype))
+  return jnp.dot(coefficients, rows, precision=jax.lax.Precision.HIGHEST)
 
 
 def _moments(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -268,7 +269,7 @@ class ASEPlugin(CASPlugin):
       self.sow("aux", OTHER_LABELS_NAME, other)
       mask = ase_weights(kernel, labels, other, alpha=self.alpha)
     else:
-      mask = jnp.take(kernel.T, jnp.argmax(logits, axis=-1), axis=0, mode="clip")  # [B, C]: W[argmax z]
+      mask = attack_losses.rows(kernel.T, jnp.argmax(logits, axis=-1))  # [B, C]: W[argmax z]
       if self.straight_through:
         mask = cas_lib.straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))

@@ -172,11 +172,11 @@ def mart_term(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
   adv = jax.nn.softmax(logits_adv.astype(jnp.float32), axis=-1)
   top2 = jnp.argsort(adv, axis=-1)[:, -2:]
   new_y = jnp.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
-  bce = -jnp.take_along_axis(jnp.log(1.0001 - adv + 1e-12), new_y[:, None], axis=-1, mode="clip")[:, 0]
+  bce = -attack_losses.pick(jnp.log(1.0001 - adv + 1e-12), new_y)
   nat = jax.nn.softmax(logits_clean.astype(jnp.float32), axis=-1)
   log_nat = jax.nn.log_softmax(logits_clean.astype(jnp.float32), axis=-1)
   kl = jnp.sum(jnp.where(nat > 0, nat * (log_nat - jnp.log(adv + 1e-12)), 0.0), axis=-1)
-  true = jnp.take_along_axis(nat, labels[:, None], axis=-1, mode="clip")[:, 0]
+  true = attack_losses.pick(nat, labels)
   return jnp.mean(bce) + beta * jnp.sum(kl * (1.0000001 - true)) / logits_adv.shape[0]
 
 

@@ -80,7 +80,7 @@ class CASPlugin(nn.Module):
       index = labels
     else:
       index = jnp.argmax(logits, axis=-1)
-    mask = jnp.take(kernel.T, index, axis=0, mode="clip")  # [B, C]: W[index] (in range: no NaN fill)
+    mask = attack_losses.rows(kernel.T, index)  # [B, C]: W[index] (no gather: losses.rows)
     if self.straight_through and not (train and labels is not None):
       mask = straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from agad.attacks import losses as attack_losses
 from agad.objectives import base
 from agad.objectives.trades import paired_objective
 
@@ -39,15 +40,15 @@ def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
   logits_adv = logits_adv.astype(jnp.float32)
   batch_size = logits_adv.shape[0]
   adv_probs = jax.nn.softmax(logits_adv, axis=-1)
-  # torch.argsort(adv_probs)[:, -2:]; new_y = second-largest if the largest is y. Gathers use
-  # mode="clip" (indices in range by construction): never a NaN fill (tests/numerics_test.py).
+  # torch.argsort(adv_probs)[:, -2:]; new_y = second-largest if the largest is y. Entries are
+  # picked by one-hot products (losses.pick), not gathers (tests/numerics_test.py).
   top2 = jnp.argsort(adv_probs, axis=-1)[:, -2:]
   new_y = jnp.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
-  boosted = -jnp.take_along_axis(jnp.log(1.0001 - adv_probs + 1e-12), new_y[:, None], axis=-1, mode="clip")[:, 0]
+  boosted = -attack_losses.pick(jnp.log(1.0001 - adv_probs + 1e-12), new_y)
   loss_adv = base.cross_entropy_mean(logits_adv, labels) + jnp.mean(boosted)
 
   nat_probs = jax.nn.softmax(logits_clean, axis=-1)
-  true_probs = jnp.take_along_axis(nat_probs, labels[:, None], axis=-1, mode="clip")[:, 0]
+  true_probs = attack_losses.pick(nat_probs, labels)
   # nn.KLDivLoss(reduction='none')(log(adv_probs + 1e-12), nat_probs):
   # target * (log target - input), 0 where target == 0.
   log_nat = jax.nn.log_softmax(logits_clean, axis=-1)
