@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # room -> rooms it must never import (directly or lazily inside a function).
 FORBIDDEN = {
-    "agad/checkpoint.py": ("agad.", "configs", "launch"),
+    "agad/checkpoint": ("agad.", "configs", "launch"),
     "agad/sharding.py": ("agad.", "configs", "launch"),
     "agad/data": ("agad.models", "agad.attacks", "agad.objectives", "agad.defenses", "agad.training",
                   "agad.evaluation", "agad.api", "configs", "launch"),

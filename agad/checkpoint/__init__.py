@@ -30,162 +30,25 @@ background surfaces at the next ``save``, ``wait`` or ``close``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging as py_logging
 import os
-import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val/robust_accuracy"
 BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
-COMMIT_MARKER = "commit_success.txt"   # written by orbax once a step is fully committed
-ITEMS = ("state", "data", "meta")
 
-# errno values that mean "this folder cannot be written", whatever the file.
-WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
-# The same conditions as tensorstore words them (it raises ValueError with the OS message).
-_WRITE_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-                   "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
-
-
-class WorkdirWriteError(OSError):
-  """A workdir (checkpoint) write failed because the folder cannot be written: disk full,
-  read-only, no permission. The message is one line and names the path."""
-
-  def __init__(self, message: str, *, code: int | None = None, path: str | None = None):
-    super().__init__(message)
-    self.code, self.path = code, path
-
-  def __str__(self) -> str:  # OSError's own __str__ would print "[Errno None] ..."
-    return self.args[0]
-
-
-def write_failure(error: BaseException | None) -> tuple[int, str] | None:
-  """``(errno, "disk full: <file>")`` if ``error`` (or an exception it was raised from) is a
-  failed write to a full / read-only / forbidden folder, else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, WorkdirWriteError):
-      return error.code, str(error)
-    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
-      where = f": {error.filename}" if error.filename else ""
-      return error.errno, f"{WRITE_ERRNOS[error.errno]}{where}"
-    if not isinstance(error, OSError):
-      for text, code in _WRITE_MESSAGES.items():
-        if text in str(error):
-          return code, f"{WRITE_ERRNOS[code]}: {_short(error, typed=False)}"
-    error = error.__cause__ or error.__context__
-  return None
-
-
-class _QuietWriteFailures(py_logging.Filter):
-  """Drops the traceback (keeps the line) of orbax's own log records of a write failure.
-
-  Orbax logs a failed background write with its full traceback from each of its worker
-  threads; the ``WorkdirWriteError`` raised to the caller already says what failed, in one
-  line. Every other error keeps its traceback.
-  """
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    # After a failed background write, orbax's last writer thread finds its executor (or
-    # the interpreter) shut down ("cannot schedule new futures after [interpreter]
-    # shutdown"): a consequence of the failure already reported, not a second error.
-    if error is not None and "orbax" in record.pathname and (
-        write_failure(error) or (isinstance(error, RuntimeError)
-                                 and "cannot schedule new futures after" in str(error))):
-      record.exc_info, record.exc_text = None, None
-    return True
-
-
-_QUIET = _QuietWriteFailures()
-
-
-def _quiet_closed_event_loops() -> None:
-  """Installed once a write has failed: drops "Event loop is closed" unraisable errors.
-
-  Orbax's writer threads that were still running when the save failed complete into event
-  loops it has already closed; each completion (a tensorstore callback) prints a raw
-  asyncio traceback through ``sys.unraisablehook`` (31 of them for one failed save of a tiny
-  model). They carry nothing of the failure, which ``WorkdirWriteError`` reports. Every other
-  unraisable error still reaches the previous hook.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "agad_quiet", False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-  hook.agad_quiet = True
-  sys.unraisablehook = hook
-
-
-def damage(directory: str, step: int, *, read_arrays: bool = False) -> str | None:
-  """Why saved ``step`` of checkpoint ``directory`` is damaged, or None if it looks intact.
-
-  Structural checks (no array is read): the commit marker and ``_CHECKPOINT_METADATA``
-  exist, every item folder exists, ``meta/metadata``, ``data/metadata`` and
-  ``state/_METADATA`` parse as JSON, ``state/manifest.ocdbt`` exists. With
-  ``read_arrays``, also every value of the state's OCDBT store is read once (finds a
-  truncated or missing array file; costs one read of the checkpoint's bytes).
-  """
-  root = os.path.join(os.path.abspath(directory), str(step))
-  for name in (COMMIT_MARKER, "_CHECKPOINT_METADATA"):
-    if not os.path.isfile(os.path.join(root, name)):
-      return f"{name} missing: the save never completed"
-  for item in ITEMS:
-    if not os.path.isdir(os.path.join(root, item)):
-      return f"item {item!r} missing"
-  for relative in ("meta/metadata", "data/metadata", "state/_METADATA"):
-    path = os.path.join(root, relative)
-    try:
-      with open(path) as f:
-        json.load(f)
-    except (OSError, ValueError) as e:
-      return f"{relative} unreadable: {_short(e)}"
-  if not os.path.isfile(os.path.join(root, "state", "manifest.ocdbt")):
-    return "state/manifest.ocdbt missing"
-  return _unreadable_arrays(os.path.join(root, "state")) if read_arrays else None
-
-
-def _unreadable_arrays(state_dir: str, batch: int = 64) -> str | None:
-  """Reads every value of the OCDBT store in ``state_dir`` (``batch`` at a time); the error or None."""
-  try:
-    store = ts.KvStore.open({"driver": "ocdbt", "base": "file://" + state_dir + os.sep}).result()
-    keys = store.list().result()
-    if not keys:
-      return "state/ holds no arrays"
-    for start in range(0, len(keys), batch):
-      for future in [store.read(k) for k in keys[start:start + batch]]:
-        if future.result().state != "value":
-          return "an array file is missing"
-  except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError with its status)
-    # 'OUT_OF_RANGE: ... of local file "d/266f..."': the status and the file, not the folder.
-    return f"state unreadable: {_short(e, typed=False).replace(state_dir + os.sep, '')}"
-  return None
-
-
-def _short(error: BaseException, typed: bool = True) -> str:
-  """An exception's first line (``typed``: after its type name), at most 200 characters."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  if typed or not text:
-    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
-  return text if len(text) <= 200 else text[:197] + "..."
+from ._damage import COMMIT_MARKER, ITEMS, _listdir, _unreadable_arrays, damage  # noqa: F401
+from ._write_errors import (WRITE_ERRNOS, WorkdirWriteError, _QUIET, _quiet_closed_event_loops,  # noqa: F401
+                            _short, write_failure)
 
 
 def best_metric_for(config: Any) -> str:
@@ -404,13 +267,6 @@ class Checkpointer:
       # from another of its threads here.
       if write_failure(e) is None:
         raise
-
-
-def _listdir(directory: str) -> list[str]:
-  try:
-    return os.listdir(directory)
-  except OSError:
-    return []
 
 
 def abstract_like(state: Any) -> Any:
