@@ -23,9 +23,9 @@ equal to the uninterrupted run's, and both keep the same checkpoint steps.
 
 ``eval``: ``launch.evaluate --preset=autoattack`` on a smoke checkpoint (``--model``, else
 trained here) with a small chunk, uninterrupted, then again in another output folder killed
-``--kills`` times at random moments while AutoAttack runs, each rerun resuming from the
-per-chunk cache. Verdict: the report (without its wall times and cache counts) and the
-per-example results are identical.
+``--kills`` times, each time inside a random AutoAttack chunk still to compute (a random part
+of a chunk's time after it starts), each rerun resuming from the per-chunk cache. Verdict: the
+report (without its wall times and cache counts) and the per-example results are identical.
 
 Exits 1 when a verdict fails. ``--compile_cache=DIR`` shares XLA's compilation cache
 between launches (faster; tests/training_test.py's launches share the test run's cache); off
@@ -94,8 +94,9 @@ class Launch:
     self.resumed_from = 0
     self.start_known = False  # whether it got as far as choosing its start step
     self.chunks: list[tuple[float, str, int]] = []  # evaluation: (seconds, row, examples done)
-    self._log = open(log_path, "a")
+    self._log = open(log_path, "a", buffering=1)  # line by line, in order with the child's own
     self._log.write(f"$ {' '.join(command)}\n")
+    self._log.flush()
     self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log,
                                  stderr=subprocess.PIPE, text=True, bufsize=1)
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -364,6 +365,8 @@ def compare_reports(a: str, b: str) -> list[str]:
 
 def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, num_examples: int = 128,
                chunk: int = 32, env=None, log=print) -> dict:
+  """Evaluates uninterrupted, then with ``kills`` SIGKILLs inside AutoAttack chunks; see the
+  module docstring. A reference evaluation already under ``root`` is reused."""
   env = env or child_env()
   rng = random.Random(seed)
   log_path = os.path.join(root, "launches.log")
@@ -374,17 +377,22 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
       raise RuntimeError(f"training the smoke model failed; see {log_path}")
   command = lambda out: evaluate_command(model, out, num_examples, chunk, chunk)
   ref_out, run_out = os.path.join(root, "eval_reference"), os.path.join(root, "eval_killed")
-  t = time.monotonic()
-  ref = Launch(command(ref_out), env, log_path)
-  if ref.finish() != 0:
-    raise RuntimeError(f"the reference evaluation failed; see {log_path}")
-  ref_s = time.monotonic() - t
-  aa = [c for c in ref.chunks if c[1].startswith("autoattack")]
-  aa_start = ref.chunks[0][0] if ref.chunks else 0.0   # the clean row ends before AutoAttack
-  aa_s = (aa[-1][0] - aa_start) if aa else ref_s
-  n_chunks = -(-num_examples // chunk)
-  log(f"reference evaluation: {ref_s:.1f} s, AutoAttack {aa_s:.1f} s over {n_chunks} chunks "
-      f"of {chunk} images")
+  timing_path = os.path.join(ref_out, "chaos_timing.json")
+  if not os.path.exists(timing_path):
+    t = time.monotonic()
+    ref = Launch(command(ref_out), env, log_path)
+    if ref.finish() != 0:
+      raise RuntimeError(f"the reference evaluation failed; see {log_path}")
+    with open(timing_path, "w") as f:
+      json.dump({"wall_s": time.monotonic() - t, "chunks": ref.chunks}, f)
+  timing = _json(timing_path)
+  # Each AutoAttack chunk's time: from the previous row's last chunk to its own line.
+  times = [t for t, row, _ in timing["chunks"]]
+  chunk_s = [b - a for a, b, (_, row, _) in zip(times, times[1:], timing["chunks"][1:])
+             if row.startswith("autoattack")]
+  n_chunks = len(chunk_s)
+  log(f"reference evaluation: {timing['wall_s']:.1f} s; AutoAttack chunks of {chunk} images: "
+      + ", ".join(f"{c:.0f}" for c in chunk_s) + " s")
   cache = os.path.join(run_out, "cache")
 
   def cache_entries():
@@ -394,45 +402,49 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
   records, launches = [], 0
   for _ in range(kills):
     before = len(cache_entries()[0])
+    cached = max(before - n_chunks, 0)  # the clean row's entries come first
+    if cached >= n_chunks:
+      break
+    # The kill: inside a random AutoAttack chunk still to compute, at a random part (10-90%)
+    # of the shortest chunk's time after it starts; counted in chunks, so the moment does not
+    # depend on how fast this launch runs.
+    target, fraction = rng.randint(cached, n_chunks - 1), rng.uniform(0.1, 0.9)
     launch = Launch(command(run_out), env, log_path)
     launches += 1
-    # The kill: a random moment of the AutoAttack work this launch still has to do, counted
-    # from the moment it starts AutoAttack (after the clean row: its last chunk is logged).
-    clean_done = lambda: any(row == "clean" and n >= num_examples for _, row, n in launch.chunks)
-    if not _wait_until(launch, clean_done):
+    row_done = lambda name, n: any(r.startswith(name) and k >= n for _, r, k in launch.chunks)
+    started = (lambda: row_done("clean", num_examples)) if target == 0 else \
+        (lambda: row_done("autoattack", target * chunk))
+    if not _wait_until(launch, started):
       launch.finish()
+      log(f"launch {launches} finished before its kill")
       break
-    aa_left = max(n_chunks - (len(cache_entries()[0]) - n_chunks), 1) / n_chunks
-    start, delay = time.monotonic(), rng.uniform(0.0, aa_s * aa_left * 0.9)
-    _wait_until(launch, lambda: time.monotonic() - start >= delay)
+    start = time.monotonic()
+    _wait_until(launch, lambda: time.monotonic() - start >= fraction * min(chunk_s))
     ran, killed = launch.kill()
+    lost = time.monotonic() - start
     if not killed:
       log(f"launch {launches} finished before its kill")
       break
     complete, partial = cache_entries()
-    # Attack work lost: the time since the newest complete cache entry (or the AutoAttack start).
-    newest = max((os.path.getmtime(e) for e in complete), default=0.0)
-    lost = min(time.time() - newest, time.monotonic() - start)
-    records.append({"ran_s": ran, "entries_before": before, "entries_after": len(complete),
-                    "partial_writes": len(partial), "lost_s": lost})
+    records.append({"ran_s": ran, "chunk": target, "entries_before": before,
+                    "entries_after": len(complete), "partial_writes": len(partial), "lost_s": lost})
+    log(f"kill {len(records)}: after {ran:.1f} s, {lost:.1f} s into AutoAttack chunk {target + 1} "
+        f"of {n_chunks}; complete cache entries {before} -> {len(complete)}, partial writes "
+        f"left {len(partial)}")
   final = Launch(command(run_out), env, log_path)
   launches += 1
   if final.finish() != 0:
     raise RuntimeError(f"the final evaluation failed; see {log_path}")
   report = _json(sorted(glob.glob(os.path.join(run_out, "report_*.json")))[0])
   cached = {r["attack"]: r.get("cached_chunks") for r in report["records"]}
-  for i, r in enumerate(records, 1):
-    log(f"kill {i}: after {r['ran_s']:.1f} s; complete cache entries {r['entries_before']} -> "
-        f"{r['entries_after']}, partial writes left {r['partial_writes']}, "
-        f"{r['lost_s']:.1f} s of attack work lost")
   mismatches = compare_reports(ref_out, run_out)
   log(f"{len(records)} kills, {launches} launches; the last launch loaded {cached} chunks from "
-      f"the cache; {sum(r['lost_s'] for r in records):.1f} s of attack work recomputed in all")
+      f"the cache; {sum(r['lost_s'] for r in records):.1f} s of attack work lost and recomputed")
   log("verdict: " + ("report and per-example results identical to the uninterrupted evaluation"
                      if not mismatches else "DIFFERENT: " + "; ".join(mismatches)))
   return {"kills": len(records), "launches": launches, "kill_records": records,
-          "cached_chunks_last_launch": cached, "chunks": n_chunks, "reference_s": ref_s,
-          "autoattack_s": aa_s, "mismatches": mismatches, "equal": not mismatches}
+          "cached_chunks_last_launch": cached, "chunks": n_chunks, "chunk_s": chunk_s,
+          "mismatches": mismatches, "equal": not mismatches}
 
 
 def main() -> int:
