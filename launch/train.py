@@ -24,7 +24,11 @@ def main(argv):
   with common.refuse_bad_input():  # Bad input is refused before any work, in one line.
     common.check_train_config(FLAGS.config)  # every field, in milliseconds
     builders.preflight(FLAGS.config)  # sites, norms, the objective: abstract shapes, no data
-  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from agad import checkpoint
+  try:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (loop.NonFiniteError, checkpoint.WorkdirWriteError) as e:
+    common.fatal(e)  # the message names the step or path, what is kept and the fix
 
 
 if __name__ == "__main__":
