@@ -229,6 +229,7 @@ SMOKE_RUNS = {
     "launch.dev.afa_branches": _TRAIN,
     "launch.dev.recipe_smoke": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
     "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
+    "tools/chaos_train.py": "tests/launch_tools_test.py::test_chaos_train_eval_mode_smoke",
 }
 
 # Dev-only commands that need the separate torch environment (.venv-parity): never run here.

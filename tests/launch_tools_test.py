@@ -1,7 +1,12 @@
 """Smoke runs of launch.benchmark (every mode) and launch.dev.recipe_smoke; registered in
 tests/docs_commands_test.py."""
 
-from tests.smoke import SMOKE_CONFIG, needs_data, run_chain, run_module, tail
+import os
+import subprocess
+import sys
+
+from tests.smoke import (REPO, SMOKE_CONFIG, copy_workdir, launch_env, needs_data, run_chain, run_module,
+                         tail)
 
 
 @needs_data
@@ -31,3 +36,17 @@ def test_recipe_smoke_runs_one_recipe(tmp_path):
                     f"--workdir={tmp_path}"])
   assert out.returncode == 0, tail(out)
   assert "cifar10:resnet18,fsr: OK, 1 step" in out.stdout and "all recipes passed" in out.stdout
+
+
+@needs_data
+def test_chaos_train_eval_mode_smoke(smoke_workdir, tmp_path):
+  """``tools/chaos_train.py`` (docs/results/chaos.md): its eval mode, one SIGKILL inside an
+  AutoAttack evaluation of a copy of the shared smoke checkpoint on 4 images, then the rerun
+  gives the uninterrupted report. The train mode's property (SIGKILLs, one mid-save, resume
+  bitwise) is tests/training_test.py::test_sigkill_during_a_save_and_in_training_resumes_bitwise."""
+  model = copy_workdir(smoke_workdir, tmp_path / "model")
+  out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "chaos_train.py"), "eval", "--kills=1",
+                        f"--model={model}", "--num_examples=4", "--chunk=2", f"--root={tmp_path / 'eval'}"],
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, tail(out)
+  assert "verdict: report and per-example results identical" in out.stdout + out.stderr, tail(out)
