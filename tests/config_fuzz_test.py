@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from agad import data as data_lib
 from agad import defenses
 from agad import models as models_lib
+from agad import validation
 from agad.evaluation.defaults import eval_defaults
 from agad.training import builders
 from configs import common as configs_common
@@ -202,17 +203,6 @@ SPECS = {"afa": "smallcnn_bn,afa", "afa_stage2": "smallcnn_bn,afa_stage2", "awp"
 
 # ------------------------------------------------------------------ helpers
 
-def _leaves(node, prefix=""):
-  out = {}
-  for key, value in node.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      out.update(_leaves(value, path + "."))
-    else:
-      out[path] = value
-  return out
-
-
 _BASES = {}
 
 
@@ -329,7 +319,7 @@ def defense_draws(rng):
   draws, untabled = [], []
   for name in _defense_names():
     arg = SPECS.get(name, f"smallcnn,{name}")
-    for path, default in _leaves(defenses.defaults(name)).items():
+    for path, default in validation.flatten(defenses.defaults(name)).items():
       kind = DEFENSE_KINDS.get(f"{name}.{path}") or DEFENSE_KINDS.get(path) or DEFENSE_KINDS.get(path.split(".")[-1])
       if kind is None:  # a field this table does not know yet: its type is still checked
         untabled.append(f"{name}.{path}")
@@ -524,7 +514,7 @@ def test_the_unchanged_configs_and_flags_pass(workdir):
 
 def test_every_config_field_has_a_rule():
   """base_config's fields, the library's rules and this test's table are the same set."""
-  fields = {k for k in _leaves(configs_common.base_config()) if not k.startswith(("eval.", "objective."))}
+  fields = {k for k in validation.flatten(configs_common.base_config()) if not k.startswith(("eval.", "objective."))}
   fields.add("objective.name")
   assert fields == set(builders.config_rules()) == set(CONFIG_KINDS)
   assert set(eval_defaults().keys()) == set(EVAL_KINDS)

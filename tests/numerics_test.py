@@ -29,7 +29,7 @@ SPECS = ("standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "again", "
          "trades+awp", "trades+again", "mart+again", "again+awp", "trades+fsr", "trades+cas")
 
 
-def _fill_mode_gathers(jaxpr, found):
+def _nan_prone_gathers_and_scatters(jaxpr, found):
   """Appends ``(primitive, dtype)`` of every gather in NaN-fill mode and every scatter into
   floats (a gather's gradient), recursively through sub-programs."""
   for eqn in jaxpr.eqns:
@@ -41,9 +41,9 @@ def _fill_mode_gathers(jaxpr, found):
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else (value,):
         if isinstance(sub, jex_core.ClosedJaxpr):
-          _fill_mode_gathers(sub.jaxpr, found)
+          _nan_prone_gathers_and_scatters(sub.jaxpr, found)
         elif isinstance(sub, jex_core.Jaxpr):
-          _fill_mode_gathers(sub, found)
+          _nan_prone_gathers_and_scatters(sub, found)
   return found
 
 
@@ -54,7 +54,7 @@ def test_no_train_step_scatters_floats_or_gathers_in_nan_fill_mode(tmp_path, spe
   train_step = step_lib.make_train_step(trainer.exp.objective, trainer.tx, ema_decay=0.0)
   batch = {"image": jnp.zeros((16, 8, 8, 1)), "label": jnp.zeros((16,), jnp.int32)}
   jaxpr = jax.make_jaxpr(train_step)(state, batch, trainer.frozen)
-  assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+  assert _nan_prone_gathers_and_scatters(jaxpr.jaxpr, []) == []
 
 
 def test_label_picks_of_agkd_bml_and_mart_are_gather_free():
@@ -64,7 +64,7 @@ def test_label_picks_of_agkd_bml_and_mart_are_gather_free():
   for fn in (lambda a: agkd_bml.mart_term(logits, a, labels, beta=6.0),
              lambda a: mart_loss(logits, a, labels, beta=6.0)):
     jaxpr = jax.make_jaxpr(jax.grad(fn))(logits)
-    assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+    assert _nan_prone_gathers_and_scatters(jaxpr.jaxpr, []) == []
 
 
 class ASEWeightsAtTheBoundaryTest(parameterized.TestCase):
@@ -84,7 +84,7 @@ class ASEWeightsAtTheBoundaryTest(parameterized.TestCase):
     # Column k of the gradient collects the rows that selected class k: classes 1, 2 none.
     chex.assert_trees_all_equal(grad[:, 1:3], jnp.zeros((6, 2)))
     jaxpr = jax.make_jaxpr(jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other))))(kernel)
-    assert _fill_mode_gathers(jaxpr.jaxpr, []) == []
+    assert _nan_prone_gathers_and_scatters(jaxpr.jaxpr, []) == []
 
 
 class PickAndRowsTest(parameterized.TestCase):
