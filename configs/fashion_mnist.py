@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
   c.validation.attack.step_size = 0.025
   c.validation.attack.steps = 10
   c.eval.eps = 0.1
-  c.eval.step_size = 0.01          # The main job's PGD-20 setting (issue 2).
+  c.eval.step_size = 0.01          # The main job's PGD-20 setting.
   c.eval.pgd_steps = 20
   c.eval.cw_step_size = 0.01
   if afa_stage2.spec_head(arg) == "afa_stage2":

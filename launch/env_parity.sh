@@ -5,16 +5,15 @@
 # `python -m launch.dev.parity_autoattack`. torch and pyautoattack are never agad runtime
 # dependencies: they live only in this venv. Idempotent; source it or run it.
 #
-# torch comes from the PyTorch CPU index when that is reachable, else from PyPI (whose
-# Linux wheel is the CUDA build: ~3 GB with its nvidia-* dependencies, but it runs on
-# CPU all the same).
+# torch comes from pip's configured index (pip.conf, PIP_INDEX_URL / PIP_EXTRA_INDEX_URL):
+# point those at an index of CPU-only torch wheels to avoid the default Linux wheel, the
+# CUDA build (~3 GB with its nvidia-* dependencies; it runs on CPU all the same).
 set -euo pipefail
 AGAD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$AGAD_ROOT"
 
 TORCH_VERSION=2.13.0
 PYAUTOATTACK_VERSION=0.2.0
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"
 
@@ -37,18 +36,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
   "$VENV/bin/python" -m pip install -q --no-deps -e .
-  if "$VENV/bin/python" - "$TORCH_CPU_INDEX" <<'EOF' 2>/dev/null
-import sys, urllib.request
-urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)
-EOF
-  then
-    echo "[agad-parity] torch from the CPU index $TORCH_CPU_INDEX"
-    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" \
-      --extra-index-url https://pypi.org/simple
-  else
-    echo "[agad-parity] CPU index unreachable: torch from PyPI (CUDA build, runs on CPU)"
-    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
-  fi
+  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION"
   "$VENV/bin/python" -m pip install -q --no-deps "pyautoattack==$PYAUTOATTACK_VERSION"
   "$VENV/bin/python" -c \
     "import torch, pyautoattack, agad; print('[agad-parity] torch', torch.__version__)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's comparison table on Fashion-MNIST with a short recipe: every base objective
+# The base-objectives table on Fashion-MNIST with a short recipe: every base objective
 # trained on SmallCNN (eps 0.1, PGD-10 training attack), evaluated on the first 1,000
 # test images with clean, PGD-20, C&W-inf (and AutoAttack with PRESET=full).
 #   bash launch/objectives_table.sh [RUNS_DIR] [EXTRA --config.* overrides...]

@@ -238,7 +238,7 @@ def build_specs_adaptive(variants):
   return adaptive_specs(variants, eps=0.3, step=0.1, k=5)
 
 
-# ------------------------------------------------------------------ issue 11
+# ------------------------------------------------------------------ no over-reporting
 
 def _specs(eps=0.3):
   return [AttackSpec.make("clean", "clean", eps=eps),

@@ -68,7 +68,7 @@ Open choices and defaults (WORKSPACE.md lists them too):
     (on Fashion-MNIST ``smallcnn_bn`` the sum killed 91% of the BN-free hidden Linear's units
     in 312 steps, WORKSPACE.md);
   * one WG per network stage reading the stage's input, its scalar W0 shared by the stage's
-    BN layers (``wg_per="stage"``, the issue's default); ``wg_per="layer"``: one WG per BN
+    BN layers (``wg_per="stage"``, the default); ``wg_per="layer"``: one WG per BN
     layer reading that layer's input (Eq. 1-2 literally);
   * WG width 16, scalar W0 (``wg_out="channel"``: one per channel);
   * stage II: statistics frozen, eps ~ U(0, xi_max) per example, CE only;
@@ -115,7 +115,7 @@ DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-exa
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
 DEFAULTS.loss_reduction = "sum"    # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
 
-WG_PERS = ("stage", "layer")  # one weight generator per stage (issue default) | per BN layer
+WG_PERS = ("stage", "layer")  # one weight generator per stage (default) | per BN layer
 
 _STRENGTH_SALT = 0x41464132
 

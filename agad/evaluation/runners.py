@@ -80,7 +80,7 @@ def batch_runner(spec, logits_fn, *, adaptive_loss=None, surrogate=None,
     # The surrogate's iterates: choosing among them by the target's output would query it.
     return lambda x, y, k: _pgd_like(surrogate, x, y, k, kw, loss=kw.get("loss", "ce"),
                                      track_best=False)
-  from agad import attacks as attacks_lib  # The AutoAttack components (issue 3).
+  from agad import attacks as attacks_lib  # The AutoAttack components.
   if kind == "square":
     return lambda x, y, k: attacks_lib.square(logits_fn, x, y, k, eps=kw["eps"],
                                               n_queries=kw.get("queries", 5000),

@@ -1,10 +1,10 @@
 """Dev tool: snapshot every base objective's adversarial batch, loss, gradients, BN state
 and metrics on a fixed batch, so two revisions can be compared bitwise.
 
-    git worktree add /tmp/old <rev>
-    (cd /tmp/old && PYTHONPATH=. python /path/to/launch/dev/loss_snapshot.py /tmp/old.npz)
-    PYTHONPATH=. python launch/dev/loss_snapshot.py /tmp/new.npz
-    python launch/dev/loss_snapshot.py --compare /tmp/old.npz /tmp/new.npz
+    git worktree add ../agad-old <rev>
+    (cd ../agad-old && PYTHONPATH=. python "$OLDPWD/launch/dev/loss_snapshot.py" ../old.npz)
+    PYTHONPATH=. python launch/dev/loss_snapshot.py ../new.npz
+    python launch/dev/loss_snapshot.py --compare ../old.npz ../new.npz
 
 Works on revisions before the defense platform (``agad.objectives.build_objective``,
 3-tuple loss aux) and after it (``agad.defenses``, ``LossAux``).
@@ -18,8 +18,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 SPECS = ["standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "trades+awp", "cas+awp", "pgd_at+awp"]
-# Defenses (revisions from session 5 on): compared only when both snapshots have them.
+# Defenses (revisions from f0b198c on): compared only when both snapshots have them.
 SPECS_DEFENSES = ["again", "mart+again", "pgd_at+cas", "again+awp", "fsr", "trades+fsr"]
+# Defenses that replace the backbone's norm layers (AFA): compared when both snapshots have them.
+SPECS_NORM = ["afa", "afa_stage2"]
 
 
 def snapshot(out_path: str) -> None:
@@ -33,7 +35,7 @@ def snapshot(out_path: str) -> None:
   # agad.defenses through its import hook).
   if os.path.isdir(os.path.join(os.path.dirname(agad.__file__), "defenses")):
     from agad import defenses as registry
-    specs = SPECS + SPECS_DEFENSES
+    specs = SPECS + SPECS_DEFENSES + (SPECS_NORM if hasattr(registry, "norm_hook_for") else [])
   else:  # Before the defense platform.
     from agad import objectives as registry
     specs = SPECS
@@ -42,8 +44,16 @@ def snapshot(out_path: str) -> None:
     for spec in specs:
       cfg = fashion_mnist.get_config(f"smallcnn,{spec},smoke")
       cfg.attack.steps = 2
+      if spec == "afa_stage2":  # stage II refuses a config that does not start from stage I.
+        cfg.init.workdir, cfg.init.freeze = "stage1", r"^(?!(.*/)?wg/)"
       plugins = registry.plugins_for(spec, cfg, 10)
-      model = models.build_model(model_name, num_classes=10, mean=(0.5,), std=(0.25,), plugins=plugins or None)
+      kwargs = {}
+      if spec in SPECS_NORM:
+        kwargs = {"norm": registry.norm_for(spec, cfg)}
+        hook = registry.norm_hook_for(spec, cfg)
+        kwargs.update({"norm_hook": hook} if hook is not None else {})
+      model = models.build_model(model_name, num_classes=10, mean=(0.5,), std=(0.25,), plugins=plugins or None,
+                                 **kwargs)
       obj = registry.build_objective(spec, model, cfg)
       rng = np.random.RandomState(0)
       batch = {"image": jnp.asarray(rng.rand(16, 28, 28, 1), jnp.float32),
