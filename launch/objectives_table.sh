@@ -18,7 +18,8 @@ if [ -z "$SMOKE_SPEC" ] || [ -n "${MAX_TRAIN:-}" ]; then sizes+=(--config.data.m
 for obj in ${OBJECTIVES:-standard pgd_at trades mart alp iat trades+awp cas}; do
   dir="$RUNS/${obj//+/_}"
   extra=()
-  # MART collapses to a constant output at lr 0.05 on the BN-free SmallCNN (WORKSPACE.md);
+  # MART collapses to a constant output at lr 0.05 on the BN-free SmallCNN
+  # (docs/results/base_objectives.md);
   # it trains at the official MART lr of 0.01.
   # MART and its compositions (mart+fsr, mart+again) train at the same lr.
   if [[ "$obj" == mart || "$obj" == mart+* ]]; then
