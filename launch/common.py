@@ -8,18 +8,65 @@ import os
 from absl import flags, logging
 
 flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host GPU / Cloud TPU pod).")
+                  "Call jax.distributed.initialize() first, with the cluster auto-detected "
+                  "(Cloud TPU pod, SLURM, Open MPI). docs/multihost.md.")
+flags.DEFINE_string("coordinator_address", None,
+                    "HOST:PORT of process 0, where the coordination service listens: an explicit "
+                    "multi-process start, with --num_processes and --process_id (docs/multihost.md).")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1 (0 hosts the "
+                     "coordination service and writes checkpoints, metrics and reports).")
+flags.DEFINE_integer("heartbeat_timeout", 100,
+                     "Multi-process runs: seconds without heartbeats before the other processes "
+                     "count a process as dead and stop (JAX's default is 100).")
 flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest"],
                   "jax_default_matmul_precision for every dot and convolution (unset: JAX's "
                   "default, which lets GPUs use TF32 and TPUs bf16 passes for float32). "
                   "'highest' gives full float32 on GPU, as on CPU.")
 
 
+def distributed_args(f=None) -> dict | None:
+  """``jax.distributed.initialize``'s arguments from the flags (None: one process).
+
+  ``--distributed`` alone lets JAX detect the cluster; ``--coordinator_address``,
+  ``--num_processes`` and ``--process_id`` (all three) start the processes by hand.
+  Raises ValueError naming the bad flag."""
+  f = f or flags.FLAGS
+  explicit = {"coordinator_address": f.coordinator_address, "num_processes": f.num_processes,
+              "process_id": f.process_id}
+  given = [k for k, v in explicit.items() if v is not None]
+  _need(_is_int(f.heartbeat_timeout) and f.heartbeat_timeout >= 1, "heartbeat_timeout",
+        f.heartbeat_timeout, "an integer >= 1 (seconds)")
+  if not given:
+    return {"heartbeat_timeout_seconds": f.heartbeat_timeout} if f.distributed else None
+  if len(given) < 3:
+    missing = " and ".join(f"--{k}" for k in explicit if k not in given)
+    raise ValueError(f"--{given[0]} needs {missing} too: a multi-process start names the coordinator "
+                     "(HOST:PORT of process 0), the number of processes and this process's index")
+  host, _, port = f.coordinator_address.rpartition(":")
+  _need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "coordinator_address",
+        f.coordinator_address, "HOST:PORT of process 0, e.g. 127.0.0.1:12355")
+  _need(f.num_processes >= 1, "num_processes", f.num_processes, "an integer >= 1")
+  _need(0 <= f.process_id < f.num_processes, "process_id", f.process_id,
+        f"an integer in [0, {f.num_processes - 1}] (--num_processes={f.num_processes})")
+  return {**explicit, "heartbeat_timeout_seconds": f.heartbeat_timeout}
+
+
 def init_runtime() -> None:
-  """Multi-host initialisation (behind --distributed), matmul precision, logging to stderr."""
+  """Multi-process initialisation (``distributed_args``), matmul precision, logging to stderr.
+
+  Across processes on CPU, JAX 0.12 runs collectives over gloo (TCP; its default
+  ``jax_cpu_collectives_implementation``). If a process dies, the coordination service
+  stops the others within ``--heartbeat_timeout`` seconds (JAX logs "Terminating process
+  because the JAX distributed service detected fatal errors"); restarting every process
+  resumes from the last checkpoint."""
   import jax
-  if flags.FLAGS.distributed:
-    jax.distributed.initialize()
+  try:
+    args = distributed_args()
+  except ValueError as e:
+    fatal(e)
+  if args is not None:
+    jax.distributed.initialize(**args)
   if flags.FLAGS.matmul_precision:
     jax.config.update("jax_default_matmul_precision", flags.FLAGS.matmul_precision)
   logging.set_verbosity(logging.INFO)
