@@ -247,13 +247,22 @@ def test_get_state_set_state_resumes_exactly():
   _assert_same_stream(_take(resumed, 4), reference[5:])  # Crosses epoch boundaries.
 
 
-def test_hosts_read_disjoint_slices_of_the_global_batch():
-  source = _id_source(24)
-  (whole,) = _take(data.train_iterator(source, global_batch_size=8, seed=0), 1)
-  parts = [next(data.train_iterator(source, global_batch_size=8, seed=0,
-                                    process_index=p, process_count=2)) for p in (0, 1)]
-  assert all(p['label'].shape == (4,) for p in parts)
-  assert sorted(np.concatenate([p['label'] for p in parts])) == sorted(whole['label'])
+def test_hosts_read_contiguous_halves_of_the_global_batch():
+  # Host p holds rows [4p, 4p+4) of each global batch of 8, augmented as in one process:
+  # the hosts' rows concatenated in process order are the one-process batches, in order
+  # (the global array of shard_batch), and every host's iterator state is the same.
+  source = _id_source(24, shape=(8, 8, 1))
+  make = lambda **kw: data.train_iterator(source, global_batch_size=8, seed=0,
+                                          augment='pad4_crop_flip', num_threads=0, **kw)
+  whole = _take(make(), 4)  # crosses an epoch boundary (3 batches per epoch)
+  hosts = [make(process_index=p, process_count=2) for p in (0, 1)]
+  parts = [_take(it, 4) for it in hosts]
+  for k in range(4):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]),
+                                    whole[k][key])
+  assert parts[0][0]['label'].shape == (4,)
+  assert hosts[0].get_state() == hosts[1].get_state()
   with pytest.raises(ValueError, match='global_batch_size=9.*process_count=2'):
     data.train_iterator(source, global_batch_size=9, seed=0, process_count=2)
 

@@ -102,9 +102,10 @@ def train_iterator(source: RandomAccessSource, *, global_batch_size: int, seed: 
   """Endless, checkpointable iterator of this host's training batches.
 
   Every epoch is a fresh permutation (grain's index shuffle reseeds per epoch, i.e.
-  uses seed + epoch). Global batch k is stream positions [k*B, (k+1)*B); this host
-  reads positions p, p+P, ... of it, so the global stream and its augmentation do not
-  depend on the number of hosts.
+  uses seed + epoch). Global batch k is stream positions [k*B, (k+1)*B); host p reads
+  its contiguous rows [p*B/P, (p+1)*B/P), the rows of the global array that its devices
+  hold (``shard_batch``), so the global batches, their order and their augmentation do
+  not depend on the number of hosts, and every host's iterator state is the same.
 
   Args:
     source: random-access split.
@@ -127,19 +128,18 @@ def train_iterator(source: RandomAccessSource, *, global_batch_size: int, seed: 
   padding = AUGMENTATIONS[augment]
 
   def make_batch(step: int, indices: np.ndarray) -> Batch:
-    batch = read_batch(source, indices)
+    batch = read_batch(source, indices[process_index * local_batch:(process_index + 1) * local_batch])
     if padding is not None:
       # One RNG per global batch, shared by all hosts; each takes its own rows.
       rng = np.random.default_rng((seed, step))
       offsets = rng.integers(0, 2 * padding + 1, (global_batch_size, 2))
       flips = rng.random(global_batch_size) < 0.5
-      mine = slice(process_index, None, process_count)
+      mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
       batch['image'] = pad_crop_flip(batch['image'], offsets[mine], flips[mine], padding)
     return _to_float(batch)
 
   dataset = (grain.MapDataset.range(len(source)).shuffle(seed).repeat()
-             [process_index::process_count]
-             .batch(local_batch, drop_remainder=True, batch_fn=np.array)
+             .batch(global_batch_size, drop_remainder=True, batch_fn=np.array)
              .map_with_index(make_batch))
   options = grain.ReadOptions(num_threads=num_threads,
                               prefetch_buffer_size=prefetch_buffer_size)
@@ -205,9 +205,27 @@ def eval_batches(source: RandomAccessSource, *, batch_size: int, multiple_of: in
                      process_index=process_index, process_count=process_count)
 
 
-def shard_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Per-host numpy batch -> global jax.Arrays (leading axis concatenated over hosts)."""
+def shard_batch(batch: Any, sharding: jax.sharding.Sharding, *, whole: bool = False) -> Any:
+  """Numpy batch -> global jax.Arrays.
+
+  By default ``batch`` is this host's rows (``train_iterator``, ``eval_batches`` with
+  ``process_index``/``process_count``): the global array concatenates the hosts' rows in
+  process order. ``whole``: every host passes the same whole global batch and its devices
+  take their rows from it (one process: the same thing)."""
+  if whole:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape), batch)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def to_host(x: Any) -> Any:
+  """Global jax.Arrays -> numpy on every host: the whole array, also when it is sharded
+  over several processes (gathered from the other hosts)."""
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(get, x)
 
 
 class _Failure:
