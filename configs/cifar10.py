@@ -1,7 +1,9 @@
 """CIFAR-10 (TFDS ArrayRecord; prepare with python -m launch.prepare_data --dataset=cifar10).
 
 Defaults follow the seed papers' CIFAR-10 setting: eps 8/255, PGD-10 step 2/255,
-SGD 0.9 / wd 5e-4, batch 128, lr 0.1 decayed x0.1 at epochs 75 and 90 of 100.
+SGD 0.9 / wd 5e-4, batch 128, lr 0.1 decayed x0.1 at epochs 75 and 90 of 100, raw [0, 1]
+inputs (``model.input_norm = none``, the FSR/AGAIN/TRADES/MART codes' scaling; ATAT and
+AGKD-BML recipes set their codes' own; docs/recipes.md lists each with its source line).
 
 FSR (Kim et al. CVPR 2023, wkim97/FSR train.py): ``:resnet18,fsr`` (and ``trades+fsr``,
 ``mart+fsr``) is the paper's recipe with this file's defaults unchanged (100 epochs, lr 0.1
@@ -11,7 +13,7 @@ weights: evaluate ``--step=latest`` for parity.
 
 AGKD-BML (Wang et al. ICCV 2021, hongw579/AGKD-BML main.py/argument.py): ``:wrn28_10,agkd_bml``
 is the code's recipe: 200 epochs, lr 0.1 x0.1 at 100 and 150, SGD 0.9, wd 2e-4, batch 128,
-inputs normalised to [-1, 1] (``model.mean = std = 0.5``), both targeted attacks PGD-10 at
+inputs normalised to [-1, 1] (``model.input_norm = dataset``, ``model.mean = std = 0.5``), both targeted attacks PGD-10 at
 eps 8/255, step 2/255 in pixels (the code's 16/255 and 4/255 on [-1, 1]), uniform start;
 AGKD-BML's own fields in ``objective.agkd_bml`` (teacher.workdir required). Its teacher is
 ``:wrn28_10,standard`` with the same schedule and normalisation and label smoothing 0.5
@@ -52,6 +54,9 @@ def cifar_config(name: str, arg: str | None):
   c.data.name = name
   c.data.val_size = 1000
   c.model.name = "resnet18"
+  # Raw [0, 1] pixels, as the FSR, AGAIN, TRADES and MART codes feed them (ToTensor and no
+  # Normalize); ATAT and AGKD-BML set their own codes' scaling below (docs/recipes.md).
+  c.model.input_norm = "none"
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
   _again_recipe(c, arg)
@@ -86,6 +91,7 @@ def agkd_bml_recipe(c, *, smoke: bool = False):
     c.num_epochs = 200
   c.optim.boundaries = (100, 150)
   c.optim.weight_decay = 2e-4
+  c.model.input_norm = "dataset"   # main.py:286, 292 Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
   c.model.mean = (0.5, 0.5, 0.5)
   c.model.std = (0.5, 0.5, 0.5)
   return c

@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "smallcnn"        # One of agad.models.MODEL_NAMES.
   c.model.dtype = "float32"        # Compute dtype: float32 | bfloat16 (params stay float32).
-  c.model.input_norm = "dataset"   # dataset (mean/std below) | per_image (ATAT) | none.
+  c.model.input_norm = "dataset"   # dataset (mean/std below) | per_image (ATAT) | none (raw [0, 1]).
+                                   # CIFAR/SVHN/Tiny ImageNet default to none (docs/recipes.md).
   c.model.mean = ml_collections.FieldReference(None, field_type=tuple)  # None: the dataset's; AGKD-BML: (0.5,)*3 ([-1, 1]).
   c.model.std = ml_collections.FieldReference(None, field_type=tuple)   # None: the dataset's.
 

@@ -2,7 +2,10 @@
 
 ``--config=configs/fashion_mnist.py`` trains SmallCNN with PGD-AT at eps = 0.1
 (PGD-10) on this 2-core CPU; the recipe (a short cosine schedule) is recorded with
-its measured results in WORKSPACE.md.
+its measured results in WORKSPACE.md. Every Fashion-MNIST row (each defense and base) keeps
+the one shared input scaling, the dataset mean/std inside the model (``model.input_norm =
+dataset``, mean 0.2860, std 0.3530), so that table rows compare; the CIFAR/SVHN/Tiny
+ImageNet recipes take each code's own scaling instead (docs/recipes.md).
 
 AFA (``agad/defenses/afa.py``), two runs on ``smallcnn_bn`` (SmallCNN with conv-BN-ReLU):
 ``:smallcnn_bn,afa`` is stage I with this file's recipe unchanged (the bases' recipe, so

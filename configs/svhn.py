@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
   c.data.name = "svhn_cropped"
   c.data.val_size = 1000
   c.model.name = "resnet18"
+  c.model.input_norm = "none"      # FSR train.py:75-80: ToTensor only, raw [0, 1] (docs/recipes.md).
   c.num_epochs = 100
   c.attack.step_size = 1 / 255
   c.optim.lr = 0.01

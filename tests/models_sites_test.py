@@ -277,13 +277,25 @@ class SmallCNNBNTest(absltest.TestCase):
 
 class InputNormTest(absltest.TestCase):
 
-  def test_per_image_normalize_hand_example(self):
-    # One image, 2x2, channel 0 = [0, .2; .4, .6] (mean .3, var .05), channel 1 constant.
+  def test_per_image_normalize_is_tf_per_image_standardization_on_0_255_pixels(self):
+    # TF's documented example: arange(1, 13) as one [2, 2, 3] image. Here it is fed as
+    # [0, 1] pixels (divided by 255); the result must be TF's output on the raw values.
+    x = (jnp.arange(1.0, 13.0) / 255.0).reshape(1, 2, 2, 3)
+    tf_doc = [-1.593255, -1.3035723, -1.0138896, -0.7242068, -0.4345241, -0.14484136,
+              0.14484136, 0.4345241, 0.7242068, 1.0138896, 1.3035723, 1.593255]
+    np.testing.assert_allclose(np.asarray(per_image_normalize(x)).ravel(), tf_doc, rtol=1e-5)
+    # One mean and std over all H*W*C values, not per channel: channel 0 = [0, .2, .4, .6],
+    # channel 1 constant .7 -> mean .5, var (2.52 / 8) - .25 = .065; channel 1 is not zeroed.
     x = jnp.array([[[[0.0, 0.7], [0.2, 0.7]], [[0.4, 0.7], [0.6, 0.7]]]])
     out = per_image_normalize(x)
-    expected0 = np.array([[-0.3, -0.1], [0.1, 0.3]]) / np.sqrt(0.05 + 1e-5)
-    np.testing.assert_allclose(out[0, :, :, 0], expected0, rtol=1e-5)
-    np.testing.assert_array_equal(out[0, :, :, 1], 0.0)
+    np.testing.assert_allclose(out, (x - 0.5) / np.sqrt(0.065), rtol=1e-5)
+    # The std floor 1/sqrt(N) on 0-255 pixels is 1/(255 sqrt(8)) here: an image whose std
+    # is below it is scaled by 255 sqrt(8); a constant image maps to 0 with a finite gradient.
+    flat = jnp.full((1, 2, 2, 2), 0.3).at[0, 0, 0, 0].add(8e-6)
+    np.testing.assert_allclose(per_image_normalize(flat), (flat - jnp.mean(flat)) * 255 * np.sqrt(8), rtol=1e-3)
+    g = jax.grad(lambda v: jnp.sum(per_image_normalize(v) * jnp.arange(8.0).reshape(1, 2, 2, 2)))(
+        jnp.full((1, 2, 2, 2), 0.3))
+    chex.assert_tree_all_finite(g)
     # Per example: a second image does not change the first one's result.
     both = per_image_normalize(jnp.concatenate([x, 1.0 - x * 0.5]))
     np.testing.assert_array_equal(both[:1], out)

@@ -2,7 +2,8 @@
 
 Every split is a grain-compatible random-access source: `len(source)` and
 `source[i] -> {'image': uint8 [H, W, C], 'label': int}`. Images stay uint8 here; the
-pipeline converts them to float32 in [0, 1] (models normalise with `info.mean/std`).
+pipeline converts them to float32 in [0, 1]; the model scales them as `config.model.input_norm`
+says (`dataset`: by `info.mean/std`).
 """
 
 import dataclasses
@@ -59,8 +60,11 @@ class DatasetSplits:
   info: DatasetInfo
 
 
-# Standard per-channel statistics of the training sets, as used by the reference
-# PyTorch code of the papers; augmentation follows their torchvision transforms.
+# Standard per-channel statistics of the training sets (the usual torchvision values),
+# used by ``model.input_norm = "dataset"``. Most of the papers' reference code does not
+# normalise by them: FSR, AGAIN, TRADES and MART feed raw [0, 1] pixels, ATAT standardises
+# each image and AGKD-BML maps to [-1, 1]; each dataset config sets its recipes' scaling.
+# Augmentation follows the reference code's torchvision transforms.
 _INFOS = {
     'fashion_mnist': DatasetInfo('fashion_mnist', 10, (28, 28, 1), (0.2860,), (0.3530,),
                                  'none'),

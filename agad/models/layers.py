@@ -85,19 +85,25 @@ def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
 
 # Backbone.input_norm values: how prepare() normalises the [0, 1] pixels.
 INPUT_NORMS = ('dataset', 'per_image', 'none')
-PER_IMAGE_EPS = 1e-5
+# tf.image.per_image_standardization floors the std at 1/sqrt(N) (N = H*W*C values) on the
+# 0-255 pixels ATAT's code feeds it; on agad's [0, 1] pixels that floor is 1/(255 sqrt(N)).
+PER_IMAGE_PIXEL_SCALE = 255.0
 
 
-def per_image_normalize(x: Array, eps: float = PER_IMAGE_EPS) -> Array:
-  """Per-example, per-channel standardisation: ``[B, H, W, C] -> [B, H, W, C]``.
+def per_image_normalize(x: Array) -> Array:
+  """``tf.image.per_image_standardization`` on 0-255 pixels, for [0, 1] pixels: ``[B, H, W, C]``.
 
-  ``(x - mean_hw) / sqrt(var_hw + eps)`` with the mean and (biased) variance of each image's
-  channel over H and W. ``eps`` keeps a constant channel finite (it maps to 0) and the
-  gradient bounded; with pixel variances ~0.05 it changes the scale by < 0.01%.
+  Each image is standardised over all its ``N = H*W*C`` values together (one mean and one
+  std per image, not per channel): ``(x - mean) / max(std, 1 / (255 sqrt(N)))`` with the
+  biased std. The TF op floors the std at ``1/sqrt(N)`` in the units it is fed; ATAT's
+  code feeds 0-255 pixels, so the floor in [0, 1] units is divided by 255, and the result
+  equals the TF op on ``255 x``. A constant image maps to 0 with a finite gradient.
   """
-  mean = x.mean(axis=(1, 2), keepdims=True)
-  var = jnp.square(x - mean).mean(axis=(1, 2), keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  n = x.shape[1] * x.shape[2] * x.shape[3]
+  mean = x.mean(axis=(1, 2, 3), keepdims=True)
+  var = jnp.square(x - mean).mean(axis=(1, 2, 3), keepdims=True)
+  floor = 1.0 / (PER_IMAGE_PIXEL_SCALE * math.sqrt(n))
+  return (x - mean) * jax.lax.rsqrt(jnp.maximum(var, floor * floor))
 
 
 def check_input_norm(input_norm: str) -> str:

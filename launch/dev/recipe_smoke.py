@@ -42,6 +42,7 @@ RECIPES = [
     # AGKD-BML's code feeds [-1, 1] inputs (mean = std = 0.5) to teacher and student alike.
     ("cifar10", "wrn28_10", "agkd_bml", ("teacher", {"objective.standard.label_smoothing": 0.5,
                                                      "objective.standard.smoothing": "others",
+                                                     "model.input_norm": "dataset",
                                                      "model.mean": (0.5, 0.5, 0.5),
                                                      "model.std": (0.5, 0.5, 0.5)})),
     ("cifar10", "wrn28_10", "afa_stage2", ("stage1", "afa")),
