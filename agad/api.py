@@ -67,7 +67,27 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not an agad training workdir")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  use_recorded_defenses(workdir)
+  return config
+
+
+def use_recorded_defenses(workdir: str) -> list[str]:
+  """Puts the out-of-tree defense folders the run record of ``workdir`` names back on the
+  path (``agad.defenses.use_recorded``): evaluating a run trained with ``AGAD_DEFENSES_PATH``
+  needs no variable. Returns the folders added."""
+  record = os.path.join(os.path.abspath(workdir), "run_record.json")
+  if not os.path.exists(record):
+    return []
+  try:
+    with open(record) as f:
+      launches = json.load(f).get("launches", [])
+  except (OSError, ValueError):
+    return []
+  recorded = {}
+  for launch in launches:  # the newest launch's entry wins
+    recorded.update(launch.get("defenses") or {})
+  return defenses.use_recorded(recorded)
 
 
 def load(workdir: str, step: Any = "best", *, params: str = "params", config=None) -> Loaded:

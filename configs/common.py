@@ -98,8 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.freeze = ""               # Comma-separated regexes of parameter paths to freeze.
   c.init.keep_init = ""            # Comma-separated regexes: parameters the source lacks keep their init.
 
+  c.eps = ml_collections.FieldReference(None, field_type=float)  # One radius: --config.eps=8/255 sets
+                                   # attack.eps, validation.attack.eps and eval.eps (each unless set
+                                   # explicitly too); None: those three fields as they are.
   c.allow_eps_mismatch = False    # True: attack.eps, validation.attack.eps and eval.eps may differ
-                                   # (otherwise training refuses; override all three together).
+                                   # (otherwise training refuses; --config.eps sets all three).
   c.log_every_steps = 50           # Host sync + log + non-finite check interval.
   c.prefetch = 2                   # Batches prefetched to devices.
   c.stop_after_steps = 0           # Stop (and checkpoint) after this many steps; 0 = run to the end.

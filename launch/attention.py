@@ -112,7 +112,7 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.fatal(f"unexpected arguments: {argv[1:]} (flags take the form --name=value)")
   common.init_runtime()
   with common.refuse_bad_input():  # Bad flags are refused before anything is written, in one line.
     common.check_attention_flags(

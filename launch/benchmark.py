@@ -64,7 +64,7 @@ def main(argv):
   if FLAGS.mode == "autoattack":
     return benchmark_autoattack()
   if FLAGS.config is None:
-    raise app.UsageError("--config is required for the train and eval modes")
+    common.fatal("--config is required for the train and eval modes")
   config = FLAGS.config
   batch_size = FLAGS.batch_size or config.batch_size
   mesh = sharding.make_mesh()
@@ -74,8 +74,8 @@ def main(argv):
   model = defenses.build_model(config, info)
   objective = defenses.build_objective(config.objective.name, model, config)
   if objective.frozen is not None:
-    raise app.UsageError(f"{config.objective.name} needs frozen inputs (a teacher): benchmark it "
-                         "through launch.train --config.stop_after_steps=N")
+    common.fatal(f"{config.objective.name} needs frozen inputs (a teacher): benchmark it "
+                 "through launch.train --config.stop_after_steps=N")
   tx, schedule = builders.optim.make_optimizer(config.optim, 100, config.num_epochs)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   batch = synthetic_batch(info, batch_size, data)
@@ -126,7 +126,7 @@ def benchmark_autoattack():
   from agad import api, data as data_lib
   from agad.attacks import autoattack
   if not FLAGS.workdir:
-    raise app.UsageError("--mode=autoattack needs --workdir of a trained run")
+    common.fatal("--mode=autoattack needs --workdir of a trained run")
   loaded = api.load(FLAGS.workdir, "best")
   test = loaded.splits().test
   batch = data_lib.read_batch(test, np.arange(min(FLAGS.num_examples, len(test))))
@@ -144,4 +144,4 @@ def benchmark_autoattack():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

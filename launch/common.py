@@ -6,6 +6,25 @@ import contextlib
 import os
 
 from absl import flags, logging
+from ml_collections import config_flags
+
+
+class _FractionParser(flags.FloatParser):
+  """A float flag that also takes a fraction: ``8/255``, ``2/255``, ``0.5/4``."""
+
+  def convert(self, argument):
+    if isinstance(argument, str) and argument.count("/") == 1:
+      num, den = argument.split("/")
+      try:
+        value = float(num) / float(den)
+      except (ValueError, ZeroDivisionError):
+        raise ValueError(f"could not read {argument!r} as a number or a fraction like 8/255") from None
+      return value
+    return super().convert(argument)
+
+
+# Every float --config.* field (radii, step sizes, ...) takes a fraction like 8/255.
+config_flags.register_flag_parser_for_type(float, _FractionParser())
 
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first, with the cluster auto-detected "
@@ -61,6 +80,7 @@ def init_runtime() -> None:
   because the JAX distributed service detected fatal errors"); restarting every process
   resumes from the last checkpoint."""
   import jax
+  quiet_backend_noise()
   try:
     args = distributed_args()
   except ValueError as e:
@@ -109,7 +129,8 @@ def flag_error_message(argv: list[str], error: Exception) -> str:
     field = first[len("flag --"):].split("=", 1)[0]
     current = _config_field(argv, field)
     if current is not _MISSING:
-      first += f"; {field} takes a value of type {type(current).__name__} (now {current!r})"
+      kind = type(current).__name__ + (" (a number or a fraction like 8/255)" if isinstance(current, float) else "")
+      return f"Flags parsing error: {first}; {field} takes a value of type {kind} (now {current!r})"
   return f"Flags parsing error: {first} (--helpfull lists the flags)"
 
 
@@ -142,6 +163,55 @@ def _config_field(argv: list[str], field: str):
   except (KeyError, AttributeError, TypeError):
     return _MISSING
   return node
+
+
+def quiet_backend_noise() -> None:
+  """Drops JAX's INFO lines about optional backends this machine lacks ("Unable to
+  initialize backend 'tpu'" / 'proxy'): the first lines of every command otherwise."""
+  import logging as py_logging
+  py_logging.getLogger("jax._src.xla_bridge").addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or "Unable to initialize backend" not in r.getMessage())
+
+
+# ------------------------------------------------------------------ the radius
+
+RADII = ("attack.eps", "validation.attack.eps", "eval.eps")
+
+
+def explicit_overrides(name: str = "config") -> set[str]:
+  """The ``--config.<field>`` overrides given on the command line (dotted, without ``config.``)."""
+  prefix = name + "."
+  return {n[len(prefix):] for n in flags.FLAGS if n.startswith(prefix) and flags.FLAGS[n].present}
+
+
+def _get(config, path: str):
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def resolve_radii(config, explicit=(), fields=RADII) -> dict:
+  """``config.eps`` (when set) copied into each of ``fields`` not in ``explicit`` (the
+  overrides given on the command line); returns ``{field: radius}`` as resolved."""
+  one = config.get("eps")
+  for path in fields:
+    if one is not None and path not in explicit:
+      parent, _, leaf = path.rpartition(".")
+      _get(config, parent)[leaf] = float(one)
+  return {path: float(_get(config, path)) for path in fields}
+
+
+def describe_radii(config, radii: dict) -> str:
+  """One line: each radius (also in /255 units) with its step size and PGD steps."""
+  steps = {"attack.eps": ("attack.step_size", "attack.steps"),
+           "validation.attack.eps": ("validation.attack.step_size", "validation.attack.steps"),
+           "eval.eps": ("eval.step_size", "eval.pgd_steps")}
+  parts = []
+  for path, eps in radii.items():
+    size, count = steps[path]
+    parts.append(f"{path}={eps:.6g} ({255 * eps:.3g}/255; step {_get(config, size):.4g} x "
+                 f"{_get(config, count)})")
+  return "radii: " + ", ".join(parts)
 
 
 # ------------------------------------------------------------------ bad input, one line
@@ -215,9 +285,39 @@ def _check_workdir(flag: str, workdir, *, checkpoints: bool = True):
     _need(bool(_saved_steps(workdir)), flag, workdir, f"a training workdir with checkpoints: "
           f"{os.path.join(workdir, 'checkpoints')} holds none (train first)")
   try:
-    return api.load_config(workdir)
+    config = api.load_config(workdir)  # also finds a recorded out-of-tree defense
   except ValueError as e:  # not JSON
     raise ValueError(f"--{flag}={workdir!r} is invalid: its config.json does not parse ({e})") from None
+  from agad import defenses
+  try:
+    defenses.parse(config.objective.name)
+  except ValueError as e:
+    raise ValueError(f"--{flag}={workdir!r}: its objective {config.objective.name!r} cannot be "
+                     f"loaded: {e}") from None
+  return config
+
+
+def next_steps(workdir: str, config) -> str:
+  """What ``launch.train`` prints at the end: where the checkpoints are, and the evaluate
+  and attention commands for this workdir (``--step=latest`` when the run has no
+  validation split to choose "best" by)."""
+  from agad import checkpoint
+  steps = _saved_steps(workdir)
+  try:  # "best" needs a checkpoint with validation metrics (none before the first epoch ends)
+    checkpoint.resolve_step(os.path.join(workdir, "checkpoints"), "best", verify=False)
+    step = "best"
+  except (ValueError, FileNotFoundError):
+    step = "latest"
+  stop = int(config.get("stop_after_steps", 0) or 0)
+  stopped = (f"; stopped at step {steps[-1]} by stop_after_steps, the same command resumes"
+             if stop and steps and steps[-1] == stop else "")
+  return "\n".join([
+      f"checkpoints: {os.path.join(workdir, 'checkpoints')} (steps {', '.join(map(str, steps)) or 'none'}{stopped})",
+      "next: evaluate (the number to quote is the report's worst case; a defense row needs table_aa),",
+      "compare against a base run evaluated the same way, and draw attention maps:",
+      f"  python -m launch.evaluate --workdir={workdir} --step={step} --preset=table_aa --num_examples=1000",
+      f"  python -m launch.compare --defense={workdir} --base=BASE_WORKDIR --preset=table_aa",
+      f"  python -m launch.attention --workdir={workdir} --step={step} --compare=BASE_WORKDIR"])
 
 
 def _check_step(flag: str, step, workdir: str | None) -> None:
@@ -226,6 +326,13 @@ def _check_step(flag: str, step, workdir: str | None) -> None:
   if step.isdigit() and workdir:
     saved = _saved_steps(workdir)
     _need(int(step) in saved, flag, step, f"{accepted}; {workdir} saved steps {saved}")
+  if step == "best" and workdir and _saved_steps(workdir):
+    from agad import checkpoint
+    try:  # metadata only: a run without validation has no "best"
+      checkpoint.resolve_step(os.path.join(workdir, "checkpoints"), "best", verify=False)
+    except ValueError as e:
+      raise ValueError(f"--{flag}=best is invalid for {workdir}: {e}".replace(
+          "pass --step=latest", f"pass --{flag}=latest")) from None
 
 
 def check_evaluate_flags(*, workdir, step="best", preset=None, num_examples=None, surrogate=None,

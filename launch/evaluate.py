@@ -8,7 +8,9 @@ Eval-mode BatchNorm, fp32, the checkpoint chosen on the validation split. Preset
 the objective's adaptive attack, transfer (with --surrogate), AutoAttack, eps and steps
 sweeps and the gradient-masking checks; ``autoattack`` clean + AutoAttack; ``ladder``
 ``table_aa`` + FGSM + PGD-k at every ``eval.ladder`` strength, and the objective's analysis
-against eps (AFA stage II: the fusion weight, plot ``fusion_weight_vs_eps.png``). Per-example
+against eps (AFA stage II: the fusion weight, plot ``fusion_weight_vs_eps.png``). The number to quote is the per-example worst case (the report's headline and the last
+line on stdout); a defense's row needs ``--preset=table_aa`` (its adaptive attacks and
+AutoAttack). Per-example
 results are cached under DIR/eval/cache, so re-running adds attacks without redoing
 old ones and an interrupted long run resumes chunk by chunk.
 """
@@ -35,9 +37,11 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.fatal(f"unexpected arguments: {argv[1:]} (flags take the form --name=value)")
   common.init_runtime()
-  from agad.evaluation import runner
+  from agad.evaluation import report as report_lib, runner
+  if FLAGS.config:  # --config.eps sets eval.eps unless --config.eval.eps is given too
+    common.resolve_radii(FLAGS.config, common.explicit_overrides(), fields=("eval.eps",))
   with common.refuse_bad_input():  # Bad flags are refused before any work, in one line.
     common.check_evaluate_flags(
         workdir=FLAGS.workdir, step=FLAGS.step, preset=FLAGS.preset, num_examples=FLAGS.num_examples,
@@ -52,8 +56,15 @@ def main(argv):
     logging.info("%-22s %6.2f%% +- %.2f (n=%d)", r["attack"], 100 * r["accuracy"], 100 * r["stderr"], r["n"])
   for w in report["warnings"]:
     logging.warning("check: %s", w)
-  print(json.dumps({r["attack"]: round(100 * r["accuracy"], 2) for r in report["records"]}))
+  for w in report.get("before_quoting", []):
+    logging.warning("before quoting: %s", w)
   logging.info("report written to %s.{json,md}", stem)
+  # stdout: every row, then the number to quote (the per-example worst case) on its own line.
+  print(json.dumps({**{r["attack"]: round(100 * r["accuracy"], 2) for r in report["records"]},
+                    "worst-case": round(100 * report["worst_case"]["accuracy"], 2)}))
+  for w in report.get("before_quoting", []):
+    print(f"warning: {w}")
+  print(f"number to quote: {report_lib.headline(report)}")
 
 
 if __name__ == "__main__":

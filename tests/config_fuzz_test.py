@@ -136,6 +136,7 @@ CONFIG_KINDS = {
     "init.param_map": (["a", "x=y,z", 3, None], ["dst_prefix=src_prefix"]),
     "init.freeze": REGEXES,
     "init.keep_init": REGEXES,
+    "eps": ([1.5, -0.1, NAN, "0.1", True], ["None", "[0, 1]"]),
     "allow_eps_mismatch": BOOL,
     "log_every_steps": _int(1),
     "prefetch": _int(1),

@@ -1,6 +1,7 @@
 """The defense platform: modules found by name, DEFAULTS, plug-ins, norms, out-of-tree defenses."""
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +36,7 @@ TOY_DEFENSE = textwrap.dedent('''
     from agad.objectives import base, defaults
     from agad.objectives.pgd_at import pgd_at
 
+    NAME = __name__.rpartition(".")[2]  # config.objective.<NAME>: the file's name, so renaming is one step
     DEFAULTS = ml_collections.ConfigDict()
     DEFAULTS.weight = 0.01          # embedding-norm penalty weight (no paper: a test)
     DEFAULTS.site = "features"      # where the scale plug-in sits
@@ -49,18 +51,18 @@ TOY_DEFENSE = textwrap.dedent('''
 
 
     def plugins(config, num_classes):
-      return {defaults.objective_config(config, "toy_def", DEFAULTS).site: Scale}
+      return {defaults.objective_config(config, NAME, DEFAULTS).site: Scale}
 
 
     def objective(model, config):
-      cfg = defaults.objective_config(config, "toy_def", DEFAULTS)
+      cfg = defaults.objective_config(config, NAME, DEFAULTS)
 
       def terms(params, passes, batch, key, step):
         embedding = passes["adv"].taps["embedding"]
         value = cfg.weight * jnp.mean(jnp.sum(jnp.square(embedding), axis=-1))
         return value, {"toy_embedding_penalty": value}
 
-      return base.add_terms(pgd_at(model, config), "toy_def", terms)
+      return base.add_terms(pgd_at(model, config), NAME, terms)
     ''')
 
 # A defense that only swaps the norm layers (AFA's route to MultiBranchBatchNorm).
@@ -87,14 +89,17 @@ def defense_dir(tmp_path):
   defenses.__path__.append(str(folder))
   yield folder
   defenses.__path__.remove(str(folder))
-  for name in ("toy_def", "toy_norm"):
+  for name in ("toy_def", "toy_norm", "renamed_def"):
     sys.modules.pop(f"agad.defenses.{name}", None)
 
 
 def test_unknown_names_fail_with_the_names_that_exist():
-  with pytest.raises(ValueError, match=r"unknown objective or defense 'fsrr'; known objectives: .*cas.*"
-                                       r"trades.*transforms: again, awp, cas, fsr"):
+  with pytest.raises(ValueError, match=r"unknown objective or defense 'fsrr' \(did you mean fsr\?\); known "
+                                       r"objectives: .*cas.*trades.*transforms: again, awp, cas, fsr; a defense "
+                                       r"outside agad/defenses: put the folder holding fsrr.py in AGAD_DEFENSES_PATH"):
     defenses.find("fsrr")
+  with pytest.raises(ValueError, match=r"unknown objective or defense 'zzz'; known"):  # nothing close
+    defenses.find("zzz")
   with pytest.raises(ValueError, match="'awp' in 'awp' is a transform"):
     defenses.parse("awp")
   with pytest.raises(ValueError, match="'mart' in 'trades\\+mart' cannot follow"):
@@ -157,6 +162,49 @@ def test_a_defense_norm_factory_reaches_the_model(defense_dir):
     defenses.norm_for("toy_norm+toy_norm", config)
 
 
+def test_a_renamed_file_is_a_new_defense_and_a_recorded_folder_is_found_again(defense_dir):
+  """The example derives its config key from its file name (renaming is one step); the
+  file and hash training records (``sources``) put its folder back on the path for a
+  later command without AGAD_DEFENSES_PATH (``use_recorded``), and a vanished file is
+  named, with the variable, in the error."""
+  import hashlib
+  from agad.defenses import _registry
+  path = defense_dir / "renamed_def.py"
+  path.write_text(TOY_DEFENSE)
+  info = data_lib.dataset_info(tiny_config().data)
+  config = tiny_config("renamed_def")
+  assert config.objective.renamed_def.to_dict() == {"weight": 0.01, "site": "features"}
+  config.objective.renamed_def.site = "stem"
+  assert set(defenses.build_model(config, info).plugins) == {"stem"}
+  recorded = defenses.sources("pgd_at+renamed_def")
+  assert recorded["renamed_def"] == {"file": str(path), "out_of_tree": True,
+                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+  assert recorded["pgd_at"]["out_of_tree"] is False
+  folder = str(defense_dir)
+
+  def forget():
+    defenses.__path__.remove(folder)
+    sys.modules.pop("agad.defenses.renamed_def", None)
+
+  try:
+    forget()
+    with pytest.raises(ValueError, match="put the folder holding renamed_def.py in AGAD_DEFENSES_PATH"):
+      defenses.find("renamed_def")
+    assert defenses.use_recorded(recorded) == [folder]
+    assert defenses.find("renamed_def").__file__ == str(path)
+    assert defenses.use_recorded(recorded) == []  # found already: nothing added
+    forget()
+    path.rename(defense_dir / "elsewhere.py")
+    assert defenses.use_recorded(recorded) == []
+    with pytest.raises(ValueError, match=f"trained with renamed_def from {path}, which is gone: put the "
+                                         "folder that now holds renamed_def.py in AGAD_DEFENSES_PATH"):
+      defenses.find("renamed_def")
+  finally:
+    _registry._RECORDED.pop("renamed_def", None)
+    if folder not in defenses.__path__:
+      defenses.__path__.append(folder)
+
+
 def test_adaptive_plugin_overrides_rebuild_declared_fields_only():
   config = tiny_config("cas")
   model = defenses.build_model(config, data_lib.dataset_info(config.data))
@@ -183,7 +231,8 @@ def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   out = subprocess.run([sys.executable, "-m", "launch.train",
                         "--config=configs/fashion_mnist.py:smallcnn,toy_def,smoke",
                         "--config.objective.toy_def.weight=0.05", "--config.log_every_steps=2",
-                        "--config.stop_after_steps=4", f"--workdir={workdir}"],
+                        "--config.stop_after_steps=4", "--config.checkpoint.every_steps=2",
+                        f"--workdir={workdir}"],
                        cwd=REPO, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -195,5 +244,36 @@ def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   assert step == 4
   scale = raw["params"]["plugin_features"]["scale"]
   assert scale.shape == (64,) and not np.allclose(scale, 1.0)  # the plug-in trained
-  assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                        text=True).stdout == tracked
+  changed = set(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
+                               text=True).stdout.splitlines()) - set(tracked.splitlines())
+  assert not [l for l in changed if "toy_def" in l or "defenses/__init__" in l], changed  # nothing edited
+  # The run says where its pieces came from and what to run next, without backend noise.
+  module = str(folder / "toy_def.py")
+  log = out.stderr
+  assert f"toy_def: {module} (sha256 " in log and "radii: attack.eps=0.1 (25.5/255" in log
+  assert "Unable to initialize backend" not in log and "tracked_metric" not in log
+  steps = [l for l in log.splitlines() if "] step " in l]
+  assert "step 2/4 (stops early; schedule 24)" in steps[0] and "toy_embedding_penalty" in steps[0], steps
+  assert f"checkpoints: {workdir}/checkpoints (steps 2, 4; stopped at step 4 by stop_after_steps" in out.stdout
+  assert f"python -m launch.evaluate --workdir={workdir} --step=latest --preset=table_aa" in out.stdout
+  launch = json.load(open(os.path.join(workdir, "run_record.json")))["launches"][-1]
+  assert launch["defenses"]["toy_def"] == {"file": module, "out_of_tree": True,
+                                           "sha256": hashlib.sha256(open(module, "rb").read()).hexdigest()}
+  # Evaluated later without AGAD_DEFENSES_PATH: the run record finds the module. This early-
+  # stopped run has no validated checkpoint among two: --step=best says what to pass instead.
+  from launch import common
+  try:
+    with pytest.raises(ValueError, match=r"^--step=best is invalid for .*has no 'best'\): pass --step=latest"):
+      common.check_evaluate_flags(workdir=workdir, step="best")
+  finally:  # the check put the recorded folder on this process's path
+    if str(folder) in defenses.__path__:
+      defenses.__path__.remove(str(folder))
+    sys.modules.pop("agad.defenses.toy_def", None)
+  env.pop("AGAD_DEFENSES_PATH")
+  out = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}", "--preset=pgd",
+                        "--num_examples=4", "--step=latest"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"the run record's {module}" in out.stderr
+  quote = out.stdout.strip().splitlines()[-1]
+  assert quote.startswith("number to quote: worst case ") and "a defense row needs --preset=table_aa" in quote
+  assert '"worst-case": ' in out.stdout and "warning: n=4: the worst case's standard error" in out.stdout

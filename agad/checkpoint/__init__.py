@@ -338,8 +338,9 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
       candidates = [s for _, s in sorted(scored, key=lambda vs: (-vs[0], vs[1]))]
       if not candidates:
         extra = f" (damaged: {_describe(damaged)})" if damaged else ""
-        raise ValueError(f"no intact checkpoint in {directory} has validation metrics{extra}; "
-                         "use step='latest'")
+        raise ValueError(f"no intact checkpoint in {directory} has validation metrics{extra} (a run "
+                         "without a validation split has no 'best'): pass --step=latest "
+                         "(step='latest' from Python)")
     else:
       requested = int(step)
       if requested not in steps:

@@ -58,6 +58,10 @@ class _QuietWriteFailures(py_logging.Filter):
   """
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    # A checkpoint saved between validations (an early stop, checkpoint.every_steps) has no
+    # metrics by design: "best" is chosen among the ones that have them.
+    if "orbax" in record.pathname and record.getMessage().startswith("Requested `tracked_metric`"):
+      return False
     error = record.exc_info[1] if record.exc_info else None
     # After a failed background write, orbax's last writer thread finds its executor (or
     # the interpreter) shut down ("cannot schedule new futures after [interpreter]

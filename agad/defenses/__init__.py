@@ -8,7 +8,9 @@ builds a run's backbone with the plug-ins and norm layers its objective spec ask
 
 Out-of-tree defenses: folders in the ``AGAD_DEFENSES_PATH`` environment variable
 (``os.pathsep``-separated) are added to this package's path, so
-``--config=...:smallcnn,my_defense`` finds ``my_defense.py`` there.
+``--config=...:smallcnn,my_defense`` finds ``my_defense.py`` there. Training records
+each module's file and SHA-256 in the run record (``sources``); ``agad.load`` and the
+launch commands put a recorded out-of-tree folder back on the path (``use_recorded``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ __path__.extend(p for p in os.environ.get("AGAD_DEFENSES_PATH", "").split(os.pat
                 if p and p not in __path__)
 
 from agad.defenses._registry import (add_defaults, build_objective, defaults, find,  # noqa: E402
-                                     names, norm_for, norm_hook_for, parse, plugins_for, spec_names,
-                                     with_plugin_overrides)
+                                     names, norm_for, norm_hook_for, parse, plugins_for, sources,
+                                     spec_names, use_recorded, with_plugin_overrides)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INPUT_NORMS = ("dataset", "per_image", "none")

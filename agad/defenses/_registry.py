@@ -16,21 +16,30 @@ No list to edit, no registration side effect: a module qualifies when it defines
 
 ``"a+t1+t2"`` builds ``t2(t1(a))``: transforms apply left to right, innermost first.
 Extra folders on ``agad.defenses``' package path (the ``AGAD_DEFENSES_PATH`` environment
-variable, ``os.pathsep``-separated) hold out-of-tree defenses.
+variable, ``os.pathsep``-separated) hold out-of-tree defenses. ``sources(spec)`` names the
+file (and its SHA-256) each name was loaded from: training records it in the run record,
+and ``use_recorded`` puts a recorded out-of-tree folder back on the path when a later
+command (evaluate, attention) runs without the variable.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import hashlib
 import importlib
+import os
 import pkgutil
 import re
 from typing import Any, Iterable
 
 import ml_collections
+from absl import logging
 
 PACKAGES = ("agad.defenses", "agad.objectives")
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_IN_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the agad package
+_RECORDED: dict[str, str] = {}       # name -> the file a run recorded (see use_recorded)
 
 
 def _import(package: str, name: str):
@@ -72,6 +81,19 @@ def _known() -> str:
   return f"objectives: {', '.join(n['objectives'])}; transforms: {', '.join(n['transforms'])}"
 
 
+def _unknown(name: str) -> str:
+  """The message for a name no package has: the closest known names, the known ones, and
+  where an out-of-tree defense must be (the folder a run recorded, when there is one)."""
+  n = names()
+  close = difflib.get_close_matches(str(name), sorted(set(n["objectives"]) | set(n["transforms"])), n=2)
+  hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+  recorded = _RECORDED.get(name)
+  where = (f"; the run was trained with {name} from {recorded}, which is gone: put the folder that "
+           f"now holds {name}.py in AGAD_DEFENSES_PATH" if recorded else
+           f"; a defense outside agad/defenses: put the folder holding {name}.py in AGAD_DEFENSES_PATH")
+  return f"unknown objective or defense {name!r}{hint}; known {_known()}{where}"
+
+
 def find(name: str):
   """The module of objective/defense ``name`` (``agad.defenses`` first)."""
   if not _NAME.fullmatch(name or ""):
@@ -80,7 +102,50 @@ def find(name: str):
     module = _import(package, name)
     if _is_component(module):
       return module
-  raise ValueError(f"unknown objective or defense {name!r}; known {_known()}")
+  raise ValueError(_unknown(name))
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def sources(spec: str | Iterable[str]) -> dict[str, dict]:
+  """``{name: {"file", "sha256", "out_of_tree"}}`` for every name of ``spec``: the module
+  file each was loaded from (what the run record keeps, so a later command finds an
+  out-of-tree defense without ``AGAD_DEFENSES_PATH``)."""
+  out = {}
+  for name in spec_names(spec):
+    path = os.path.abspath(find(name).__file__)
+    out[name] = {"file": path, "sha256": _sha256(path),
+                 "out_of_tree": os.path.commonpath([path, _IN_TREE]) != _IN_TREE}
+  return out
+
+
+def use_recorded(recorded: dict) -> list[str]:
+  """Puts the folder of every recorded out-of-tree module (``sources``' output) that is
+  not found now back on ``agad.defenses``' path; returns the folders added. A module whose
+  source changed since it was recorded is used with a warning naming both hashes."""
+  import agad.defenses as package
+  added = []
+  for name, info in (recorded or {}).items():
+    if not isinstance(info, dict) or not info.get("out_of_tree") or not _NAME.fullmatch(str(name)):
+      continue
+    path = str(info.get("file", ""))
+    _RECORDED[name] = path
+    if not any(_is_component(_import(p, name)) for p in PACKAGES):
+      folder = os.path.dirname(path)
+      if not os.path.isfile(path):
+        continue  # find() names the recorded file and the variable
+      if folder not in package.__path__:
+        package.__path__.append(folder)
+        added.append(folder)
+      logging.info("defense %s: the run record's %s (AGAD_DEFENSES_PATH is not needed)", name, path)
+    found = os.path.abspath(find(name).__file__)
+    if info.get("sha256") and os.path.isfile(found) and _sha256(found) != info["sha256"]:
+      logging.warning("defense %s: %s changed since the run was trained (sha256 %s... then, %s... now)",
+                      name, found, str(info["sha256"])[:12], _sha256(found)[:12])
+  return added
 
 
 def spec_names(spec: str | Iterable[str]) -> list[str]:

@@ -6,6 +6,7 @@ returns human-readable warnings; an empty list means nothing suspicious was seen
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -58,6 +59,16 @@ def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float 
     if r.get("eps") == report["eps"] and best_white is not None and _pp(best_white, r["accuracy"]) > blackbox_pp:
       w.append(f"black-box {r['attack']} ({100 * r['accuracy']:.2f}%) beats every white-box attack "
                f"(best {100 * best_white:.2f}%): a sign of gradient masking")
+  # AutoAttack's Square stage attacks only what its white-box stages left robust, so it can
+  # never score below them; what it can show is breaks they missed (the same sign).
+  for a in _aa_with_square(records, report["eps"]):
+    stages = list(a["per_attack"])
+    i = stages.index("square")
+    before = a["per_attack"][stages[i - 1]]
+    drop = _pp(before, a["per_attack"]["square"])
+    if drop > blackbox_pp:
+      w.append(f"{a['attack']}: its black-box Square stage broke {drop:.2f} pp of the images its "
+               f"white-box stages ({', '.join(stages[:i])}) left robust: a sign of gradient masking")
   # Convergence and the AutoAttack gap: the main PGD (>= the report's k steps) and beyond.
   pgd = {(r.get("steps"), r.get("restarts", 1), r.get("loss", "ce")): r for r in _by_kind(records, ("pgd",))
          if r.get("eps") == report["eps"] and (r.get("steps") or 0) >= main_steps and reaches(r)}
@@ -97,6 +108,29 @@ def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float 
   return w
 
 
+def conclusion_warnings(report: dict, *, table_n: int = 1000) -> list[str]:
+  """Reasons not to quote the report yet: clean accuracy near chance, and fewer than
+  ``table_n`` images (the worst case's standard error then hides differences of several pp)."""
+  from agad.evaluation.compare import chance_note
+  w = []
+  note = chance_note(report)
+  if note:
+    w.append(note)
+  worst = report.get("worst_case") or {}
+  if report.get("n", table_n) < table_n and worst.get("stderr") is not None:
+    se = 100 * worst["stderr"]
+    w.append(f"n={report['n']}: the worst case's standard error is {se:.2f} pp, so two runs evaluated "
+             f"like this differing by less than ~{2 * math.sqrt(2) * se:.1f} pp cannot be told apart "
+             f"(launch.compare's paired error is smaller); a table row needs --num_examples={table_n} or more")
+  return w
+
+
+def _aa_with_square(records, eps) -> list[dict]:
+  """AutoAttack rows at ``eps`` whose per-stage results include Square after a white-box stage."""
+  return [r for r in _by_kind(records, ("autoattack",)) if r.get("eps") in (None, eps)
+          and list(r.get("per_attack") or {})[1:].count("square")]
+
+
 def not_applicable(report: dict) -> list[str]:
   """The masking checks of :func:`report_warnings` that these records cannot support,
   each with the rows it needs: a silent check there is no evidence of anything."""
@@ -110,8 +144,10 @@ def not_applicable(report: dict) -> list[str]:
   out = []
   if not at_eps(("fgsm",)):
     out.append("iterative vs FGSM (needs an FGSM row)")
-  if not at_eps(BLACK_BOX):
-    out.append("black-box vs white-box (needs a Square or transfer row)")
+  if not at_eps(BLACK_BOX) and not _aa_with_square(records, eps):
+    out.append("black-box vs white-box (needs a Square or transfer row, or AutoAttack's Square stage "
+               "with per-stage results: standard AutoAttack runs Square after its white-box stages, "
+               "and it counts as breaks they missed)")
   if not converge:
     out.append("PGD convergence (needs PGD rows with more steps or restarts)")
   if not _by_kind(records, ("autoattack",)):

@@ -7,12 +7,28 @@ import os
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
+def headline(report: dict) -> str:
+  """The number to quote: the per-example worst case over every attack at the report's eps
+  (an image counts as robust only if every attack failed on it), with a note when the
+  report has no AutoAttack row (a defense row needs ``--preset=table_aa``)."""
+  w = report["worst_case"]
+  over = list(w.get("over") or [])
+  line = (f"worst case {100 * w['accuracy']:.2f}% +- {100 * w['stderr']:.2f} pp (n={w['n']}, eps "
+          f"{report['eps']:.4g}; per image, robust only if every attack failed: {', '.join(over)})")
+  if not any(r.get("kind") == "autoattack" and r["attack"] in over for r in report["records"]):
+    line += "; no AutoAttack row: a defense row needs --preset=table_aa"
+  return line
+
+
 def markdown(report: dict) -> str:
   dtype = _DTYPE_NAMES.get(str(report.get("dtype", "float32")), str(report.get("dtype")))
   lines = [f"Robustness of `{report.get('model', '?')}` ({report.get('objective', '?')}) on "
            f"{report.get('dataset', '?')} {report.get('split', 'test')}, n = {report['n']}, "
            f"eps = {report['eps']:.4g} ({report['norm']}), eval-mode BN, {dtype}"
            + (f" ({report['computed_here']})" if report.get("computed_here") else ""), ""]
+  lines += [f"**Number to quote: {headline(report)}**", ""]
+  if report.get("before_quoting"):
+    lines += ["**Before quoting it**", ""] + [f"- {w}" for w in report["before_quoting"]] + [""]
   if report.get("weights"):
     lines += [f"Weights: step {report.get('step', '?')}, {report['weights']}.", ""]
   v = report.get("verification") or {}

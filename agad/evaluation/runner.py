@@ -79,7 +79,8 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   dtype, fingerprint = str(saved.model.get("dtype", "float32")), _fingerprint(saved, weights)
   log = log or (lambda *_: None)
   log(f"evaluating {workdir} step {loaded.step} ({weights_note}, hash {model_hash}) on "
-      f"{len(test) if indices is None else len(indices)} test images: "
+      f"{len(test) if indices is None else len(indices)} test images at eps {float(eval_cfg.eps):.6g} "
+      f"({255 * float(eval_cfg.eps):.3g}/255): "
       + ", ".join(s.name for s in specs))
   report = suite_lib.run_suite(
       loaded.logits_fn, test, specs, eps=float(eval_cfg.eps), indices=indices,
@@ -89,7 +90,7 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
       sweep_steps=int(eval_cfg.pgd_steps), dtype=dtype, fingerprint=fingerprint,
       verify_logits_fn=_float32_logits_fn(loaded, dtype),
       meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": weights, "weights": weights_note,
-            "dataset": saved.data.name, "split": "test", "model": saved.model.name,
+            "dataset": saved.data.name, "num_classes": int(loaded.info.num_classes), "split": "test", "model": saved.model.name,
             "objective": saved.objective.name, "bn": "eval (running statistics)",
             "preset": preset})
   analysis = loaded.objective().analysis
@@ -98,6 +99,8 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
                                       eps_values=(0.0,) + tuple(f * float(eval_cfg.eps)
                                                                 for f in presets.ladder_factors(eval_cfg)),
                                       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
+  from agad.evaluation import checks
+  report["before_quoting"] = checks.conclusion_warnings(report)  # near chance, small n
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   write_npz(stem + ".npz", report.pop("per_example"))
   report["per_example_file"] = os.path.basename(stem) + ".npz"

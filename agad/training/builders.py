@@ -111,6 +111,7 @@ def config_rules() -> dict[str, Rule | None]:
       "init.param_map": Rule(_param_map_ok, "'dst_prefix=src_prefix,...' ('' = identity)"),
       "init.freeze": REGEXES,
       "init.keep_init": REGEXES,
+      "eps": optional(num_rule(0, 1), "attack.eps, validation.attack.eps and eval.eps as set"),
       "allow_eps_mismatch": BOOL,
       "log_every_steps": int_rule(1),
       "prefetch": int_rule(1),
@@ -180,10 +181,18 @@ def check_config(config: Any, *, num_devices: int | None = None) -> None:
   radii = {"attack.eps": float(config.attack.eps),
            "validation.attack.eps": float(config.validation.attack.eps),
            "eval.eps": float(eval_eps)}
+  one = config.get("eps")
+  if one is not None and not config.get("allow_eps_mismatch", False):
+    differ = {k: v for k, v in radii.items() if v != float(one)}
+    if differ:  # launch.train applies config.eps; a library caller must too (launch.common.resolve_radii)
+      listed = ", ".join(f"{k}={v:.6g}" for k, v in differ.items())
+      raise ValueError(f"config.eps={float(one):.6g} but {listed}: set them to config.eps "
+                       "(launch.train does), or set --config.allow_eps_mismatch=True if the difference "
+                       "is intended")
   if len(set(radii.values())) > 1 and not config.get("allow_eps_mismatch", False):
     listed = ", ".join(f"{k}={v:.6g}" for k, v in radii.items())
-    raise ValueError(f"the radii differ ({listed}): override all three together, or set "
-                     "--config.allow_eps_mismatch=True if the difference is intended")
+    raise ValueError(f"the radii differ ({listed}): set all three with one --config.eps=R (e.g. "
+                     "8/255), or set --config.allow_eps_mismatch=True if the difference is intended")
 
 
 def check_model_fits_data(model, config: Any, info: Any) -> None:

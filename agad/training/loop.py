@@ -282,9 +282,14 @@ class Trainer:
           writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
           # Objectives that train on adversarial inputs only (CAS) report no clean accuracy.
           acc_key = "accuracy" if "accuracy" in scalars else "adv_accuracy"
-          logging.info("step %d/%d epoch %.2f loss %.4f %s %.3f lr %.4g | %.0f img/s, ETA %s",
-                       step, self.total_steps, step / self.steps_per_epoch, scalars["loss"],
-                       acc_key.replace("accuracy", "acc"), scalars.get(acc_key, float("nan")),
+          # The objective's and defense's own terms (TRADES' KL, a plug-in's penalty), by name.
+          terms = " ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())
+                           if k not in _LOGGED_APART | {acc_key})
+          logging.info("step %d/%d%s epoch %.2f loss %.4f %s %.3f%s lr %.4g | %.0f img/s, ETA %s",
+                       step, stop_at, f" (stops early; schedule {self.total_steps})"
+                       if stop_at < self.total_steps else "", step / self.steps_per_epoch,
+                       scalars["loss"], acc_key.replace("accuracy", "acc"),
+                       scalars.get(acc_key, float("nan")), f" | {terms} |" if terms else "",
                        scalars.get("lr", float("nan")),
                        rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
           t_log, steps_since_log = now, 0
@@ -320,3 +325,7 @@ class Trainer:
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   """Trains ``config`` in ``workdir`` (resuming if possible) and returns the final state."""
   return Trainer(config, workdir).run()
+# Metrics the step log shows in their own places (the rest are the objective's terms).
+_LOGGED_APART = {"loss", "lr", "images_per_sec"}
+
+

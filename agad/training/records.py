@@ -71,6 +71,9 @@ def package_versions() -> dict[str, str]:
 
 
 def run_record(config: Any) -> dict:
+  """What a launch ran with; ``defenses`` names each objective/defense module's file and
+  SHA-256 (``agad.load`` finds an out-of-tree one from there)."""
+  from agad import defenses
   return {
       "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "git_revision": git_revision(),
@@ -79,6 +82,7 @@ def run_record(config: Any) -> dict:
       "devices": [str(d) for d in jax.devices()],
       "process_count": jax.process_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "defenses": defenses.sources(config.objective.name),
       "config": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config),
   }
 
