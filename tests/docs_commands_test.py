@@ -187,6 +187,7 @@ def signature(c: Command) -> list[str]:
 _AFA = "tests/defenses_afa_test.py::test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer"
 _ATAT = "tests/defenses_atat_test.py::test_fashion_mnist_two_command_pipeline_starts"
 _EVALUATE = "tests/launch_evaluate_test.py::test_evaluate_every_preset_then_compare"
+_FSR = "tests/defenses_fsr_test.py::test_fsr_and_its_compositions_train_through_the_loop"
 _LAUNCH = "tests/launch_test.py::test_train_then_evaluate_smoke"
 _SCRIPTS = "tests/launch_scripts_test.py"
 _TOOLS = "tests/launch_tools_test.py"
@@ -203,6 +204,13 @@ SMOKE_RUNS = {
     "launch.train trades+awp": _TRAIN,
     "launch.train again": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
     "launch.train --distributed": _TRAIN,
+    "launch.train trades+awp --distributed": _TRAIN,   # docs/running.md's TPU pod line
+    # FSR and its compositions through the Trainer (the CLI layer: the launch.train smokes above).
+    "launch.train fsr": _FSR,
+    "launch.train trades+fsr": _FSR,
+    "launch.train mart+fsr": _FSR,
+    # An out-of-tree defense (AGAD_DEFENSES_PATH) through launch.train itself.
+    "launch.train toy_def": "tests/defenses_registry_test.py::test_an_out_of_tree_defense_trains_through_launch_train",
     "launch.train standard": (_TRAIN, _ATAT),   # AGKD-BML's teacher (label smoothing), ATAT's
     "launch.train agkd_bml --config.init.workdir": _TRAIN,
     "launch.train atat --config.init.workdir": _ATAT,
