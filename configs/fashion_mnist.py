@@ -1,8 +1,8 @@
 """Fashion-MNIST (offline, Debian package dataset-fashion-mnist): the default experiment.
 
 ``--config=configs/fashion_mnist.py`` trains SmallCNN with PGD-AT at eps = 0.1
-(PGD-10) on this 2-core CPU; the recipe (a short cosine schedule) is recorded with
-its measured results in WORKSPACE.md. Every Fashion-MNIST row (each defense and base) keeps
+(PGD-10) on a 2-core CPU; the recipe (a short cosine schedule) is recorded with
+its measured results in docs/results/reference_run.md. Every Fashion-MNIST row (each defense and base) keeps
 the one shared input scaling, the dataset mean/std inside the model (``model.input_norm =
 dataset``, mean 0.2860, std 0.3530), so that table rows compare; the CIFAR/SVHN/Tiny
 ImageNet recipes take each code's own scaling instead (docs/recipes.md).
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
   c.model.name = "smallcnn"
   c.objective.name = "pgd_at"
   c.batch_size = 128
-  c.num_epochs = 3                 # 2 epochs reach only 79/70 (WORKSPACE.md measurements).
+  c.num_epochs = 3                 # 2 epochs reach only 79/70 (docs/results/reference_run.md).
   c.attack.eps = 0.1
   c.attack.step_size = 0.025       # 2.5 * eps / steps.
   c.attack.steps = 10

@@ -9,7 +9,7 @@ Init as in TRADES' ``models/small_cnn.py``: conv kernels Kaiming normal (fan-in)
 biases, the two hidden Dense layers PyTorch's nn.Linear default, and the classifier (kernel
 and bias) zero, so the network starts at the uniform output. Without the zero classifier the
 BN-free net starts with CE ~3.6 and input-gradient norms ~60, and AWP's first steps (or
-MART's at lr 0.05) push it into dead ReLUs (WORKSPACE.md).
+MART's at lr 0.05) push it into dead ReLUs (docs/results/base_objectives.md).
 
 Tap / site table (28x28x1 input; 32x32x3 in brackets):
 

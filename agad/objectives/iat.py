@@ -9,7 +9,7 @@ agad's version, after the paper's Algorithm 1 and the ndb796 reimplementation
 3. Adversarial half: the same with an independent ``lam_a``, ``pi_a`` on ``x'``.
 4. ``loss = (L_c + L_a) / 2``.
 
-Choices (documented in WORKSPACE.md): ``a = 1`` (Beta(1, 1) = U(0, 1), the
+Choices (docs/objectives.md): ``a = 1`` (Beta(1, 1) = U(0, 1), the
 reimplementation's ``mixup_alpha``); one scalar lambda per half per step (mixup's
 convention), independent draws per half (``independent_mixing``); two train-mode passes,
 clean-mixed then adversarial-mixed, each updating the BN running statistics (as the
