@@ -17,7 +17,7 @@ inputs normalised to [-1, 1] (``model.input_norm = dataset``, ``model.mean = std
 eps 8/255, step 2/255 in pixels (the code's 16/255 and 4/255 on [-1, 1]), uniform start;
 AGKD-BML's own fields in ``objective.agkd_bml`` (teacher.workdir required). Its teacher is
 ``:wrn28_10,standard`` with the same schedule and normalisation and label smoothing 0.5
-over the other classes (WORKSPACE.md has the two commands). Paper (Table 1, 2-step
+over the other classes (docs/defenses/agkd_bml.md has the two commands). Paper (Table 1, 2-step
 training): clean 91.99, PGD-20 71.02, AA 37.07; AGKD-BML-7: 86.25 / 57.30 / 50.59; Table 5
 (10 steps + MART, as coded, WRN-28-10): AA 50.80.
 
@@ -31,7 +31,7 @@ per-image standardisation inside the model (``model.input_norm = per_image``), b
 step 2/255 uniform start (ATAT's own ``objective.atat.steps = 7``). The code restores the
 teacher's ``global_step`` (70000) with its weights (train_tsf.py:61-65, 90, 110), so its lr
 may sit at 0.001 throughout: ``--config.optim.lr=0.001 --config.optim.schedule=constant``.
-Teacher: ``:wrn34_10,standard --config.model.input_norm=per_image`` (WORKSPACE.md has the
+Teacher: ``:wrn34_10,standard --config.model.input_norm=per_image`` (docs/defenses/atat.md has the
 two commands). Paper Table 1 (PGD-20 at eps 8/255, train-mode BN at test time, no AA):
 clean 91.89, FGSM 76.74, PGD-7 70.15, PGD-20 63.81 (AT-PGD 87.25 / 45.87).
 

@@ -56,7 +56,7 @@ adds WGs): per stage (default) SmallCNN-BN 323,036 (2 WGs), WRN-28-10 36.67M (4 
 ``wg_per="layer"`` (144 C + 2,657 per WG at width 16): SmallCNN-BN (28x28x1) 314,122 ->
 351,246 (4 WGs), WRN-28-10 36,551,002 -> 37,856,115 (25), WRN-16-8 11,521,511 (13).
 
-Open choices and defaults (WORKSPACE.md lists them too):
+Open choices and defaults (docs/defenses/afa.md lists them too):
   * ladder relative to ``attack.eps`` (one default for every dataset);
   * L_a's clean pass in branch k (TRADES/MART need f_k(x)) runs in ``"batch"`` mode
     (batch statistics, no update), so BN_k's running statistics see only strength-k
@@ -66,7 +66,7 @@ Open choices and defaults (WORKSPACE.md lists them too):
   * losses summed over branches as Algorithm 1 (``loss_reduction="sum"``): K losses through
     shared weights take a K-times larger step than one loss would; ``"mean"`` divides by K
     (on Fashion-MNIST ``smallcnn_bn`` the sum killed 91% of the BN-free hidden Linear's units
-    in 312 steps, WORKSPACE.md);
+    in 312 steps, docs/results/afa.md);
   * one WG per network stage reading the stage's input, its scalar W0 shared by the stage's
     BN layers (``wg_per="stage"``, the default); ``wg_per="layer"``: one WG per BN
     layer reading that layer's input (Eq. 1-2 literally);

@@ -125,7 +125,7 @@ DEFAULT_SITES = {
     # Not in the paper. SmallCNN, like the WRN placement, two sites in the last conv stage:
     # after its last conv-ReLU (8x8x64, before pool 2) and after pool 2 (4x4x64, before
     # flattening). ("stage1", "features") was worse on the Fashion-MNIST table recipe (seed
-    # 0, validation at epoch 1: clean 61.1 / worst 9.3 vs 73.3 / 43.7; WORKSPACE.md).
+    # 0, validation at epoch 1: clean 61.1 / worst 9.3 vs 73.3 / 43.7; docs/results/again.md).
     # VGG-16: after its 4th and 5th stage.
     "smallcnn": ("stage2.pre_pool", "features"),
     "smallcnn_bn": ("stage2.pre_pool", "features"),
