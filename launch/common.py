@@ -178,8 +178,9 @@ def quiet_backend_noise() -> None:
 RADII = ("attack.eps", "validation.attack.eps", "eval.eps")
 
 
-def explicit_overrides(name: str = "config") -> set[str]:
+def explicit_overrides(name: str = "config", flag_values=None) -> set[str]:
   """The ``--config.<field>`` overrides given on the command line (dotted, without ``config.``)."""
+  fv = flag_values if flag_values is not None else flags.FLAGS
   prefix = name + "."
   return {n[len(prefix):] for n in flags.FLAGS if n.startswith(prefix) and flags.FLAGS[n].present}
 
