@@ -182,7 +182,7 @@ def explicit_overrides(name: str = "config", flag_values=None) -> set[str]:
   """The ``--config.<field>`` overrides given on the command line (dotted, without ``config.``)."""
   fv = flag_values if flag_values is not None else flags.FLAGS
   prefix = name + "."
-  return {n[len(prefix):] for n in flags.FLAGS if n.startswith(prefix) and flags.FLAGS[n].present}
+  return {n[len(prefix):] for n in fv if n.startswith(prefix) and fv[n].present}
 
 
 def _get(config, path: str):
