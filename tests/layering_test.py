@@ -22,6 +22,9 @@ FORBIDDEN = {
     "agad/training": ("agad.evaluation", "configs", "launch"),
     "agad/evaluation": ("agad.training", "configs", "launch"),
     "agad/api.py": ("agad.training", "agad.evaluation", "configs", "launch"),
+    # PyTorch checkpoints: the backbones' names and shapes only.
+    "agad/interop": ("agad.data", "agad.attacks", "agad.attention", "agad.objectives", "agad.defenses",
+                     "agad.training", "agad.evaluation", "agad.api", "configs", "launch"),
 }
 
 

@@ -336,6 +336,8 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
           scored.append((value, s))
       # Highest metric first; ties go to the earliest step, as best_step does.
       candidates = [s for _, s in sorted(scored, key=lambda vs: (-vs[0], vs[1]))]
+      if not candidates and len(looks_intact) == 1:
+        candidates = looks_intact  # the only checkpoint (an imported one has no metrics)
       if not candidates:
         extra = f" (damaged: {_describe(damaged)})" if damaged else ""
         raise ValueError(f"no intact checkpoint in {directory} has validation metrics{extra} (a run "
@@ -389,6 +391,8 @@ def resolve_step(directory: str, step: Any, *, best_metric: str | None = None,
 
   ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``)
   picks "best" for checkpoints that predate the metric being recorded in their metadata.
+  ``"best"`` of a directory whose only intact step has no validation metrics (an imported
+  checkpoint) is that step.
   ``"latest"`` / ``"best"`` skip damaged steps (see the module docstring) with a warning
   naming them and the intact ones; a damaged explicit step raises ``ValueError``.
   ``verify`` also reads every byte of the candidate's state (finds truncated or missing
