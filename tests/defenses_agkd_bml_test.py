@@ -10,6 +10,7 @@ import os
 import shutil
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,8 @@ from agad.defenses.agkd_bml import attention_l1, bml_triplet_loss, mart_term, mo
 from agad.objectives import base
 from agad.objectives.mart import mart_loss
 from agad.training import loop
-from tests.helpers import tiny_config
+from agad.models import BatchNorm
+from tests.helpers import F32, assert_close, tiny_config
 
 
 class LossFunctionsTest(chex.TestCase):
@@ -92,11 +94,72 @@ class LossFunctionsTest(chex.TestCase):
                                mart_loss(zc, za, y, beta=6.0), rtol=1e-5)
 
 
+# ---------------------------------------------------------------- BatchNorm as DataParallel
+
+
+def test_chunk_sizes_follow_torch_chunk_not_an_even_split():
+  # DataParallel scatters with tensor.chunk(n_devices): ceil(n/k)-row pieces, the last one
+  # smaller, fewer pieces than devices when they run out (np.array_split would give
+  # (3, 3, 2, 2) for 10 over 4 and always k pieces).
+  assert agkd.chunk_sizes(384, 8) == (48,) * 8     # the code: batch 128, [x_a; x; x_n']
+  assert agkd.chunk_sizes(240, 8) == (30,) * 8     # its last batch of an epoch (50000 % 128 = 80)
+  assert agkd.chunk_sizes(10, 4) == (3, 3, 3, 1)
+  assert agkd.chunk_sizes(9, 4) == (3, 3, 3)       # 3 replicas run, not 4
+  assert agkd.chunk_sizes(10, 8) == (2,) * 5
+  assert agkd.chunk_sizes(5, 8) == (1,) * 5
+  assert agkd.chunk_sizes(7, 1) == (7,)
+  with pytest.raises(ValueError, match="chunks >= 1"):
+    agkd.chunk_sizes(4, 0)
+
+
+class _OneBN(nn.Module):
+  """The agad model interface around a single BatchNorm: logits = the normalised pixels."""
+
+  @nn.compact
+  def __call__(self, x, *, train, labels=None, norm_ctx=None):
+    h = BatchNorm(name="bn")(x, train=train)
+    self.sow("intermediates", "features", h)
+    return h.reshape(h.shape[0], -1)
+
+
+def test_data_parallel_forward_normalises_per_chunk_and_keeps_chunk0_running_stats():
+  # 10 one-pixel examples over 4 "devices": chunks (3, 3, 3, 1).
+  x = jnp.array([0.0, 1, 2, 10, 11, 12, 20, 21, 23, 30]).reshape(10, 1, 1, 1)
+  model = _OneBN()
+  variables = model.init(jax.random.key(0), x, train=False)
+  state = {"batch_stats": variables["batch_stats"]}
+  out = jax.jit(lambda v: agkd.data_parallel_forward(model, variables["params"], state, v, chunks=4,
+                                                     taps=("features",)))(x)
+  eps = 1e-5
+  expected = np.concatenate([
+      (np.array([0.0, 1, 2]) - 1) / np.sqrt(2 / 3 + eps),        # chunk 0: mean 1, var 2/3
+      (np.array([10.0, 11, 12]) - 11) / np.sqrt(2 / 3 + eps),    # chunk 1: its own mean 11
+      (np.array([20.0, 21, 23]) - 64 / 3) / np.sqrt(14 / 9 + eps),
+      [0.0]])                                                     # chunk 3: one example
+  np.testing.assert_allclose(out.logits[:, 0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.taps["features"].reshape(-1), expected, rtol=1e-5, atol=1e-6)
+  # Running statistics (momentum 0.9 from mean 0, var 1; flax's biased variance): chunk 0's
+  # update only. The whole batch would give mean 0.1 * 13 and var 0.9 + 0.1 * 95.
+  stats = out.model_state["batch_stats"]["bn"]
+  np.testing.assert_allclose(stats["mean"], [0.1 * 1.0], rtol=1e-6)
+  np.testing.assert_allclose(stats["var"], [0.9 + 0.1 * 2 / 3], rtol=1e-6)
+  mixed = base.forward(model, variables["params"], state, x, mode="train")
+  np.testing.assert_allclose(mixed.model_state["batch_stats"]["bn"]["mean"], [1.3], rtol=1e-6)
+  np.testing.assert_allclose(mixed.model_state["batch_stats"]["bn"]["var"], [0.9 + 9.5], rtol=1e-5)
+  # One chunk is the ordinary train-mode pass.
+  one = agkd.data_parallel_forward(model, variables["params"], state, x, chunks=1)
+  chex.assert_trees_all_close((one.logits, one.model_state), (mixed.logits, mixed.model_state), **F32)
+
+
 def test_config_errors_name_the_value():
   with pytest.raises(ValueError, match=r"objective.agkd_bml.label_smoothing = 1.5 must lie in \[0, 1\)"):
     agkd._config(tiny_config("agkd_bml", **{"objective.agkd_bml.label_smoothing": 1.5}))
   with pytest.raises(ValueError, match=r"objective.agkd_bml.steps = 0 must be >= 1"):
     agkd._config(tiny_config("agkd_bml", **{"objective.agkd_bml.steps": 0}))
+  with pytest.raises(ValueError, match=r"objective.agkd_bml.bn = 'batch' must be one of \('code', 'mixed'\)"):
+    agkd._config(tiny_config("agkd_bml", **{"objective.agkd_bml.bn": "batch"}))
+  with pytest.raises(ValueError, match=r"objective.agkd_bml.chunks = 0 must be an int >= 1"):
+    agkd._config(tiny_config("agkd_bml", **{"objective.agkd_bml.chunks": 0}))
 
 
 # ---------------------------------------------------------------- teacher and pipeline
@@ -147,30 +210,49 @@ def test_pipeline_labels_negatives_and_targeted_attacks(teachers, tmp_path):
     assert np.max(np.abs(np.asarray(x1) - np.asarray(x0))) <= eps + 1e-6
     assert 0.0 <= float(jnp.min(x1)) and float(jnp.max(x1)) <= 1.0
 
-  # The loss equals an independent recomputation of the coded formula.
+  # The loss equals an independent recomputation of the coded formula. Default bn = "code":
+  # 3B = 48 rows over 8 "devices" = 8 separate train-mode passes of 6 rows (x_a 0-15, x 16-31,
+  # x_n' 32-47), each normalised alone; the running statistics are chunk 0's pass's.
+  assert objective.bn_policy.update.startswith("chunk 0 of [x_a; x; x_n'] in 8")
   value, aux = jax.jit(objective.loss)(state.params, state.model_state, aux_in, batch, adv, jax.random.key(4), state.step)
   x3 = jnp.concatenate([adv["x_a"], batch["image"], adv["x_n_adv"]])
-  out = base.forward(model, state.params, state.model_state, x3, mode="train",
-                     taps=("features", "embedding"), rng=base.pass_key(jax.random.key(4), 0))
+  key0 = base.pass_key(jax.random.key(4), 0)
   teacher = agad.load(teachers[0], "latest")
   t_out = base.forward(teacher.model, teacher.variables["params"], {"batch_stats": teacher.variables["batch_stats"]},
                        jnp.concatenate([batch["image"], adv["x_n"]]), mode="eval", taps=("features",))
-  z, f, e, tf = out.logits, out.taps["features"], out.taps["embedding"], t_out.taps["features"]
+  tf = t_out.taps["features"]
   onehot = jax.nn.one_hot(batch["label"], 10)
   target = onehot * 0.5 + (1 - onehot) * 0.5 / 9
-  expected = (-jnp.mean(jnp.sum(target * jax.nn.log_softmax(z[:16]), -1))
-              + mart_term(z[16:32], z[:16], batch["label"])
-              + attention_l1(f[:16], tf[:16]) + attention_l1(f[32:], tf[16:])
-              + 2 * bml_triplet_loss(e[:16], e[16:32], e[32:], margin=0.03, lam_norm=0.001))
-  np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+  def coded_loss(z, f, e):
+    return (-jnp.mean(jnp.sum(target * jax.nn.log_softmax(z[:16]), -1))
+            + mart_term(z[16:32], z[:16], batch["label"])
+            + attention_l1(f[:16], tf[:16]) + attention_l1(f[32:], tf[16:])
+            + 2 * bml_triplet_loss(e[:16], e[16:32], e[32:], margin=0.03, lam_norm=0.001))
+
+  train_pass = jax.jit(lambda v: base.forward(model, state.params, state.model_state, v, mode="train",
+                                              taps=("features", "embedding"), rng=key0))
+  pieces = [train_pass(x3[i:i + 6]) for i in range(0, 48, 6)]
+  cat = lambda get: jnp.concatenate([get(p) for p in pieces])
+  np.testing.assert_allclose(value, coded_loss(cat(lambda p: p.logits), cat(lambda p: p.taps["features"]),
+                                               cat(lambda p: p.taps["embedding"])), rtol=1e-5)
+  assert_close(aux.model_state, pieces[0].model_state)
   assert set(aux.passes) == {"adv", "clean", "neg_adv"} and aux.metrics["agkd_mart"] > 0
-  # The paper's Eq. 9 (mart_term off) and the paper's step count (an override of the attack's steps).
-  paper = loop.Trainer(_student(teachers[0], **{"objective.agkd_bml.mart_term": False,
-                                                "objective.agkd_bml.steps": 7}), str(tmp_path / "p"))
-  value_p, aux_p = jax.jit(paper.exp.objective.loss)(state.params, state.model_state, aux_in, batch, adv,
-                                                      jax.random.key(4), state.step)
-  np.testing.assert_allclose(value_p, value - aux.metrics["agkd_mart"], rtol=1e-5)
-  assert float(aux_p.metrics["agkd_mart"]) == 0.0
+  # bn = "mixed": one train-mode pass over the 48 rows; the statistics of all of them. With
+  # the paper's Eq. 9 (mart_term off) and step count (an override of the attack's steps).
+  mixed = agkd.agkd_bml(model, _student(teachers[0], **{"objective.agkd_bml.bn": "mixed",
+                                                        "objective.agkd_bml.mart_term": False,
+                                                        "objective.agkd_bml.steps": 7}))
+  mixed.frozen(trainer.exp.splits)  # loads its teacher slot (the same teacher as aux_in's)
+  value_m, aux_m = jax.jit(mixed.loss)(state.params, state.model_state, aux_in, batch, adv,
+                                       jax.random.key(4), state.step)
+  out = train_pass(x3)
+  np.testing.assert_allclose(value_m, coded_loss(out.logits, out.taps["features"], out.taps["embedding"])
+                             - mart_term(out.logits[16:32], out.logits[:16], batch["label"]), rtol=1e-5)
+  assert float(aux_m.metrics["agkd_mart"]) == 0.0
+  assert_close(aux_m.model_state, out.model_state)
+  mean = lambda s: np.concatenate([np.ravel(l) for l in jax.tree.leaves(s)])
+  assert np.max(np.abs(mean(aux.model_state) - mean(aux_m.model_state))) > 1e-3
 
 
 def test_teacher_frozen_unchanged_not_checkpointed_and_resume_with_another_refused(teachers, tmp_path):

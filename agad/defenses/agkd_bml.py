@@ -13,7 +13,7 @@ Per batch (``main.py train``, paper Alg. 1), with ``B`` examples ``(x, y)``:
     x_a  = PGD_targeted(x -> y_mc)                 forward AE (Attacks.targeted_MC)
     x_n  = a random augmented training image of class y_mc   (i_class_idx.get_batch)
     x_n' = PGD_targeted(x_n -> y)                  backward AE (perturb_PGD(targeted=True))
-    one train-mode pass of the student over [x_a; x; x_n']   (3B images, one BN batch)
+    one train-mode pass of the student over [x_a; x; x_n']   (3B images; BN: see below)
     the teacher, eval mode, over [x; x_n]
 
 Both attacks descend the summed CE towards their target from a uniform start, in eval
@@ -37,9 +37,24 @@ student's outputs on ``x_a/x/x_n'``:
 Paper vs code: the paper's Eq. 9 has no MART term (``mart_term=False``); its attention is
 a channel *mean*, the code's a channel *sum* (identical after min-max normalisation); its
 L_norm is a sum of L2 norms, the code's a mean of squares; lambda_1 = 2 also multiplies
-lambda_2 in the code (effective 0.002). The code's 8-GPU DataParallel gives each BN chunk
-a mostly homogeneous slice of the 3B batch; agad normalises over the whole mixed batch.
-The code picks its "best" checkpoint on the *test* set; agad selects on validation.
+lambda_2 in the code (effective 0.002). The code picks its "best" checkpoint on the *test*
+set; agad selects on validation.
+
+BatchNorm in the train pass (``objective.agkd_bml.bn``). The code wraps the student in
+``torch.nn.DataParallel`` (main.py:326) over ``--gpu 0,...,7`` (argument.py:16). The
+train pass (main.py:119-121) scatters [x_a; x; x_n'] along dim 0 with ``tensor.chunk(8)``:
+ceil(3B/8) rows per device, the last chunk smaller, possibly fewer than 8 chunks
+(:func:`chunk_sizes`). Each replica normalises its own chunk with that chunk's statistics,
+and only device 0's replica shares its buffers with the module (PyTorch's DataParallel
+docs: "in-place updates to the parameters or buffers on device[0] will be recorded"). So
+the running mean/variance follow chunk 0 alone, the first ceil(3B/8) forward adversarial
+examples x_a (48 of the 128 at the code's batch 128; chunks 2 and 5 straddle x_a/x and
+x/x_n'). The attacks hold the unwrapped module (``Attacks(basic_net)`` at main.py:324,
+the wrap at 326) and run in eval mode, unchunked. ``"code"``
+(default) does this with ``chunks`` (default 8) in one vmapped pass
+(:func:`data_parallel_forward`); ``"mixed"`` normalises and updates over the whole 3B
+batch (one device; agad before this option). The running statistics drive the deployed
+model, the eval-mode most-confusing labels and both training attacks.
 
 Evaluation: the deployed model is the plain backbone, so PGD on the logits' CE is the
 white-box attack. Label smoothing 0.5 masks CE gradients (the paper's Table 1: PGD-20
@@ -84,6 +99,61 @@ DEFAULTS.step_size = None          # None: config.attack.step_size. Code: 2/255*
                                    # eps is config.attack.eps (code 8/255*2 in [-1, 1] = 8/255 in [0, 1]).
 DEFAULTS.random_start = "uniform"  # main.py Attacks: random_start True, U(-eps, eps). None: config.attack.
 DEFAULTS.attack_bn = "eval"        # main.py: basic_net.eval() in both attacks. None: config.attack.bn.
+DEFAULTS.bn = "code"               # train-pass BN: code (DataParallel: per-chunk statistics, running
+                                   # averages from chunk 0; main.py:326) | mixed (the whole 3B batch).
+DEFAULTS.chunks = 8                # bn = code: devices of the DataParallel run (argument.py:16, 8 GPUs).
+BN_CHOICES = ("code", "mixed")
+
+
+def chunk_sizes(n: int, chunks: int) -> tuple[int, ...]:
+  """The rows per device when ``DataParallel`` scatters ``n`` examples over ``chunks``
+  devices: ``torch.chunk`` along dim 0 (torch/csrc/cuda/comm.cpp ``scatter`` calls
+  ``tensor.chunk(devices.size(), dim)``), i.e. pieces of ``ceil(n / chunks)`` rows, the
+  last one smaller. When ``n`` is not a multiple of ``chunks`` there can be fewer pieces
+  than devices, and DataParallel then runs only that many replicas: ``n = 10, chunks = 8``
+  gives ``(2, 2, 2, 2, 2)``; ``n = 240`` (the code's last batch of an epoch, 3 x 80) gives
+  eight of 30; ``n = 9, chunks = 4`` gives ``(3, 3, 3)``; ``n = 10, chunks = 4`` gives
+  ``(3, 3, 3, 1)``."""
+  if n < 1 or chunks < 1:
+    raise ValueError(f"chunk_sizes needs n >= 1 and chunks >= 1, got n={n}, chunks={chunks}")
+  size = -(-n // chunks)
+  return tuple(min(size, n - start) for start in range(0, n, size))
+
+
+def data_parallel_forward(model, params, model_state, x, *, chunks: int, labels=None, taps=(),
+                          rng=None) -> base.ModelOutput:
+  """A train-mode pass as ``torch.nn.DataParallel`` runs it on ``chunks`` devices.
+
+  The rows of ``x [N, ...]`` are split as :func:`chunk_sizes` says. Each chunk is
+  normalised by its own batch statistics, the returned running statistics are those of
+  chunk 0 alone (device 0's replica), and logits, taps and aux are the chunks' results in
+  row order (DataParallel's gather). The equal-sized chunks run as one ``jax.vmap``ed
+  pass, a smaller last chunk as a second pass. ``chunks = 1`` is ``base.forward`` in
+  ``"train"`` mode. ``labels``, ``taps``, ``rng`` as in ``base.forward``; every chunk gets
+  the same ``rng``.
+  """
+  n = x.shape[0]
+  sizes = chunk_sizes(n, int(chunks))
+  size = sizes[0]
+  full = n // size
+
+  def one(xc, lc):
+    return base.forward(model, params, model_state, xc, mode="train", labels=lc, taps=taps, rng=rng)
+
+  stack = lambda a: a[:full * size].reshape(full, size, *a.shape[1:])
+  merge = lambda a: a.reshape(full * size, *a.shape[2:])
+  if labels is None:
+    out = jax.vmap(lambda xc: one(xc, None))(stack(x))
+  else:
+    out = jax.vmap(one)(stack(x), stack(labels))
+  logits, aux, found = merge(out.logits), jax.tree.map(merge, out.aux), jax.tree.map(merge, out.taps)
+  state = jax.tree.map(lambda a: a[0], out.model_state)
+  if full * size < n:
+    rest = one(x[full * size:], None if labels is None else labels[full * size:])
+    cat = lambda a, b: jnp.concatenate([a, b])
+    logits, aux, found = (cat(logits, rest.logits), jax.tree.map(cat, aux, rest.aux),
+                          jax.tree.map(cat, found, rest.taps))
+  return base.ModelOutput(logits, state, aux, found)
 
 
 def most_confusing_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -190,6 +260,11 @@ def _config(config) -> ml_collections.ConfigDict:
                      f"{attack_losses.SMOOTHING} (official 'others')")
   if cfg.steps is not None and int(cfg.steps) < 1:
     raise ValueError(f"objective.agkd_bml.steps = {cfg.steps!r} must be >= 1 or None (code 10, paper 2 or 7)")
+  if cfg.bn not in BN_CHOICES:
+    raise ValueError(f"objective.agkd_bml.bn = {cfg.bn!r} must be one of {BN_CHOICES} (code: the DataParallel "
+                     "chunks; mixed: one batch)")
+  if isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 1:
+    raise ValueError(f"objective.agkd_bml.chunks = {cfg.chunks!r} must be an int >= 1 (the code's 8 GPUs: 8)")
   return cfg
 
 
@@ -225,6 +300,8 @@ def agkd_bml(model, config) -> base.Objective:
   step_size = None if cfg.step_size is None else float(cfg.step_size)
   slot = TeacherSlot(cfg.teacher.workdir, cfg.teacher.step)
   ls, smoothing = float(cfg.label_smoothing), cfg.smoothing
+  bn_update = (f"chunk 0 of [x_a; x; x_n'] in {int(cfg.chunks)} (each chunk normalised by its own statistics)"
+               if cfg.bn == "code" else "[x_a; x; x_n'] (one train-mode pass)")
 
   def generate(params, model_state, aux_state, batch, key, step):
     x, y = batch["image"], batch["label"]
@@ -242,9 +319,13 @@ def agkd_bml(model, config) -> base.Objective:
     del step
     x, y, n = batch["image"], batch["label"], batch["image"].shape[0]
     frozen = aux_state[base.FROZEN]
-    out = base.forward(model, params, model_state, jnp.concatenate([adv["x_a"], x, adv["x_n_adv"]]),
-                       mode="train", labels=jnp.concatenate([y, y, adv["y_mc"]]), taps=base.ALL_TAPS,
-                       rng=base.pass_key(key, 0))
+    x3, y3 = jnp.concatenate([adv["x_a"], x, adv["x_n_adv"]]), jnp.concatenate([y, y, adv["y_mc"]])
+    if cfg.bn == "code":
+      out = data_parallel_forward(model, params, model_state, x3, chunks=int(cfg.chunks), labels=y3,
+                                  taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    else:
+      out = base.forward(model, params, model_state, x3, mode="train", labels=y3, taps=base.ALL_TAPS,
+                         rng=base.pass_key(key, 0))
     a, c, neg = (base.slice_output(out, i * n, (i + 1) * n) for i in range(3))
     t_feats = slot.apply(frozen["teacher"], jnp.concatenate([x, adv["x_n"]]), taps=(FEATURES,)).taps[FEATURES]
     t_feats = jax.lax.stop_gradient(t_feats)
@@ -262,7 +343,7 @@ def agkd_bml(model, config) -> base.Objective:
     return value, base.LossAux(out.model_state, aux_state, metrics, {"adv": a, "clean": c, "neg_adv": neg})
 
   return base.Objective(NAME, base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="[x_a; x; x_n'] (one train-mode pass)"),
+                        base.BNPolicy(attack=attack.bn, update=bn_update),
                         adaptive_loss=_adaptive, frozen=_frozen_fn(cfg, config, slot))
 
 
