@@ -5,12 +5,15 @@
 
 Takes the first ``num_images`` test images, attacks them with PGD-``steps`` (L-inf, CE,
 uniform start) at DIR's ``config.eval.eps`` / ``config.eval.step_size`` on the eval-mode
-model (the same attack for the ``--compare`` model), and writes under
-``DIR/eval/attention/`` (or ``--output``):
+model (the same attack for the ``--compare`` models), and writes under
+``DIR/eval/attention/`` (with ``--compare``: ``attention_<DIR>_vs_<DIR2>/`` beside DIR; or
+``--output``):
 
-  examples_<name>_<site>.png      per image (the first figure_images): input, adversarial,
-                                  each map clean | adv
-  distributions_<site>.png        ASC (clean, adv) and L1 shift per class, one row per run
+  examples_<name>_<site>.png      per image (the first figure_images): input, adversarial
+                                  (its prediction beside the clean one), each map clean | adv,
+                                  a colour bar and a line explaining ASC and the L1 shift
+  distributions_<site>.png        ASC (clean, adv) and L1 shift per class (every class, its
+                                  image count beside it), one row per run
   side_by_side_<site>.png         with --compare: Grad-CAM of every run, clean | adv
   attention_<site>.json           per run: step, attack, accuracies, ASC and shift stats
                                   overall and per class (agad.attention.study.summary)
@@ -42,7 +45,8 @@ flags.DEFINE_list("kinds", None, "Map kinds (default: grad_cam, cam where it app
                   "channel_mean).")
 flags.DEFINE_integer("steps", 20, "PGD steps.")
 flags.DEFINE_integer("seed", 0, "PGD random-start seed.")
-flags.DEFINE_string("output", None, "Output directory (default: WORKDIR/eval/attention).")
+flags.DEFINE_string("output", None, "Output directory (default: WORKDIR/eval/attention; with --compare "
+                    "attention_<run>_vs_<run2> beside WORKDIR).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -58,13 +62,13 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
   import agad
   from agad.attention import study as study_lib
 
-  output = output or os.path.join(workdir, "eval", "attention")
+  compare = [compare] if isinstance(compare, str) else list(compare or [])
+  output = output or default_output(workdir, compare)
   os.makedirs(output, exist_ok=True)
   main = agad.load(workdir, step)
   eps, step_size = float(main.config.eval.eps), float(main.config.eval.step_size)
   images, labels = study_lib.test_images(main.splits(), num_images)
   names = study_lib.class_names(main.info.name, main.info.num_classes)
-  compare = [compare] if isinstance(compare, str) else list(compare or [])
   runs = [(workdir, main)] + [(c, agad.load(c, compare_step)) for c in compare]
 
   studies, stats, figures = {}, {}, []
@@ -90,9 +94,12 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
     plt.close(fig)
     a = stats[name]["all"]
     for k in s.kinds:
+      flat = stats[name]["constant_maps"][k]
       log(f"{name} {k}: ASC clean {a[k]['asc_clean']['mean']:.3f} adv "
           f"{a[k]['asc_adv']['mean']:.3f}, shift l1 {a[k]['shift']['l1']['mean']:.3f} "
-          f"iou {a[k]['shift']['iou']['mean']:.3f}")
+          f"iou {a[k]['shift']['iou']['mean']:.3f}"
+          + (f"; all-zero maps: {flat['clean']} clean, {flat['adv']} adversarial of {len(labels)} "
+             "(no gradient reaches the site for that class)" if flat["clean"] or flat["adv"] else ""))
 
   fig = study_lib.plot_distributions(studies, names)
   figures.append(os.path.join(output, f"distributions_{safe_site}.png"))
@@ -108,6 +115,16 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
   return {"json": path, "figures": figures, "stats": result}
+
+
+def default_output(workdir: str, compare=()) -> str:
+  """``WORKDIR/eval/attention`` for one run; with ``--compare``, a folder of its own beside
+  the first workdir (``attention_<a>_vs_<b>...``), not inside either run."""
+  if not compare:
+    return os.path.join(workdir, "eval", "attention")
+  from agad.attention import study as study_lib
+  labels = study_lib.run_labels([workdir, *compare])
+  return os.path.join(os.path.dirname(os.path.abspath(workdir)), "attention_" + "_vs_".join(labels))
 
 
 def main(argv):

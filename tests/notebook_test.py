@@ -70,15 +70,17 @@ def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
 
 @needs_data
 def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
-  # It writes under its workdir (eval/attention/): a private copy of the shared run, named
-  # pgd_at as the figures and statistics are labelled by the workdir's name.
+  # A private copy of the shared run, named pgd_at as the figures and statistics are
+  # labelled by the workdir's name.
   workdir = copy_workdir(smoke_runs["pgd_at"], tmp_path / "pgd_at")
   # Two comparison workdirs (the same run twice: labels standard, standard_2).
   out = _run(["launch.attention", f"--workdir={workdir}",
               f"--compare={smoke_runs['standard']},{smoke_runs['standard']}",
               "--num_images=12", "--site=stage2.pre_pool"], timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  folder = os.path.join(workdir, "eval", "attention")
+  # A comparison gets its own folder beside the first run, not inside it.
+  folder = str(tmp_path / "attention_pgd_at_vs_standard_vs_standard_2")
+  assert not os.path.exists(os.path.join(workdir, "eval", "attention"))
   stats = json.load(open(os.path.join(folder, "attention_stage2_pre_pool.json")))
   import matplotlib.image
   for name in ("examples_pgd_at_stage2_pre_pool", "examples_standard_stage2_pre_pool",

@@ -193,7 +193,29 @@ def summary(s: Study, names: Sequence[str] | None = None) -> dict:
       "clean_accuracy": float(np.mean(s.pred_clean == s.labels)),
       "adversarial_accuracy": float(np.mean(s.pred_adv == s.labels)),
       "all": block(everything), "per_class": per_class,
+      "constant_maps": {k: {"clean": int(constant_maps(s.clean[k]).sum()),
+                            "adv": int(constant_maps(s.adversarial[k]).sum())} for k in s.kinds},
   }
+
+
+def constant_maps(maps) -> np.ndarray:
+  """``[N]`` bool: maps with no contrast (all zero, or flat): nothing to draw, ASC 0.
+  Grad-CAM is all zero where the explained class's gradient at the site vanishes (every
+  ReLU after it off, or a saturated softmax)."""
+  m = np.asarray(maps, np.float64).reshape(len(maps), -1)
+  return (m.max(axis=1) - m.min(axis=1)) <= maps_lib.EPS
+
+
+def legend(s: Study) -> str:
+  """The line under every figure: what the colours, ASC and the L1 shift mean, and how many
+  maps had nothing to draw."""
+  flat = {k: int(constant_maps(s.clean[k]).sum() + constant_maps(s.adversarial[k]).sum()) for k in s.kinds}
+  note = "; ".join(f"{n} of {2 * len(s.labels)} {k} maps are constant (all zero: no gradient reaches "
+                   "the site for that class), drawn without colour" for k, n in flat.items() if n)
+  return (f"Colours: each map min-max normalised per image (0 blue, 1 red). ASC: the fraction of map "
+          f"elements above {s.lam:g} x its maximum (AGAIN Eq. 2; lower = more concentrated; 0 for an "
+          f"all-zero map). L1: the mean |clean - adversarial| of the two normalised maps (0 = unchanged, "
+          f"1 = moved everywhere). Maps explain the {s.explain} class." + (f"\n{note}." if note else ""))
 
 
 # ------------------------------------------------------------------------------ figures
@@ -220,6 +242,18 @@ def _overlay(ax, image, m, title=None):
     ax.set_title(title, fontsize=7)
 
 
+def _colorbar(fig, axes, s: Study):
+  """A colour bar for the overlaid maps, and the legend line at the bottom."""
+  import matplotlib as mpl
+  sm = mpl.cm.ScalarMappable(cmap="jet", norm=mpl.colors.Normalize(0, 1))
+  fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="map (per-image min-max)")
+  fig.text(0.01, 0.002, legend(s), fontsize=7, ha="left", va="bottom", wrap=True)
+
+
+def _flat(m) -> str:
+  return " (all zero)" if constant_maps(np.asarray(m)[None])[0] else ""
+
+
 def _image(ax, image, title):
   ax.imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
   ax.set_xticks([])
@@ -233,18 +267,20 @@ def plot_examples(s: Study, names: Sequence[str] | None = None, *, max_images: i
   plt = _plt()
   n = min(max_images, len(s.labels))
   cols = 2 + 2 * len(s.kinds)
-  fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.6 * n), squeeze=False)
+  fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols + 0.6, 1.6 * n + 0.7), squeeze=False,
+                           layout="constrained")
   name = (lambda c: names[int(c)]) if names is not None else str
   for i in range(n):
-    _image(axes[i, 0], s.images[i], f"{name(s.labels[i])}\npred {name(s.pred_clean[i])}")
-    _image(axes[i, 1], s.adv[i], f"adversarial\npred {name(s.pred_adv[i])}")
+    _image(axes[i, 0], s.images[i], f"{name(s.labels[i])}\nclean pred {name(s.pred_clean[i])}")
+    _image(axes[i, 1], s.adv[i], f"adversarial\npred {name(s.pred_adv[i])} (clean {name(s.pred_clean[i])})")
     for j, k in enumerate(s.kinds):
       _overlay(axes[i, 2 + 2 * j], s.images[i], s.clean[k][i],
-               f"{k} clean\nASC {s.asc[k]['clean'][i]:.2f}")
+               f"{k} clean{_flat(s.clean[k][i])}\nASC {s.asc[k]['clean'][i]:.2f}")
       _overlay(axes[i, 3 + 2 * j], s.adv[i], s.adversarial[k][i],
-               f"{k} adv\nASC {s.asc[k]['adv'][i]:.2f} L1 {s.shift[k]['l1'][i]:.2f}")
+               f"{k} adv{_flat(s.adversarial[k][i])}\nASC {s.asc[k]['adv'][i]:.2f} L1 {s.shift[k]['l1'][i]:.2f}")
   fig.suptitle(title or f"site {s.site} (maps explain the {s.explain} class)", fontsize=9)
-  fig.tight_layout()
+  _colorbar(fig, axes, s)
+  fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))  # room for the legend line
   return fig
 
 
@@ -253,10 +289,12 @@ def plot_distributions(studies: Mapping[str, Study], names: Sequence[str] | None
   """Box plots per true class: ASC clean / adv and the ``metric`` shift, one row per study."""
   plt = _plt()
   rows = len(studies)
-  fig, axes = plt.subplots(rows, 3, figsize=(13, 2.8 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, 3, figsize=(13, 2.8 * rows + 0.6), squeeze=False, layout="constrained")
   for r, (label, s) in enumerate(studies.items()):
-    classes = np.unique(s.labels)
-    ticks = [names[int(c)] if names is not None else str(int(c)) for c in classes]
+    # Every class, with its count: a class absent from the first N images shows as empty.
+    k = len(names) if names is not None else int(max(s.labels.max(), s.pred_clean.max())) + 1
+    classes = np.arange(k)
+    ticks = [f"{names[c] if names is not None else c} ({int(np.sum(s.labels == c))})" for c in classes]
     panels = [(s.asc[kind]["clean"], f"{label}: ASC ({kind}), clean"),
               (s.asc[kind]["adv"], f"{label}: ASC ({kind}), adversarial"),
               (s.shift[kind][metric], f"{label}: shift {metric} ({kind})")]
@@ -265,7 +303,10 @@ def plot_distributions(studies: Mapping[str, Study], names: Sequence[str] | None
       ax.set_title(title, fontsize=8)
       ax.tick_params(axis="x", labelrotation=60, labelsize=7)
       ax.set_ylim(-0.05, 1.05)
-  fig.tight_layout()
+  first = next(iter(studies.values()))
+  fig.text(0.01, 0.002, "Per true class (images in brackets). " + legend(first).split(" Maps explain")[0],
+           fontsize=7, ha="left", va="bottom", wrap=True)
+  fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
   return fig
 
 
@@ -277,17 +318,20 @@ def plot_side_by_side(studies: Mapping[str, Study], names: Sequence[str] | None 
   first = next(iter(studies.values()))
   n = min(max_images, len(first.labels))
   cols = 1 + 3 * len(studies)
-  fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.6 * n), squeeze=False)
+  fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols + 0.6, 1.6 * n + 0.7), squeeze=False,
+                           layout="constrained")
   name = (lambda c: names[int(c)]) if names is not None else str
   for i in range(n):
     _image(axes[i, 0], first.images[i], name(first.labels[i]))
     for j, (label, s) in enumerate(studies.items()):
       c = 1 + 3 * j
-      _image(axes[i, c], s.adv[i], f"{label} adv\npred {name(s.pred_adv[i])}")
+      _image(axes[i, c], s.adv[i], f"{label} adv\npred {name(s.pred_adv[i])} (clean {name(s.pred_clean[i])})")
       _overlay(axes[i, c + 1], s.images[i], s.clean[kind][i],
-               f"{label} clean\nASC {s.asc[kind]['clean'][i]:.2f}")
+               f"{label} clean{_flat(s.clean[kind][i])}\nASC {s.asc[kind]['clean'][i]:.2f}")
       _overlay(axes[i, c + 2], s.adv[i], s.adversarial[kind][i],
-               f"{label} adv\nASC {s.asc[kind]['adv'][i]:.2f} L1 {s.shift[kind]['l1'][i]:.2f}")
+               f"{label} adv{_flat(s.adversarial[kind][i])}\nASC {s.asc[kind]['adv'][i]:.2f} "
+               f"L1 {s.shift[kind]['l1'][i]:.2f}")
   fig.suptitle(f"{kind} at {first.site}: " + " vs ".join(studies), fontsize=9)
-  fig.tight_layout()
+  _colorbar(fig, axes, first)
+  fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
   return fig
