@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The base-objectives table on Fashion-MNIST with a short recipe: every base objective
 # trained on SmallCNN (eps 0.1, PGD-10 training attack), evaluated on the first 1,000
-# test images with clean, PGD-20, C&W-inf (and AutoAttack with PRESET=full).
+# test images with clean, PGD-20, C&W-inf and the adaptive attacks (PRESET=table_aa adds
+# AutoAttack, the preset for defense rows; PRESET=full everything).
 #   bash launch/objectives_table.sh [RUNS_DIR] [EXTRA --config.* overrides...]
 # OBJECTIVES="trades+awp trades" picks rows (all eight by default); EPOCHS, MAX_TRAIN, PRESET,
 # NUM_EXAMPLES (test images, default 1000). SMOKE=1 appends ",smoke" to every row's config
