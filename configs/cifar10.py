@@ -28,9 +28,12 @@ ReLU 0.1 and avg-pool + zero-pad shortcuts differ from agad's ReLU and 1x1-conv 
 per-image standardisation inside the model (``model.input_norm = per_image``), batch 32
 (64 images per BN batch after [x; x']), 400k steps, lr 0.1 x0.1 at steps 40k and 60k
 (converted to epochs of the 49k carved train images), SGD 0.9, wd 2e-4, PGD-7 eps 8/255
-step 2/255 uniform start (ATAT's own ``objective.atat.steps = 7``). The code restores the
-teacher's ``global_step`` (70000) with its weights (train_tsf.py:61-65, 90, 110), so its lr
-may sit at 0.001 throughout: ``--config.optim.lr=0.001 --config.optim.schedule=constant``.
+step 2/255 uniform start (ATAT's own ``objective.atat.steps = 7``). The code starts the
+student from random init and restores only the teacher and its ``global_step`` (70000;
+train_tsf.py:61-65, 90, 109-110), so its lr sits at 0.001 throughout; the code variants
+(``objective.atat.student_start = "code"``) start the schedule at the agad teacher's step
+(100 epochs x 382 = 38,200 steps: lr 0.1 for the first 1,800 steps); for the code's lr,
+``--config.optim.lr=0.001 --config.optim.schedule=constant`` (docs/defenses/atat.md).
 Teacher: ``:wrn34_10,standard --config.model.input_norm=per_image`` (docs/defenses/atat.md has the
 two commands). Paper Table 1 (PGD-20 at eps 8/255, train-mode BN at test time, no AA):
 clean 91.89, FGSM 76.74, PGD-7 70.15, PGD-20 63.81 (AT-PGD 87.25 / 45.87).

@@ -327,13 +327,19 @@ def _check_step(flag: str, step, workdir: str | None) -> None:
   if step.isdigit() and workdir:
     saved = _saved_steps(workdir)
     _need(int(step) in saved, flag, step, f"{accepted}; {workdir} saved steps {saved}")
-  if step == "best" and workdir and _saved_steps(workdir):
-    from agad import checkpoint
-    try:  # metadata only: a run without validation has no "best"
-      checkpoint.resolve_step(os.path.join(workdir, "checkpoints"), "best", verify=False)
-    except ValueError as e:
-      raise ValueError(f"--{flag}=best is invalid for {workdir}: {e}".replace(
-          "pass --step=latest", f"pass --{flag}=latest")) from None
+
+
+def _check_best(flag: str, step, workdir: str) -> None:
+  """``--step=best`` needs a checkpoint with validation metrics (checked after every other
+  flag, as it reads the checkpoints' metadata)."""
+  if step != "best" or not _saved_steps(workdir):
+    return
+  from agad import checkpoint
+  try:
+    checkpoint.resolve_step(os.path.join(workdir, "checkpoints"), "best", verify=False)
+  except ValueError as e:
+    raise ValueError(f"--{flag}=best is invalid for {workdir}: {e}".replace(
+        "pass --step=latest", f"pass --{flag}=latest")) from None
 
 
 def check_evaluate_flags(*, workdir, step="best", preset=None, num_examples=None, surrogate=None,
@@ -356,6 +362,7 @@ def check_evaluate_flags(*, workdir, step="best", preset=None, num_examples=None
   _need(output is None or (isinstance(output, str) and bool(output)), "output", output,
         "a directory (default: WORKDIR/eval)")
   merged_eval_config(saved.get("eval"), eval_config)
+  _check_best("step", step, workdir)
 
 
 def check_attention_flags(*, workdir, compare=None, site="features", num_images=16, figure_images=8,
@@ -395,6 +402,8 @@ def check_attention_flags(*, workdir, compare=None, site="features", num_images=
       models_lib.resolve_site(model, site, tuple(info.image_shape))
     except ValueError as e:
       raise ValueError(f"--site={site!r} is invalid for {path} ({config.model.name}): {e}") from None
+  for flag, path, run_step, step_flag in runs:
+    _check_best(step_flag, run_step, path)
 
 
 def unknown_field_message(argv: list[str], error: Exception) -> str:

@@ -198,6 +198,64 @@ def test_the_gradient_through_the_students_grad_cam_matches_finite_differences(n
   assert bool(jnp.all(jnp.isfinite(head))) and float(jnp.abs(head).sum()) > 0
 
 
+def _code_cam(a, kernel, y, relu, n_graph=None):
+  """The official ``costs`` scope by hand for a GAP + linear head: tf.gradients of
+  reduce_mean(pre_softmax * one_hot(y)) over the graph's ``n_graph x K`` entries w.r.t. the
+  map ``A [N, H, W, C]`` is ``W[c, y_n] / (H W n_graph K)`` at every position, the weights are its
+  spatial mean, the map ``sum_c weights_c A_c`` (cifar100/model1.py:103-112), ReLU'd or not.
+  ``n_graph=None``: each example's own ``d z[n, y_n] / dA`` (no ``1 / (N K)``)."""
+  a, kernel = np.asarray(a, np.float64), np.asarray(kernel, np.float64)
+  hw, k = a.shape[1] * a.shape[2], kernel.shape[1]
+  weights = kernel[:, np.asarray(y)].T / (hw * (1 if n_graph is None else n_graph * k))  # [N, C]
+  cam = np.einsum("nhwc,nc->nhw", a, weights)
+  return np.maximum(cam, 0.0) if relu else cam
+
+
+@pytest.fixture(scope="module")
+def code_maps():
+  """Student (train mode over [x; x']) and an independent teacher (eval mode over x), both
+  TinyBNNet (features -> GAP -> Dense), and one jitted :func:`atat.attention_maps` per setting."""
+  model, v, x = tiny_bn(batch=8)
+  _, tv, _ = tiny_bn(batch=8)
+  tv = {"params": jax.tree.map(lambda p: p + 0.2 * jax.random.normal(jax.random.key(9), p.shape), tv["params"]),
+        "batch_stats": tv["batch_stats"]}
+  x, adv, y = x[:4], x[4:], jnp.array([0, 3, 3, 7])
+  state = {"batch_stats": v["batch_stats"]}
+  fns = {name: jax.jit(lambda p, kw=kw: atat.attention_maps(model, p, state, model, tv, x, adv, y,
+                                                             sites=("features",), cam_norm="none", **kw))
+         for name, kw in (("code", dict(cam_scale="code", student_relu=False)),
+                          ("cam_mse", dict(cam_scale="per_example", student_relu=True)))}
+  both = jnp.concatenate([x, adv])
+  a_s = base.forward(model, v["params"], state, both, mode="train", taps=base.ALL_TAPS).taps["features"]
+  a_t = base.forward(model, tv["params"], {"batch_stats": tv["batch_stats"]}, x, mode="eval",
+                     taps=base.ALL_TAPS).taps["features"]
+  return dict(fns=fns, params=v["params"], y=y, a_s=a_s, a_t=a_t, w_s=v["params"]["classifier"]["kernel"],
+              w_t=tv["params"]["classifier"]["kernel"])
+
+
+@pytest.mark.parametrize("setting", ["code", "cam_mse"])
+def test_code_cifar100_loss_recomputed_by_hand_with_the_codes_scale_and_pre_relu_map(code_maps, setting):
+  m = code_maps
+  y, n = m["y"], 4
+  out, t_out, s_maps, t_maps = m["fns"][setting](m["params"])
+  yy = np.concatenate([y, y])
+  if setting == "code":   # student: 2B rows, raw map; teacher: B rows, ReLU'd (cifar100/model.py:118-120)
+    s_want, t_want = _code_cam(m["a_s"], m["w_s"], yy, False, 2 * n), _code_cam(m["a_t"], m["w_t"], y, True, n)
+    assert np.any(s_want < -1e-6) and np.any(s_want > 1e-6)  # a ReLU on the student's map would change it
+  else:                   # agad's first reading: d z[b, y_b] / dA per example, both ReLU'd
+    s_want, t_want = _code_cam(m["a_s"], m["w_s"], yy, True), _code_cam(m["a_t"], m["w_t"], y, True)
+  np.testing.assert_allclose(s_maps["features"], s_want, rtol=1e-4, atol=1e-6 * np.abs(s_want).max())
+  np.testing.assert_allclose(t_maps["features"], t_want, rtol=1e-4, atol=1e-6 * np.abs(t_want).max())
+  variant = "code_cifar100" if setting == "code" else "cam_mse"
+  value, metrics = atat.atat_loss(variant, out.logits, y, student_maps=s_maps, teacher_maps=t_maps)
+  att = np.mean((s_want[:n] - t_want) ** 2) + np.mean((s_want[n:] - t_want) ** 2)
+  ce = np.mean(np.asarray(attack_losses.cross_entropy(out.logits, jnp.asarray(yy))))
+  np.testing.assert_allclose(metrics["atat_attention"], att, rtol=1e-4)
+  np.testing.assert_allclose(value, ce + att, rtol=1e-5)
+  if setting == "code":   # the code's map term is CE plus a vanishing term: 1/(N K)^2 of the per-example one
+    assert float(metrics["atat_attention"]) < 1e-6 * float(metrics["atat_ce"])
+
+
 # ---------------------------------------------------------------- teacher and pipeline
 
 
@@ -243,25 +301,31 @@ def test_each_variants_loss_equals_an_independent_recomputation(teachers, tmp_pa
   tg_s = at.tap_grad(model, {"params": state.params, **state.model_state}, both, yy, site="features", mode="batch")
   tg_t = at.tap_grad(teacher.model, teacher.variables, x, y, site="features", mode="eval")
   s_raw, t_raw = at.grad_cam_from_grads(tg_s.features, tg_s.grads), at.grad_cam_from_grads(tg_t.features, tg_t.grads)
+  s_pre = at.grad_cam_from_grads(tg_s.features, tg_s.grads, relu=False)
   s_mm, t_mm = np.asarray(at.normalize_maps(s_raw, "minmax")), np.asarray(at.normalize_maps(t_raw, "minmax"))
   dist = lambda a, b: np.sqrt(np.sum((np.asarray(a) - np.asarray(b)) ** 2, axis=tuple(range(1, a.ndim))))
-  expected = {
-      ("paper", "per_example"): ce + np.mean(dist(t_mm, s_mm[n:]) + dist(t_mm, s_mm[:n])) + np.mean(dist(z[:n], z[n:])),
-      ("code_cifar10", "per_example"): ce + np.mean((z[:n] - z_t) ** 2) + np.mean((z[n:] - z_t) ** 2),
-      ("code_cifar100", "per_example"): ce + np.mean((s_raw[:n] - t_raw) ** 2) + np.mean((s_raw[n:] - t_raw) ** 2),
-      # tf.gradients(reduce_mean(z * onehot)) over 2B rows (student) and B rows (teacher).
-      ("code_cifar100", "code"): ce + np.mean((s_raw[:n] / (2 * n * k) - t_raw / (n * k)) ** 2)
-                                 + np.mean((s_raw[n:] / (2 * n * k) - t_raw / (n * k)) ** 2)}
+  logit_mse = np.mean((z[:n] - z_t) ** 2) + np.mean((z[n:] - z_t) ** 2)
+  expected = {  # variant (its defaults, resolved by atat.settings) -> (attention term, logit term)
+      "paper": (np.mean(dist(t_mm, s_mm[n:]) + dist(t_mm, s_mm[:n])), np.mean(dist(z[:n], z[n:]))),
+      "code_cifar10": (0.0, logit_mse), "logit_mse": (0.0, logit_mse),
+      "cam_mse": (np.mean((s_raw[:n] - t_raw) ** 2) + np.mean((s_raw[n:] - t_raw) ** 2), 0.0),
+      # tf.gradients(reduce_mean(z * onehot)) over 2B rows (student, raw map) and B rows (teacher, ReLU'd).
+      "code_cifar100": (np.mean((s_pre[:n] / (2 * n * k) - t_raw / (n * k)) ** 2)
+                        + np.mean((s_pre[n:] / (2 * n * k) - t_raw / (n * k)) ** 2), 0.0)}
   updated = base.forward(model, state.params, state.model_state, both, mode="train").model_state
-  for (variant, scale), want in expected.items():
-    config = _student(teachers[0], **{"objective.atat.variant": variant, "objective.atat.cam_scale": scale})
+  for variant, (att, lp) in expected.items():
+    # The code variants start from random init (no init.workdir), the others from the teacher.
+    config = _student(teachers[0], init=variant not in atat.CODE_VARIANTS, **{"objective.atat.variant": variant})
     obj = atat.objective(model, config)
     frozen, _ = obj.frozen(trainer.exp.splits)
     value, aux = jax.jit(obj.loss)(state.params, state.model_state, {base.FROZEN: frozen}, batch, adv,
                                    jax.random.key(4), state.step)
-    np.testing.assert_allclose(value, want, rtol=1e-5, err_msg=f"{variant} {scale}")
-    term = aux.metrics["atat_logit" if variant == "code_cifar10" else "atat_attention"]
-    assert float(term) > 0 and float(aux.metrics["atat_ce"]) > 0, (variant, scale)
+    np.testing.assert_allclose(value, ce + att + lp, rtol=1e-5, err_msg=variant)
+    # Each term on its own (the code's map term is ~1e-8 of the CE, invisible in the sum).
+    np.testing.assert_allclose([aux.metrics["atat_attention"], aux.metrics["atat_logit"]], [att, lp],
+                               rtol=1e-4, atol=1e-12, err_msg=variant)
+    term = aux.metrics["atat_logit" if atat.LOSSES[variant] == "logit_mse" else "atat_attention"]
+    assert float(term) > 0 and float(aux.metrics["atat_ce"]) > 0, variant
     # One train-mode pass over [x; x']: its statistics are the loss's new model state.
     chex.assert_trees_all_close(aux.model_state, updated, atol=1e-6)
     assert set(aux.passes) == {"clean", "adv"} and aux.passes["adv"].logits.shape == (n, k)
@@ -329,6 +393,35 @@ def test_a_missing_teacher_names_the_field_and_a_foreign_init_warns(teachers, tm
   with caplog.at_level(logging.WARNING):
     loop.Trainer(_student(teachers[0], init=False), str(tmp_path / "c"))
   assert "is not the teacher" in caplog.text and "--config.init.workdir=" in caplog.text
+
+
+def test_code_variants_start_from_random_init_with_the_schedule_at_the_teachers_step(teachers, tmp_path, caplog):
+  """train_tsf.py: the student (scope ``new``) is initialised at random, saver1 restores the
+  teacher and ``global_step``, and the piecewise lr is a function of that step."""
+  teacher = agad.load(teachers[0], "latest")
+  # 80 train images / 16 = 5 steps per epoch: lr 0.1, x0.1 at steps 1 and 3; the teacher ran 5 steps.
+  sched = {"optim.schedule": "piecewise", "optim.lr": 0.1, "optim.boundaries": (0.2, 0.6)}
+  code_cfg = lambda **kw: _student(teachers[0], init=False, **{**sched, "objective.atat.variant": "code_cifar100",
+                                                               **kw})
+  with pytest.raises(ValueError, match=r"student_start resolves to 'code'.*drop --config.init.workdir"):
+    loop.Trainer(_student(teachers[0], **sched, **{"objective.atat.variant": "code_cifar10"}), str(tmp_path / "a"))
+  with caplog.at_level(logging.WARNING):
+    code = loop.Trainer(code_cfg(), str(tmp_path / "b"))
+  assert "is not the teacher" not in caplog.text
+  assert code.frozen_record["schedule_start_step"] == teacher.step == 5
+  paper = loop.Trainer(_student(teachers[0], **sched), str(tmp_path / "c"))
+  assert "schedule_start_step" not in paper.frozen_record
+  np.testing.assert_allclose([paper.schedule(0), paper.schedule(1), paper.schedule(3), code.schedule(0)],
+                             [0.1, 0.01, 0.001, 0.001], rtol=1e-6)
+  start = lambda trainer: jax.device_get(trainer.initial_state().params)["classifier"]["kernel"]
+  t_kernel = np.asarray(teacher.variables["params"]["classifier"]["kernel"])
+  assert not np.allclose(start(code), t_kernel) and np.array_equal(start(paper), t_kernel)
+  # Today's start stays reachable by name; a cosine schedule read past its end (lr 0) is refused.
+  old = loop.Trainer(code_cfg(**{"objective.atat.student_start": "teacher", "init.workdir": teachers[0]}),
+                     str(tmp_path / "d"))
+  assert "schedule_start_step" not in old.frozen_record and float(old.schedule(0)) == pytest.approx(0.1)
+  with pytest.raises(ValueError, match=r"schedule at step 5 .*'cosine' gives lr 0"):
+    loop.Trainer(code_cfg(**{"optim.schedule": "cosine"}), str(tmp_path / "e"))
 
 
 def test_cifar_recipes_are_the_papers_protocol_as_coded():

@@ -214,6 +214,9 @@ SMOKE_RUNS = {
     "launch.train standard": (_TRAIN, _ATAT),   # AGKD-BML's teacher (label smoothing), ATAT's
     "launch.train agkd_bml --config.init.workdir": _TRAIN,
     "launch.train atat --config.init.workdir": _ATAT,
+    # A code variant (random init, no init.workdir): the same smoke configs through the Trainer.
+    "launch.train atat": "tests/defenses_atat_test.py::"
+                         "test_code_variants_start_from_random_init_with_the_schedule_at_the_teachers_step",
     "launch.train afa": (_TRAIN, _AFA),
     # Stage II from a stage-I run: the same smoke configs through the Trainer (launch.train's
     # own layer, flag parsing and the config checks, is run by the other launch.train smokes).

@@ -78,10 +78,12 @@ def check_compatible(teacher_cfg, config, *, defense: str, field: str) -> None:
                        f"the teacher with the student's normalisation and point {field} to it)")
 
 
-def teacher_config(workdir: str, config, *, defense: str, field: str, empty_hint: str, start_note: str):
+def teacher_config(workdir: str, config, *, defense: str, field: str, empty_hint: str, start_note: str,
+                   from_teacher: bool = True):
   """The teacher run's saved config, checked before any weight is read: the field is set,
   the workdir is an agad run, the run fits the student (:func:`check_compatible`); a
-  warning when the student does not start from its teacher (``init.workdir``).
+  warning when the student does not start from its teacher (``init.workdir``), unless
+  ``from_teacher=False`` (a student that starts elsewhere by design).
 
   ``empty_hint`` completes "``<defense>`` needs ..." when the field is empty;
   ``start_note`` says where the paper/code starts the student from its teacher.
@@ -97,7 +99,7 @@ def teacher_config(workdir: str, config, *, defense: str, field: str, empty_hint
   teacher_cfg = api.load_config(workdir)
   check_compatible(teacher_cfg, config, defense=defense, field=field)
   init = os.path.abspath(config.init.workdir) if config.init.workdir else ""
-  if init != os.path.abspath(workdir):
+  if from_teacher and init != os.path.abspath(workdir):
     logging.warning("%s: init.workdir=%r is not the teacher %r; %s: add --config.init.workdir=%s",
                     defense, config.init.workdir, workdir, start_note, workdir)
   return teacher_cfg

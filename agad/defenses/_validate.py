@@ -81,13 +81,15 @@ def field_rules() -> dict[str, Rule]:
                      "num_branches fractions of attack.eps, from 0, increasing, e.g. (0, 0.125, 0.25, 0.5, 1)"),
       "adaptive_ratios": Rule(_ratios_ok, "comma-separated 'CE:BCE' weight pairs >= 0, e.g. '10:1,1:10'"),
       "variant": choice_rule(atat.VARIANTS), "cam_norm": choice_rule(atat.CAM_NORMS),
-      "cam_scale": choice_rule(atat.CAM_SCALES),
+      "cam_scale": choice_rule(atat.CAM_SCALES), "student_start": choice_rule(atat.STARTS),
+      "student_relu": choice_rule(atat.STUDENT_RELU),
       "target": choice_rule(alp.TARGETS),
       "schedule": choice_rule(("none",), what=" (the paper's gradual schedule is not implemented)"),
       "site": Rule(lambda v: isinstance(v, str) and bool(v), "one site name, e.g. 'features'"),
       "sites": Rule(lambda v: _sites_ok(v, empty=False), "a non-empty " + sites[2:]),
       "again.sites": Rule(lambda v: _sites_ok(v, empty=True), sites + "; () = the model's default sites"),
-      "atat.sites": Rule(lambda v: _sites_ok(v, empty=True), sites + "; () only with variant='code_cifar10'"),
+      "atat.sites": Rule(lambda v: _sites_ok(v, empty=True),
+                         sites + "; () only with variant='code_cifar10' or 'logit_mse'"),
       "teacher.workdir": Rule(lambda v: isinstance(v, str), "the teacher's training workdir"),
       "teacher.step": STEP,
       **{k: BOOL for k in ("hff", "rec_bn_relu", "mart_term", "freeze_stats", "independent_mixing")},
@@ -123,7 +125,8 @@ def _cross_field(name: str, merged: dict) -> None:
     need(merged["wg_per"] == "layer" or merged["wg_out"] == "scalar", "objective.afa_stage2.wg_out",
          merged["wg_out"], "scalar with wg_per='stage' (channel needs wg_per='layer')")
   if name == "atat":
-    need(merged["variant"] == "code_cifar10" or bool(merged["sites"]), "objective.atat.sites",
+    losses = registry.find("atat").LOSSES
+    need(losses.get(merged["variant"]) == "logit_mse" or bool(merged["sites"]), "objective.atat.sites",
          merged["sites"], f"a non-empty tuple of site names, e.g. ('features',): variant "
          f"{merged['variant']!r} transfers Grad-CAM maps")
 

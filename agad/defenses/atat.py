@@ -2,91 +2,79 @@
 Robustness via Attention Transfer"), with the official code
 lizhuorong/Adversarial-Robustness-via-Attention-Transfer @652c02e (TF 1.4, a fork of
 MadryLab/cifar10_challenge: ``cifar10/{train_tsf,model,model1,pgd_attack,eval_tsf}.py``;
-in ``cifar100/`` the roles of ``model.py`` and ``model1.py`` are swapped).
+in ``cifar100/`` the roles of ``model.py`` and ``model1.py`` are swapped). The card
+``docs/defenses/atat.md`` compares paper, code and agad point by point.
 
 Teacher: a naturally trained run (a ``standard`` run; the code restores Madry's
-``models/naturally_trained/checkpoint-70000``, train_tsf.py:110), frozen, eval mode
-(``Model1(mode='eval')``, train_tsf.py:44), clean inputs; loaded by ``Objective.frozen``
-from ``objective.atat.teacher.{workdir, step}`` and checked against the student's config
-(dataset, classes, image shape, model, input normalisation) before training. The student
-has the teacher's architecture and starts from its weights (paper Sec. 3.2: "initialized
-with the same parameters as the original network"; the code restores only the teacher's
-variables, train_tsf.py:61-65, 90, 110): pass ``--config.init.workdir=<the teacher's
-workdir>`` (a warning names the mismatch otherwise). Two commands (WORKSPACE.md):
+``models/naturally_trained/checkpoint-70000``, cifar10/train_tsf.py:110, or
+``models/nat/checkpoint-100000``, cifar100/train_tsf.py:115), frozen, eval mode, clean
+inputs; loaded by ``Objective.frozen`` from ``objective.atat.teacher.{workdir, step}`` and
+checked against the student's config (dataset, classes, image shape, model, input
+normalisation) before training. Where the student starts is ``student_start``:
 
-    python -m launch.train --config=configs/fashion_mnist.py:smallcnn,standard --workdir=runs/atat_teacher
-    python -m launch.train --config=configs/fashion_mnist.py:smallcnn,atat \\
-        --config.objective.atat.teacher.workdir=runs/atat_teacher \\
-        --config.init.workdir=runs/atat_teacher --workdir=runs/atat
+* ``"teacher"`` (``paper``, ``logit_mse``, ``cam_mse``): from the teacher's weights (paper
+  Sec. 3.2, "initialized with the same parameters as the original network"; pass
+  ``--config.init.workdir=<the teacher's workdir>``, a warning names it otherwise), with
+  the learning-rate schedule from step 0.
+* ``"code"`` (``code_cifar10``, ``code_cifar100``): from random init, as both
+  train_tsf.py do: the student's variables live in scope ``new`` (cifar10/model.py:31,
+  cifar100/model1.py:31), are initialised at random (train_tsf.py:109 / 114 in cifar10/ /
+  cifar100/) and ``saver1`` restores only the variables outside it (cifar10/train_tsf.py:61-65,
+  90, 110; cifar100/train_tsf.py:64-68, 94, 115), i.e. the teacher and ``global_step``
+  (Madry's train.py saves every global variable); the piecewise schedule is a function of
+  ``global_step`` (cifar10/train_tsf.py:42, 49-52), so it starts where the teacher's step
+  puts it (70000 and 100000: past both boundaries, lr 0.001 throughout). agad starts the schedule at the teacher
+  run's restored step (the frozen record's ``schedule_start_step``, read by the trainer)
+  and refuses a set ``init.workdir``.
 
 Per batch ``(x, y)`` of ``B`` examples: ``x' = PGD(x, y)`` (CE, uniform start, 7 steps,
-pgd_attack.py:43-58 with config.json ``num_steps 7, step_size 2.0, epsilon 8.0`` on 0-255;
-paper Sec. 4.1), then **one train-mode pass of the student over [x; x']** (one BN batch of
-2B images; train_tsf.py:124, 160-161, 176) and the teacher's eval-mode pass over x.
+config.json ``num_steps 7, step_size 2.0, epsilon 8.0`` on 0-255), then **one train-mode
+pass of the student over [x; x']** (one BN batch of 2B images; train_tsf.py) and the
+teacher's eval-mode pass over x.
 
-Grad-CAM (paper Eq. 3; the code's ``costs`` scope, cifar10/model.py:106-120): at a site
-with value ``A [N, H, W, C]`` and class logits ``z``,
+Grad-CAM (paper Eq. 3; the code's ``costs`` scope): at a site with value ``A [N, H, W, C]``
+and logits ``z``, ``ATT(x)[b] = relu(sum_c mean_hw(d z[b, y_b] / d A[b, ..., c]) A[b, ..., c])``
+with the **true** class ``y``. The student's maps come from its training pass: a zero
+perturbation at each site and one VJP of ``sum_b z[b, y_b]`` (:func:`grad_cam_pass`),
+trained through by double backprop (the code's ``tf.gradients`` inside the loss). In
+train mode that gradient is per example where no BN follows the site: ``features`` (the
+default, the code's ``unit_last`` map) and ``embedding``.
 
-    ATT(x)[b] = relu(sum_c mean_hw(d z[b, y_b] / d A[b, :, :, c]) A[b, :, :, c])   [N, H, W]
+The code's maps (``cam_scale="code"``): it differentiates
+``reduce_mean(pre_softmax * one_hot(y))`` (cifar100/model1.py:103-107 student,
+cifar100/model.py:109-113 teacher, cifar10/model.py:108-114), a mean over the ``N x K``
+entries of the graph's batch, so every map carries ``1 / (N K)``: ``N = 2B`` for the
+student, ``B`` for the teacher. The CIFAR-100 student's map enters its loss **before**
+ReLU: ``self.cam = relu(cam)`` is computed but the raw ``cam`` is split
+(cifar100/model1.py:112-116; ``student_relu="no"``); the teacher's map is ReLU'd
+(cifar100/model.py:118-120). The CIFAR-10 file ReLUs its student map (cifar10/model.py:120)
+but optimises no map term.
 
-with the **true** class ``y`` (paper Sec. 3: "gradients provided by the true label"; the
-code's ``one_hot(y_input)``). The student's maps come from its training pass itself: the
-site gets a zero perturbation ``delta`` (``agad.models.layers.site``), and one VJP of
-``sum_b z[b, y_b]`` w.r.t. ``delta`` gives ``d z / d A`` at every site at once
-(:func:`grad_cam_pass`). That VJP is a function of the weights, so the loss trains through
-the student's Grad-CAM by double backprop (the code's ``tf.gradients`` inside the loss).
-In train mode the VJP runs through batch-statistics BatchNorm: it is each example's own
-gradient only where no BN follows the site, which holds at ``features`` (the default, the
-code's last feature map: WRN's final BN-ReLU, ``unit_last``) and ``embedding`` of every
-agad backbone; at earlier sites the gradient also carries the batch statistics' terms,
-as in the code's train-mode graph.
-
-Variants (``objective.atat.variant``; every run records it in its config):
+Variants (``objective.atat.variant``; every run records it and the resolved settings):
 
 ``paper`` (default; Eq. 5-7, per example, averaged over the batch like the CE):
+  ``mean_2B CE + lam_at sum_sites mean_b(||T(x)_b - S(x')_b||_2 + ||T(x)_b - S(x)_b||_2)
+  + lam_lp mean_b ||z_S(x)_b - z_S(x')_b||_2``, maps min-max normalised per example
+  (``cam_norm``, agad's choice), plain L2 norms (p = 2), lam = 1 (the ablation's 1/0).
+``code_cifar10`` (cifar10/model.py:139-142; **no attention term**):
+  ``mean_2B CE + lam_lp [mean_{B,K}(z_S(x) - z_T(x))^2 + mean_{B,K}(z_S(x') - z_T(x))^2]``;
+  ``tf.losses.mean_squared_error(weights=0.5, reduction=MEAN)`` divides by the summed
+  weights, so the 0.5 cancels: lam_lp = 1. Student from random init (``student_start``).
+``code_cifar100`` (cifar100/model1.py:99-131; no logit term):
+  ``mean_2B CE + lam_at sum_sites [mean_{B,H,W}(S(x) - T(x))^2 + mean_{B,H,W}(S(x') - T(x))^2]``
+  on unnormalised maps with the code's ``1/(N K)`` scale and the pre-ReLU student map:
+  the map term is ~1e-8 of the per-example one, i.e. numerically CE on [x; x'] plus a
+  vanishing term. Student from random init.
+``logit_mse`` / ``cam_mse``: the two code losses as agad first implemented them: the
+  student from its teacher, the schedule from step 0, and (``cam_mse``) per-example
+  maps ``d z[b, y_b] / dA`` with a ReLU'd student map.
 
-    L = mean_{2B} CE([z_S(x); z_S(x')], [y; y])
-      + lam_at sum_{sites} mean_b ( ||v(T(x)_b) - v(S(x')_b)||_2 + ||v(T(x)_b) - v(S(x)_b)||_2 )
-      + lam_lp mean_b ||z_S(x)_b - z_S(x')_b||_2
-
-  ``T``/``S`` the teacher's/student's Grad-CAM, each map min-max normalised per example
-  (``cam_norm``; Eq. 3 itself has no normalisation: without it the distance compares the
-  maps' scales, which differ between a natural teacher and a robust student, as much as
-  their shapes); the norms are plain (not squared) L2 norms of the vectorised maps, p = 2
-  (Sec. 3.2), one per example, averaged over the batch (Eq. 4-6 are written for one
-  example; Eq. 7 adds them to the batch-mean CE). The paper leaves lam_1 and lam_2 open;
-  its ablation switches terms with weights 1/0 (Sec. 4.3), so both default to 1.
-``code_cifar10`` (cifar10/model.py:125-142, train_tsf.py:140, 161; **no attention term**):
-
-    L = mean_{2B} CE + lam_lp [ mean_{B,K} (z_S(x) - z_T(x))^2 + mean_{B,K} (z_S(x') - z_T(x))^2 ]
-
-  ``tf.losses.mean_squared_error(weights=0.5, reduction=MEAN)`` divides the weighted sum
-  by the sum of the weights, so the written 0.5 cancels: lam_lp = 1.
-``code_cifar100`` (cifar100/model1.py:100-131, train_tsf.py:146, 174; no logit term):
-
-    L = mean_{2B} CE + lam_at sum_{sites} [ mean_{B,H,W} (S(x) - T(x))^2 + mean_{B,H,W} (S(x') - T(x))^2 ]
-
-  on unnormalised maps. The code's "CAM" is computed with the Grad-CAM formula
-  (``tf.gradients``), so it is defined on every backbone, SmallCNN's flatten + MLP head
-  included; on GAP + linear heads (ResNet/WRN ``features``) it equals
-  ``relu(CAM_Zhou) / HW``. The code differentiates ``reduce_mean(z * onehot(y))`` over
-  the whole graph batch, so its maps carry a factor ``1 / (N K)`` with ``N = B`` for the
-  teacher but ``N = 2B`` for the student (which must then grow its maps to twice the
-  teacher's); ``cam_scale="code"`` reproduces that, the default ``"per_example"`` leaves
-  each example's gradient of its own logit unscaled.
-
-Training attack: PGD-7 (``steps``, ATAT's own override of ``config.attack.steps``),
-uniform start, CE, eps and step size from ``config.attack`` (CIFAR: 8/255 and 2/255, the
-code's 8 and 2 on 0-255). The code attacks the train-mode graph, whose BN moving averages
-update on every attack step (``updates_collections=None``); agad attacks with batch
-statistics and leaves the running averages alone (``attack_bn="batch"``).
-
-Evaluation: the deployed model is the plain backbone (no test-time module), so
-``adaptive_loss`` is None: CE on the logits already is the white-box attack. The official
-evaluation builds the model with ``mode='train'`` (cifar10/eval_tsf.py:48), i.e. BN uses
-each 100-image test batch's statistics; agad always evaluates with running averages
-(eval mode). The paper reports no AutoAttack (only loss-landscape plots against gradient
-masking), so ATAT runs must be evaluated with ``table_aa``.
+Training attack: PGD-7 (``steps``), uniform start, CE, eps and step size from
+``config.attack``. The code attacks the train-mode graph, whose BN moving averages update
+on every attack step; agad attacks with batch statistics and leaves the running averages
+alone (``attack_bn="batch"``). Evaluation: the plain backbone (``adaptive_loss`` None);
+the official ``eval_tsf.py:48`` uses train-mode BN at test time, agad never does, and the
+paper reports no AutoAttack, so ATAT runs are evaluated with ``table_aa``.
 """
 
 from __future__ import annotations
@@ -105,12 +93,18 @@ from agad.defenses._teacher import TeacherSlot, teacher_config
 from agad.objectives import base, defaults
 
 NAME = "atat"
-VARIANTS = ("paper", "code_cifar10", "code_cifar100")
+VARIANTS = ("paper", "code_cifar10", "code_cifar100", "logit_mse", "cam_mse")
+CODE_VARIANTS = ("code_cifar10", "code_cifar100")
+LOSSES = {"paper": "paper", "code_cifar10": "logit_mse", "logit_mse": "logit_mse",
+          "code_cifar100": "cam_mse", "cam_mse": "cam_mse"}  # variant -> the loss it optimises
 CAM_NORMS = ("auto", "minmax", "none")
-CAM_SCALES = ("per_example", "code")
+CAM_SCALES = ("auto", "per_example", "code")
+STARTS = ("auto", "code", "teacher")
+STUDENT_RELU = ("auto", "yes", "no")
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.variant = "paper"         # paper (Eq. 5-7) | code_cifar10 (logit MSE to the teacher) | code_cifar100 (CAM MSE).
+DEFAULTS.variant = "paper"         # paper (Eq. 5-7) | code_cifar10 / code_cifar100 (the official files) |
+                                   # logit_mse / cam_mse (their losses, student from the teacher, per-example maps).
 DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
 DEFAULTS.teacher.workdir = ""      # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
 DEFAULTS.teacher.step = "latest"   # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
@@ -120,15 +114,30 @@ DEFAULTS.lam_at = 1.0              # paper lambda_1, unstated (ablation weights 
                                    # loss_gp1 + loss_gp2 with weight 1 (cifar100/model1.py:131).
 DEFAULTS.lam_lp = 1.0              # paper lambda_2, unstated; code_cifar10: loss_lp1 + loss_lp2, written weight 0.5
                                    # cancelled by Reduction.MEAN (cifar10/model.py:139-142): effective 1.
-DEFAULTS.cam_norm = "auto"         # auto: minmax for paper (per example), none for code_cifar100 (the code's raw maps).
-DEFAULTS.cam_scale = "per_example"  # per_example: d z[b, y_b]/dA; code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot))
-                                   # (cifar10/model.py:108-114), N = B teacher, 2B student.
+DEFAULTS.cam_norm = "auto"         # auto: minmax for paper (per example), none otherwise (the code's raw maps).
+DEFAULTS.cam_scale = "auto"        # auto: code for code_*, per_example otherwise. per_example: d z[b, y_b]/dA;
+                                   # code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot)) (cifar100/model1.py:103-107),
+                                   # N = B teacher, 2B student.
+DEFAULTS.student_relu = "auto"     # auto: no for code_cifar100 (its student map enters the loss before ReLU,
+                                   # cifar100/model1.py:112-116), yes otherwise (Eq. 3). The teacher's is always ReLU'd.
+DEFAULTS.student_start = "auto"    # auto: code for code_*, teacher otherwise. code: random init, lr schedule from the
+                                   # teacher's restored step (train_tsf.py:109-110); teacher: init.workdir = the teacher.
 DEFAULTS.steps = 7                 # config.json num_steps 7 (paper Sec. 4.1: 7 steps); None: config.attack.steps.
 DEFAULTS.step_size = None          # None: config.attack.step_size (CIFAR 2/255 = config.json step_size 2.0 on 0-255).
                                    # eps is config.attack.eps (config.json epsilon 8.0 = 8/255).
 DEFAULTS.random_start = "uniform"  # config.json random_start true: x + U(-eps, eps) (pgd_attack.py:46-48).
 DEFAULTS.attack_bn = "batch"       # code: the train-mode graph (batch statistics; its moving averages also
                                    # update during the attack, which agad does not do). "eval": running averages.
+
+
+def settings(cfg) -> dict:
+  """The ``auto`` / None fields of ``objective.atat`` resolved for its variant:
+  ``{"cam_norm", "cam_scale", "student_relu", "student_start"}``."""
+  code = cfg.variant in CODE_VARIANTS
+  return {"cam_norm": cfg.cam_norm if cfg.cam_norm != "auto" else ("minmax" if cfg.variant == "paper" else "none"),
+          "cam_scale": cfg.cam_scale if cfg.cam_scale != "auto" else ("code" if code else "per_example"),
+          "student_relu": cfg.variant != "code_cifar100" if cfg.student_relu == "auto" else cfg.student_relu == "yes",
+          "student_start": cfg.student_start if cfg.student_start != "auto" else ("code" if code else "teacher")}
 
 
 # ----------------------------------------------------------------- Grad-CAM in one pass
@@ -184,12 +193,35 @@ def _merge(into: dict, tree: dict) -> None:
       into[k] = v
 
 
-def site_maps(features_and_grads: dict, *, normalize: str | None, scale: float = 1.0) -> dict:
+def site_maps(features_and_grads: dict, *, normalize: str | None, scale: float = 1.0,
+              relu: bool = True) -> dict:
   """``{site: [N, h, w]}`` Grad-CAM maps from :func:`grad_cam_pass`'s ``{site: (A, g)}``:
-  ``relu(sum_c mean_hw(scale * g) A)`` (paper Eq. 3), then ``normalize`` per example
-  (:func:`agad.attention.normalize_maps`: ``"minmax"`` or None)."""
-  return {s: maps_lib.grad_cam_from_grads(a, scale * g, relu=True, normalize=normalize)
+  ``relu(sum_c mean_hw(scale * g) A)`` (paper Eq. 3; without the ReLU if ``relu=False``),
+  then ``normalize`` per example (:func:`agad.attention.normalize_maps`: ``"minmax"`` or None)."""
+  return {s: maps_lib.grad_cam_from_grads(a, scale * g, relu=relu, normalize=normalize)
           for s, (a, g) in features_and_grads.items()}
+
+
+def attention_maps(model, params, model_state, teacher_model, teacher_variables, x, adv, y, *,
+                   sites: Sequence[str], cam_norm: str, cam_scale: str, student_relu: bool,
+                   rng: jax.Array | None = None):
+  """``(student ModelOutput over [x; x'], teacher ModelOutput over x, student maps
+  {site: [2B, h, w]}, teacher maps {site: [B, h, w]})``: the student's train-mode
+  :func:`grad_cam_pass` over ``[x; x']`` and the teacher's eval-mode one over ``x``, both
+  explaining the true class, turned into maps with the resolved :func:`settings`
+  (``cam_scale="code"``: student x ``1/(2B K)``, teacher x ``1/(B K)``; the teacher's map is
+  always ReLU'd, the student's only if ``student_relu``). The teacher's maps carry no gradient."""
+  n = y.shape[0]
+  both, yy = jnp.concatenate([x, adv]), jnp.concatenate([y, y])
+  t_params, t_state = _split(teacher_variables)
+  out, s_fg = grad_cam_pass(model, params, model_state, both, yy, sites=sites, mode="train", labels=yy, rng=rng)
+  t_out, t_fg = grad_cam_pass(teacher_model, t_params, t_state, x, y, sites=sites, mode="eval", labels=y, taps=())
+  k = out.logits.shape[-1]
+  code = cam_scale == "code"
+  normalize = None if cam_norm == "none" else cam_norm
+  student = site_maps(s_fg, normalize=normalize, scale=1.0 / (2 * n * k) if code else 1.0, relu=student_relu)
+  teacher = site_maps(t_fg, normalize=normalize, scale=1.0 / (n * k) if code else 1.0, relu=True)
+  return out, t_out, student, jax.lax.stop_gradient(teacher)
 
 
 # ----------------------------------------------------------------- the loss
@@ -214,19 +246,20 @@ def atat_loss(variant: str, logits: jax.Array, labels: jax.Array, *,
   """The ATAT objective of ``variant`` on precomputed passes: ``(scalar, metrics)``.
 
   logits: the student's ``[2B, K]`` over ``[x; x']``; labels ``[B]``.
-  student_maps: ``{site: [2B, h, w]}`` (``paper``, ``code_cifar100``), rows as logits.
+  student_maps: ``{site: [2B, h, w]}`` (``paper``, ``code_cifar100``, ``cam_mse``), rows as logits.
   teacher_maps: ``{site: [B, h, w]}`` of the teacher on clean x (same sites).
-  teacher_logits: ``[B, K]`` of the teacher on clean x (``code_cifar10``).
+  teacher_logits: ``[B, K]`` of the teacher on clean x (``code_cifar10``, ``logit_mse``).
   Maps arrive normalised/scaled as the variant wants (see the module doc); the teacher's
   inputs are gradient-stopped here.
 
   ``paper``:  mean CE + lam_at sum_s mean_b(||T_s - S_s(x')||_2 + ||T_s - S_s(x)||_2)
               + lam_lp mean_b ||z(x) - z(x')||_2
-  ``code_cifar10``:  mean CE + lam_lp (mean (z(x) - z_T)^2 + mean (z(x') - z_T)^2)
-  ``code_cifar100``: mean CE + lam_at sum_s (mean (S_s(x) - T_s)^2 + mean (S_s(x') - T_s)^2)
+  ``code_cifar10``, ``logit_mse``:  mean CE + lam_lp (mean (z(x) - z_T)^2 + mean (z(x') - z_T)^2)
+  ``code_cifar100``, ``cam_mse``: mean CE + lam_at sum_s (mean (S_s(x) - T_s)^2 + mean (S_s(x') - T_s)^2)
   """
   if variant not in VARIANTS:
     raise ValueError(f"ATAT variant {variant!r} is not one of {VARIANTS}")
+  kind = LOSSES[variant]
   n = labels.shape[0]
   if logits.shape[0] != 2 * n:
     raise ValueError(f"atat_loss: logits {logits.shape} must hold [x; x'] = 2 x {n} rows")
@@ -235,22 +268,22 @@ def atat_loss(variant: str, logits: jax.Array, labels: jax.Array, *,
   ce = base.cross_entropy_mean(logits, jnp.concatenate([labels, labels]))
   zero = jnp.zeros((), jnp.float32)
   att, lp = zero, zero
-  if variant in ("paper", "code_cifar100"):
+  if kind in ("paper", "cam_mse"):
     if not student_maps or set(student_maps) != set(teacher_maps or {}):
       raise ValueError(f"atat_loss({variant!r}) needs student_maps and teacher_maps at the same sites, got "
                        f"{sorted(student_maps or {})} and {sorted(teacher_maps or {})}")
     for s, maps in student_maps.items():
       t = jax.lax.stop_gradient(teacher_maps[s]).astype(jnp.float32)
       s_clean, s_adv = maps[:n], maps[n:]
-      if variant == "paper":
+      if kind == "paper":
         att = att + jnp.mean(l2_rows(t, s_adv) + l2_rows(t, s_clean))
       else:
         att = att + jnp.mean(jnp.square(s_clean - t)) + jnp.mean(jnp.square(s_adv - t))
-  if variant == "paper":
+  if kind == "paper":
     lp = jnp.mean(l2_rows(clean, adv))
-  elif variant == "code_cifar10":
+  elif kind == "logit_mse":
     if teacher_logits is None:
-      raise ValueError("atat_loss('code_cifar10') needs teacher_logits [B, K]")
+      raise ValueError(f"atat_loss({variant!r}) needs teacher_logits [B, K]")
     t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
     lp = jnp.mean(jnp.square(clean - t)) + jnp.mean(jnp.square(adv - t))
   value = ce + lam_at * att + lam_lp * lp
@@ -264,13 +297,18 @@ def _config(config) -> ml_collections.ConfigDict:
   cfg = defaults.objective_config(config, NAME, DEFAULTS)
   if cfg.variant not in VARIANTS:
     raise ValueError(f"objective.atat.variant = {cfg.variant!r} is not one of {VARIANTS} "
-                     "(paper: Eq. 5-7; code_cifar10 / code_cifar100: the official files)")
+                     "(paper: Eq. 5-7; code_cifar10 / code_cifar100: the official files; logit_mse / "
+                     "cam_mse: their losses with the student from its teacher)")
   if cfg.cam_norm not in CAM_NORMS:
     raise ValueError(f"objective.atat.cam_norm = {cfg.cam_norm!r} is not one of {CAM_NORMS}")
   if cfg.cam_scale not in CAM_SCALES:
     raise ValueError(f"objective.atat.cam_scale = {cfg.cam_scale!r} is not one of {CAM_SCALES}")
+  if cfg.student_start not in STARTS:
+    raise ValueError(f"objective.atat.student_start = {cfg.student_start!r} is not one of {STARTS}")
+  if cfg.student_relu not in STUDENT_RELU:
+    raise ValueError(f"objective.atat.student_relu = {cfg.student_relu!r} is not one of {STUDENT_RELU}")
   sites = (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
-  if cfg.variant != "code_cifar10" and not sites:
+  if LOSSES[cfg.variant] != "logit_mse" and not sites:
     raise ValueError(f"objective.atat.sites = {cfg.sites!r} is empty: variant {cfg.variant!r} transfers "
                      "Grad-CAM maps; set e.g. sites=('features',)")
   if cfg.steps is not None and int(cfg.steps) < 1:
@@ -282,23 +320,37 @@ def _config(config) -> ml_collections.ConfigDict:
 
 
 def _frozen_fn(cfg, config, slot: TeacherSlot):
-  """``frozen(splits) -> ({"teacher": variables}, {"teacher": {workdir, step, params_hash}})``."""
+  """``frozen(splits) -> ({"teacher": variables}, record)``; ``record`` holds
+  ``{"teacher": {workdir, step, params_hash}}`` and, where the student starts as the code
+  does (``student_start="code"``), ``"schedule_start_step"``: the teacher's step, at which
+  the trainer starts the learning-rate schedule (the code's restored ``global_step``)."""
+  start = settings(cfg)["student_start"]
 
   def frozen(splits):
     workdir = cfg.teacher.workdir
     field = f"config.objective.{NAME}.teacher.workdir"
+    if start == "code" and config.init.workdir:
+      raise ValueError(
+          f"objective.atat.student_start resolves to 'code' (variant {cfg.variant!r}: the official "
+          f"train_tsf.py starts the student from random init and restores only the teacher) but "
+          f"init.workdir = {config.init.workdir!r}: drop --config.init.workdir, or set "
+          "--config.objective.atat.student_start=teacher (the paper's start; variants logit_mse / cam_mse)")
     teacher_cfg = teacher_config(
         workdir, config, defense="ATAT", field=field,
         empty_hint=("a finished natural run of the student's dataset and model (e.g. launch.train "
-                    f"--config=...:MODEL,standard), then --{field[len('config.'):]}=THAT_WORKDIR "
-                    "--config.init.workdir=THAT_WORKDIR"),
-        start_note="the paper starts the student from its teacher (Sec. 3.2)")
+                    f"--config=...:MODEL,standard), then --{field[len('config.'):]}=THAT_WORKDIR"
+                    + (" --config.init.workdir=THAT_WORKDIR" if start == "teacher" else "")),
+        start_note="the paper starts the student from its teacher (Sec. 3.2)",
+        from_teacher=start == "teacher")
     std = teacher_cfg.get("objective", {}).get("standard", {})
     if teacher_cfg.objective.name != "standard" or float(std.get("label_smoothing", 0.0)) != 0.0:
       logging.warning("ATAT teacher %s is %r with label smoothing %s; the paper's and the code's teacher "
                       "is naturally trained (standard, no smoothing)", workdir, teacher_cfg.objective.name,
                       std.get("label_smoothing"))
-    return slot.frozen(splits)
+    tree, record = slot.frozen(splits)
+    if start == "code":
+      record = {**record, "schedule_start_step": int(record["teacher"]["step"])}
+    return tree, record
 
   return frozen
 
@@ -317,11 +369,10 @@ def atat(model, config) -> base.Objective:
   step_size = None if cfg.step_size is None else float(cfg.step_size)
   slot = TeacherSlot(cfg.teacher.workdir, cfg.teacher.step)
   sites = (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
-  norm = cfg.cam_norm if cfg.cam_norm != "auto" else ("minmax" if variant == "paper" else "none")
-  normalize = None if norm == "none" else norm
-  code_scale = cfg.cam_scale == "code"
+  resolved = settings(cfg)
+  map_kw = {k: resolved[k] for k in ("cam_norm", "cam_scale", "student_relu")}
   lam_at, lam_lp = float(cfg.lam_at), float(cfg.lam_lp)
-  uses_maps = variant in ("paper", "code_cifar100")
+  uses_maps = LOSSES[variant] != "logit_mse"
 
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
@@ -332,23 +383,16 @@ def atat(model, config) -> base.Objective:
     del step
     x, y = batch["image"], batch["label"]
     n = y.shape[0]
-    both, yy = jnp.concatenate([x, adv]), jnp.concatenate([y, y])
     teacher = aux_state[base.FROZEN]["teacher"]
-    t_params, t_state = _split(teacher)
     rng = base.pass_key(key, 0)
     student_maps = teacher_maps = None
     if uses_maps:
-      out, s_fg = grad_cam_pass(model, params, model_state, both, yy, sites=sites, mode="train",
-                                labels=yy, rng=rng)
-      t_out, t_fg = grad_cam_pass(slot.model, t_params, t_state, x, y, sites=sites, mode="eval",
-                                  labels=y, taps=())
-      k = out.logits.shape[-1]
-      student_maps = site_maps(s_fg, normalize=normalize, scale=1.0 / (2 * n * k) if code_scale else 1.0)
-      teacher_maps = site_maps(t_fg, normalize=normalize, scale=1.0 / (n * k) if code_scale else 1.0)
-      teacher_maps = jax.lax.stop_gradient(teacher_maps)
+      out, t_out, student_maps, teacher_maps = attention_maps(model, params, model_state, slot.model, teacher,
+                                                              x, adv, y, sites=sites, rng=rng, **map_kw)
     else:
-      out = base.forward(model, params, model_state, both, mode="train", labels=yy, taps=base.ALL_TAPS,
-                         rng=rng)
+      yy = jnp.concatenate([y, y])
+      out = base.forward(model, params, model_state, jnp.concatenate([x, adv]), mode="train", labels=yy,
+                         taps=base.ALL_TAPS, rng=rng)
       t_out = slot.apply(teacher, x, labels=y)
     t_logits = jax.lax.stop_gradient(t_out.logits)
     value, metrics = atat_loss(variant, out.logits, y, student_maps=student_maps, teacher_maps=teacher_maps,

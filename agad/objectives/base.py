@@ -63,7 +63,9 @@ class Objective(NamedTuple):
   # checkpointed (a frozen teacher, a class-indexed image bank): ``frozen(splits) ->
   # (tree, record)``; ``tree`` reaches ``generate``/``loss`` as ``aux_state[FROZEN]``,
   # ``record`` (JSON: the teacher's workdir, step and params hash) goes into every
-  # checkpoint's metadata and a resume with a different record is refused.
+  # checkpoint's metadata and a resume with a different record is refused. A record's
+  # ``schedule_start_step`` (int) makes the trainer read the lr schedule at that step + the
+  # step (ATAT's code continues its teacher's step counter).
   frozen: Callable[[Any], tuple[PyTree, dict]] | None = None
   # (model, variables) -> fn(images, labels, key, eps_values) -> a per-example quantity of the
   # defense against attack strength, which ``launch.evaluate --preset=ladder`` plots: a dict

@@ -247,7 +247,7 @@ def build_experiment(config: Any) -> Experiment:
   return Experiment(splits, info, model, objective)
 
 
-def build_optimizer(config: Any, exp: Experiment, steps_per_epoch: int):
+def build_optimizer(config: Any, exp: Experiment, steps_per_epoch: int, *, start_step: int = 0):
   frozen = [p for p in config.init.freeze.split(",") if p] if config.init.freeze else []
   params = None
   if frozen:
@@ -256,7 +256,7 @@ def build_optimizer(config: Any, exp: Experiment, steps_per_epoch: int):
                                                       train=False))
     params = variables["params"]
   return optim.make_optimizer(config.optim, steps_per_epoch, config.num_epochs, frozen=frozen,
-                              params=params)
+                              params=params, start_step=start_step)
 
 
 def parse_param_map(spec: str) -> list[tuple[str, str]]:

@@ -86,10 +86,23 @@ class Trainer:
     self.exp = builders.build_experiment(config)
     self.steps_per_epoch = data_lib.steps_per_epoch(len(self.exp.splits.train), config.batch_size)
     self.total_steps = int(math.ceil(config.num_epochs * self.steps_per_epoch))
-    self.tx, self.schedule = builders.build_optimizer(config, self.exp, self.steps_per_epoch)
+    replicated = sharding.replicated(self.mesh)
+    # Frozen inputs (a teacher, a class bank): loaded once, passed to every step, never saved.
+    self.frozen, self.frozen_record = None, {}
+    if self.exp.objective.frozen is not None:
+      tree, self.frozen_record = self.exp.objective.frozen(self.exp.splits)
+      self.frozen = jax.device_put(tree, replicated)
+      logging.info("frozen inputs of %s: %s", config.objective.name, self.frozen_record)
+    # An objective may continue its teacher's step counter (ATAT's code): the lr schedule starts there.
+    start_step = int(self.frozen_record.get("schedule_start_step", 0))
+    self.tx, self.schedule = builders.build_optimizer(config, self.exp, self.steps_per_epoch, start_step=start_step)
+    if start_step and not float(self.schedule(0)) > 0:
+      raise ValueError(f"the objective starts the learning-rate schedule at step {start_step} (its teacher's "
+                       f"step), where optim.schedule={config.optim.schedule!r} gives lr {float(self.schedule(0))}: "
+                       "use optim.schedule='piecewise' or 'constant', or start the student from its teacher "
+                       "(e.g. objective.atat.student_start='teacher')")
     self.train_traces = 0  # Python-side trace counter: must stay 1 per process.
 
-    replicated = sharding.replicated(self.mesh)
     batch_sharding = sharding.data_sharded(self.mesh)
     self.batch_sharding = batch_sharding
     train_step = step_lib.make_train_step(self.exp.objective, self.tx, ema_decay=config.ema_decay,
@@ -101,12 +114,6 @@ class Trainer:
 
     self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated), donate_argnums=(0,))
-    # Frozen inputs (a teacher, a class bank): loaded once, passed to every step, never saved.
-    self.frozen, self.frozen_record = None, {}
-    if self.exp.objective.frozen is not None:
-      tree, self.frozen_record = self.exp.objective.frozen(self.exp.splits)
-      self.frozen = jax.device_put(tree, replicated)
-      logging.info("frozen inputs of %s: %s", config.objective.name, self.frozen_record)
     # Validation also attacks the objective's adaptive loss, if it has one (CAS family).
     self.adaptive_loss = self.exp.objective.adaptive_loss if config.validation.adaptive else None
     eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack,

@@ -22,8 +22,13 @@ from flax import traverse_util
 SCHEDULES = ("piecewise", "cosine", "constant")
 
 
-def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: float) -> optax.Schedule:
-  """``cfg``: lr, schedule, warmup_epochs, boundaries (epochs), decay_factor."""
+def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: float, *, start_step: int = 0) -> optax.Schedule:
+  """``cfg``: lr, schedule, warmup_epochs, boundaries (epochs), decay_factor. ``start_step > 0``:
+  the schedule is read at ``start_step + step`` (a run that continues another run's step
+  counter, as ATAT's official code does with its teacher's restored ``global_step``)."""
+  if start_step:
+    inner = make_schedule(cfg, steps_per_epoch, num_epochs)
+    return lambda step: inner(step + start_step)
   total = max(1, int(round(num_epochs * steps_per_epoch)))
   warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
   if cfg.schedule == "constant":
@@ -47,11 +52,12 @@ def _path_labels(params: Any, frozen_patterns: list[str]) -> Any:
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
-def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *,
-                   frozen: list[str] | None = None, params: Any = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *, frozen: list[str] | None = None,
+                   params: Any = None, start_step: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """[clip] + SGD(momentum, nesterov) + weight decay; parameters matching ``frozen`` regexes
-  (on '/'-joined paths) get zero updates (``optax.multi_transform``) and are outside the clip's norm."""
-  schedule = make_schedule(cfg, steps_per_epoch, num_epochs)
+  (on '/'-joined paths) get zero updates (``optax.multi_transform``) and are outside the clip's norm.
+  ``start_step``: as in :func:`make_schedule`."""
+  schedule = make_schedule(cfg, steps_per_epoch, num_epochs, start_step=start_step)
   if cfg.name != "sgd":
     raise ValueError(f"optim.name {cfg.name!r} is not supported; use 'sgd'")
   clip = float(cfg.get("grad_clip", 0.0) or 0.0)
