@@ -7,7 +7,8 @@ implementation uses. Schedules are defined in epochs and converted to steps.
 ``optim.grad_clip > 0`` rescales the loss gradient to that global L2 norm when it is larger
 (``torch.nn.utils.clip_grad_norm_`` before ``SGD.step``: the clip sees the gradient of the
 trainable parameters only, before weight decay is added). None of the seed papers clips; it
-is there for losses too sharp for plain SGD (ATAT's ``code_cifar10`` logit MSE, docs/results/atat.md).
+is there for losses too sharp for plain SGD (ATAT's ``logit_mse`` on Fashion-MNIST,
+docs/results/atat.md).
 """
 
 from __future__ import annotations
