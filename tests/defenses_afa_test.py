@@ -117,22 +117,6 @@ class StageOneTest(parameterized.TestCase):
           np.testing.assert_allclose(value, want[path], rtol=1e-6, atol=1e-7, err_msg=path)
     assert set(aux.passes) >= {"clean", "adv", "adv1", "adv4"}
 
-  def test_loss_is_the_sum_of_the_branch_terms_or_their_mean(self):
-    config, net, params, ms, x, y = _model_and_vars()
-    batch = {"image": x, "label": y}
-    total = {}
-    for reduction in ("sum", "mean"):
-      config.objective.afa.loss_reduction = reduction
-      objective = afa.afa_stage1(net, config)
-      adv = objective.generate(params, ms, {}, batch, jax.random.key(5), 0)
-      total[reduction], aux = objective.loss(params, ms, {}, batch, adv, jax.random.key(6), 0)
-    by_hand = aux.metrics["loss_clean"] + sum(aux.metrics[f"loss_adv_{k}"] for k in range(1, K))
-    np.testing.assert_allclose(total["sum"], by_hand, rtol=1e-6)
-    np.testing.assert_allclose(total["mean"], by_hand / K, rtol=1e-6)
-    config.objective.afa.loss_reduction = "avg"
-    with pytest.raises(ValueError, match="loss_reduction='avg'"):
-      afa.afa_stage1(net, config)
-
   @parameterized.parameters(("pgd_at", "ce"), ("trades", "kl"))
   def test_stacked_ladder_attack_equals_separate_attacks_with_the_same_keys(self, base_name, loss):
     config, net, params, ms, x, y = _model_and_vars(**{"objective.afa.base": base_name,
