@@ -192,6 +192,7 @@ _LAUNCH = "tests/launch_test.py::test_train_then_evaluate_smoke"
 _SCRIPTS = "tests/launch_scripts_test.py"
 _TOOLS = "tests/launch_tools_test.py"
 _TRAIN = "tests/launch_train_test.py::test_train_pipelines_distributed_and_afa_branches"
+_TORCH_IO = "tests/interop_torch_test.py::test_import_evaluate_flags_finetune_export_smoke"
 
 # Documented-command signature -> the smoke test(s) that run it.
 SMOKE_RUNS = {
@@ -241,10 +242,15 @@ SMOKE_RUNS = {
     "launch.dev.recipe_smoke": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
     "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
     "tools/chaos_train.py": "tests/launch_tools_test.py::test_chaos_train_eval_mode_smoke",
+    "launch.import_torch": _TORCH_IO,
+    "launch.export_torch": _TORCH_IO,
+    "launch.train trades --config.init.workdir": _TORCH_IO,   # fine-tuning an imported SmallCNN
 }
 
 # Dev-only commands that need the separate torch environment (.venv-parity): never run here.
 EXEMPT = {
+    "tools/torch_parity.py": "builds PyTorch models (import torch) to compare logits with agad's; "
+                             "its make/check phases run where torch is installed",
     "bash launch/env_parity.sh": "creates .venv-parity: pip-installs torch 2.13 and pyautoattack "
                                  "(internet, ~1-3 GB); dev-only, never an agad dependency",
     "launch.dev.parity_autoattack": "imports torch and pyautoattack, which exist only in .venv-parity "

@@ -296,7 +296,7 @@ def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   launch.attention's flag checks and --config.init.workdir (TRADES, one smoke step) take;
   launch.export_torch gives the imported file back bitwise."""
   import agad
-  from launch import common, import_torch
+  from launch import common, torch_workdir
   original = fill(smallcnn_shapes(), seed=5)
   src, wd, out = str(tmp_path / "trades.safetensors"), str(tmp_path / "imported"), str(tmp_path / "out.safetensors")
   safetensors.numpy.save_file(original, src)
@@ -305,7 +305,7 @@ def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   assert done.returncode == 0, tail(done)
   assert '"input_norm": "none ([0, 1] pixels)"' in done.stdout
   with pytest.raises(ValueError, match="already holds checkpoints; import into a new directory"):
-    import_torch.prepare("smallcnn", src, wd)
+    torch_workdir.prepare("smallcnn", src, wd)
   loaded = agad.load(wd)
   assert loaded.step == 0 and loaded.config.model.input_norm == "none"
   x = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)

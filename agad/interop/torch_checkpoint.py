@@ -350,9 +350,11 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], str]:
     try:
       obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))  # torch colours its message
+      lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
+      why = next((line for line in lines if 'Unsupported global' in line), lines[0])
       raise ValueError(f'{path} needs unpickling arbitrary code (refused: torch.load(weights_only=True) '
-                       f'says: {first}); load it yourself where you trust it and re-save '
+                       f'says: {why}); load it yourself where you trust it and re-save '
                        'model.state_dict() with torch.save or safetensors') from None
     return _torch_to_numpy(unwrap(obj, path), path), 'pytorch pickle (weights_only)'
   raise ValueError(f'{path}: unknown checkpoint format; use one of {", ".join(FORMATS)}')
