@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import traverse_util
 
 from agad import checkpoint as ckpt_lib
@@ -235,7 +238,37 @@ def preflight(config: Any, *, num_devices: int | None = None) -> None:
                            f"{config.model.name!r}: {e}") from None
     raise
   check_model_fits_data(model, config, info)
+  check_init_normalisation(config, info)
   defenses.build_objective(config.objective.name, model, config)
+
+
+def _input_scaling(model_cfg, info) -> tuple:
+  """What a model does to its [0, 1] pixels: ``(input_norm[, mean, std])``, the dataset's
+  statistics filled in."""
+  norm = model_cfg.get("input_norm") or "dataset"
+  if norm != "dataset":
+    return (norm,)
+  mean, std = model_cfg.get("mean") or info.mean, model_cfg.get("std") or info.std
+  return (norm, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def check_init_normalisation(config: Any, info: Any) -> None:
+  """Refuses ``init.workdir`` weights trained on differently normalised inputs (an imported
+  PyTorch model that takes raw pixels, fine-tuned under a config that standardises them):
+  the message gives the ``--config.model.*`` flags that match the source."""
+  source = config.init.workdir
+  path = os.path.join(source, "config.json") if source else ""
+  if not path or not os.path.exists(path):
+    return  # no init, or apply_init_from names the missing source
+  with open(path) as f:
+    saved = json.load(f)
+  src_info = data_lib.dataset_info(ml_collections.ConfigDict(saved.get("data", {})))
+  want, have = _input_scaling(saved.get("model", {}), src_info), _input_scaling(config.model, info)
+  if want != have:
+    flags = f"--config.model.input_norm={want[0]}" + (
+        f" --config.model.mean='{want[1]}' --config.model.std='{want[2]}'" if len(want) == 3 else "")
+    raise ValueError(f"config.init.workdir={source!r} was trained on inputs normalised as {want}, this "
+                     f"config normalises them as {have}: its weights would see other inputs. Add {flags}")
 
 
 def build_experiment(config: Any) -> Experiment:
