@@ -319,6 +319,17 @@ def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   again = safetensors.numpy.load_file(out)
   assert sorted(again) == sorted(original) and all(again[k].tobytes() == v.tobytes() for k, v in original.items())
   assert tc.read_metadata(out)["input_norm"] == "none"
+  # Fine-tuning under the dataset's default normalisation would feed the weights other inputs.
+  from agad import data as data_lib
+  from agad.training import builders
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config("smallcnn,trades,smoke")
+  config.init.workdir = wd
+  with pytest.raises(ValueError, match=r"normalised as \('none',\), this config normalises them as "
+                     r"\('dataset', \(0\.286,\), \(0\.353,\)\).*Add --config\.model\.input_norm=none"):
+    builders.check_init_normalisation(config, data_lib.dataset_info(config.data))
+  config.model.input_norm = "none"
+  builders.check_init_normalisation(config, data_lib.dataset_info(config.data))
   tuned = run_chain("launch.train", [[
       "--config=configs/fashion_mnist.py:smallcnn,trades,smoke", f"--config.init.workdir={wd}",
       "--config.model.input_norm=none", "--config.stop_after_steps=1", f"--workdir={tmp_path / 'tuned'}"]],
