@@ -44,7 +44,7 @@ def resolve_input_norm(value: str, extras: dict, channels: int) -> tuple[str, tu
     return "none", None, None, "none ([0, 1] pixels)"
   elif value == "imagenet":
     (mean, std), what = IMAGENET, "imagenet"
-  elif value in data_lib.DATASET_NAMES or value == "svhn":
+  elif (value in data_lib.DATASET_NAMES and value != "synthetic") or value == "svhn":
     name = "svhn_cropped" if value == "svhn" else value
     info = data_lib.dataset_info(type("Cfg", (), {"name": name})())
     mean, std, what = info.mean, info.std, value

@@ -287,6 +287,26 @@ def test_export_refuses_a_model_with_a_plug_in():
     tc.variables_to_torch("smallcnn", variables, image_shape=(28, 28, 1))
 
 
+def test_input_norm_values():
+  from launch.torch_workdir import resolve_input_norm
+  buffers = {"input_mean": [0.5, 0.4, 0.3], "input_std": [0.2, 0.2, 0.2]}
+  assert resolve_input_norm("auto", {}, 3)[:3] == ("none", None, None)
+  assert resolve_input_norm("auto", buffers, 3)[:3] == ("dataset", (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+  assert resolve_input_norm("cifar10", {}, 3)[1] == (0.4914, 0.4822, 0.4465)
+  assert resolve_input_norm("svhn", {}, 3)[2] == (0.198, 0.201, 0.197)
+  assert resolve_input_norm("imagenet", {}, 3)[1] == (0.485, 0.456, 0.406)
+  assert resolve_input_norm("0.5/0.25", {}, 1)[1:3] == ((0.5,), (0.25,))
+  assert resolve_input_norm("checkpoint", buffers, 3)[1] == (0.5, 0.4, 0.3)
+  with pytest.raises(ValueError, match="normalises inside the model"):
+    resolve_input_norm("none", buffers, 3)
+  with pytest.raises(ValueError, match="has no mu/sigma buffers"):
+    resolve_input_norm("checkpoint", {}, 3)
+  with pytest.raises(ValueError, match=r"'cifar11' is invalid: auto \| none \| checkpoint"):
+    resolve_input_norm("cifar11", {}, 3)
+  with pytest.raises(ValueError, match="must have 1 or 3 values and a positive std"):
+    resolve_input_norm("0.5,0.5/0.2,0.2", {}, 3)
+
+
 # ------------------------------------------------------------ the launch commands
 
 
