@@ -244,7 +244,7 @@ def _overlay(ax, image, m, title=None):
 
 def _colorbar(fig, axes, s: Study):
   """A colour bar for the overlaid maps, and the legend line at the bottom."""
-  import matplotlib as mpl
+  import matplotlib as mpl  # on first use, as _plt: the maths needs no matplotlib
   sm = mpl.cm.ScalarMappable(cmap="jet", norm=mpl.colors.Normalize(0, 1))
   fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="map (per-image min-max)")
   fig.text(0.01, 0.002, legend(s), fontsize=7, ha="left", va="bottom", wrap=True)

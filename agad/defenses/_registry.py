@@ -126,7 +126,7 @@ def use_recorded(recorded: dict) -> list[str]:
   """Puts the folder of every recorded out-of-tree module (``sources``' output) that is
   not found now back on ``agad.defenses``' path; returns the folders added. A module whose
   source changed since it was recorded is used with a warning naming both hashes."""
-  import agad.defenses as package
+  import agad.defenses as package  # the package imports this module: its path, at call time
   added = []
   for name, info in (recorded or {}).items():
     if not isinstance(info, dict) or not info.get("out_of_tree") or not _NAME.fullmatch(str(name)):

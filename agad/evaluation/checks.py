@@ -16,6 +16,7 @@ from jax.tree_util import Partial
 
 from agad import data as data_lib
 from agad.attacks import losses
+from agad.evaluation.compare import chance_note
 
 WHITE_BOX = ("fgsm", "pgd", "cw", "adaptive", "apgd-ce", "apgd-t", "fab-t", "autoattack")
 BLACK_BOX = ("square", "transfer")
@@ -101,7 +102,6 @@ def report_warnings(report: dict, *, aa_gap_pp: float = 4.0, converge_pp: float 
 def conclusion_warnings(report: dict, *, table_n: int = 1000) -> list[str]:
   """Reasons not to quote the report yet: clean accuracy near chance, and fewer than
   ``table_n`` images (the worst case's standard error then hides differences of several pp)."""
-  from agad.evaluation.compare import chance_note
   w = []
   note = chance_note(report)
   if note:

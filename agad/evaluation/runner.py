@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from agad.evaluation import presets, report as report_lib, suite as suite_lib
+from agad.evaluation import checks, presets, report as report_lib, suite as suite_lib
 from agad.evaluation.defaults import merged_eval_config, weights_to_evaluate
 from agad.objectives.base import adaptive_variants
 
@@ -99,7 +99,6 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
                                       eps_values=(0.0,) + tuple(f * float(eval_cfg.eps)
                                                                 for f in presets.ladder_factors(eval_cfg)),
                                       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
-  from agad.evaluation import checks
   report["before_quoting"] = checks.conclusion_warnings(report)  # near chance, small n
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   write_npz(stem + ".npz", report.pop("per_example"))

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from agad import defenses
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
             "absl-py", "tensorflow-datasets", "grain", "numpy")
 
@@ -73,7 +75,6 @@ def package_versions() -> dict[str, str]:
 def run_record(config: Any) -> dict:
   """What a launch ran with; ``defenses`` names each objective/defense module's file and
   SHA-256 (``agad.load`` finds an out-of-tree one from there)."""
-  from agad import defenses
   return {
       "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "git_revision": git_revision(),
