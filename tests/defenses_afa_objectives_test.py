@@ -31,21 +31,42 @@ def _kl(logits_p, logits_q):
   return jnp.sum(p * (jax.nn.log_softmax(logits_p) - jax.nn.log_softmax(logits_q))) / logits_p.shape[0]
 
 
+@pytest.fixture(scope="module")
+def stage_one():
+  """One stage-I model (distinct branches) for every base: the base is an objective field."""
+  return _model_and_vars()
+
+
+@pytest.fixture(scope="module")
+def stage_two():
+  return _model_and_vars("afa_stage2", **{"init.workdir": "runs/none"})
+
+
+def _with(config, **overrides):
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 @pytest.mark.parametrize("base_name,reduction", [("pgd_at", "sum"), ("trades", "mean")])
-def test_stage_one_loss_is_the_per_branch_terms_recomputed(base_name, reduction):
+def test_stage_one_loss_is_the_per_branch_terms_recomputed(stage_one, base_name, reduction):
   """Algorithm 1: CE(f_0(x), y) + sum_{k>=1} L_a(branch k on x'_k); "mean" divides by K.
   Every term is recomputed from its own train-mode pass routed to branch k (batch
   statistics, so the passes do not depend on each other's updates) and the base's formula
   written out here, not read from the loss's metrics."""
-  config, net, params, ms, x, y = _model_and_vars(**{"objective.afa.base": base_name,
-                                                      "objective.afa.loss_reduction": reduction})
+  config, net, params, ms, x, y = stage_one
+  config = _with(config, **{"objective.afa.base": base_name, "objective.afa.loss_reduction": reduction})
   batch = {"image": x, "label": y}
   objective = afa.afa_stage1(net, config)
   adv = jax.jit(objective.generate)(params, ms, {}, batch, jax.random.key(5), 0)
   b = x.shape[0]
-  branch_pass = jax.jit(lambda v, k: base.forward(net, params, ms, v, mode="train", norm_ctx={"branch": k}).logits,
-                        static_argnums=1)
-  logits = lambda v, k: branch_pass(v, k)
+  # Eager passes (a tiny model): one compile per branch would cost more than it saves.
+  logits = lambda v, k: base.forward(net, params, ms, v, mode="train", norm_ctx={"branch": k}).logits
   terms = [_ce(logits(x, 0), y)]
   for k in range(1, K):
     adv_k = logits(adv[(k - 1) * b:k * b], k)
@@ -62,8 +83,9 @@ def test_stage_one_loss_is_the_per_branch_terms_recomputed(base_name, reduction)
     afa.afa_stage1(net, config)
 
 
-def _stage2(**kw):
-  config, net, params, ms, x, y = _model_and_vars("afa_stage2", **{"init.workdir": "runs/none", **kw})
+def _stage2(fixture, **kw):
+  config, net, params, ms, _, _ = fixture
+  config = _with(config, **kw)
   return config, net, params, ms, defenses.build_objective("afa_stage2", net, config)
 
 
@@ -73,8 +95,8 @@ def _batch(n, seed=0):
 
 
 @pytest.mark.parametrize("eps_max", [1.0, 0.25])
-def test_stage_two_strengths_vary_per_example_in_zero_to_xi_max(eps_max):
-  config, net, params, ms, objective = _stage2(**{"objective.afa_stage2.eps_max": eps_max,
+def test_stage_two_strengths_vary_per_example_in_zero_to_xi_max(stage_two, eps_max):
+  config, net, params, ms, objective = _stage2(stage_two, **{"objective.afa_stage2.eps_max": eps_max,
                                                  "attack.steps": 3})
   batch = _batch(32)
   adv = jax.jit(objective.generate)(params, ms, {}, batch, jax.random.key(7), 0)
@@ -95,11 +117,11 @@ def _detach_weight_generators(next_fun, args, kwargs, context):
   return out
 
 
-def test_stage_two_attack_differentiates_through_the_weight_generators():
+def test_stage_two_attack_differentiates_through_the_weight_generators(stage_two):
   """One sign step from x (no random start): its direction is the sign of the gradient of
   CE through the eval-mode deployed model with W0 = sigmoid(WG(x)) live, and differs from
   the gradient with every WG output detached (W0 held at its value)."""
-  config, net, params, ms, objective = _stage2(**{"attack.steps": 1,
+  config, net, params, ms, objective = _stage2(stage_two, **{"attack.steps": 1,
                                                  "objective.afa_stage2.random_start": "none"})
   flat = traverse_util.flatten_dict(params, sep="/")
   for path in [p for p in flat if re.search(r"(^|/)wg/fc1/kernel$", p)]:
@@ -128,8 +150,8 @@ def test_stage_two_attack_differentiates_through_the_weight_generators():
   np.testing.assert_array_equal(moved[apart], live[apart])
 
 
-def test_stage_two_loss_is_ce_only_and_one_step_moves_the_weight_generators_only():
-  config, net, params, ms, objective = _stage2()
+def test_stage_two_loss_is_ce_only_and_one_step_moves_the_weight_generators_only(stage_two):
+  config, net, params, ms, objective = _stage2(stage_two)
   batch = _batch(8, seed=2)
   adv = jax.jit(objective.generate)(params, ms, {}, batch, jax.random.key(9), 0)
   loss = lambda p: objective.loss(p, ms, {}, batch, adv, jax.random.key(10), 0)
