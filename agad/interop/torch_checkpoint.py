@@ -1,7 +1,7 @@
 """PyTorch state dicts <-> agad variables for the reference CIFAR / MNIST architectures.
 
 Each architecture maps agad's module names to the key names of the public PyTorch code the
-published checkpoints come from (see docs/pytorch.md for the sources, line by line):
+published checkpoints come from (docs/pytorch.md names the files and commits read):
 
   smallcnn           TRADES ``models/small_cnn.py`` ``SmallCNN``: ``feature_extractor.conv1..conv4``
                      (3x3, no padding, with bias), ``classifier.fc1..fc3``.
