@@ -20,8 +20,8 @@ Both attacks descend the summed CE towards their target from a uniform start, in
 mode, with the code's ``num_steps = 10``. The code feeds [-1, 1] inputs
 (``Normalize(0.5, 0.5)``), so its ``epsilon = 8/255*2 = 16/255`` and ``step_size =
 2/255*2 = 4/255`` are, in agad's [0, 1] pixels, **eps = 8/255 and step 2/255** (agad
-attacks in pixel space; ``config.model.mean = std = (0.5,)*3`` gives the network the
-code's [-1, 1] input). The paper trains with 2 steps (AGKD-BML) or 7 (AGKD-BML-7):
+attacks in pixel space; ``config.model.input_norm = "dataset"`` with ``config.model.mean
+= std = (0.5,)*3`` gives the network the code's [-1, 1] input, main.py:286, 292). The paper trains with 2 steps (AGKD-BML) or 7 (AGKD-BML-7):
 ``objective.agkd_bml.steps``.
 
 Loss as coded (``main.py`` ``train()``, after the two attacks), with ``a/c/n`` the
