@@ -13,7 +13,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
 def make_mesh(devices=None) -> Mesh:
-  devices = np.array(jax.devices() if devices is None else devices)
+  """The ``'data'`` mesh over ``devices`` (default: every device, each process's together,
+  in process order: host p's rows of a global batch are then rows [pB/P, (p+1)B/P))."""
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable: JAX's order within a process
+  devices = np.array(devices)
   # Explicit axis types are the 0.12 default and break eager indexing of outputs.
   return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
 

@@ -47,6 +47,7 @@ BEST_METRIC = "val/robust_accuracy"
 BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
 
 from ._damage import COMMIT_MARKER, ITEMS, _listdir, _unreadable_arrays, damage  # noqa: F401
+from ._multiprocess import this_process_only  # noqa: F401
 from ._write_errors import (WRITE_ERRNOS, WorkdirWriteError, _QUIET, _quiet_closed_event_loops,  # noqa: F401
                             _short, write_failure)
 
@@ -73,7 +74,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 2, best_metric: str = BEST_METRIC,
-               async_save: bool = True, create: bool = True):
+               async_save: bool = True, create: bool = True, local: bool = False):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
     self._pending: int | None = None   # a step handed to orbax, not yet checked committed
@@ -90,7 +91,8 @@ class Checkpointer:
         # The step's temporary folder is made in the caller's thread: made in the background,
         # a failed mkdir (read-only or full disk) left orbax's writer threads waiting 300 s
         # for it, and the process hung that long after the error (measured, orbax 0.12.8).
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        multiprocessing_options=this_process_only() if local else ocp.options.MultiprocessingOptions())
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
     self._async = async_save
@@ -291,13 +293,13 @@ def _read_state(directory: str, step: int) -> dict:
   devices reads on 1 (orbax refuses a target-less restore across topologies).
   """
   path = os.path.join(os.path.abspath(directory), str(step), "state")
-  handler = ocp.StandardCheckpointHandler()  # the item's own metadata, no step-level warning
+  handler = ocp.StandardCheckpointHandler(multiprocessing_options=this_process_only())  # item metadata
   try:
     tree = handler.metadata(epath.Path(path))
   finally:
     handler.close()
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
-  with ocp.StandardCheckpointer() as checkpointer:
+  with ocp.StandardCheckpointer(multiprocessing_options=this_process_only()) as checkpointer:
     return checkpointer.restore(path, target)
 
 
@@ -318,7 +320,7 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
         best_metric = best_metric_for(json.load(f))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {directory}; train first with python -m launch.train")
-  ckpt = Checkpointer(directory, best_metric=best_metric, create=False)
+  ckpt = Checkpointer(directory, best_metric=best_metric, create=False, local=True)
   try:
     steps = ckpt.all_steps()
     if not steps:

@@ -101,12 +101,15 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
                                       batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
   report["before_quoting"] = checks.conclusion_warnings(report)  # near chance, small n
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
-  write_npz(stem + ".npz", report.pop("per_example"))
+  per_example = report.pop("per_example")
   report["per_example_file"] = os.path.basename(stem) + ".npz"
-  write_json(stem + ".json", report)
-  with open(stem + ".md", "w") as f:
-    f.write(report_lib.markdown(report))
-  report_lib.plots(report, out_dir)
+  import jax
+  if jax.process_index() == 0:  # a multi-process run: every process has the report, one writes
+    write_npz(stem + ".npz", per_example)
+    write_json(stem + ".json", report)
+    with open(stem + ".md", "w") as f:
+      f.write(report_lib.markdown(report))
+    report_lib.plots(report, out_dir)
   return report, stem
 
 

@@ -162,8 +162,8 @@ class Suite:
   # ---------------------------------------------------------------- running
   def _predict(self, x, key):
     if self.stochastic:
-      return np.asarray(_predict_stochastic(self.logits_fn, x, key))
-    return np.asarray(_predict(self.logits_fn, x))
+      return data_lib.to_host(_predict_stochastic(self.logits_fn, x, key))
+    return data_lib.to_host(_predict(self.logits_fn, x))
 
   def _run_chunk_batched(self, spec, chunk_indices, key) -> tuple[np.ndarray, np.ndarray]:
     """Per-example robust [n], and the adversarial images (clean where not broken)."""
@@ -179,8 +179,9 @@ class Suite:
     offset = 0
     for b, batch in enumerate(batches):
       mask = batch.pop("mask").astype(bool)
-      x = data_lib.shard_batch(batch["image"], self.data_sharding)
-      y = data_lib.shard_batch(batch["label"], self.data_sharding)
+      # Every host holds the whole batch (and gets whole results): the mesh spans the hosts.
+      x = data_lib.shard_batch(batch["image"], self.data_sharding, whole=True)
+      y = data_lib.shard_batch(batch["label"], self.data_sharding, whole=True)
       labels = batch["label"]
       # The evaluated examples' own indices (padding rows get indices no example has).
       index = np.arange(len(mask), dtype=np.int64) + _PADDING_INDEX
@@ -197,7 +198,7 @@ class Suite:
         adv = runner(x, y, attack_key)
         ok = self._predict(adv, jax.random.fold_in(rkey, 1)) == labels
         newly = robust & ~ok
-        best[newly] = np.asarray(adv)[newly]
+        best[newly] = data_lib.to_host(adv)[newly]
         robust &= ok
       robust_all.append(robust[mask])
       adv_all.append(best[mask])
@@ -230,7 +231,7 @@ class Suite:
     else:
       r, a = self._run_chunk_batched(spec, chunk_indices, key)
     wall = time.time() - t0
-    if path:
+    if path and jax.process_index() == 0:  # every host computed it; one writes
       tmp = path + ".tmp.npz"
       np.savez(tmp, robust=r, adversarial=a, wall_s=wall, computed_on=self.where, **extra)
       os.replace(tmp, path)

@@ -148,10 +148,11 @@ class Trainer:
                                                     multiple_of=self.mesh.devices.size,
                                                     full_batches=True)):
       mask = batch.pop("mask")
+      # Every host reads the whole validation batch (small) and gets the whole result.
       out = self.eval_step(params, state.model_state,
-                           data_lib.shard_batch(batch, self.batch_sharding),
+                           data_lib.shard_batch(batch, self.batch_sharding, whole=True),
                            jax.random.fold_in(key, i))
-      out = jax.device_get(out)
+      out = data_lib.to_host(out)
       for k in counts:
         counts[k] += int(np.sum(out[k] * mask))
       n += int(mask.sum())
@@ -244,17 +245,18 @@ class Trainer:
       iterator.set_state(data_state)
       start = latest
       logging.info("resumed from step %d", start)
-    else:
+    elif jax.process_index() == 0:  # one writer of the workdir's files (orbax: of checkpoints)
       records.write_json(os.path.join(self.workdir, "config.json"),
                          json.loads(config.to_json_best_effort()))
 
     record_path = os.path.join(self.workdir, "run_record.json")
-    history = []
-    if os.path.exists(record_path):
-      with open(record_path) as f:
-        history = json.load(f).get("launches", [])
-    history.append(dict(records.run_record(config), start_step=start))
-    records.write_json(record_path, {"launches": history})
+    if jax.process_index() == 0:
+      history = []
+      if os.path.exists(record_path):
+        with open(record_path) as f:
+          history = json.load(f).get("launches", [])
+      history.append(dict(records.run_record(config), start_step=start))
+      records.write_json(record_path, {"launches": history})
 
     writer = records.MetricsWriter(self.workdir)
     prefetch = data_lib.prefetch_to_device(iterator, size=config.prefetch, sharding=self.batch_sharding)
