@@ -90,3 +90,42 @@ def smoke_workdir(tmp_path_factory):
   after = _manifest(workdir)
   changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
   assert not changed, f"a test wrote into the shared smoke workdir {workdir}: {changed}"
+
+
+# ---------------------------------------------------------------- compile profile (opt-in)
+# AGAD_TEST_COMPILE_PROFILE=DIR writes, per pytest process, DIR/<worker>.json with each test's
+# number of XLA compilations, their seconds (tracing + lowering + backend compile) and its
+# wall time: where the suite's time goes (docs/testing.md). Launch subprocesses are not counted.
+_PROFILE_DIR = os.environ.get("AGAD_TEST_COMPILE_PROFILE")
+if _PROFILE_DIR:
+  import json as _json
+  import time as _time
+
+  import jax.monitoring as _monitoring
+
+  _profile = {}
+  _current = {"test": "<collection>"}
+
+  def _on_duration(event, duration, **_):
+    if event.startswith("/jax/core/compile/") or event.startswith("/jax/compilation_cache/"):
+      rec = _profile.setdefault(_current["test"], {"compiles": 0, "compile_s": 0.0, "wall_s": 0.0})
+      if event == "/jax/core/compile/backend_compile_duration":
+        rec["compiles"] += 1
+      rec["compile_s"] += duration
+
+  _monitoring.register_event_duration_secs_listener(_on_duration)
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    _current["test"] = item.nodeid
+    start = _time.perf_counter()
+    yield
+    rec = _profile.setdefault(item.nodeid, {"compiles": 0, "compile_s": 0.0, "wall_s": 0.0})
+    rec["wall_s"] += _time.perf_counter() - start
+    _current["test"] = "<between tests>"
+
+  def pytest_sessionfinish(session, exitstatus):
+    os.makedirs(_PROFILE_DIR, exist_ok=True)
+    name = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(_PROFILE_DIR, f"{name}.json"), "w") as f:
+      _json.dump(_profile, f, indent=1)

@@ -1,7 +1,7 @@
 """Every objective and defense spec trains its Fashion-MNIST smoke run to the end with a
 finite loss and gradient norm, under each XLA:CPU code path.
 
-  .venv/bin/python tools/numerics_sweep.py [--out=DIR] [--specs=again,fsr,...]
+  .venv/bin/python tools/numerics_sweep.py [--out=DIR] [--specs=again,fsr,...] [--steps=N]
 
 Code paths: XLA:CPU's default, and the same with its YNN fusions turned off
 (``--xla_cpu_experimental_ynn_fusion_type=``). Teacher-based defenses (ATAT, AGKD-BML) and
@@ -37,11 +37,13 @@ def _arg(spec: str) -> str:
   return spec if "," in spec else (f"smallcnn_bn,{spec}" if spec.startswith("afa") else f"smallcnn,{spec}")
 
 
-def train(arg: str, workdir: str, xla_flags: str, extra: list[str]) -> tuple[int, str]:
+def train(arg: str, workdir: str, xla_flags: str, extra: list[str], steps: int | None = None) -> tuple[int, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip())
   cmd = [sys.executable, "-m", "launch.train", f"--config=configs/fashion_mnist.py:{arg},smoke",
          "--config.log_every_steps=1", f"--workdir={workdir}", *extra]
+  if steps:
+    cmd.append(f"--config.stop_after_steps={steps}")
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   return out.returncode, out.stderr[-2000:]
 
@@ -50,6 +52,9 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=None, help="workdirs go here (default: a temp dir)")
   parser.add_argument("--specs", default=",".join(SPECS))
+  parser.add_argument("--steps", type=int, default=None,
+                      help="stop every run (and its teacher / stage I) after this many steps "
+                           "(default: the whole smoke run, 24 steps)")
   args = parser.parse_args()
   out = args.out or tempfile.mkdtemp(prefix="agad_numerics_")
   failures = 0
@@ -60,7 +65,7 @@ def main() -> int:
       if spec in PREREQ:
         pre_arg, pre_extra = PREREQ[spec]
         pre_dir = workdir + "_prereq"
-        rc, err = train(pre_arg, pre_dir, xla_flags, pre_extra)
+        rc, err = train(pre_arg, pre_dir, xla_flags, pre_extra, args.steps)
         if rc:
           print(f"{path_name:8s} {spec:14s} prerequisite {pre_arg} FAILED: {err[-300:]}", flush=True)
           failures += 1
@@ -68,7 +73,7 @@ def main() -> int:
         extra = [f"--config.init.workdir={pre_dir}"]
         if spec in ("atat", "agkd_bml"):
           extra.append(f"--config.objective.{spec}.teacher.workdir={pre_dir}")
-      rc, err = train(_arg(spec), workdir, xla_flags, extra)
+      rc, err = train(_arg(spec), workdir, xla_flags, extra, args.steps)
       lines = []
       metrics = os.path.join(workdir, "metrics.jsonl")
       if os.path.exists(metrics):
