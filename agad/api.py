@@ -6,18 +6,14 @@ its plug-ins and norm layers): no training objective, no dataset, no frozen teac
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.tree_util import Partial
 
-from agad import checkpoint as ckpt_lib
 from agad import data as data_lib
 from agad import defenses
+from agad.defenses import load_config, use_recorded_defenses  # noqa: F401  (agad.api's own names)
 from agad.objectives import base
 
 _EVAL_APPLY: dict[int, tuple[Any, Any]] = {}
@@ -62,34 +58,6 @@ class Loaded(NamedTuple):
     return defenses.build_objective(self.config.objective.name, self.model, self.config)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.abspath(workdir), "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not an agad training workdir")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  use_recorded_defenses(workdir)
-  return config
-
-
-def use_recorded_defenses(workdir: str) -> list[str]:
-  """Puts the out-of-tree defense folders the run record of ``workdir`` names back on the
-  path (``agad.defenses.use_recorded``): evaluating a run trained with ``AGAD_DEFENSES_PATH``
-  needs no variable. Returns the folders added."""
-  record = os.path.join(os.path.abspath(workdir), "run_record.json")
-  if not os.path.exists(record):
-    return []
-  try:
-    with open(record) as f:
-      launches = json.load(f).get("launches", [])
-  except (OSError, ValueError):
-    return []
-  recorded = {}
-  for launch in launches:  # the newest launch's entry wins
-    recorded.update(launch.get("defenses") or {})
-  return defenses.use_recorded(recorded)
-
-
 def load(workdir: str, step: Any = "best", *, params: str = "params", config=None) -> Loaded:
   """Restores a checkpoint of ``workdir``.
 
@@ -98,17 +66,5 @@ def load(workdir: str, step: Any = "best", *, params: str = "params", config=Non
       training, see ``checkpoint.best_metric``), ``"latest"`` or a number.
     params: ``"params"`` or ``"ema"`` (the EMA weights, if the run kept them).
   """
-  if params not in ("params", "ema"):
-    raise ValueError(f"params={params!r}; use 'params' or 'ema'")
-  config = config or load_config(workdir)
-  info = data_lib.dataset_info(config.data)
-  model = defenses.build_model(config, info)
-  raw, step = ckpt_lib.read_state(workdir, step)
-  if params == "ema":
-    if not raw.get("ema_params"):
-      raise ValueError(f"{workdir} kept no EMA weights (ema_decay was 0); use params='params'")
-    weights = raw["ema_params"]
-  else:
-    weights = raw["params"]
-  variables = jax.tree.map(jnp.asarray, {"params": weights, **(raw.get("model_state") or {})})
+  config, info, model, variables, step = defenses.restore(workdir, step, params=params, config=config)
   return Loaded(config, model, variables, step, make_logits_fn(model, variables), info)

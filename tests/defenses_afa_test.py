@@ -1,4 +1,4 @@
-"""AFA (agad/defenses/afa.py, _afa_norm.py): branch routing, the stacked ladder attack,
+"""AFA (agad/defenses/afa.py, afa_stage2.py, _afa_norm.py): branch routing, the stacked ladder attack,
 stage II's freezing and fusion, the deployed model, the adaptive losses, the two commands."""
 
 import functools
@@ -14,8 +14,8 @@ from flax import traverse_util
 import agad
 from agad import data as data_lib
 from agad import defenses
-from agad.defenses import afa, _afa_analysis
-from agad.defenses._afa_norm import AFANorm, kept_branches, per_example_mean, sown
+from agad.defenses import afa, afa_stage2, _afa_analysis
+from agad.defenses._afa_norm import AFANorm, kept_branches, per_example_mean, sown, w0_per_example
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.training import loop
@@ -263,7 +263,7 @@ class PerStageWeightGeneratorTest(parameterized.TestCase):
 def _stage2_objective(init_workdir="runs/none", **kw):
   config, net, params, ms, x, y = _model_and_vars(
       "afa_stage2", **{"init.workdir": init_workdir, **kw})
-  return config, net, params, ms, x, y, afa.afa_stage2(net, config)
+  return config, net, params, ms, x, y, afa_stage2.afa_stage2(net, config)
 
 
 class AdaptiveLossTest(parameterized.TestCase):
@@ -284,7 +284,7 @@ class AdaptiveLossTest(parameterized.TestCase):
   def test_ascending_the_bce_term_raises_minus_log_one_minus_w0(self):
     config, net, params, ms, x, y, _ = _stage2_objective(
         **{"objective.afa_stage2.adaptive_ratios": "0:1"})
-    objective = afa.afa_stage2(net, config)
+    objective = afa_stage2.afa_stage2(net, config)
     (name, loss), = objective.adaptive_loss(net, {"params": params, **ms}).items()
     assert name == "ce0_bce1"
     # BCE(W0, 0) from the sown weights: -log(1 - W0); ascending it raises W0 (towards the
@@ -301,14 +301,14 @@ class AdaptiveLossTest(parameterized.TestCase):
     config, net, *_ = _model_and_vars("afa_stage2")
     config.init.workdir = ""
     with pytest.raises(ValueError, match="init.workdir=<stage-I workdir>"):
-      afa.afa_stage2(net, config)
+      afa_stage2.afa_stage2(net, config)
 
 
 def test_recipes_and_config_names():
   from configs import cifar10, fashion_mnist, svhn
   c = cifar10.get_config("wrn28_10,afa_stage2")
   assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.optim.decay_factor) == (20, 0.01, (10,), 0.1)
-  assert c.init.freeze == afa.STAGE2_FREEZE and c.init.keep_init == afa.STAGE2_KEEP_INIT
+  assert c.init.freeze == afa_stage2.STAGE2_FREEZE and c.init.keep_init == afa_stage2.STAGE2_KEEP_INIT
   c = cifar10.get_config("wrn28_10,afa")
   assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.init.freeze) == (100, 0.1, (75, 90), "")
   c = svhn.get_config("wrn16_8,afa_stage2")
@@ -317,7 +317,7 @@ def test_recipes_and_config_names():
   c = fashion_mnist.get_config("smallcnn_bn,afa_stage2")
   assert (c.num_epochs, c.optim.lr, c.attack.eps_warmup_steps) == (1, 0.005, 0)
   import re
-  frozen = lambda p: bool(re.search(afa.STAGE2_FREEZE, p))
+  frozen = lambda p: bool(re.search(afa_stage2.STAGE2_FREEZE, p))
   assert frozen("stage1_bn0/branch0/scale") and frozen("stage2_unit0/bn1/branch4/bias")
   assert frozen("classifier/kernel") and not frozen("stage1_bn0/wg/conv0/kernel")
   assert not frozen("stage2_unit0/bn1/wg/fc1/bias")
@@ -348,7 +348,7 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
   assert first.exp.objective.name == "afa" and first.config.attack.eps == 0.1
   first.run()
   trainer = _fashion_mnist_smoke("afa_stage2", two, **{"init.workdir": one})
-  assert trainer.config.init.freeze == afa.STAGE2_FREEZE
+  assert trainer.config.init.freeze == afa_stage2.STAGE2_FREEZE
   start = _flat(trainer.initial_state().params)
   final = trainer.run()
   src = agad.load(one, "latest").variables
@@ -370,7 +370,7 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
   x = jax.random.uniform(jax.random.key(3), (5, 28, 28, 1))
   out = base.forward(loaded.model, final.params, final.model_state, x, mode="eval")
   np.testing.assert_array_equal(loaded.logits_fn(x), out.logits)
-  w0 = afa.w0_per_example(out)
+  w0 = w0_per_example(out)
   assert np.all((np.asarray(w0) > 0) & (np.asarray(w0) < 1))
   assert len(sown(out.aux)) == 2  # smallcnn_bn: two stages, one WG each (wg_per='stage')
   branch0 = base.forward(loaded.model, final.params, final.model_state, x, mode="eval",

@@ -19,7 +19,7 @@ from agad import data as data_lib
 from agad import defenses, models
 from agad.attacks import losses as attack_losses
 from agad.defenses import again as again_lib
-from agad.defenses import cas as cas_lib
+from agad.defenses import _cas_family as cas_family
 from agad.defenses.again import AUX_NAME, OTHER_LABELS_NAME, ASEPlugin, ase_weights, hybrid_feature_fusion
 from agad.objectives.awp import awp_perturbation
 from agad.objectives import base
@@ -194,7 +194,7 @@ def test_again_loss_is_ce_plus_two_mean_aux_ce_with_per_site_permutations(setup)
   value, aux = jax.jit(obj.loss)(params, state, {}, batch, adv, jax.random.key(3), 0)
   ref = base.forward(model, params, state, adv, mode="train", labels=batch["label"],
                      rng=base.pass_key(jax.random.key(3), 0))
-  heads = cas_lib.aux_logits(ref.aux, AUX_NAME)
+  heads = cas_family.aux_logits(ref.aux, AUX_NAME)
   assert len(heads) == 2
   y = batch["label"]
   expected = jnp.mean(attack_losses.cross_entropy(ref.logits, y)) + 2.0 * 0.5 * sum(
@@ -250,7 +250,7 @@ def test_attack_uses_the_eval_mode_combined_loss_normal_start_and_step_option(se
   variants = obj.adaptive_loss(model, {"params": params, **state})
   assert set(variants) == {"", "st", "st_t10"}
   out = base.forward(model, params, state, x, mode="eval", labels=y)
-  heads = cas_lib.aux_logits(out.aux, AUX_NAME)
+  heads = cas_family.aux_logits(out.aux, AUX_NAME)
   expected = attack_losses.cross_entropy(out.logits, y) + 2.0 * sum(
       attack_losses.cross_entropy(h, y) for h in heads) / 2
   np.testing.assert_allclose(variants[""](x, y), expected, rtol=1e-5)
@@ -285,7 +285,7 @@ def test_mart_again_adds_the_terms_on_marts_adv_pass_without_another_pass(setup)
   np.testing.assert_array_equal(adv, mart.generate(params, state, {}, batch, jax.random.key(2), 0))  # MART's attack
   value, aux = obj.loss(params, state, {}, batch, adv, jax.random.key(3), 0)
   y = batch["label"]
-  heads = cas_lib.aux_logits(aux.passes["adv"].aux, AUX_NAME)
+  heads = cas_family.aux_logits(aux.passes["adv"].aux, AUX_NAME)
   expected = mart_loss(aux.passes["clean"].logits, aux.passes["adv"].logits, y, beta=6.0) + 2.0 * sum(
       jnp.mean(attack_losses.cross_entropy(h, y)) for h in heads) / 2
   np.testing.assert_allclose(value, expected, rtol=1e-6)

@@ -1,7 +1,9 @@
-"""Imports flow one way (DESIGN.md): a lower room never imports a higher one."""
+"""Imports flow one way (WORKSPACE.md): a lower room never imports a higher one, and no
+modules import each other (not even through imports inside functions)."""
 
 import ast
 import os
+import sys
 
 import pytest
 
@@ -18,7 +20,7 @@ FORBIDDEN = {
     "agad/attacks": ("agad.models", "agad.objectives", "agad.defenses", "agad.training", "agad.evaluation",
                      "agad.api", "configs", "launch"),
     "agad/objectives": ("agad.defenses", "agad.training", "agad.evaluation", "agad.api", "configs", "launch"),
-    "agad/defenses": ("agad.training", "agad.evaluation", "configs", "launch"),
+    "agad/defenses": ("agad.training", "agad.evaluation", "agad.api", "configs", "launch"),
     "agad/training": ("agad.evaluation", "configs", "launch"),
     "agad/evaluation": ("agad.training", "configs", "launch"),
     "agad/api.py": ("agad.training", "agad.evaluation", "configs", "launch"),
@@ -28,16 +30,30 @@ FORBIDDEN = {
 }
 
 
+def _module_name(path):
+  rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+  return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
 def _imports(path):
+  """``(imported name, line, node)`` for every import of ``path``, nested ones included;
+  relative imports are resolved against the module's package."""
   tree = ast.parse(open(path).read(), path)
+  package = _module_name(path).split(".")
+  if not path.endswith("__init__.py"):
+    package = package[:-1]
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       for alias in node.names:
-        yield alias.name, node.lineno
-    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-      yield node.module, node.lineno
+        yield alias.name, node.lineno, node
+    elif isinstance(node, ast.ImportFrom):
+      module = node.module or ""
+      if node.level:
+        base = package[:len(package) - (node.level - 1)]
+        module = ".".join(base + ([module] if module else []))
+      yield module, node.lineno, node
       for alias in node.names:  # `from agad import training`
-        yield f"{node.module}.{alias.name}", node.lineno
+        yield f"{module}.{alias.name}", node.lineno, node
 
 
 def _files(room):
@@ -50,8 +66,12 @@ def _files(room):
 @pytest.mark.parametrize("room", sorted(FORBIDDEN))
 def test_rooms_import_only_downwards(room):
   bad = []
+  own = room[:-3] if room.endswith(".py") else room
+  own = own.replace("/", ".")
   for path in _files(room):
-    for name, line in _imports(path):
+    for name, line, _ in _imports(path):
+      if name == own or name.startswith(own + "."):  # a package's own modules
+        continue
       if any(name == f.rstrip(".") or name.startswith(f if f.endswith(".") else f + ".") or name == f
              for f in FORBIDDEN[room]):
         bad.append(f"{os.path.relpath(path, REPO)}:{line} imports {name}")
@@ -71,3 +91,68 @@ def test_modules_stay_small():
   big = [(os.path.relpath(p, REPO), n) for p in _files("agad")
          if (n := sum(1 for _ in open(p))) > 420]
   assert not big, f"modules over ~400 lines: {big}"
+
+
+def _graph():
+  """``{module: {agad modules it imports}}`` over every module of ``agad/``."""
+  modules = {_module_name(p): p for p in _files("agad")}
+
+  def resolve(name):  # `agad.defenses.cas.CASPlugin` -> `agad.defenses.cas`
+    while name and name not in modules:
+      name = name.rpartition(".")[0]
+    return name
+
+  graph = {}
+  for module, path in modules.items():
+    targets = {resolve(name) for name, _, _ in _imports(path) if name.split(".")[0] == "agad"}
+    # A module importing its own package (``from agad.defenses import _registry`` in
+    # ``agad.defenses.cas``) reads the package's other modules, not the package back.
+    graph[module] = {t for t in targets if t and t != module and not module.startswith(t + ".")}
+  return graph
+
+
+def _cycles(graph):
+  """The strongly connected components of ``graph`` with more than one module (Tarjan)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        found.append(sorted(component))
+
+  limit = sys.getrecursionlimit()
+  sys.setrecursionlimit(max(limit, 10_000))
+  try:
+    for v in sorted(graph):
+      if v not in index:
+        visit(v)
+  finally:
+    sys.setrecursionlimit(limit)
+  return found
+
+
+def test_no_import_cycles_even_through_function_level_imports():
+  cycles = _cycles(_graph())
+  assert not cycles, "modules that import each other: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_sees_a_loop_and_only_a_loop():
+  assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+  assert _cycles({"a": {"b"}, "b": set()}) == []
+

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from agad.data.sources import ArraySource, RandomAccessSource, SubsetSource, TfdsSource
 
@@ -222,7 +223,6 @@ def to_host(x: Any) -> Any:
   over several processes (gathered from the other hosts)."""
   def get(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
-      from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return np.asarray(a)
   return jax.tree.map(get, x)

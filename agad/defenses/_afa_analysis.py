@@ -2,7 +2,7 @@
 and the rank correlation that says whether it rises with eps (Fig. 6); and a stage-I run's
 accuracy under fixed branch routings (the ceiling of what stage II can reach).
 
-``python -m launch.dev.afa_branches --workdir=<stage-I run>`` prints the routing sweep."""
+``python tools/afa_branches.py --workdir=<stage-I run>`` prints the routing sweep."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import scipy.stats
 
 from agad.attacks import iterative as pgd_lib
-from agad.defenses.afa import w0_per_example
+from agad.defenses._afa_norm import w0_per_example
 from agad.objectives import base
 
 

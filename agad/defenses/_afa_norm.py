@@ -209,3 +209,9 @@ def per_example_mean(arrays: Sequence[jax.Array]) -> jax.Array:
                      "afa_stage2, and was the pass run with norm_ctx=None?)")
   total = sum(jnp.sum(a.astype(jnp.float32), axis=-1) for a in arrays)
   return total / sum(a.shape[-1] for a in arrays)
+
+
+def w0_per_example(out: Any) -> jax.Array:
+  """Mean fusion weight W0 over layers (and channels) per example ``[B]`` of a pass
+  (``out``: a ``base.ModelOutput``, whose ``aux`` holds the sown weights)."""
+  return per_example_mean(sown(out.aux, W0_NAME))

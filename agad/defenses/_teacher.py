@@ -18,8 +18,13 @@ teacher's workdir is deleted.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, NamedTuple
 
+from agad import checkpoint as ckpt_lib
+from agad.data import sources as data_sources
+from agad.defenses._build import load_config, restore
 from agad.objectives import base
 
 
@@ -33,16 +38,12 @@ class Teacher(NamedTuple):
 
 def load_teacher(workdir: str, step: Any = "best", *, params: str = "params") -> Teacher:
   """The frozen model of another run (``step``: ``best | latest | N``)."""
-  import os
-
-  from agad import api
-  from agad import checkpoint as ckpt_lib
   if not workdir:
     raise ValueError("the teacher's workdir is empty: set config.objective.<defense>.teacher.workdir "
                      "to a finished run (e.g. a 'standard' run of the same dataset)")
-  loaded = api.load(workdir, step, params=params)
-  return Teacher(loaded.model, loaded.variables, ckpt_lib.params_hash(loaded.variables),
-                 loaded.step, os.path.abspath(workdir))
+  restored = restore(workdir, step, params=params)
+  return Teacher(restored.model, restored.variables, ckpt_lib.params_hash(restored.variables),
+                 restored.step, os.path.abspath(workdir))
 
 
 def _setting(cfg, key):
@@ -57,7 +58,6 @@ def check_compatible(teacher_cfg, config, *, defense: str, field: str) -> None:
   """Refuses a teacher whose run differs from the student's in dataset, classes, image
   shape, model or input normalisation; each error names ``field`` (the config field that
   points at the teacher) and the student's field to change. ``defense`` names the caller."""
-  from agad.data import sources as data_sources
   t_info = data_sources.dataset_info(teacher_cfg.data)
   s_info = data_sources.dataset_info(config.data)
   checks = [("data.name", teacher_cfg.data.name, config.data.name),
@@ -88,15 +88,11 @@ def teacher_config(workdir: str, config, *, defense: str, field: str, empty_hint
   ``empty_hint`` completes "``<defense>`` needs ..." when the field is empty;
   ``start_note`` says where the paper/code starts the student from its teacher.
   """
-  import logging
-  import os
-
-  from agad import api
   if not workdir:
     raise ValueError(f"{field} is empty: {defense} needs {empty_hint}")
   if not os.path.exists(os.path.join(workdir, "config.json")):
     raise FileNotFoundError(f"{field} = {workdir!r} holds no config.json: point it to an agad training workdir")
-  teacher_cfg = api.load_config(workdir)
+  teacher_cfg = load_config(workdir)
   check_compatible(teacher_cfg, config, defense=defense, field=field)
   init = os.path.abspath(config.init.workdir) if config.init.workdir else ""
   if from_teacher and init != os.path.abspath(workdir):

@@ -15,7 +15,10 @@ from typing import Any
 
 import ml_collections
 
+from agad.attacks import losses as attack_losses
 from agad.defenses import _registry as registry
+from agad.defenses._afa_norm import WG_OUTS
+from agad.objectives.defaults import bn_pass_order
 from agad.validation import (BOOL, NON_NEGATIVE, POSITIVE, STEP, Rule, check, choice_rule, flatten,
                              int_rule, is_int, is_real, is_seq, need, num_rule, optional, type_rule,
                              unknown_field)
@@ -35,7 +38,6 @@ def _sites_ok(v, *, empty: bool) -> bool:
 
 
 def _bn_order_ok(v) -> bool:
-  from agad.objectives.defaults import bn_pass_order
   try:
     return isinstance(v, str) and bool(bn_pass_order(v))
   except ValueError:
@@ -44,16 +46,14 @@ def _bn_order_ok(v) -> bool:
 
 def _ratios_ok(v) -> bool:
   try:
-    return isinstance(v, str) and bool(v.strip()) and bool(registry.find("afa").parse_ratios(v))
+    return isinstance(v, str) and bool(v.strip()) and bool(registry.find("afa_stage2").parse_ratios(v))
   except ValueError:
     return False
 
 
 def field_rules() -> dict[str, Rule]:
   """``{field name or "<defense>.<field>": Rule}`` for the fields of every defense here."""
-  from agad.attacks import losses as attack_losses
-  from agad.defenses._afa_norm import WG_OUTS
-  afa, atat, alp = (registry.find(n) for n in ("afa", "atat", "alp"))
+  afa, stage2, atat, alp = (registry.find(n) for n in ("afa", "afa_stage2", "atat", "alp"))
   sites = "a tuple of site names, e.g. ('features',)"
   return {
       "attack_bn": optional(choice_rule(("eval", "batch")), "config.attack.bn"),
@@ -74,7 +74,7 @@ def field_rules() -> dict[str, Rule]:
       "num_branches": int_rule(2),
       "base": choice_rule(afa.BASES), "clean_in_branch": choice_rule(afa.CLEAN_MODES),
       "loss_reduction": choice_rule(afa.REDUCTIONS),
-      "wg_per": choice_rule(afa.WG_PERS), "wg_out": choice_rule(WG_OUTS),
+      "wg_per": choice_rule(stage2.WG_PERS), "wg_out": choice_rule(WG_OUTS),
       "keep": Rule(lambda v: is_seq(v) and len(v) == 2 and all(is_int(k) for k in v),
                    "two branch indices, e.g. (0, -1)"),
       "ladder": Rule(lambda v: is_seq(v) and all(is_real(f) for f in v),

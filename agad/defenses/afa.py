@@ -5,8 +5,8 @@ leaves open is a config field below with its default and the reason.
 Two runs, two objective names in the config grammar:
 
   ``MODEL,afa``         stage I  (this module's ``objective`` = :func:`afa_stage1`)
-  ``MODEL,afa_stage2``  stage II (``agad/defenses/afa_stage2.py``: its ``DEFAULTS``, and
-                        :func:`afa_stage2`, :func:`stage2_norm` from here)
+  ``MODEL,afa_stage2``  stage II (:mod:`agad.defenses.afa_stage2`, which imports nothing
+                        from this module)
 
 Stage I (paper Sec. 4.3, Algorithm 1, Eq. 3). Every BN layer of the backbone becomes a
 K-branch BN (:class:`~agad.models.layers.MultiBranchBatchNorm`, K = ``num_branches`` = 5,
@@ -31,14 +31,14 @@ statistics, no cross-example coupling). Branch k's chunk starts from
 (tested). The loss then runs one train-mode pass per branch, ``{'branch': k}`` over that
 branch's B examples, so each example updates only its strength's running statistics.
 
-Stage II (Sec. 4.2-4.3, Fig. 4b). :func:`stage2_norm` replaces every BN by
+Stage II (Sec. 4.2-4.3, Fig. 4b). ``afa_stage2.norm`` replaces every BN by
 :class:`~agad.defenses._afa_norm.AFANorm`: BN_0 and BN_{K-1} kept (same variable names as
 stage I, so ``init.workdir=<stage-I run>`` copies them by identity; the middle branches
 are dropped), fused by a weight generator (Eqs. 1-2; one per stage by default, handed to the
 stage's BN layers through the backbone's ``norm_hook``; ``wg_per="layer"``: one per BN layer):
 ``x_hat = W0 BN_0(x) + (1 - W0) BN_{K-1}(x)``, ``W0 = sigmoid(WG(x))`` sown as
-``aux/afa_w0``. Everything but the WGs is frozen (``init.freeze`` = :data:`STAGE2_FREEZE`,
-parameters; ``freeze_stats`` = running statistics); the WGs train on CE only, on inputs
+``aux/afa_w0``. Everything but the WGs is frozen (``init.freeze`` =
+``afa_stage2.STAGE2_FREEZE``, parameters; ``freeze_stats`` = running statistics); the WGs train on CE only, on inputs
 attacked with a random strength per example, ``eps_b = u_b * xi_max``, ``u_b ~ U(0, 1)``
 (step ``u_b * attack.step_size``), PGD through the deployed model in eval mode. The
 deployed model IS the WGs + both branches: ``agad.load(run).logits_fn`` runs it end to end
@@ -92,10 +92,6 @@ import numpy as np
 from agad.attacks import driver as driver_lib
 from agad.attacks import iterative as pgd_lib
 from agad.attacks import losses as attack_losses
-from agad.defenses import afa_stage2 as stage2_module
-from agad.defenses.afa_stage2 import STAGE2_FREEZE, STAGE2_KEEP_INIT
-from agad.defenses._afa_norm import (LOGIT_NAME, W0_NAME, AFANorm, AFAStageHook, kept_branches,
-                                    per_example_mean, sown)
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.objectives.mart import mart_loss
@@ -115,46 +111,10 @@ DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-exa
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
 DEFAULTS.loss_reduction = "sum"    # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
 
-WG_PERS = ("stage", "layer")  # one weight generator per stage (default) | per BN layer
-
-_STRENGTH_SALT = 0x41464132
-
-
 def norm(config: Any):
   """Stage I's norm factory: ``MultiBranchBatchNorm`` with K branches."""
   cfg = defaults.objective_config(config, "afa", DEFAULTS)
   return functools.partial(MultiBranchBatchNorm, num_branches=int(cfg.num_branches))
-
-
-def stage2_defaults() -> ml_collections.ConfigDict:
-  """Stage II's ``DEFAULTS`` (defined in ``afa_stage2.py``, where the registry reads them)."""
-  return stage2_module.DEFAULTS
-
-
-def stage2_norm(config: Any):
-  """Stage II's norm factory: :class:`AFANorm` (two kept branches + a weight generator)."""
-  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
-  kept_branches(int(cfg.num_branches), tuple(cfg.keep))  # fail early on a bad keep
-  return functools.partial(AFANorm, num_branches=int(cfg.num_branches), keep=tuple(cfg.keep),
-                           wg_width=int(cfg.wg_width), wg_out=cfg.wg_out,
-                           freeze_stats=bool(cfg.freeze_stats), own_wg=_wg_per(cfg) == "layer")
-
-
-def stage2_norm_hook(config: Any):
-  """Stage II's backbone norm hook: one :class:`AFAStageHook` per stage (``wg_per='stage'``),
-  None for ``wg_per='layer'``."""
-  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
-  return functools.partial(AFAStageHook, wg_width=int(cfg.wg_width)) if _wg_per(cfg) == "stage" else None
-
-
-def _wg_per(cfg) -> str:
-  per = str(cfg.get("wg_per", "stage"))
-  if per not in WG_PERS:
-    raise ValueError(f"objective.afa_stage2.wg_per={per!r} is not one of {WG_PERS}")
-  if per == "stage" and cfg.wg_out != "scalar":
-    raise ValueError(f"objective.afa_stage2.wg_out={cfg.wg_out!r} needs wg_per='layer' (the layers "
-                     "of a stage differ in width); per stage the weight is a scalar")
-  return per
 
 
 def ladder_radii(config: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -295,100 +255,6 @@ def afa_stage1(model, config: Any) -> base.Objective:
             + (f"; f_k(x) in {cfg.clean_in_branch} mode" if paired else ""))
   return base.Objective("afa", base.no_aux_state, generate, loss,
                         base.BNPolicy(attack=attack.bn, update=update))
-
-
-def parse_ratios(spec: str) -> list[tuple[float, float]]:
-  """``"10:1,1:2"`` -> ``[(10.0, 1.0), (1.0, 2.0)]`` (CE weight, BCE weight)."""
-  out = []
-  for item in filter(None, (s.strip() for s in str(spec).split(","))):
-    parts = item.split(":")
-    try:
-      a, b = (float(p) for p in parts)
-    except ValueError:
-      a = b = -1.0
-    if len(parts) != 2 or a < 0 or b < 0 or a + b == 0:
-      raise ValueError(f"adaptive ratio {item!r} in {spec!r} must be 'CE:BCE' with non-negative "
-                       "weights, e.g. '10:1,1:10'")
-    out.append((a, b))
-  return out
-
-
-def _ratio_name(a: float, b: float) -> str:
-  fmt = lambda v: f"{v:g}".replace(".", "p")
-  return f"ce{fmt(a)}_bce{fmt(b)}"
-
-
-def adaptive_losses(ratios: list[tuple[float, float]]):
-  """The adaptive-loss factory ``(net, variables) -> {variant: (x, labels) -> [B]}``:
-  ``a CE(f(x), y) + b mean_layers softplus(WG logit)`` (= ``b BCE(W0, 0)``) through the
-  eval-mode deployed model."""
-
-  def adaptive_loss(net, variables):
-    params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k not in ("params", "aux")}
-
-    def make(a, b):
-      def fn(x, labels):
-        out = base.forward(net, params, model_state, x, mode="eval", labels=labels)
-        bce = per_example_mean([jax.nn.softplus(z) for z in sown(out.aux, LOGIT_NAME)])
-        return a * attack_losses.cross_entropy(out.logits, labels) + b * bce
-      return fn
-
-    return {_ratio_name(a, b): make(a, b) for a, b in ratios}
-
-  return adaptive_loss
-
-
-def w0_per_example(out: base.ModelOutput) -> jax.Array:
-  """Mean fusion weight W0 over layers (and channels) per example ``[B]`` of a pass."""
-  return per_example_mean(sown(out.aux, W0_NAME))
-
-
-def afa_stage2(model, config: Any) -> base.Objective:
-  """Stage II: train the weight generators with CE on random-strength attacks."""
-  cfg = defaults.objective_config(config, "afa_stage2", stage2_defaults())
-  init_cfg = getattr(config, "init", None)
-  if init_cfg is None or not init_cfg.get("workdir") or not init_cfg.get("freeze"):
-    raise ValueError("afa_stage2 starts from a stage-I run with the backbone frozen: set "
-                     "--config.init.workdir=<stage-I workdir>, "
-                     f"--config.init.freeze='{STAGE2_FREEZE}' and --config.init.keep_init='{STAGE2_KEEP_INIT}' "
-                     "(configs/<dataset>.py:MODEL,afa_stage2 sets the last two)")
-  if float(cfg.eps_max) <= 0:
-    raise ValueError(f"objective.afa_stage2.eps_max={cfg.eps_max} must be > 0 (a fraction of attack.eps)")
-  ratios = parse_ratios(cfg.adaptive_ratios)
-  attack = defaults.TrainingAttack(model, config, {"random_start": cfg.random_start,
-                                                   "attack_bn": "eval"})
-  eps_max = float(cfg.eps_max) * float(attack.eps)
-  step_max = float(cfg.eps_max) * float(attack.step_size)
-
-  def strengths(key, batch_size):
-    u = jax.random.uniform(jax.random.fold_in(key, _STRENGTH_SALT), (batch_size,))
-    return u * eps_max, u * step_max
-
-  def generate(params, model_state, aux_state, batch, key, step):
-    del aux_state
-    eps, step_size = strengths(key, batch["image"].shape[0])
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step,
-                  eps=eps, step_size=step_size)
-
-  def loss(params, model_state, aux_state, batch, adv, key, step):
-    del step
-    y = batch["label"]
-    out = base.forward(model, params, model_state, adv, mode="train", labels=y,
-                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
-    value = base.cross_entropy_mean(out.logits, y)
-    metrics = {"adv_accuracy": base.accuracy(out.logits, y), "w0_mean": jnp.mean(w0_per_example(out))}
-    return value, base.LossAux(out.model_state, aux_state, metrics, {"adv": out})
-
-  return base.Objective("afa_stage2", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="weight generators only (branches frozen)"),
-                        adaptive_losses(ratios), analysis=_fusion_analysis)
-
-
-def _fusion_analysis(model, variables):
-  """W1 against eps (paper Fig. 6), for ``launch.evaluate --preset=ladder``."""
-  from agad.defenses import _afa_analysis  # it imports this module
-  return _afa_analysis.analysis(model, variables)
 
 
 def objective(model, config) -> base.Objective:

@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from agad.attacks import losses as attack_losses
-from agad.defenses import cas as cas_lib
-from agad.defenses.cas import CASPlugin
+from agad.defenses import _cas_family as family
+from agad.defenses._cas_family import CASPlugin
 from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
 
@@ -271,13 +271,13 @@ class ASEPlugin(CASPlugin):
     else:
       mask = attack_losses.rows(kernel.T, jnp.argmax(logits, axis=-1))  # [B, C]: W[argmax z]
       if self.straight_through:
-        mask = cas_lib.straight_through_mask(mask, logits, kernel, self.st_temperature)
+        mask = family.straight_through_mask(mask, logits, kernel, self.st_temperature)
     mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
     return features * mask.astype(features.dtype)
 
 
 # ``CE(f(x), y) + weight * mean_k CE(z_k(x), y)`` per example ``[B]`` (``k`` over sites).
-again_per_example = cas_lib.per_example_fn("AGAIN", AUX_NAME)
+again_per_example = family.per_example_fn("AGAIN", AUX_NAME)
 
 
 def _config(config) -> ml_collections.ConfigDict:
@@ -348,7 +348,7 @@ def again(model, config) -> base.Objective:
   step_size = float(cfg.step_size) or None  # 0: config.attack.step_size
 
   def combined_fn(params, model_state, labels, rng):
-    model_state = cas_lib._without_aux(model_state)
+    model_state = family.without_aux(model_state)
 
     def fn(x):  # eval mode: predicted-label masks; "batch" mode: label-mixed masks, rng fixed
       out = base.forward(model, params, model_state, x, mode=attack.bn, labels=labels, rng=rng)
@@ -364,7 +364,7 @@ def again(model, config) -> base.Objective:
     return attack.general(fn, batch["image"], k_attack, step=step, step_size=step_size)
 
   return base.Objective("again", base.no_aux_state, generate,
-                        cas_lib.adversarial_loss(model, again_per_example, AUX_NAME, weight),
+                        family.adversarial_loss(model, again_per_example, AUX_NAME, weight),
                         base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
 
 
@@ -373,13 +373,13 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   ``"adv"`` pass (the heads exist because ``plugins`` placed them); ``inner``'s attack."""
   del model
   weight = float(_config(config).weight)
-  return cas_lib.heads_transform(inner, "again", AUX_NAME, weight, _adaptive(weight))
+  return family.heads_transform(inner, "again", AUX_NAME, weight, _adaptive(weight))
 
 
 def _adaptive(weight: float):
-  """AGAIN's adaptive losses (the CAS family's variants, ``cas.ADAPTIVE_VARIANTS``) on
+  """AGAIN's adaptive losses (the CAS family's variants, ``_cas_family.ADAPTIVE_VARIANTS``) on
   :func:`again_per_example`."""
-  return cas_lib.adaptive_factory(again_per_example, weight)
+  return family.adaptive_factory(again_per_example, weight)
 
 
 def objective(model, config) -> base.Objective:

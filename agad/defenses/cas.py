@@ -1,6 +1,7 @@
 """Channel-wise activation suppressing (Bai et al. ICLR 2021), as coded in
 bymavis/CAS_ICLR2021 (``Standard_Adv_Training/models/resnet_cas.py``, ``train.py``,
-``attack/reg_attack.py``). The parent of AGAIN and FSR.
+``attack/reg_attack.py``). Its plug-in, losses and adaptive attacks live in
+:mod:`agad.defenses._cas_family`, shared with AGAIN (and FSR's ``aux_logits``).
 
 Plug-in (``CASPlugin``, one per site): an auxiliary ``Linear(C, num_classes)`` on the
 global-average-pooled input features gives aux logits (sown as ``aux/cas_logits``); the
@@ -26,19 +27,16 @@ inner objective's adversarial pass, keeping the inner attack.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 
-from agad.attacks import losses as attack_losses
-from agad.defenses import _registry
-from agad.models.layers import torch_linear_uniform
+from agad.defenses._cas_family import (CAS_LOGITS, CASPlugin, adaptive_factory, adversarial_loss,
+                                       heads_transform, per_example_fn, without_aux)
+from agad.defenses._cas_family import aux_logits  # noqa: F401  (CAS's heads, read from ``aux``)
 from agad.objectives import base, defaults
 
-AUX_NAME = "cas_logits"
+AUX_NAME = CAS_LOGITS
 
 # CAS (Bai et al. ICLR 2021; bymavis/CAS_ICLR2021 Standard_Adv_Training).
 DEFAULTS = ml_collections.ConfigDict()
@@ -51,85 +49,7 @@ DEFAULTS.random_start = "uniform"      # reg_attack.py: random_start=True, U(-ep
 DEFAULTS.attack_bn = "eval"            # attack with model(x, _eval=True): running stats, predicted-label masks.
 
 
-class CASPlugin(nn.Module):
-  """``plugin(features, *, train, labels) -> features`` for a ``[B, H, W, C]`` or ``[B, C]`` site.
-
-  With ``train`` and labels given, the mask is ``W[labels]``; otherwise (eval mode, or no
-  labels) ``W[argmax aux_logits]``. ``W`` is the ``[K, C]`` weight (stored as the
-  ``[C, K]`` kernel). ``straight_through`` (adaptive attacks only, BPDA): the forward value
-  is unchanged, the predicted-label mask's gradient is that of the soft mask
-  ``softmax(aux_logits) @ W``, so an attacker also sees how the prediction would move it.
-  """
-  num_classes: int
-  straight_through: bool = False
-  st_temperature: float = 1.0  # the soft mask is softmax(aux_logits / T) @ W
-
-  # Fields an adaptive attack may switch (``_registry.with_plugin_overrides``).
-  ADAPTIVE_FIELDS = ("straight_through", "st_temperature")
-
-  @nn.compact
-  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
-    channels = features.shape[-1]
-    init = torch_linear_uniform(channels)
-    kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
-    bias = self.param("bias", init, (self.num_classes,), jnp.float32)
-    pooled = jnp.mean(features.astype(jnp.float32), axis=tuple(range(1, features.ndim - 1)))
-    logits = pooled @ kernel + bias
-    self.sow("aux", AUX_NAME, logits)
-    if train and labels is not None:
-      index = labels
-    else:
-      index = jnp.argmax(logits, axis=-1)
-    mask = attack_losses.rows(kernel.T, index)  # [B, C]: W[index] (no gather: losses.rows)
-    if self.straight_through and not (train and labels is not None):
-      mask = straight_through_mask(mask, logits, kernel, self.st_temperature)
-    mask = mask.reshape((mask.shape[0],) + (1,) * (features.ndim - 2) + (channels,))
-    return features * mask.astype(features.dtype)
-
-
-def straight_through_mask(mask: jax.Array, logits: jax.Array, kernel: jax.Array,
-                          temperature: float = 1.0) -> jax.Array:
-  """``mask [B, C]``'s value with the gradient of ``softmax(logits / T) @ W`` (BPDA).
-
-  At T = 1 a confident head's softmax is nearly one-hot and passes almost no gradient; a
-  larger T softens it (the ``st_t10`` adaptive variant)."""
-  soft = jax.nn.softmax(logits / temperature, axis=-1) @ kernel.T  # [B, C]
-  return mask + soft - jax.lax.stop_gradient(soft)
-
-
-def aux_logits(aux: dict, name: str = AUX_NAME) -> list[jax.Array]:
-  """All arrays sown under ``name`` anywhere in an ``aux`` collection (sorted by path)."""
-  found = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(aux)[0]:
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    if name in keys:
-      found.append((jax.tree_util.keystr(path), leaf))
-  return [leaf.astype(jnp.float32) for _, leaf in sorted(found, key=lambda t: t[0])]
-
-
-def per_example_fn(defense: str, aux_name: str) -> Callable:
-  """``(logits, aux, labels, weight) -> [B]`` = ``CE(f(x), y) + weight * mean_k CE(aux_k(x), y)``
-  over the heads sown as ``aux_name`` (``k`` over sites) of a CAS-family defense."""
-
-  def per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
-    heads = aux_logits(aux, aux_name)
-    if not heads:
-      raise ValueError(f"the {defense} objective found no '{aux_name}' in the model's 'aux' collection: "
-                       "build the model with agad.defenses.build_model(config, info) (or "
-                       "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
-    main = attack_losses.cross_entropy(logits, labels)
-    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return main + weight * extra
-
-  return per_example
-
-
 cas_per_example = per_example_fn("CAS", AUX_NAME)
-
-
-def _without_aux(model_state):
-  """``model_state`` without the ``aux`` collection (sown afresh by every pass)."""
-  return {k: v for k, v in model_state.items() if k != "aux"}
 
 
 def plugins(config: Any, num_classes: int) -> dict:
@@ -155,24 +75,6 @@ def cas(model, config) -> base.Objective:
                         base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
 
 
-def adversarial_loss(model, per_example: Callable, aux_name: str, weight: float) -> Callable:
-  """A CAS-family objective's ``loss``: one train-mode pass on the adversarial batch
-  (plug-in rng ``pass_key(key, 0)``), mean ``per_example``, main and aux accuracies."""
-
-  def loss(params, model_state, aux_state, batch, adv, key, step):
-    del step
-    labels = batch["label"]
-    out = base.forward(model, params, _without_aux(model_state), adv, mode="train", labels=labels,
-                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
-    value = jnp.mean(per_example(out.logits, out.aux, labels, weight))
-    heads = aux_logits(out.aux, aux_name)
-    metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
-               "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
-    return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
-
-  return loss
-
-
 def transform(inner: base.Objective, model, config) -> base.Objective:
   """``<objective>+cas``: ``inner``'s loss + ``weight * mean_k CE(aux_k(x'), y)`` on its
   adversarial pass (the heads exist because ``plugins`` placed them); ``inner``'s attack.
@@ -186,68 +88,16 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   return heads_transform(inner, "cas", AUX_NAME, weight, _adaptive(weight))
 
 
-def heads_transform(inner: base.Objective, name: str, aux_name: str, weight: float,
-                    adaptive_loss: Callable) -> base.Objective:
-  """``<inner>+<name>`` of a CAS-family defense: ``inner``'s loss + ``weight * mean_k
-  CE(aux_k(x'), y)`` over the heads sown as ``aux_name`` in its ``"adv"`` pass (metric
-  ``<name>_aux_accuracy``), ``inner``'s attack, the family's adaptive losses."""
-
-  def terms(params, passes, batch, key, step):
-    del params, key, step
-    if "adv" not in passes:
-      raise ValueError(f"+{name} needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
-    heads = aux_logits(passes["adv"].aux, aux_name)
-    if not heads:
-      raise ValueError(f"+{name} found no '{aux_name}' in the adversarial pass of {inner.name}: "
-                       "build the model with agad.defenses.build_model(config, info)")
-    labels = batch["label"]
-    extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return weight * jnp.mean(extra), {f"{name}_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
-
-  combined = base.add_terms(inner, name, terms)
-  return combined._replace(adaptive_loss=adaptive_loss)
-
-
 def combined_loss(net, params, model_state, labels, mode: str, weight: float):
   """``x -> [B]``: the per-example CAS loss through ``net`` in BN ``mode`` (what the
   official attack and the adaptive attacks maximise)."""
-  model_state = _without_aux(model_state)
+  model_state = without_aux(model_state)
 
   def fn(x):
     out = base.forward(net, params, model_state, x, mode=mode, labels=labels)
     return cas_per_example(out.logits, out.aux, labels, weight)
 
   return fn
-
-
-# Adaptive variants of the CAS family (CAS, AGAIN): name -> straight-through temperature
-# (None: the hard predicted-label masks the deployed model uses).
-ADAPTIVE_VARIANTS = {"": None, "st": 1.0, "st_t10": 10.0}
-
-
-def adaptive_factory(per_example: Callable, weight: float):
-  """``Objective.adaptive_loss`` of a CAS-family defense: every variant of
-  ``ADAPTIVE_VARIANTS`` maximises ``per_example(logits, aux, labels, weight)`` (the
-  combined main + aux loss) through the eval-mode model; ``""`` with the hard masks, the
-  others with the same value and mask gradients by straight-through softmax at their
-  temperature (BPDA)."""
-
-  def adaptive_loss(net, variables):
-    params = variables["params"]
-    model_state = _without_aux({k: v for k, v in variables.items() if k != "params"})
-
-    def combined(temperature):
-      n = net if temperature is None else _registry.with_plugin_overrides(
-          net, straight_through=True, st_temperature=temperature)
-
-      def fn(x, labels):
-        out = base.forward(n, params, model_state, x, mode="eval", labels=labels)
-        return per_example(out.logits, out.aux, labels, weight)
-      return fn
-
-    return {name: combined(t) for name, t in ADAPTIVE_VARIANTS.items()}
-
-  return adaptive_loss
 
 
 def _adaptive(weight: float):

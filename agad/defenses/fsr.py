@@ -93,7 +93,7 @@ import ml_collections
 
 from agad.attacks import losses as attack_losses
 from agad.defenses import _registry
-from agad.defenses.cas import aux_logits
+from agad.defenses._cas_family import aux_logits
 from agad.models.layers import TORCH_CONV_DEFAULT, BatchNorm, dense_inits
 from agad.objectives import base, defaults
 from agad.objectives.pgd_at import pgd_at

@@ -15,6 +15,9 @@ from flax import traverse_util
 from agad import checkpoint as ckpt_lib
 from agad import data as data_lib
 from agad import defenses
+from agad import models as models_lib
+from agad.attacks import driver as driver_lib
+from agad.defenses import _validate as defense_checks
 from agad.objectives import base
 from agad.training import optim
 from agad.validation import (BOOL, NON_NEGATIVE, POSITIVE, REGEXES, SEED, STEP, STR, Rule, check,
@@ -63,8 +66,6 @@ def config_rules() -> dict[str, Rule | None]:
   """``{dotted field: Rule}`` for every field :func:`check_config` knows (None: checked
   there by hand). ``objective.*`` is ``agad.defenses._validate``'s, ``eval.*`` is
   ``agad.evaluation.defaults.validate_eval_config``'s."""
-  from agad import models as models_lib
-  from agad.attacks import driver as driver_lib
   return {
       "seed": SEED,
       "batch_size": None,  # an integer >= 1 dividing by the device count
@@ -140,7 +141,6 @@ def check_config(config: Any, *, num_devices: int | None = None) -> None:
   override alone would otherwise select and report at the old radius. Values only: no
   model, no data, milliseconds; :func:`preflight` adds what needs the model.
   """
-  from agad.defenses import _validate as defense_checks
   rules = config_rules()
   for path, value in flatten(config).items():
     if path.startswith(("eval.", "objective.")) and path != "objective.name":

@@ -29,7 +29,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional: no TensorBoard files without it
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # TensorBoard files are optional.
         self._tb = None
