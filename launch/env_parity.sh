@@ -2,7 +2,7 @@
 # Dev-only: creates .venv-parity (Python >= 3.12) with agad's pinned requirements, agad
 # itself (editable), and the reference PyTorch AutoAttack (pyautoattack==0.2.0, whose
 # attack files match fra31/auto-attack@a392200) on torch==2.13.0, for
-# `python -m launch.dev.parity_autoattack`. torch and pyautoattack are never agad runtime
+# `python tools/parity_autoattack.py`. torch and pyautoattack are never agad runtime
 # dependencies: they live only in this venv. Idempotent; source it or run it.
 #
 # torch comes from pip's configured index (pip.conf, PIP_INDEX_URL / PIP_EXTRA_INDEX_URL):

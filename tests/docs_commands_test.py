@@ -238,8 +238,8 @@ SMOKE_RUNS = {
     "launch.prepare_data --dataset=cifar10": "tests/launch_train_test.py::test_prepare_data_paths_with_mocked_tfds",
     "launch.prepare_data --dataset=tiny_imagenet": "tests/launch_train_test.py::test_prepare_data_paths_with_mocked_tfds",
     "launch.prepare_data --dataset=svhn_cropped": "tests/launch_train_test.py::test_prepare_data_paths_with_mocked_tfds",
-    "launch.dev.afa_branches": _TRAIN,
-    "launch.dev.recipe_smoke": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
+    "tools/afa_branches.py": _TRAIN,
+    "tools/recipe_smoke.py": f"{_TOOLS}::test_recipe_smoke_runs_one_recipe",
     "tools/numerics_sweep.py": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
     "tools/chaos_train.py": "tests/launch_tools_test.py::test_chaos_train_eval_mode_smoke",
     "launch.import_torch": _TORCH_IO,
@@ -253,9 +253,9 @@ EXEMPT = {
                              "its make/check phases run where torch is installed",
     "bash launch/env_parity.sh": "creates .venv-parity: pip-installs torch 2.13 and pyautoattack "
                                  "(internet, ~1-3 GB); dev-only, never an agad dependency",
-    "launch.dev.parity_autoattack": "imports torch and pyautoattack, which exist only in .venv-parity "
+    "tools/parity_autoattack.py": "imports torch and pyautoattack, which exist only in .venv-parity "
                                     "(bash launch/env_parity.sh)",
-    "launch.dev.aa_timing_compare": "runs launch.dev.parity_autoattack (torch + pyautoattack) under "
+    "tools/aa_timing_compare.py": "runs tools/parity_autoattack.py (torch + pyautoattack) under "
                                     ".venv-parity for two revisions",
 }
 # What marks a program as needing the torch environment (checked for every exemption).
@@ -332,7 +332,7 @@ def test_extraction_reads_every_form_of_command():
       "--mode eval` and `launch.compare --defense=a --base=b` then `python3 tools/plot.py --x=1`.",
       "`gcloud ssh --command=\"cd agad && .venv/bin/python -m launch.train --distributed --config=... \"`",
       "`python -m launch.train --config=configs/fashion_mnist.py:smallcnn,atat "
-      "--config.init.workdir=runs/t` then `python -m launch.dev.recipe_smoke`;",
+      "--config.init.workdir=runs/t` then `python tools/recipe_smoke.py`;",
       "call `python3 -m launch.train/evaluate/benchmark` directly; prose python -m launch.attention --compare=a.",
       "Not commands: `launch.evaluate`, `launch/env.sh`, `agad.load(workdir)`.",
       "",
@@ -346,7 +346,7 @@ def test_extraction_reads_every_form_of_command():
       "bash launch/test.sh", "bash launch/main_job.sh",
       "launch.evaluate --preset=pgd --surrogate", "launch.evaluate --preset=full --surrogate",
       "launch.benchmark --mode=eval", "launch.compare", "tools/plot.py", "launch.train --distributed",
-      "launch.train atat --config.init.workdir", "launch.dev.recipe_smoke",
+      "launch.train atat --config.init.workdir", "tools/recipe_smoke.py",
       "launch.train", "launch.evaluate", "launch.benchmark --mode=train",
       "launch.attention --compare"], sigs
   table = next(c for c in commands if c.program == "bash launch/objectives_table.sh")

@@ -1,4 +1,4 @@
-"""Smoke runs of launch.benchmark (every mode) and launch.dev.recipe_smoke; registered in
+"""Smoke runs of launch.benchmark (every mode) and tools/recipe_smoke.py; registered in
 tests/docs_commands_test.py."""
 
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.smoke import (REPO, SMOKE_CONFIG, copy_workdir, launch_env, needs_data, run_chain, run_module,
-                         tail)
+                         run_tool, tail)
 
 
 @needs_data
@@ -29,11 +29,10 @@ def test_benchmark_every_mode(smoke_workdir):
 
 
 def test_recipe_smoke_runs_one_recipe(tmp_path):
-  """``python -m launch.dev.recipe_smoke --only=cifar10:resnet18,fsr``: one step of one paper
+  """``python tools/recipe_smoke.py --only=cifar10:resnet18,fsr``: one step of one paper
   recipe (ResNet-18, FSR) on synthetic CIFAR-10-shaped data, batch 2; the tool runs the others
   the same way (each takes minutes on this CPU)."""
-  out = run_module(["launch.dev.recipe_smoke", "--only=cifar10:resnet18,fsr", "--batch=2",
-                    f"--workdir={tmp_path}"])
+  out = run_tool("recipe_smoke.py", ["--only=cifar10:resnet18,fsr", "--batch=2", f"--workdir={tmp_path}"])
   assert out.returncode == 0, tail(out)
   assert "cifar10:resnet18,fsr: OK, 1 step" in out.stdout and "all recipes passed" in out.stdout
 

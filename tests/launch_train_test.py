@@ -1,5 +1,5 @@
 """Smoke runs of the documented launch.train pipelines (AGKD-BML teacher -> student, AFA
-stage I, trades+awp with --distributed), launch.dev.afa_branches and launch.prepare_data;
+stage I, trades+awp with --distributed), tools/afa_branches.py and launch.prepare_data;
 registered in tests/docs_commands_test.py."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tests.smoke import REPO, launch_env, needs_data, run_chain, run_module, tail
+from tests.smoke import REPO, launch_env, needs_data, run_chain, run_module, run_tool, tail
 
 
 def _free_port() -> int:
@@ -24,7 +24,7 @@ def test_train_pipelines_distributed_and_afa_branches(tmp_path):
   """The documented training commands not run through launch.train elsewhere, 2 steps each of
   the smoke config, in one process: trades+awp with --distributed (a one-process SLURM
   environment, as one host of a pod sees its own), AGKD-BML's teacher (label smoothing over
-  the other classes) then its student, AFA stage I; then launch.dev.afa_branches on the
+  the other classes) then its student, AFA stage I; then tools/afa_branches.py on the
   stage-I run. (AFA stage II on a stage-I run: defenses_afa_test, through the Trainer.)"""
   d = {k: str(tmp_path / k) for k in ("trades_awp", "agkd_teacher", "agkd_bml", "afa1")}
   fm = "--config=configs/fashion_mnist.py:"
@@ -56,8 +56,8 @@ def test_train_pipelines_distributed_and_afa_branches(tmp_path):
   assert configs["afa1"]["objective"]["name"] == "afa" and configs["afa1"]["model"]["name"] == "smallcnn_bn"
   assert "frozen inputs of agkd_bml" in out.stderr
 
-  out = run_module(["launch.dev.afa_branches", f"--workdir={d['afa1']}", "--num_examples=4", "--steps=1",
-                    "--eps=0,1", f"--output={tmp_path / 'sweep.json'}"])
+  out = run_tool("afa_branches.py", [f"--workdir={d['afa1']}", "--num_examples=4", "--steps=1",
+                                       "--eps=0,1", f"--output={tmp_path / 'sweep.json'}"])
   assert out.returncode == 0, tail(out)
   sweep = json.load(open(tmp_path / "sweep.json"))
   assert sweep["step"] == 2 and sweep["n"] == 4 and sweep["eps"] == [0.0, 0.1]

@@ -39,6 +39,13 @@ def run_module(args, *, env=None, timeout=600, **kw) -> subprocess.CompletedProc
                         capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def run_tool(script: str, args=(), *, env=None, timeout=600) -> subprocess.CompletedProcess:
+  """``python tools/<script> args`` in the repository root (the dev scripts are files, not
+  modules of the installed package)."""
+  return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args], cwd=REPO,
+                        env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def run_chain(module: str, runs: list[list[str]], *, env=None, timeout=600) -> subprocess.CompletedProcess:
   """Several ``python -m module ARGS`` in one process (tests/launch_chain.py)."""
   return subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_chain.py"), module,

@@ -54,7 +54,7 @@ from agad.attacks.iterative import per_example
 from agad.attacks.runner import (barrier, batch_key, bwhere, call_logits, count_trace,
                                  example_keys, fold_in_each, lp_norm, normalize, nothing_left,
                                  rademacher_each, run_steps, split_each, uniform_each)
-# meta_pseudo_gaussian_pert and square_p are re-exported (tests, launch/dev/parity_autoattack).
+# meta_pseudo_gaussian_pert and square_p are re-exported (tests, tools/parity_autoattack.py).
 from agad.attacks.square_patterns import (_l2_patterns, l2_start_tiles, meta_pseudo_gaussian_pert,
                                           square_p, square_sizes)
 

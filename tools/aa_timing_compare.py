@@ -1,12 +1,12 @@
 """Dev-only: agad's AutoAttack attacks at two revisions against the reference, in one run.
 
   bash launch/env_parity.sh
-  .venv-parity/bin/python -m launch.dev.aa_timing_compare --before=<git rev> [--rounds=1]
+  .venv-parity/bin/python tools/aa_timing_compare.py --before=<git rev> [--rounds=1]
       [--threads=1] [--n=200] [--square_queries=5000] [--attacks=apgd-ce,...]
       [--params_cache=/tmp/tiny.npz] [--output=JSON]
 
 Unpacks ``--before`` (``git archive``) into a temporary folder, then runs
-``launch.dev.parity_autoattack --timing`` ``--rounds`` times for each revision, alternating
+``tools/parity_autoattack.py --timing`` ``--rounds`` times for each revision, alternating
 (before, after, before, ...), each process timing the reference and agad side by side
 (ABBA) on the same tiny model, images and thread count. Prints per attack: agad before
 (cold = first call with compilation, warm = later calls), agad after, and the reference
@@ -38,7 +38,7 @@ flags.DEFINE_string("output", None, "Optional JSON of the combined figures.")
 
 def main(argv):
   del argv
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work = tempfile.mkdtemp(prefix="agad_timing_")
   before_tree = os.path.join(work, "before")
   os.makedirs(before_tree)
@@ -50,7 +50,7 @@ def main(argv):
   for round_index in range(FLAGS.rounds):
     for label, tree in trees.items():
       out = os.path.join(work, f"{label}_{round_index}.json")
-      cmd = [sys.executable, "-m", "launch.dev.parity_autoattack", "--timing",
+      cmd = [sys.executable, os.path.join(root, "tools", "parity_autoattack.py"), "--timing",
              f"--agad_root={tree}", f"--threads={FLAGS.threads}", f"--n={FLAGS.n}",
              f"--square_queries={FLAGS.square_queries}", f"--repeats={FLAGS.repeats}",
              f"--attacks={','.join(FLAGS.attacks)}", f"--params_cache={FLAGS.params_cache}",

@@ -1,11 +1,11 @@
 """Dev-only parity check: agad's JAX AutoAttack against the reference PyTorch AutoAttack.
 
   bash launch/env_parity.sh      # once: .venv-parity with torch + pyautoattack (never agad deps)
-  .venv-parity/bin/python -m launch.dev.parity_autoattack [--n=200] [--eps=0.1] [--masked]
+  .venv-parity/bin/python tools/parity_autoattack.py [--n=200] [--eps=0.1] [--masked]
       [--square_queries=5000] [--tolerance_pp=1.5] [--params_cache=PATH] [--output=JSON]
-  .venv-parity/bin/python -m launch.dev.parity_autoattack --timing --threads=1 [--repeats=2]
+  .venv-parity/bin/python tools/parity_autoattack.py --timing --threads=1 [--repeats=2]
       [--agad_root=TREE]   # per-attack wall times, side by side (see timing())
-  .venv-parity/bin/python -m launch.dev.aa_timing_compare --before=REV   # two revisions + ref
+  .venv-parity/bin/python tools/aa_timing_compare.py --before=REV   # two revisions + ref
 
 The reference is ``pyautoattack==0.2.0`` (its attack files match fra31/auto-attack@a392200
 up to whitespace and imports) on torch 2.13 (CPU). The script
@@ -54,6 +54,7 @@ import logging as py_logging
 import math
 import os
 import re
+import sys
 import time
 import types
 from typing import Any, Callable, Sequence
@@ -96,7 +97,7 @@ flags.DEFINE_bool("timing", False, "Timing mode: no parity verdict; run each of 
 flags.DEFINE_integer("repeats", 2, "--timing: runs per attack and implementation (>= 2 gives a "
                      "warm agad time).")
 flags.DEFINE_string("agad_root", None, "Import agad from this source tree instead (e.g. an older "
-                    "revision unpacked by launch/dev/aa_timing_compare.py).")
+                    "revision unpacked by tools/aa_timing_compare.py).")
 flags.DEFINE_string("params_cache", None, "Optional .npz: load the trained weights from it if "
                     "it was written with the same training flags, else train and write it.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
@@ -597,9 +598,9 @@ def _table(rows: list[dict[str, Any]], first: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.agad_root:
-    import sys
-    sys.path.insert(0, os.path.abspath(FLAGS.agad_root))
+  # A script in tools/ (not a package module): agad comes from this checkout or --agad_root.
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.abspath(FLAGS.agad_root or checkout))
   if FLAGS.threads:
     _limit_threads(FLAGS.threads)
   import jax

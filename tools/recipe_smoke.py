@@ -1,6 +1,6 @@
 """Dev tool: one training step of every paper recipe config on synthetic data of its shape.
 
-    python -m launch.dev.recipe_smoke [--only=cifar10:wrn28_10,afa_stage2 ...] [--workdir=runs/recipes]
+    python tools/recipe_smoke.py [--only=cifar10:wrn28_10,afa_stage2 ...] [--workdir=runs/recipes]
 
 The CIFAR/SVHN datasets need TFDS files this machine cannot download, so each recipe
 (``configs/<dataset>.py:<model>,<spec>`` with its epochs, lr steps, eps, attack and

@@ -1,6 +1,6 @@
 """Dev tool: a stage-I AFA run's accuracy under fixed branch routings (the stage-II ceiling).
 
-    python -m launch.dev.afa_branches --workdir=<stage-I run> [--num_examples=500]
+    python tools/afa_branches.py --workdir=<stage-I run> [--num_examples=500]
         [--eps=0,0.25,0.5,1] [--step=latest] [--output=sweep.json]
 
 For each routing (each branch alone; ``w BN_0 + (1 - w) BN_{K-1}`` for w = 0.75, 0.5,

@@ -2,9 +2,9 @@
 and metrics on a fixed batch, so two revisions can be compared bitwise.
 
     git worktree add ../agad-old <rev>
-    (cd ../agad-old && PYTHONPATH=. python "$OLDPWD/launch/dev/loss_snapshot.py" ../old.npz)
-    PYTHONPATH=. python launch/dev/loss_snapshot.py ../new.npz
-    python launch/dev/loss_snapshot.py --compare ../old.npz ../new.npz
+    (cd ../agad-old && PYTHONPATH=. python "$OLDPWD/tools/loss_snapshot.py" ../old.npz)
+    PYTHONPATH=. python tools/loss_snapshot.py ../new.npz
+    python tools/loss_snapshot.py --compare ../old.npz ../new.npz
 
 Works on revisions before the defense platform (``agad.objectives.build_objective``,
 3-tuple loss aux) and after it (``agad.defenses``, ``LossAux``).
@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 SPECS = ["standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "trades+awp", "cas+awp", "pgd_at+awp"]
 # Defenses (revisions from f0b198c on): compared only when both snapshots have them.
 SPECS_DEFENSES = ["again", "mart+again", "pgd_at+cas", "again+awp", "fsr", "trades+fsr"]
-# Defenses that replace the backbone's norm layers (AFA): compared when both snapshots have them.
+# Defenses that replace the backbone's norm layers (AFA), on the BN model only: compared when
+# both snapshots have them.
 SPECS_NORM = ["afa", "afa_stage2"]
 
 
@@ -42,6 +43,8 @@ def snapshot(out_path: str) -> None:
   res = {}
   for model_name in ("smallcnn", "tiny_bn"):
     for spec in specs:
+      if spec in SPECS_NORM and model_name == "smallcnn":  # no BN layer to replace
+        continue
       cfg = fashion_mnist.get_config(f"smallcnn,{spec},smoke")
       cfg.attack.steps = 2
       if spec == "afa_stage2":  # stage II refuses a config that does not start from stage I.
