@@ -160,6 +160,7 @@ def signature(c: Command) -> list[str]:
     ``--distributed``. Objective-field overrides (variants, bases) are covered by each
     defense's own tests.
   launch.evaluate: ``--preset`` (absent: the run's saved eval.preset) and ``--surrogate``.
+  Both: ``--coordinator_address`` (an explicit multi-process start).
   launch.benchmark: ``--mode`` (absent: train). launch.attention: ``--compare``.
   launch.prepare_data: ``--dataset``. Everything else: the program alone.
   """
@@ -167,10 +168,12 @@ def signature(c: Command) -> list[str]:
   if p == "launch.train":
     sig = " ".join(filter(None, ["launch.train", _objective(o.get("config", [])),
                                  "--config.init.workdir" if "config.init.workdir" in o else "",
-                                 "--distributed" if "distributed" in o else ""]))
+                                 "--distributed" if "distributed" in o else "",
+                                 "--coordinator_address" if "coordinator_address" in o else ""]))
     return [sig]
   if p == "launch.evaluate":
     surrogate = " --surrogate" if "surrogate" in o else ""
+    surrogate += " --coordinator_address" if "coordinator_address" in o else ""
     return [f"launch.evaluate --preset={v}{surrogate}" for v in o["preset"]] if "preset" in o else \
         [f"launch.evaluate{surrogate}"]
   if p == "launch.benchmark":
@@ -193,6 +196,7 @@ _SCRIPTS = "tests/launch_scripts_test.py"
 _TOOLS = "tests/launch_tools_test.py"
 _TRAIN = "tests/launch_train_test.py::test_train_pipelines_distributed_and_afa_branches"
 _TORCH_IO = "tests/interop_torch_test.py::test_import_evaluate_flags_finetune_export_smoke"
+_MULTIHOST = "tests/multihost_test.py::test_two_processes_equal_one_and_survive_a_sigkill"
 
 # Documented-command signature -> the smoke test(s) that run it.
 SMOKE_RUNS = {
@@ -206,6 +210,10 @@ SMOKE_RUNS = {
     "launch.train again": f"{_SCRIPTS}::test_numerics_sweep_trains_again_under_both_code_paths",
     "launch.train --distributed": _TRAIN,
     "launch.train trades+awp --distributed": _TRAIN,   # docs/running.md's TPU pod line
+    # Two processes on 127.0.0.1 (docs/multihost.md); its GPU-cluster line runs trades+awp.
+    "launch.train again --coordinator_address": _MULTIHOST,
+    "launch.train trades+awp --coordinator_address": (_TRAIN, _MULTIHOST),
+    "launch.evaluate --preset=pgd --coordinator_address": _MULTIHOST,
     # FSR and its compositions through the Trainer (the CLI layer: the launch.train smokes above).
     "launch.train fsr": _FSR,
     "launch.train trades+fsr": _FSR,
