@@ -156,3 +156,52 @@ def test_cycle_finder_sees_a_loop_and_only_a_loop():
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   assert _cycles({"a": {"b"}, "b": set()}) == []
 
+
+
+# Functions of agad/ longer than LONGEST_BODY lines (without their docstring), each with the
+# reason it stays one function. A new long function fails test_long_functions_say_why.
+LONGEST_BODY = 60
+LONG_FUNCTIONS = {
+    "agad/checkpoint/__init__.py:_select":
+        "the one rule for 'best' / 'latest' / an explicit step over intact and damaged "
+        "checkpoints; every branch names the damaged and intact steps in its message",
+    "agad/evaluation/checks.py:report_warnings":
+        "a flat list of independent checks on a finished report, one paragraph each, in the "
+        "order of the module docstring that explains them",
+}
+
+
+def _long_functions():
+  """``{"path:qualified name": body lines}`` of the functions of agad/ over LONGEST_BODY."""
+  found = {}
+  for path in _files("agad"):
+    rel = os.path.relpath(path, REPO)
+
+    def visit(node, prefix):
+      for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+          body = child.body
+          if (len(body) > 1 and isinstance(body[0], ast.Expr)
+              and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            body = body[1:]
+          lines = child.end_lineno - body[0].lineno + 1
+          if lines > LONGEST_BODY:
+            found[f"{rel}:{prefix}{child.name}"] = lines
+          visit(child, f"{prefix}{child.name}.")
+        elif isinstance(child, ast.ClassDef):
+          visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(open(path).read(), path), "")
+  return found
+
+
+def test_long_functions_say_why():
+  """No library function over ~60 lines unless LONG_FUNCTIONS says why; an entry whose
+  function got shorter (or went away) is removed."""
+  found = _long_functions()
+  unexplained = {k: v for k, v in found.items() if k not in LONG_FUNCTIONS}
+  assert not unexplained, (f"functions over {LONGEST_BODY} lines: {unexplained}; split them into "
+                           "named steps, or add them to LONG_FUNCTIONS with the reason")
+  stale = sorted(set(LONG_FUNCTIONS) - set(found))
+  assert not stale, f"LONG_FUNCTIONS lists functions that are no longer long: {stale}"
+  assert all(len(reason) > 40 for reason in LONG_FUNCTIONS.values())

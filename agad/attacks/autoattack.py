@@ -81,21 +81,25 @@ def _verify(logits_fn, x0, x_adv, labels, eps, key, stochastic: bool, norm: str)
   return wrong & finite & in_box & in_ball, jnp.argmax(logits, axis=-1)
 
 
-def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
-          square_queries: int, eot_iter: int, num_classes: int, n_target_classes: int,
-          stochastic: bool) -> tuple[list[tuple[str, dict]], list[str]]:
-  """``[(attack name, settings)]`` for a version, plus warnings about skipped attacks."""
-  flags = []
-  if version == "standard":
-    names, restarts = ["apgd-ce", "apgd-t", "fab-t", "square"], 1
-  elif version == "plus":
-    names, restarts = ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"], 5
-  elif version == "rand":
-    names, restarts = ["apgd-ce", "apgd-dlr"], 1
-  elif version == "custom":
+# The versions' stages (fra31/auto-attack ``set_version``): attack names in order and the
+# restarts of the untargeted attacks. ``"custom"`` takes its names from ``attacks=``.
+STAGES = {
+    "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), 1),
+    "plus": (("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"), 5),
+    "rand": (("apgd-ce", "apgd-dlr"), 1),
+}
+# The fewest classes an attack can run with (fewer: skipped with a flag saying why).
+_MIN_CLASSES = {"apgd-dlr": (3, "DLR"), "apgd-t": (4, "targeted DLR")}
+
+
+def _stage_names(version: str, attacks: Sequence[str] | None) -> tuple[list[str], int]:
+  """``(attack names, restarts)`` of ``version``, after checking ``attacks=``."""
+  if version == "custom":
     if not attacks:
       raise ValueError(f"version='custom' needs attacks=, a list from {ATTACKS}")
     names, restarts = list(attacks), 1
+  elif version in STAGES:
+    names, restarts = list(STAGES[version][0]), STAGES[version][1]
   else:
     raise ValueError(f"version {version!r} is not one of {VERSIONS}")
   if attacks is not None and version != "custom":
@@ -103,6 +107,30 @@ def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
   unknown = [a for a in names if a not in ATTACKS]
   if unknown:
     raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+  return names, restarts
+
+
+def _settings(name: str, *, version: str, restarts: int, steps: int, square_queries: int,
+              eot_iter: int, n_targets: int, stochastic: bool) -> dict:
+  """The settings of one stage's attack."""
+  if name in ("apgd-ce", "apgd-dlr"):
+    eot = eot_iter if version == "rand" or (version == "custom" and stochastic) else 1
+    return dict(loss=name[5:], steps=steps, restarts=restarts, eot_iter=eot)
+  if name == "apgd-t":
+    return dict(loss="dlr-targeted", steps=steps, restarts=1, eot_iter=1, n_targets=n_targets)
+  if name == "fab":
+    return dict(steps=steps, restarts=restarts, targeted=False)
+  if name == "fab-t":
+    return dict(steps=steps, restarts=1, targeted=True, n_targets=n_targets)
+  return dict(n_queries=square_queries, p_init=0.8, restarts=1)
+
+
+def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
+          square_queries: int, eot_iter: int, num_classes: int, n_target_classes: int,
+          stochastic: bool) -> tuple[list[tuple[str, dict]], list[str]]:
+  """``[(attack name, settings)]`` for a version, plus warnings about skipped attacks."""
+  flags = []
+  names, restarts = _stage_names(version, attacks)
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   n_targets = min(n_target_classes, num_classes - 1)
@@ -111,28 +139,168 @@ def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
                  f"not {n_target_classes}")
   plan = []
   for name in names:
-    if name in ("apgd-dlr",) and num_classes < 3:
-      flags.append(f"{name} skipped: DLR needs >= 3 classes, the model has {num_classes}")
+    if name in _MIN_CLASSES and num_classes < _MIN_CLASSES[name][0]:
+      least, what = _MIN_CLASSES[name]
+      flags.append(f"{name} skipped: {what} needs >= {least} classes, the model has {num_classes}")
       continue
-    if name == "apgd-t" and num_classes < 4:
-      flags.append(f"{name} skipped: targeted DLR needs >= 4 classes, the model has {num_classes}")
-      continue
-    if name in ("apgd-ce", "apgd-dlr"):
-      settings = dict(loss=name[5:], steps=steps, restarts=restarts,
-                      eot_iter=eot_iter if version == "rand" else 1)
-      if version == "custom" and stochastic:
-        settings["eot_iter"] = eot_iter
-    elif name == "apgd-t":
-      settings = dict(loss="dlr-targeted", steps=steps, restarts=1, eot_iter=1,
-                      n_targets=n_targets)
-    elif name == "fab":
-      settings = dict(steps=steps, restarts=restarts, targeted=False)
-    elif name == "fab-t":
-      settings = dict(steps=steps, restarts=1, targeted=True, n_targets=n_targets)
-    else:
-      settings = dict(n_queries=square_queries, p_init=0.8, restarts=1)
-    plan.append((name, settings))
+    plan.append((name, _settings(name, version=version, restarts=restarts, steps=steps,
+                                 square_queries=square_queries, eot_iter=eot_iter,
+                                 n_targets=n_targets, stochastic=stochastic)))
   return plan, flags
+
+
+def _check_inputs(images, labels, eps) -> tuple[np.ndarray, np.ndarray]:
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels).astype(np.int32)
+  if images.ndim != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+  if labels.shape != images.shape[:1]:
+    raise ValueError(f"labels shape {labels.shape} does not match N={images.shape[0]}")
+  if images.size and (images.min() < 0.0 or images.max() > 1.0):
+    raise ValueError("images must lie in [0, 1]; normalise inside the model, not outside")
+  if np.ndim(eps) != 0 or not eps >= 0:
+    raise ValueError(f"eps must be a scalar >= 0, got {eps!r}")
+  return images, labels
+
+
+class _Run:
+  """What the stages share: the inputs, their settings, and the per-example results so far
+  (``robust``, ``adversarial``, ``adv_pred``, ``broken_by``, ``zero_grad``)."""
+
+  def __init__(self, logits_fn, images, labels, key, *, eps, norm, batch_size, min_bucket,
+               stochastic, driver, chunk, square_chunk, verbose):
+    self.logits_fn, self.images, self.labels, self.key = logits_fn, images, labels, key
+    self.eps, self.eps32, self.norm = eps, jnp.float32(eps), norm
+    self.batch_size, self.stochastic, self.verbose = batch_size, stochastic, verbose
+    self.driver, self.chunk, self.square_chunk = driver, chunk, square_chunk
+    self.n = images.shape[0]
+    self.batches = functools.partial(padded_batches, batch_size=batch_size,
+                                     sizes=bucket_sizes(batch_size, min_bucket))
+    self.zero_grad = np.zeros((self.n,), bool)  # points with an exactly zero gradient in some APGD run
+
+  def clean_pass(self) -> np.ndarray:
+    """The clean logits ``[N, K]``; sets the results to the clean predictions."""
+    n = self.n
+    clean_logits = np.zeros((n, 0), np.float32)
+    if n:
+      parts = []
+      for start, real, padded, _ in self.batches(np.arange(n)):
+        out = _predict(self.logits_fn, jnp.asarray(self.images[padded]),
+                       jax.random.fold_in(self.key, 10_000 + start), self.stochastic)
+        parts.append(np.asarray(out)[:len(real)])
+      clean_logits = np.concatenate(parts)
+    self.robust = (clean_logits.argmax(-1) == self.labels) if n else np.zeros((0,), bool)
+    self.broken_by = np.where(self.robust, "", "clean").astype(object)
+    self.adversarial = self.images.copy()
+    self.adv_pred = clean_logits.argmax(-1).astype(np.int32) if n else np.zeros((0,), np.int32)
+    return clean_logits
+
+  def attack(self, name: str, settings: dict, x, y, run_key, targets, valid_j, real):
+    """One attack on one padded batch: its candidate adversarials."""
+    common = dict(eps=self.eps32, norm=self.norm, stochastic=self.stochastic, valid=valid_j,
+                  driver=self.driver)
+    if name.startswith("apgd"):
+      result = apgd_attack(
+          self.logits_fn, x, y, run_key, steps=settings["steps"], loss=settings["loss"],
+          restarts=settings["restarts"], targets=targets if name == "apgd-t" else None,
+          eot_iter=settings["eot_iter"], chunk=self.chunk, **common)
+      self.zero_grad[real[np.asarray(result.zero_grad)[:len(real)]]] = True
+    elif name.startswith("fab"):
+      result = fab_attack(
+          self.logits_fn, x, y, run_key, steps=settings["steps"], targeted=settings["targeted"],
+          targets=targets if settings["targeted"] else None, restarts=settings["restarts"],
+          stop_when_within_eps=True, chunk=self.chunk or 10, **common)
+    else:
+      result = square_attack(
+          self.logits_fn, x, y, run_key, n_queries=settings["n_queries"], p_init=settings["p_init"],
+          restarts=settings["restarts"], chunk=self.square_chunk, **common)
+    return result.adversarial
+
+  def stage(self, stage: int, name: str, settings: dict, ranked) -> None:
+    """Stage ``stage``: ``name`` on the points still robust, round by round (targets)."""
+    stage_start = time.time()
+    n_rounds = settings.get("n_targets", 1)
+    for round_index in range(n_rounds):
+      indices = np.nonzero(self.robust)[0]
+      if len(indices) == 0:
+        break
+      round_key = jax.random.fold_in(jax.random.fold_in(self.key, stage), round_index)
+      for start, real, padded, valid in self.batches(indices):
+        x, y = jnp.asarray(self.images[padded]), jnp.asarray(self.labels[padded])
+        # Per-example keys from the example's index in the evaluated set: a result does
+        # not depend on the batch size, the bucket or the other examples of its batch.
+        run_key = _index_keys(round_key, jnp.asarray(padded))
+        batch_key = jax.random.fold_in(round_key, start)  # randomised models only
+        targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
+        candidate = self.attack(name, settings, x, y, run_key, targets, jnp.asarray(valid), real)
+        ok, pred = _verify(self.logits_fn, x, candidate, y, self.eps32,
+                           jax.random.fold_in(batch_key, 1), self.stochastic, self.norm)
+        ok = np.asarray(ok)[:len(real)]
+        broken = real[ok]
+        self.robust[broken] = False
+        self.adversarial[broken] = np.asarray(candidate)[:len(real)][ok]
+        self.adv_pred[broken] = np.asarray(pred)[:len(real)][ok]
+        self.broken_by[broken] = name
+      if self.verbose and (n_rounds > 1 or len(indices) > self.batch_size):
+        _log(f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
+             f"{len(indices)} points attacked, robust accuracy now {self.robust.mean():.2%} "
+             f"({time.time() - stage_start:.0f} s into the stage)")
+
+
+def _clean_flags(clean_logits: np.ndarray, n: int, stochastic: bool, version: str) -> list[str]:
+  flags = []
+  if n and np.all(clean_logits <= 1.0 + 1e-5) and np.all(clean_logits >= -1e-5) and np.all(
+      np.abs(clean_logits.sum(-1) - 1.0) < 1e-5):
+    flags.append("the outputs look like probabilities (softmax); pass logits")
+  if stochastic and version != "rand":
+    flags.append("stochastic model evaluated without EOT; consider version='rand'")
+  return flags
+
+
+def _final_flags(run: _Run, per_attack: dict) -> list[str]:
+  """Warnings after the last stage: zero gradients, and Square beating the white-box attacks."""
+  flags = []
+  if run.zero_grad.any():
+    flags.append(f"{int(run.zero_grad.sum())} points had an exactly zero input gradient at "
+                 "the APGD start: gradient masking? (try BPDA or rely on Square)")
+  names_run = list(per_attack)
+  if len(names_run) > 1 and names_run[-1] == "square":
+    white_box = per_attack[names_run[-2]]
+    if per_attack["square"] < white_box - 0.002:
+      flags.append(f"Square lowered robust accuracy by {white_box - per_attack['square']:.2%} "
+                   "after the white-box attacks: gradient masking?")
+  return flags
+
+
+def _report(run: _Run, *, clean_accuracy, per_attack, times, flags, version, start_time) -> dict:
+  """The per-example results and summary ``autoattack`` returns (logged if verbose)."""
+  n, robust, adversarial, norm = run.n, run.robust, run.adversarial, run.norm
+  if run.verbose:
+    for flag in flags:
+      _log(f"[autoattack] warning: {flag}")
+    if n:
+      delta = lp_norm(jnp.asarray(adversarial - run.images), norm)
+      _log(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
+           f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
+           f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
+           f"total {time.time() - start_time:.1f} s")
+  robust_accuracy = float(robust.mean()) if n else float("nan")
+  return {
+      "robust": robust,
+      "adversarial": adversarial,
+      "per_attack": per_attack,
+      "clean_accuracy": clean_accuracy,
+      "robust_accuracy": robust_accuracy,
+      "std_error": math.sqrt(robust_accuracy * (1 - robust_accuracy) / n) if n else float("nan"),
+      "broken_by": run.broken_by,
+      "adversarial_predictions": run.adv_pred,
+      "times": times,
+      "flags": flags,
+      "n": n,
+      "eps": float(run.eps),
+      "norm": norm,
+      "version": version,
+  }
 
 
 def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: float,
@@ -166,46 +334,19 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     ``adversarial_predictions`` ``[N]``, ``times`` (seconds per attack), ``flags``
     (warnings in the spirit of the reference's checks) and ``n``.
   """
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels).astype(np.int32)
-  if images.ndim != 4:
-    raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-  if labels.shape != images.shape[:1]:
-    raise ValueError(f"labels shape {labels.shape} does not match N={images.shape[0]}")
-  if images.size and (images.min() < 0.0 or images.max() > 1.0):
-    raise ValueError("images must lie in [0, 1]; normalise inside the model, not outside")
-  if np.ndim(eps) != 0 or not eps >= 0:
-    raise ValueError(f"eps must be a scalar >= 0, got {eps!r}")
-  logits_fn = driver_lib.as_partial(logits_fn)
-  eps32 = jnp.float32(eps)
-  n = images.shape[0]
-  sizes = bucket_sizes(batch_size, min_bucket)
-  flags: list[str] = []
+  images, labels = _check_inputs(images, labels, eps)
   start_time = time.time()
-
-  batches = functools.partial(padded_batches, batch_size=batch_size, sizes=sizes)
-
+  run = _Run(driver_lib.as_partial(logits_fn), images, labels, key, eps=eps, norm=norm,
+             batch_size=batch_size, min_bucket=min_bucket, stochastic=stochastic, driver=driver,
+             chunk=chunk, square_chunk=square_chunk, verbose=verbose)
+  n = run.n
   # Clean pass.
-  clean_logits = np.zeros((n, 0), np.float32)
-  if n:
-    parts = []
-    for start, real, padded, _ in batches(np.arange(n)):
-      out = _predict(logits_fn, jnp.asarray(images[padded]),
-                     jax.random.fold_in(key, 10_000 + start), stochastic)
-      parts.append(np.asarray(out)[:len(real)])
-    clean_logits = np.concatenate(parts)
+  clean_logits = run.clean_pass()
   num_classes = clean_logits.shape[-1] if n else 0
-  robust = (clean_logits.argmax(-1) == labels) if n else np.zeros((0,), bool)
-  clean_accuracy = float(robust.mean()) if n else float("nan")
-  broken_by = np.where(robust, "", "clean").astype(object)
-  adversarial = images.copy()
-  adv_pred = clean_logits.argmax(-1).astype(np.int32) if n else np.zeros((0,), np.int32)
-  if n and np.all(clean_logits <= 1.0 + 1e-5) and np.all(clean_logits >= -1e-5) and np.all(
-      np.abs(clean_logits.sum(-1) - 1.0) < 1e-5):
-    flags.append("the outputs look like probabilities (softmax); pass logits")
-  if stochastic and version != "rand":
-    flags.append("stochastic model evaluated without EOT; consider version='rand'")
+  clean_accuracy = float(run.robust.mean()) if n else float("nan")
+  flags = _clean_flags(clean_logits, n, stochastic, version)
 
+  # Plan: the version's stages for this model.
   plan, plan_flags = _plan(version, attacks, norm, steps, square_queries, eot_iter,
                            max(num_classes, 2), n_target_classes, stochastic) if n else ([], [])
   flags += plan_flags
@@ -218,99 +359,21 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   ranked = np.asarray(ranked) if ranked is not None else None
   if verbose:
     _log(f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
-          f"n={n}, clean accuracy {clean_accuracy:.2%}")
+         f"n={n}, clean accuracy {clean_accuracy:.2%}")
 
+  # Run: each stage on the points still robust.
   per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
   times: dict[str, float] = {}
-  zero_grad = np.zeros((n,), bool)  # points with an exactly zero gradient in some APGD run
   for stage, (name, settings) in enumerate(plan):
     stage_start = time.time()
-    n_rounds = settings.get("n_targets", 1)
-    for round_index in range(n_rounds):
-      indices = np.nonzero(robust)[0]
-      if len(indices) == 0:
-        break
-      for start, real, padded, valid in batches(indices):
-        x = jnp.asarray(images[padded])
-        y = jnp.asarray(labels[padded])
-        valid_j = jnp.asarray(valid)
-        round_key = jax.random.fold_in(jax.random.fold_in(key, stage), round_index)
-        # Per-example keys from the example's index in the evaluated set: a result does
-        # not depend on the batch size, the bucket or the other examples of its batch.
-        run_key = _index_keys(round_key, jnp.asarray(padded))
-        batch_key = jax.random.fold_in(round_key, start)  # randomised models only
-        targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
-        if name.startswith("apgd"):
-          result = apgd_attack(
-              logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
-              loss=settings["loss"], restarts=settings["restarts"],
-              targets=targets if name == "apgd-t" else None, eot_iter=settings["eot_iter"],
-              stochastic=stochastic, valid=valid_j, driver=driver, chunk=chunk)
-          zero_grad[real[np.asarray(result.zero_grad)[:len(real)]]] = True
-          candidate = result.adversarial
-        elif name.startswith("fab"):
-          result = fab_attack(
-              logits_fn, x, y, run_key, eps=eps32, norm=norm, steps=settings["steps"],
-              targeted=settings["targeted"], targets=targets if settings["targeted"] else None,
-              restarts=settings["restarts"], stochastic=stochastic, valid=valid_j,
-              stop_when_within_eps=True, driver=driver, chunk=chunk or 10)
-          candidate = result.adversarial
-        else:
-          result = square_attack(
-              logits_fn, x, y, run_key, eps=eps32, norm=norm, n_queries=settings["n_queries"],
-              p_init=settings["p_init"], restarts=settings["restarts"], stochastic=stochastic,
-              valid=valid_j, driver=driver, chunk=square_chunk)
-          candidate = result.adversarial
-        ok, pred = _verify(logits_fn, x, candidate, y, eps32, jax.random.fold_in(batch_key, 1),
-                           stochastic, norm)
-        ok = np.asarray(ok)[:len(real)]
-        broken = real[ok]
-        robust[broken] = False
-        adversarial[broken] = np.asarray(candidate)[:len(real)][ok]
-        adv_pred[broken] = np.asarray(pred)[:len(real)][ok]
-        broken_by[broken] = name
-      if verbose and (n_rounds > 1 or len(indices) > batch_size):
-        _log(f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
-             f"{len(indices)} points attacked, robust accuracy now {robust.mean():.2%} "
-             f"({time.time() - stage_start:.0f} s into the stage)")
-    per_attack[name] = float(robust.mean())
+    run.stage(stage, name, settings, ranked)
+    per_attack[name] = float(run.robust.mean())
     times[name] = time.time() - stage_start
     if verbose:
       _log(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
-            f"({times[name]:.1f} s)")
+           f"({times[name]:.1f} s)")
 
-  if zero_grad.any():
-    flags.append(f"{int(zero_grad.sum())} points had an exactly zero input gradient at "
-                 "the APGD start: gradient masking? (try BPDA or rely on Square)")
-  names_run = list(per_attack)
-  if len(names_run) > 1 and names_run[-1] == "square":
-    white_box = per_attack[names_run[-2]]
-    if per_attack["square"] < white_box - 0.002:
-      flags.append(f"Square lowered robust accuracy by {white_box - per_attack['square']:.2%} "
-                   "after the white-box attacks: gradient masking?")
-  if verbose:
-    for flag in flags:
-      _log(f"[autoattack] warning: {flag}")
-    if n:
-      delta = lp_norm(jnp.asarray(adversarial - images), norm)
-      _log(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
-            f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
-            f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
-            f"total {time.time() - start_time:.1f} s")
-  robust_accuracy = float(robust.mean()) if n else float("nan")
-  return {
-      "robust": robust,
-      "adversarial": adversarial,
-      "per_attack": per_attack,
-      "clean_accuracy": clean_accuracy,
-      "robust_accuracy": robust_accuracy,
-      "std_error": math.sqrt(robust_accuracy * (1 - robust_accuracy) / n) if n else float("nan"),
-      "broken_by": broken_by,
-      "adversarial_predictions": adv_pred,
-      "times": times,
-      "flags": flags,
-      "n": n,
-      "eps": float(eps),
-      "norm": norm,
-      "version": version,
-  }
+  # Report.
+  flags += _final_flags(run, per_attack)
+  return _report(run, clean_accuracy=clean_accuracy, per_attack=per_attack, times=times,
+                 flags=flags, version=version, start_time=start_time)

@@ -95,6 +95,7 @@ from agad.attacks import losses as attack_losses
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.objectives.mart import mart_loss
+from agad.objectives.training_attack import TrainingAttack
 from agad.objectives.trades import trades_loss
 
 BASES = ("pgd_at", "trades", "mart")
@@ -138,7 +139,7 @@ def branch_key(key: jax.Array, k: int) -> jax.Array:
   return jax.random.fold_in(key, k)
 
 
-def ladder_attack(attack: defaults.TrainingAttack, params, model_state, images, labels, key, *,
+def ladder_attack(attack: TrainingAttack, params, model_state, images, labels, key, *,
                   eps, step_size, loss: str = "ce", step=None) -> jax.Array:
   """The K-1 attacks of stage I as one PGD over the stacked batch.
 
@@ -191,21 +192,27 @@ def _pair_loss(base_name: str, beta: float):
   return lambda lc, la, y: mart_loss(lc, la, y, beta=beta)
 
 
-def afa_stage1(model, config: Any) -> base.Objective:
-  """Stage I: K-branch BN, ``L_c(x) + sum_k L_a(x, x'_k, y)`` (see module docstring)."""
+def _stage1_config(config: Any) -> ml_collections.ConfigDict:
+  """``config.objective.afa`` with its choice fields checked."""
   cfg = defaults.objective_config(config, "afa", DEFAULTS)
   if cfg.base not in BASES:
     raise ValueError(f"objective.afa.base={cfg.base!r} is not one of {BASES}")
   if cfg.clean_in_branch not in CLEAN_MODES:
     raise ValueError(f"objective.afa.clean_in_branch={cfg.clean_in_branch!r} is not one of {CLEAN_MODES}")
+  if cfg.loss_reduction not in REDUCTIONS:
+    raise ValueError(f"objective.afa.loss_reduction={cfg.loss_reduction!r} is not one of {REDUCTIONS}")
+  return cfg
+
+
+def afa_stage1(model, config: Any) -> base.Objective:
+  """Stage I: K-branch BN, ``L_c(x) + sum_k L_a(x, x'_k, y)`` (see module docstring)."""
+  cfg = _stage1_config(config)
   reduction = cfg.loss_reduction
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"objective.afa.loss_reduction={reduction!r} is not one of {REDUCTIONS}")
   eps, step_size = ladder_radii(config, cfg)
   k_total = len(eps)
   paired = cfg.base in ("trades", "mart")
   random_start = cfg.random_start or ("normal" if paired else None)
-  attack = defaults.TrainingAttack(model, config, {"random_start": random_start,
+  attack = TrainingAttack(model, config, {"random_start": random_start,
                                                    "attack_bn": cfg.attack_bn})
   attack_loss = "kl" if cfg.base == "trades" else "ce"
   pair_loss = _pair_loss(cfg.base, float(cfg.beta))

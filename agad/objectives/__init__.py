@@ -8,7 +8,8 @@ them by name.
 
 from agad.objectives.base import (FROZEN, BNPolicy, LossAux, ModelOutput, Objective, accuracy,
                                   add_terms, cross_entropy_mean, forward, logits_fn_for, pass_key)
-from agad.objectives.defaults import TrainingAttack, objective_config
+from agad.objectives.defaults import objective_config
+from agad.objectives.training_attack import TrainingAttack
 from agad.objectives.standard import standard
 from agad.objectives.pgd_at import pgd_at
 from agad.objectives.alp import alp, alp_loss

@@ -14,6 +14,7 @@ checkpoint stays restorable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -216,6 +217,9 @@ class Trainer:
             "or check the data.")
 
   def _run(self, ckpt: ckpt_lib.Checkpointer) -> TrainState:
+    """Resume (or start), record the launch, then train: each step logged (every
+    ``log_every_steps``), validated (each epoch's end) and saved (epoch ends, every
+    ``checkpoint.every_steps``, the last step) in that order."""
     config = self.config
     fingerprint = trajectory(config)
     state = self.initial_state()
@@ -223,50 +227,18 @@ class Trainer:
         self.exp.splits.train, global_batch_size=config.batch_size, seed=config.seed,
         augment=self.exp.info.augment, process_index=jax.process_index(),
         process_count=jax.process_count())
-    start = 0
-
-    def check_trajectory(step: int, meta: dict) -> None:
-      diff = trajectory_diff(meta.get("trajectory", {}), fingerprint)
-      diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
-      if diff:
-        raise ValueError(
-            f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
-            f"checkpoint at step {step}:\n  " + "\n  ".join(diff) +
-            "\nUse a new --workdir, or restore the original values.")
-
-    # The newest intact checkpoint; damaged newer ones are logged and moved aside.
-    found = ckpt.restore_latest(ckpt_lib.abstract_like(state), accept=check_trajectory)
-    if found is not None:
-      latest, state, data_state, _ = found
-      if latest >= self.total_steps:
-        logging.info("workdir %s already finished (step %d of %d); nothing to do.",
-                     self.workdir, latest, self.total_steps)
-        return state
-      iterator.set_state(data_state)
-      start = latest
-      logging.info("resumed from step %d", start)
-    elif jax.process_index() == 0:  # one writer of the workdir's files (orbax: of checkpoints)
-      records.write_json(os.path.join(self.workdir, "config.json"),
-                         json.loads(config.to_json_best_effort()))
-
-    record_path = os.path.join(self.workdir, "run_record.json")
-    if jax.process_index() == 0:
-      history = []
-      if os.path.exists(record_path):
-        with open(record_path) as f:
-          history = json.load(f).get("launches", [])
-      history.append(dict(records.run_record(config), start_step=start))
-      records.write_json(record_path, {"launches": history})
+    state, start, finished = self._resume(ckpt, state, iterator, fingerprint)
+    if finished:
+      return state
+    self._record_launch(start)
 
     writer = records.MetricsWriter(self.workdir)
     prefetch = data_lib.prefetch_to_device(iterator, size=config.prefetch, sharding=self.batch_sharding)
     stop_at = self.total_steps
     if config.stop_after_steps:
       stop_at = min(stop_at, config.stop_after_steps)
-    pending: list[tuple[int, dict]] = []  # (step, metrics) since the last log
+    window = _LogWindow()
     epoch_metrics: dict = {}
-    t_log = time.time()
-    steps_since_log = 0
     t_start = time.time()
     step = start
     logging.info("training %s on %s: %d steps (%d per epoch), global batch %d on %d device(s)",
@@ -277,43 +249,17 @@ class Trainer:
         batch = next(prefetch)
         state, metrics = self.train_step(state, batch, self.frozen)
         step += 1
-        pending.append((step, metrics))
-        steps_since_log += 1
+        window.pending.append((step, metrics))
+        window.steps += 1
         epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
         if step % config.log_every_steps == 0 or epoch_end or step == stop_at:
-          self._check_finite(pending, ckpt)
-          scalars = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
-          pending.clear()
-          now = time.time()
-          rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
-          eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
-          scalars["images_per_sec"] = rate
-          writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
-          # Objectives that train on adversarial inputs only (CAS) report no clean accuracy.
-          acc_key = "accuracy" if "accuracy" in scalars else "adv_accuracy"
-          # The objective's and defense's own terms (TRADES' KL, a plug-in's penalty), by name.
-          terms = " ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())
-                           if k not in _LOGGED_APART | {acc_key})
-          logging.info("step %d/%d%s epoch %.2f loss %.4f %s %.3f%s lr %.4g | %.0f img/s, ETA %s",
-                       step, stop_at, f" (stops early; schedule {self.total_steps})"
-                       if stop_at < self.total_steps else "", step / self.steps_per_epoch,
-                       scalars["loss"], acc_key.replace("accuracy", "acc"),
-                       scalars.get(acc_key, float("nan")), f" | {terms} |" if terms else "",
-                       scalars.get("lr", float("nan")),
-                       rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
-          t_log, steps_since_log = now, 0
+          self._log(step, stop_at, window, writer, ckpt)
         save_now = (epoch_end or step == stop_at or
                     (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0))
         if epoch_end:
-          val = self.validate(state)
-          epoch_metrics = val
-          writer.write(step, val)
-          logging.info("validation at step %d: clean %.4f robust %.4f%s (n=%d)", step,
-                       val["val/clean_accuracy"], val["val/robust_accuracy"],
-                       f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
-                       if "val/pgd_robust_accuracy" in val else "", val["val/n"])
+          epoch_metrics = self._validate_and_log(step, state, writer)
         if save_now:
-          self._check_finite(pending, ckpt)  # steps since the last log: none may be bad
+          self._check_finite(window.pending, ckpt)  # steps since the last log: none may be bad
           self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
                      epoch_metrics if epoch_end else {})
     finally:
@@ -321,6 +267,84 @@ class Trainer:
       writer.close()
     logging.info("trained %d steps in %.1f s", step - start, time.time() - t_start)
     return state
+
+  def _resume(self, ckpt, state, iterator, fingerprint) -> tuple[TrainState, int, bool]:
+    """``(state, start step, finished)``: the newest intact checkpoint whose trajectory
+    matches (its data position set on ``iterator``; damaged newer ones are logged and
+    moved aside), else ``state`` at step 0 with the config written to the workdir."""
+
+    def check_trajectory(step: int, meta: dict) -> None:
+      diff = trajectory_diff(meta.get("trajectory", {}), fingerprint)
+      diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
+      if diff:
+        raise ValueError(
+            f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
+            f"checkpoint at step {step}:\n  " + "\n  ".join(diff) +
+            "\nUse a new --workdir, or restore the original values.")
+
+    found = ckpt.restore_latest(ckpt_lib.abstract_like(state), accept=check_trajectory)
+    if found is not None:
+      latest, state, data_state, _ = found
+      if latest >= self.total_steps:
+        logging.info("workdir %s already finished (step %d of %d); nothing to do.",
+                     self.workdir, latest, self.total_steps)
+        return state, latest, True
+      iterator.set_state(data_state)
+      logging.info("resumed from step %d", latest)
+      return state, latest, False
+    if jax.process_index() == 0:  # one writer of the workdir's files (orbax: of checkpoints)
+      records.write_json(os.path.join(self.workdir, "config.json"),
+                         json.loads(self.config.to_json_best_effort()))
+    return state, 0, False
+
+  def _record_launch(self, start: int) -> None:
+    """Appends this launch (versions, devices, config, start step) to ``run_record.json``."""
+    if jax.process_index() != 0:
+      return
+    record_path = os.path.join(self.workdir, "run_record.json")
+    history = []
+    if os.path.exists(record_path):
+      with open(record_path) as f:
+        history = json.load(f).get("launches", [])
+    history.append(dict(records.run_record(self.config), start_step=start))
+    records.write_json(record_path, {"launches": history})
+
+  def _log(self, step: int, stop_at: int, window: "_LogWindow", writer, ckpt) -> None:
+    """One log line and ``train/*`` metrics: the mean of the window's steps (each checked
+    finite first), their rate and the ETA; opens the next window."""
+    config = self.config
+    self._check_finite(window.pending, ckpt)
+    pending = window.pending
+    scalars = {k: float(np.mean([float(m[k]) for _, m in pending])) for k in pending[0][1]}
+    pending.clear()
+    now = time.time()
+    rate = window.steps * config.batch_size / max(now - window.start, 1e-9)
+    eta = (stop_at - step) * config.batch_size / max(rate, 1e-9)
+    scalars["images_per_sec"] = rate
+    writer.write(step, {f"train/{k}": v for k, v in scalars.items()})
+    # Objectives that train on adversarial inputs only (CAS) report no clean accuracy.
+    acc_key = "accuracy" if "accuracy" in scalars else "adv_accuracy"
+    # The objective's and defense's own terms (TRADES' KL, a plug-in's penalty), by name.
+    terms = " ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())
+                     if k not in _LOGGED_APART | {acc_key})
+    logging.info("step %d/%d%s epoch %.2f loss %.4f %s %.3f%s lr %.4g | %.0f img/s, ETA %s",
+                 step, stop_at, f" (stops early; schedule {self.total_steps})"
+                 if stop_at < self.total_steps else "", step / self.steps_per_epoch,
+                 scalars["loss"], acc_key.replace("accuracy", "acc"),
+                 scalars.get(acc_key, float("nan")), f" | {terms} |" if terms else "",
+                 scalars.get("lr", float("nan")),
+                 rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+    window.start, window.steps = now, 0
+
+  def _validate_and_log(self, step: int, state: TrainState, writer) -> dict:
+    """The epoch's validation metrics (``val/*``), written and logged."""
+    val = self.validate(state)
+    writer.write(step, val)
+    logging.info("validation at step %d: clean %.4f robust %.4f%s (n=%d)", step,
+                 val["val/clean_accuracy"], val["val/robust_accuracy"],
+                 f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
+                 if "val/pgd_robust_accuracy" in val else "", val["val/n"])
+    return val
 
   def _save(self, ckpt, step, state, data_state, fingerprint, metrics) -> None:
     if not bool(self.finite(state)):
@@ -331,10 +355,18 @@ class Trainer:
     ckpt.save(step, state, data_state=data_state, meta=meta)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
-  """Trains ``config`` in ``workdir`` (resuming if possible) and returns the final state."""
-  return Trainer(config, workdir).run()
 # Metrics the step log shows in their own places (the rest are the objective's terms).
 _LOGGED_APART = {"loss", "lr", "images_per_sec"}
 
 
+@dataclasses.dataclass
+class _LogWindow:
+  """The steps since the last log line: ``(step, metrics)`` of each, and when it began."""
+  pending: list = dataclasses.field(default_factory=list)
+  start: float = dataclasses.field(default_factory=time.time)
+  steps: int = 0
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+  """Trains ``config`` in ``workdir`` (resuming if possible) and returns the final state."""
+  return Trainer(config, workdir).run()
