@@ -39,7 +39,7 @@ def main(argv):
   if len(argv) > 1:
     common.fatal(f"unexpected arguments: {argv[1:]} (flags take the form --name=value)")
   common.init_runtime()
-  from agad.evaluation import report as report_lib, runner
+  from agad.evaluation import checkpoint_eval, report as report_lib
   if FLAGS.config:  # --config.eps sets eval.eps unless --config.eval.eps is given too
     common.resolve_radii(FLAGS.config, common.explicit_overrides(), fields=("eval.eps",))
   with common.refuse_bad_input():  # Bad flags are refused before any work, in one line.
@@ -48,7 +48,7 @@ def main(argv):
         surrogate=FLAGS.surrogate, output=FLAGS.output, chunk=FLAGS.chunk,
         eval_config=FLAGS.config.eval if FLAGS.config else None)
 
-  report, stem = runner.evaluate(
+  report, stem = checkpoint_eval.evaluate(
       FLAGS.workdir, step=FLAGS.step, preset=FLAGS.preset, num_examples=FLAGS.num_examples,
       surrogate=FLAGS.surrogate, output=FLAGS.output, chunk=FLAGS.chunk,
       eval_config=FLAGS.config.eval if FLAGS.config else None, log=logging.info)

@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
 apgd_lib = importlib.import_module("agad.attacks.apgd")
-runner_lib = importlib.import_module("agad.attacks.runner")
+runner_lib = importlib.import_module("agad.attacks.batching")
 dlr_lib = importlib.import_module("agad.attacks.dlr")
 
 from tests.helpers import ATTACK_CLASSES as CLASSES, ATTACK_DIM as DIM, ATTACK_SHAPE as SHAPE

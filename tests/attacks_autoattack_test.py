@@ -11,7 +11,7 @@ from jax.tree_util import Partial
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
 apgd_lib = importlib.import_module("agad.attacks.apgd")
-runner_lib = importlib.import_module("agad.attacks.runner")
+runner_lib = importlib.import_module("agad.attacks.batching")
 aa = importlib.import_module("agad.attacks.autoattack")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")

@@ -12,7 +12,7 @@ from agad.attacks import losses
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
 apgd_lib = importlib.import_module("agad.attacks.apgd")
-runner_lib = importlib.import_module("agad.attacks.runner")
+runner_lib = importlib.import_module("agad.attacks.batching")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")
 

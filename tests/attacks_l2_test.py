@@ -17,7 +17,7 @@ from jax.tree_util import Partial
 from agad.attacks import losses
 
 # Modules by path: agad.attacks re-exports functions of the same names.
-runner_lib = importlib.import_module("agad.attacks.runner")
+runner_lib = importlib.import_module("agad.attacks.batching")
 aa = importlib.import_module("agad.attacks.autoattack")
 fab_lib = importlib.import_module("agad.attacks.fab")
 square_lib = importlib.import_module("agad.attacks.square")

@@ -15,7 +15,7 @@ import pytest
 from jax.tree_util import Partial
 
 from agad.data import ArraySource
-from agad.evaluation import AttackSpec, run_suite, runners
+from agad.evaluation import AttackSpec, attack_kinds, run_suite
 from agad.evaluation import suite as suite_lib
 
 SHAPE = (6, 6, 1)
@@ -63,7 +63,7 @@ def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
   # Cut off inside the second AutoAttack chunk: its attacks ran, its cache entry was never
   # written (a SIGKILL), and a kill during the write left a truncated temporary file.
   cache = str(tmp_path / "killed")
-  real, calls = runners.run_autoattack, []
+  real, calls = attack_kinds.run_autoattack, []
 
   def killed_in_chunk_2(*args, **kwargs):
     calls.append(1)
@@ -71,7 +71,7 @@ def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
     if len(calls) == 2:
       raise Killed()
     return out
-  monkeypatch.setattr(runners, "run_autoattack", killed_in_chunk_2)
+  monkeypatch.setattr(attack_kinds, "run_autoattack", killed_in_chunk_2)
   with pytest.raises(Killed):
     run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
   monkeypatch.undo()

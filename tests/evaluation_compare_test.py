@@ -59,7 +59,7 @@ def _linear(scale, x):
 
 
 def _write(tmp_path, name, report):
-  """What runner.evaluate writes: the JSON without arrays, the arrays in the .npz beside it."""
+  """What checkpoint_eval.evaluate writes: the JSON without arrays, the arrays in the .npz beside it."""
   stem = os.path.join(tmp_path, name)
   np.savez(stem + ".npz", **report.pop("per_example"))
   with open(stem + ".json", "w") as f:

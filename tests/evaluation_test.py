@@ -418,7 +418,7 @@ def test_probability_outputs_get_a_warning():
 def test_runner_verifies_a_bfloat16_model_with_a_float32_forward_pass():
   import types
   from agad import api
-  from agad.evaluation import runner
+  from agad.evaluation import checkpoint_eval
   from agad.models.registry import build_model
   model = build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,), dtype=jnp.bfloat16)
   x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
@@ -428,8 +428,8 @@ def test_runner_verifies_a_bfloat16_model_with_a_float32_forward_pass():
   variables = {**variables, "params": jax.tree.unflatten(tree, [
       l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for l, k in zip(leaves, keys)])}
   loaded = types.SimpleNamespace(model=model, variables=variables)
-  assert runner._float32_logits_fn(loaded, "float32") is None
-  fp32 = runner._float32_logits_fn(loaded, "bfloat16")
+  assert checkpoint_eval._float32_logits_fn(loaded, "float32") is None
+  fp32 = checkpoint_eval._float32_logits_fn(loaded, "bfloat16")
   ref = api.make_logits_fn(build_model("smallcnn", num_classes=10, mean=(0.5,), std=(0.25,)), variables)
   np.testing.assert_allclose(fp32(x), ref(x), rtol=1e-6, atol=1e-6)
   assert not np.allclose(api.make_logits_fn(model, variables)(x), ref(x), atol=1e-6)  # bf16 differs
@@ -476,7 +476,7 @@ def test_ladder_preset_and_validation():
 
 
 def test_run_analysis_summarises_plots_and_reports(tmp_path):
-  from agad.evaluation.runner import run_analysis
+  from agad.evaluation.checkpoint_eval import run_analysis
   source, _ = _templates_source(n=10, seed=3)
   seen = []
 

@@ -505,7 +505,10 @@ def timing(model, logits_fn, x: np.ndarray, y: np.ndarray, common: dict[str, Any
   agreement with the reference, and the steps agad traced (compiled) after its first call.
   """
   import torch
-  from agad.attacks import runner
+  try:
+    from agad.attacks import batching as runner
+  except ImportError:  # an --agad_root from before the module was renamed
+    from agad.attacks import runner
 
   results["timing"] = {"threads": {"torch": torch.get_num_threads(),
                                    "affinity": sorted(os.sched_getaffinity(0)),

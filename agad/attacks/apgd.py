@@ -23,7 +23,7 @@ data-driven from counters in the state, so one compiled chunk of steps serves ev
 iteration and every ``N``.
 
 The host loop over jitted chunks, the early exit and the per-example helpers it shares
-with FAB and Square live in ``agad.attacks.runner``.
+with FAB and Square live in ``agad.attacks.batching``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example, project
 from agad.attacks import losses
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
-from agad.attacks.runner import (NORMS, barrier, batch_key, bwhere, call_logits, count_trace,
+from agad.attacks.batching import (NORMS, barrier, batch_key, bwhere, call_logits, count_trace,
                                  example_keys, fold_in_each, lp_norm, normal_each, normalize,
                                  nothing_left, run_steps, split_each, uniform_each)
 
@@ -273,7 +273,7 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
   the earlier ones only where they break the example or reach a higher loss).
   ``valid`` ``[B]`` marks padding rows (False) so they do not delay the early exit.
   ``key`` is one PRNG key (row b then uses ``fold_in(key, b)``) or ``[B]`` per-example
-  keys (``agad.attacks.runner.example_keys``): an example's start points depend only on
+  keys (``agad.attacks.batching.example_keys``): an example's start points depend only on
   its key, not on the batch.
   """
   images, labels, targets = _check_inputs(images, labels, norm, loss, targets)

@@ -15,7 +15,7 @@ inside [0, 1]; its adversarial is then stored. Points never broken keep the clea
 
 The shrinking robust set is processed in batches of at most ``batch_size`` rows padded
 (with copies of a real row, masked out) to a bucket size: ``batch_size`` or one of four
-sizes per power of two below it (down to ``min_bucket``; ``agad.attacks.runner``
+sizes per power of two below it (down to ``min_bucket``; ``agad.attacks.batching``
 ``bucket_sizes`` and ``padded_batches``). Every attack therefore compiles at most once
 per bucket size, and repeated evaluations reuse the compiled programs.
 
@@ -43,7 +43,7 @@ from agad.attacks import driver as driver_lib
 from agad.attacks.apgd import apgd_attack
 from agad.attacks.dlr import ranked_targets
 from agad.attacks.fab import fab_attack
-from agad.attacks.runner import bucket_sizes, call_logits, lp_norm, padded_batches
+from agad.attacks.batching import bucket_sizes, call_logits, lp_norm, padded_batches
 from agad.attacks.square import square_attack
 
 

@@ -30,7 +30,7 @@ from jax.tree_util import Partial
 
 from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example
-from agad.attacks.runner import (barrier, batch_key, bwhere, call_logits, count_trace,
+from agad.attacks.batching import (barrier, batch_key, bwhere, call_logits, count_trace,
                                  example_keys, fold_in_each, lp_norm, normal_each, normalize,
                                  nothing_left, run_steps, split_each, uniform_each)
 from agad.attacks.dlr import ranked_targets
@@ -255,7 +255,7 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   within eps (the verdict is then final; the returned point may be larger than the
   minimum-norm one). Restart ``r > 0`` starts at random on the sphere of radius eps/2
   (``x0 + eps/2 * u / ||u||``, u uniform in [-1, 1]^d for L-inf, normal for L2).
-  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.runner.example_keys``);
+  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.batching.example_keys``);
   an example's random starts come from its key alone.
   """
   if norm not in NORMS:

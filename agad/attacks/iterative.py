@@ -83,7 +83,7 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
   attack always has), or ``[B]`` per-example keys: row b's start then comes from
   ``key[b]`` alone, so the result of an example does not depend on the batch size or on
   its neighbours (pass ``fold_in(key, example index)``, see
-  ``agad.attacks.runner.example_keys``). ``state.key`` is one key either way.
+  ``agad.attacks.batching.example_keys``). ``state.key`` is one key either way.
   """
   if jnp.ndim(key) == 1:
     if key.shape[0] != x0.shape[0]:

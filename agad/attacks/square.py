@@ -51,7 +51,7 @@ from jax.tree_util import Partial
 from agad.attacks import driver as driver_lib
 from agad.attacks import losses
 from agad.attacks.iterative import per_example
-from agad.attacks.runner import (barrier, batch_key, bwhere, call_logits, count_trace,
+from agad.attacks.batching import (barrier, batch_key, bwhere, call_logits, count_trace,
                                  example_keys, fold_in_each, lp_norm, normalize, nothing_left,
                                  rademacher_each, run_steps, split_each, uniform_each)
 # meta_pseudo_gaussian_pert and square_p are re-exported (tests, tools/parity_autoattack.py).
@@ -251,7 +251,7 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
                   check_every: int = 100) -> SquareResult:
   """Square Attack with per-example results; stops once no valid example is left.
 
-  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.runner.example_keys``);
+  ``key``: one key or ``[B]`` per-example keys (``agad.attacks.batching.example_keys``);
   an example's start, squares and signs come from its key alone.
   """
   if norm not in NORMS:

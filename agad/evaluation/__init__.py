@@ -4,4 +4,4 @@ from agad.evaluation.robustness import accuracy_record, stderr
 from agad.evaluation.suite import AttackSpec, Suite, params_hash, run_suite
 from agad.evaluation.presets import PRESETS, build_specs
 from agad.evaluation.autoattack_api import autoattack
-from agad.evaluation.runner import evaluate
+from agad.evaluation.checkpoint_eval import evaluate

@@ -18,7 +18,7 @@ equally) with ``stderr = sqrt(sum stderr_s^2) / S``; the seed-to-seed spread is 
 beside it, since S = 2 says little about run-to-run variance.
 
 The per-example vectors come from ``<report stem>.npz``, written by
-:func:`agad.evaluation.runner.evaluate` beside every JSON report (key ``worst_case``; one
+:func:`agad.evaluation.checkpoint_eval.evaluate` beside every JSON report (key ``worst_case``; one
 key per row under ``row/<name>``).
 """
 

@@ -2,7 +2,7 @@
 
 They live here, not in ``configs/``, so that evaluation never imports the configs: a
 workdir saved before a field existed still evaluates with the default beneath its saved
-values (``runner.evaluate``).
+values (``checkpoint_eval.evaluate``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from agad import data as data_lib
 from agad.attacks import ATTACK_CODE_VERSION
 from agad.checkpoint import params_hash  # noqa: F401  (re-exported: agad.evaluation.params_hash)
 from agad.attacks import driver as driver_lib
-from agad.evaluation import robustness, runners, verification
+from agad.evaluation import attack_kinds, robustness, verification
 from agad.objectives.base import adaptive_variants
 
 
@@ -207,7 +207,7 @@ class Suite:
   def _run_chunk_autoattack(self, spec, chunk_indices, key):
     batch = data_lib.read_batch(self.source, chunk_indices)
     images = batch["image"].astype(np.float32) / np.float32(255)
-    return runners.run_autoattack(spec, self.logits_fn, images, batch["label"], key,
+    return attack_kinds.run_autoattack(spec, self.logits_fn, images, batch["label"], key,
                                   batch_size=self.batch_size, stochastic=self.stochastic)
 
   def _load(self, path, spec):
@@ -279,7 +279,7 @@ class Suite:
       record["claimed_accuracy"] = float(claimed.mean())
       record["verification_failures"] = {k: v for k, v in failures.items() if k != "checked" and v}
     if spec.kind == "autoattack":
-      record.update(runners.autoattack_stages(stages, starts))
+      record.update(attack_kinds.autoattack_stages(stages, starts))
     self.results[spec.name] = {"robust": robust, "record": record, "verification": failures,
                                "in_threat_model": in_threat_model}
     return record
@@ -344,7 +344,7 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
               verify_logits_fn: Callable | None = None, stochastic: bool = False,
               fingerprint: str = "", **suite_kwargs) -> dict:
   """Runs ``specs`` and the automatic checks; returns the report dict (its ``per_example``
-  holds numpy arrays, :meth:`Suite.per_example`; ``runner.evaluate`` writes them to an .npz).
+  holds numpy arrays, :meth:`Suite.per_example`; ``checkpoint_eval.evaluate`` writes them to an .npz).
 
   Args:
     eps, norm: the report's threat model.

@@ -1,4 +1,4 @@
-"""Per-kind attack runners of the suite (``agad.evaluation.suite``).
+"""The attack of each kind of report row, as the suite (``agad.evaluation.suite``) runs it.
 
 ``batch_runner(spec, ...)`` returns ``(x [B,H,W,C], y [B], key) -> x_adv [B,H,W,C]`` for
 the per-batch kinds; ``run_autoattack(...)`` runs AutoAttack on a chunk and returns its

@@ -1,4 +1,5 @@
-"""The runner shared by APGD, FAB and Square, and AutoAttack's bucketing.
+"""How every attack steps and batches its examples: the step loop shared by APGD, FAB and
+Square, the per-example helpers and keys, and AutoAttack's bucketing.
 
 * ``run_steps``: a host loop over jitted chunks of an attack's step
   (``agad.attacks.driver.iterate``) with an optional early exit between chunks
