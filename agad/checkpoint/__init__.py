@@ -233,7 +233,10 @@ class Checkpointer:
     target, k = os.path.join(aside, str(step)), 1
     while os.path.exists(target):
       target, k = os.path.join(aside, f"{step}.{k}"), k + 1
-    os.rename(os.path.join(self.directory, str(step)), target)
+    try:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    except FileNotFoundError:  # another process of a multi-process run moved it first
+      pass
     self._manager.reload()
     return target
 
