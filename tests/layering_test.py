@@ -1,5 +1,6 @@
-"""Imports flow one way (WORKSPACE.md): a lower room never imports a higher one, and no
-modules import each other (not even through imports inside functions)."""
+"""Imports flow one way (WORKSPACE.md): a lower room never imports a higher one, no
+modules import each other (not even through imports inside functions), an import inside a
+function says why it is not at the top of its file, and long functions say why they are."""
 
 import ast
 import os
@@ -205,3 +206,28 @@ def test_long_functions_say_why():
   stale = sorted(set(LONG_FUNCTIONS) - set(found))
   assert not stale, f"LONG_FUNCTIONS lists functions that are no longer long: {stale}"
   assert all(len(reason) > 40 for reason in LONG_FUNCTIONS.values())
+
+
+def _function_level_imports(path):
+  """``(line, source)`` of every import inside a function body of ``path``."""
+  tree = ast.parse(open(path).read(), path)
+  found = {}
+  for func in ast.walk(tree):
+    if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(func):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          found[node.lineno] = ast.unparse(node)
+  return sorted(found.items())
+
+
+def test_imports_inside_functions_say_why():
+  """Imports belong at the top of their file; one inside a function (an optional or heavy
+  dependency, a lazy entry point) carries a comment on its line or the line above."""
+  bare = []
+  for path in _files("agad"):
+    lines = open(path).read().splitlines()
+    for line, source in _function_level_imports(path):
+      here, above = lines[line - 1], lines[line - 2] if line > 1 else ""
+      if "#" not in here and not above.strip().startswith("#"):
+        bare.append(f"{os.path.relpath(path, REPO)}:{line} {source}")
+  assert not bare, "imports inside functions without a reason beside them:\n" + "\n".join(bare)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from agad.attacks import iterative
+from agad.attacks import autoattack, iterative
 
 
 def _misclassified(logits_fn, labels, x):
@@ -104,7 +104,6 @@ def run_autoattack(spec, logits_fn, images, labels, key, *, batch_size: int,
   warnings, plus a note when ``rand`` was replaced by ``standard`` on a deterministic
   model). Optional spec settings: ``steps``, ``square_queries``, ``attacks`` (custom).
   """
-  from agad.attacks import autoattack
   kw = spec.kw
   version = kw.get("version", "standard")
   notes = []

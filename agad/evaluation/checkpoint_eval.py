@@ -10,13 +10,17 @@ for paired comparisons: ``python -m launch.compare``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any, Callable
 
-import json
-
+import jax
+import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
+from agad import api
 from agad.evaluation import checks, presets, report as report_lib, suite as suite_lib
 from agad.evaluation.defaults import merged_eval_config, weights_to_evaluate
 from agad.objectives.base import adaptive_variants
@@ -53,8 +57,6 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
     chunk: examples per cache entry (an interrupted run resumes chunk by chunk).
     eval_config: an ``eval`` ConfigDict overriding the saved one.
   """
-  from agad import api
-
   saved = api.load_config(workdir)
   # Workdirs saved before a field existed still evaluate: defaults under the saved values,
   # then the caller's overrides (unknown keys are an error).
@@ -103,7 +105,6 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
   per_example = report.pop("per_example")
   report["per_example_file"] = os.path.basename(stem) + ".npz"
-  import jax
   if jax.process_index() == 0:  # a multi-process run: every process has the report, one writes
     write_npz(stem + ".npz", per_example)
     write_json(stem + ".json", report)
@@ -118,8 +119,6 @@ def run_analysis(fn, source, indices, *, eps_values, batch_size: int, seed: int,
   """Runs an ``Objective.analysis`` function over the evaluated test images in batches
   (key ``fold_in(seed, batch index)``) and summarises it for the report: the per-eps mean
   and standard error of ``y`` and the function's ``summary`` (computed on every image)."""
-  import jax
-  import scipy.stats
   idx = np.arange(len(source.labels)) if indices is None else np.asarray(indices)
   key = jax.random.key(seed)
   parts = []
@@ -143,8 +142,6 @@ def run_analysis(fn, source, indices, *, eps_values, batch_size: int, seed: int,
 
 def _fingerprint(saved, weights) -> str:
   """The model definition and data the cache entries depend on (beyond the weights)."""
-  import hashlib
-  import json
   parts = {"model": saved.model.to_dict(), "data": saved.data.get("name"),
            "objective": saved.objective.to_dict(), "params": weights}
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -154,6 +151,4 @@ def _float32_logits_fn(loaded, dtype: str):
   """A float32 forward pass of the loaded model for re-verification (None if it is one)."""
   if dtype == "float32" or not hasattr(loaded.model, "clone"):
     return None
-  import jax.numpy as jnp
-  from agad import api
   return api.make_logits_fn(loaded.model.clone(dtype=jnp.float32), loaded.variables)

@@ -15,6 +15,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from agad import data as data_lib
+from agad.attacks import driver as driver_lib
 from agad.attacks import losses
 from agad.evaluation.compare import chance_note
 
@@ -198,7 +199,6 @@ def model_checks(logits_fn, source, indices, *, seed: int = 0, repeats: int = 5,
   Repeated forward passes run eagerly (a host-side random model would hide behind a
   jit cache); a ``stochastic`` model is called with a different key each time.
   """
-  from agad.attacks import driver as driver_lib
   logits_fn = driver_lib.as_partial(logits_fn)
   w: list[str] = []
   batch = data_lib.read_batch(source, np.asarray(indices))

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from agad.evaluation.presets import PRESETS
+
 
 def eval_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -79,7 +81,6 @@ def _ladder_ok(v) -> bool:
 
 def eval_rules() -> dict:
   """``{field: (ok(value) -> bool, accepted)}`` for every field of :func:`eval_defaults`."""
-  from agad.evaluation.presets import PRESETS
   positive_int = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
   step = (lambda v: _is_real(v) and v > 0, "a step size > 0 (pixel units)")
   return {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from agad.evaluation import checks
+
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -101,10 +103,10 @@ def _errorbar_png(plt, path: str, xs, ys, es, *, xlabel: str, ylabel: str, ylabe
 def plots(report: dict, directory: str) -> list[str]:
   """Accuracy vs eps and vs PGD steps (the suite's PGD-CE records); the objective's analysis
   against eps when the report has one."""
+  # matplotlib only when plotting: the Agg backend must be chosen before pyplot loads.
   import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from agad.evaluation import checks
+  import matplotlib.pyplot as plt  # after the backend (above)
   written = []
   for sweep, key, label, rows in (("eps", "eps", "eps", checks.eps_sweep(report)),
                                   ("steps", "steps", "PGD steps", checks.steps_sweep(report))):

@@ -31,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from agad import data as data_lib
+from agad import sharding as sharding_lib
 from agad.attacks import ATTACK_CODE_VERSION
 from agad.checkpoint import params_hash  # noqa: F401  (re-exported: agad.evaluation.params_hash)
 from agad.attacks import driver as driver_lib
-from agad.evaluation import attack_kinds, robustness, verification
+from agad.evaluation import attack_kinds, checks, robustness, verification
 from agad.objectives.base import adaptive_variants
 
 
@@ -126,7 +127,6 @@ class Suite:
                adaptive_loss: Callable | Mapping | None = None, surrogate=None, chunk: int = 1000,
                log: Callable | None = print, mesh=None, eps: float | None = None,
                verify_logits_fn: Callable | None = None, stochastic: bool = False):
-    from agad import sharding as sharding_lib
     self.logits_fn = driver_lib.as_partial(logits_fn)
     self.verify_logits_fn = (self.logits_fn if verify_logits_fn is None
                              else driver_lib.as_partial(verify_logits_fn))
@@ -167,7 +167,7 @@ class Suite:
 
   def _run_chunk_batched(self, spec, chunk_indices, key) -> tuple[np.ndarray, np.ndarray]:
     """Per-example robust [n], and the adversarial images (clean where not broken)."""
-    runner = None if spec.kind == "clean" else runners.batch_runner(
+    runner = None if spec.kind == "clean" else attack_kinds.batch_runner(
         spec, self.logits_fn, adaptive_loss=self.adaptive_loss, surrogate=self.surrogate,
         stochastic=self.stochastic)
     restarts = spec.kw.get("restarts", 1)
@@ -358,7 +358,6 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
     fingerprint: the model/config identity for the cache key (see ``Suite``).
     suite_kwargs: the rest of ``Suite``'s arguments.
   """
-  from agad.evaluation import checks
   suite = Suite(logits_fn, source, eps=eps, dtype=dtype, verify_logits_fn=verify_logits_fn,
                 stochastic=stochastic, fingerprint=fingerprint, **suite_kwargs)
   t0 = time.time()
