@@ -12,7 +12,7 @@ uniform start; FSR's own fields in ``objective.fsr``). The code keeps the last e
 weights: evaluate ``--step=latest`` for parity.
 
 AGKD-BML (Wang et al. ICCV 2021, hongw579/AGKD-BML main.py/argument.py): ``:wrn28_10,agkd_bml``
-is the code's recipe: 200 epochs, lr 0.1 x0.1 at 100 and 150, SGD 0.9, wd 2e-4, batch 128,
+is the code's recipe (``agad.defenses.agkd_bml.recipe``): 200 epochs, lr 0.1 x0.1 at 100 and 150, SGD 0.9, wd 2e-4, batch 128,
 inputs normalised to [-1, 1] (``model.input_norm = dataset``, ``model.mean = std = 0.5``), both targeted attacks PGD-10 at
 eps 8/255, step 2/255 in pixels (the code's 16/255 and 4/255 on [-1, 1]), uniform start;
 AGKD-BML's own fields in ``objective.agkd_bml`` (teacher.workdir required). Its teacher is
@@ -47,8 +47,6 @@ Paper (Tables 1, 3, CIFAR-10, WRN-28-10, PGD at eps 0/1/2/4/8 /255): PGD-AT+AFA 
 / 82.7 / 72.1 / 52.6; at 8/255 PGD-AT+AFA FGSM 81.1, C&W 48.3, PGD+adaptive 48.2.
 """
 
-from agad import defenses
-from agad.defenses import afa_stage2
 from configs import common
 
 
@@ -62,42 +60,7 @@ def cifar_config(name: str, arg: str | None):
   c.model.input_norm = "none"
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
-  _again_recipe(c, arg)
-  if afa_stage2.spec_head(arg) == "afa_stage2":
-    afa_stage2.stage2_recipe(c, lr=0.01)   # AFA stage II (paper Sec. 5.1: CIFAR lr 0.01)
-  return common.apply_arg(c, arg)
-
-
-def _again_recipe(c, arg: str | None):
-  """``wrn34_10,again+awp`` (CIFAR-10 and CIFAR-100): AGAIN's released recipe, InsLin/AGAIN
-  ``train_awp_again_cifar.py`` = AWP's TRADES trainer: 200 epochs, lr 0.1 x0.1 at epochs 100
-  and 150, PGD-10 step 2/255 at eps 8/255 (the defaults above), AWP gamma 5e-3 / proxy lr
-  0.1 from epoch 10 (1-indexed, i.e. 9 epochs without). The paper's schedule (120 epochs,
-  decays at 75/90/100, step 4/255) is an override. ``smoke`` still shrinks everything.
-  """
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip() and p.strip() != "smoke"]
-  if parts[:2] != ["wrn34_10", "again+awp"]:
-    return
-  c.num_epochs = 200
-  c.optim.boundaries = (100, 150)
-  c.objective.awp = defenses.defaults("awp")
-  c.objective.awp.gamma = 0.005
-  c.objective.awp.proxy_lr = 0.1
-  c.objective.awp.warmup_steps = 9 * ((50_000 - c.data.val_size) // c.batch_size)  # 9 * 382
-
-
-def agkd_bml_recipe(c, *, smoke: bool = False):
-  """hongw579/AGKD-BML: argument.py (200 epochs, lr 0.1, batch 128), main.py (SGD 0.9,
-  wd 2e-4, MultiStepLR [100, 150] x0.1, Normalize(0.5, 0.5)). The attack is this file's
-  default (PGD-10, eps 8/255, step 2/255 = the code's 8/255*2, 2/255*2 on [-1, 1])."""
-  if not smoke:
-    c.num_epochs = 200
-  c.optim.boundaries = (100, 150)
-  c.optim.weight_decay = 2e-4
-  c.model.input_norm = "dataset"   # main.py:286, 292 Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
-  c.model.mean = (0.5, 0.5, 0.5)
-  c.model.std = (0.5, 0.5, 0.5)
-  return c
+  return common.apply_arg(c, arg)  # with the recipes of AGAIN, AGKD-BML, AFA stage II
 
 
 def atat_recipe(c, *, smoke: bool = False):
@@ -118,9 +81,6 @@ def atat_recipe(c, *, smoke: bool = False):
 
 def get_config(arg: str | None = None):
   c = cifar_config("cifar10", arg)
-  smoke = "smoke" in [p.strip() for p in (arg or "").split(",")]
-  if (c.model.name, c.objective.name) == ("wrn28_10", "agkd_bml"):
-    c = agkd_bml_recipe(c, smoke=smoke)
   if (c.model.name, c.objective.name) == ("wrn34_10", "atat"):
-    c = atat_recipe(c, smoke=smoke)
+    c = atat_recipe(c, smoke=common.parse_arg(arg).smoke)
   return c

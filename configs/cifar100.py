@@ -1,6 +1,6 @@
 """CIFAR-100 (TFDS ArrayRecord): the CIFAR-10 recipe with 100 classes.
 
-``wrn34_10,again+awp`` gets AGAIN's recipe (``cifar10._again_recipe``); its ASE heads, like
+``wrn34_10,again+awp`` gets AGAIN's recipe (``agad.defenses.again.recipe``); its ASE heads, like
 the classifier, have 100 outputs (the official code hard-codes 10).
 
 ``wrn34_10,atat`` gets ATAT's CIFAR-10 recipe (``cifar10.atat_recipe``): the paper uses "the
@@ -12,11 +12,11 @@ lr 0.001. Its loss is ``--config.objective.atat.variant=code_cifar100``
 time, no AA): clean 76.22, PGD-10 35.03, PGD-20 28.72 (AT-PGD 61.14 / 24.09).
 """
 
-from configs import cifar10
+from configs import cifar10, common
 
 
 def get_config(arg: str | None = None):
   c = cifar10.cifar_config("cifar100", arg)
   if (c.model.name, c.objective.name) == ("wrn34_10", "atat"):
-    c = cifar10.atat_recipe(c, smoke="smoke" in [p.strip() for p in (arg or "").split(",")])
+    c = cifar10.atat_recipe(c, smoke=common.parse_arg(arg).smoke)
   return c

@@ -8,10 +8,13 @@ defaults. ``smoke`` shrinks data, model work and schedule for tests and laptops.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ml_collections
 
 from agad import defenses
 from agad import models as models_lib
+from agad.defenses._validate import check_spec
 from agad.evaluation.defaults import eval_defaults
 
 
@@ -109,20 +112,36 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+class Arg(NamedTuple):
+  """A parsed config argument: ``model`` / ``spec`` are None where the argument leaves the
+  dataset's default."""
+  model: str | None
+  spec: str | None
+  smoke: bool
+
+
+def parse_arg(arg: str | None) -> Arg:
+  """``"MODEL,OBJECTIVE[+T...][,smoke]"`` -> :class:`Arg` (the one parser of the grammar)."""
   parts = [p.strip() for p in (arg or "").split(",")]
   smoke = "smoke" in parts
   parts = [p for p in parts if p and p != "smoke"]
   if len(parts) > 2:
     raise ValueError(f"config arg {arg!r}: expected MODEL,OBJECTIVE[+T...][,smoke]")
-  if parts:
-    if parts[0] not in models_lib.MODEL_NAMES:
-      raise ValueError(f"config arg {arg!r}: unknown model {parts[0]!r}; known: {sorted(models_lib.MODEL_NAMES)}")
-    c.model.name = parts[0]
-  if len(parts) == 2:
-    from agad.defenses._validate import check_spec
-    check_spec(parts[1])  # Fails early (empty, repeated or unknown names) with the known ones.
-    c.objective.name = parts[1]
+  return Arg(parts[0] if parts else None, parts[1] if len(parts) == 2 else None, smoke)
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """The model and objective of ``arg`` on the dataset's config ``c``, then the recipes of
+  the spec's defenses (``recipe`` of each module, see ``agad.defenses``), then ``smoke``."""
+  model, spec, smoke = parse_arg(arg)
+  if model is not None:
+    if model not in models_lib.MODEL_NAMES:
+      raise ValueError(f"config arg {arg!r}: unknown model {model!r}; known: {sorted(models_lib.MODEL_NAMES)}")
+    c.model.name = model
+  if spec is not None:
+    check_spec(spec)  # Fails early (empty, repeated or unknown names) with the known ones.
+    c.objective.name = spec
+  defenses.apply_recipes(c, dataset=c.data.name, model=c.model.name, spec=c.objective.name, smoke=smoke)
   if defenses.spec_names(c.objective.name)[0] == "standard":
     c.checkpoint.best_metric = "val/clean_accuracy"  # Standard training is chosen on clean accuracy.
   defenses.add_defaults(c)

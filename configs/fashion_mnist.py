@@ -16,7 +16,6 @@ eps warm-up, backbone frozen (``init.freeze``/``init.keep_init`` set here,
 ``--config.init.workdir=<stage-I run>`` on the command line).
 """
 
-from agad.defenses import afa_stage2
 from configs import common
 
 
@@ -43,6 +42,4 @@ def get_config(arg: str | None = None):
   c.eval.step_size = 0.01          # The main job's PGD-20 setting.
   c.eval.pgd_steps = 20
   c.eval.cw_step_size = 0.01
-  if afa_stage2.spec_head(arg) == "afa_stage2":
-    afa_stage2.stage2_recipe(c, lr=0.005, num_epochs=1, boundaries=(0.5,))
-  return common.apply_arg(c, arg)
+  return common.apply_arg(c, arg)  # with AFA stage II's recipe (afa_stage2.STAGE2_RECIPES)

@@ -11,7 +11,6 @@ Paper (Table 1, SVHN, WRN-16-8, PGD at eps 0/1/2/4/8 /255): PGD-AT+AFA 98.1 / 93
 77.6 / 54.2.
 """
 
-from agad.defenses import afa_stage2
 from configs import common
 
 
@@ -25,6 +24,4 @@ def get_config(arg: str | None = None):
   c.attack.step_size = 1 / 255
   c.optim.lr = 0.01
   c.optim.boundaries = (75, 90)
-  if afa_stage2.spec_head(arg) == "afa_stage2":
-    afa_stage2.stage2_recipe(c, lr=0.001)  # AFA stage II (paper Sec. 5.1: SVHN lr 0.001)
-  return common.apply_arg(c, arg)
+  return common.apply_arg(c, arg)  # with AFA stage II's recipe (afa_stage2.STAGE2_RECIPES)

@@ -277,3 +277,33 @@ def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   quote = out.stdout.strip().splitlines()[-1]
   assert quote.startswith("number to quote: worst case ") and "a defense row needs --preset=table_aa" in quote
   assert '"worst-case": ' in out.stdout and "warning: n=4: the worst case's standard error" in out.stdout
+
+
+# A sixth defense with a CIFAR-10 recipe: one file (its recipe beside its objective).
+RECIPE_DEFENSE = textwrap.dedent('''
+    from agad.objectives.pgd_at import pgd_at
+
+    def recipe(c, *, dataset, model, spec, smoke):
+      if (dataset, model) == ("cifar10", "wrn28_10"):
+        c.num_epochs = 7
+        c.optim.boundaries = (3, 5)
+
+    def objective(model, config):
+      return pgd_at(model, config)
+    ''')
+
+
+def test_a_defense_brings_its_recipe_and_configs_apply_it(defense_dir):
+  from configs import cifar10, svhn
+  (defense_dir / "toy_recipe.py").write_text(RECIPE_DEFENSE)
+  try:
+    c = cifar10.get_config("wrn28_10,toy_recipe")
+    assert (c.num_epochs, tuple(c.optim.boundaries)) == (7, (3, 5))
+    assert cifar10.get_config("wrn28_10,toy_recipe,smoke").num_epochs == 2  # smoke comes last
+    other = cifar10.get_config("resnet18,toy_recipe")  # no recipe for this model
+    assert (other.num_epochs, tuple(other.optim.boundaries)) == (100, (75, 90))
+    assert svhn.get_config("wrn28_10,toy_recipe").num_epochs == 100  # nor for this dataset
+    # As a transform's recipe would: every name of the spec is asked.
+    assert cifar10.get_config("wrn28_10,toy_recipe+awp").num_epochs == 7
+  finally:
+    sys.modules.pop("agad.defenses.toy_recipe", None)

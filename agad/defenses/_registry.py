@@ -8,6 +8,9 @@ No list to edit, no registration side effect: a module qualifies when it defines
   fields (optional; empty when absent);
 * ``objective(model, config) -> Objective`` (a standalone objective, the head of a
   spec) and/or ``transform(inner, model, config) -> Objective`` (a name after ``+``);
+* optionally ``recipe(config, *, dataset, model, spec, smoke)``: its papers' / official
+  codes' training recipes (epochs, schedule, input scaling, ...), applied by ``configs/``
+  to a ``config`` of ``dataset`` (``config.data.name``) before ``smoke`` shrinks it;
 * optionally ``plugins(config, num_classes) -> {site: factory}`` (modules it puts inside
   the network), ``norm(config) -> factory`` (the backbone's norm layer, e.g. AFA's
   multi-branch BN) and ``norm_hook(config) -> factory | None`` (a module run once per
@@ -192,6 +195,16 @@ def build_objective(spec: str, model, config):
   for t in transforms:
     objective = find(t).transform(objective, model, config)
   return objective
+
+
+def apply_recipes(config: Any, *, dataset: str, model: str, spec: str, smoke: bool) -> None:
+  """Applies the paper/code recipe of every name of ``spec`` that has one: the module's
+  ``recipe(config, dataset=, model=, spec=, smoke=)`` edits ``config`` in place when it has a
+  recipe for that dataset, model and spec (and returns without a change otherwise)."""
+  for name in spec_names(spec):
+    recipe = getattr(find(name), "recipe", None)
+    if recipe is not None:
+      recipe(config, dataset=dataset, model=model, spec=spec, smoke=smoke)
 
 
 def plugins_for(spec: str | Iterable[str], config: Any, num_classes: int) -> dict:

@@ -5,7 +5,7 @@ The method, both stages and the open choices are described in :mod:`agad.defense
 deployed fusion norm (:func:`norm`, :class:`~agad.defenses._afa_norm.AFANorm`) and per-stage
 weight generators (:func:`norm_hook`), the objective (:func:`afa_stage2`), the adaptive
 "PGD+Ada" losses and the fusion-weight analysis (Fig. 6), and the recipe the configs apply
-(:func:`stage2_recipe`). Stage II reads a stage-I run's weights from its checkpoint, not
+(:func:`recipe`). Stage II reads a stage-I run's weights from its checkpoint, not
 its code: it imports nothing from :mod:`agad.defenses.afa`.
 """
 
@@ -45,6 +45,19 @@ STAGE2_FREEZE = r"^(?!(.*/)?wg/)"
 STAGE2_KEEP_INIT = r"(^|/)wg/"
 
 
+# Stage II's learning rate per dataset (paper Sec. 5.1: CIFAR 0.01, SVHN 0.001); Fashion-MNIST:
+# one epoch at 0.005 decayed at half of it (this repository's short recipe).
+STAGE2_RECIPES = {"cifar10": dict(lr=0.01), "cifar100": dict(lr=0.01), "svhn_cropped": dict(lr=0.001),
+                  "fashion_mnist": dict(lr=0.005, num_epochs=1, boundaries=(0.5,))}
+
+
+def recipe(c, *, dataset: str, model: str, spec: str, smoke: bool) -> None:
+  """:func:`stage2_recipe` with ``STAGE2_RECIPES[dataset]`` (any model; none for other datasets)."""
+  del model, spec, smoke
+  if dataset in STAGE2_RECIPES:
+    stage2_recipe(c, **STAGE2_RECIPES[dataset])
+
+
 def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
   """Stage II's schedule and freezing on config ``c`` (paper Sec. 5.1: 20 epochs, decay
   x0.1 at epoch 10; lr 0.01 CIFAR-10 / 0.001 SVHN). ``init.workdir`` is the user's."""
@@ -58,12 +71,6 @@ def stage2_recipe(c, *, lr: float, num_epochs: float = 20, boundaries=(10,)):
   c.init.freeze = STAGE2_FREEZE
   c.init.keep_init = STAGE2_KEEP_INIT
   return c
-
-
-def spec_head(arg: str | None) -> str:
-  """The objective head of a config argument ``MODEL,OBJECTIVE[,smoke]`` ('' if none)."""
-  parts = [p.strip() for p in (arg or "").split(",") if p.strip() and p.strip() != "smoke"]
-  return parts[1].split("+")[0].strip() if len(parts) > 1 else ""
 
 
 def norm(config: Any):

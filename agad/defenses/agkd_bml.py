@@ -361,6 +361,22 @@ def _adaptive(net, variables):
   return {"mc": towards_mc}
 
 
+def recipe(c, *, dataset: str, model: str, spec: str, smoke: bool) -> None:
+  """``wrn28_10,agkd_bml`` on CIFAR-10, hongw579/AGKD-BML: argument.py (200 epochs, lr 0.1,
+  batch 128), main.py (SGD 0.9, wd 2e-4, MultiStepLR [100, 150] x0.1, Normalize(0.5, 0.5)).
+  The attack is the CIFAR config's default (PGD-10, eps 8/255, step 2/255 = the code's
+  8/255*2, 2/255*2 on [-1, 1])."""
+  if (dataset, model, spec) != ("cifar10", "wrn28_10", "agkd_bml"):
+    return
+  if not smoke:
+    c.num_epochs = 200
+  c.optim.boundaries = (100, 150)
+  c.optim.weight_decay = 2e-4
+  c.model.input_norm = "dataset"   # main.py:286, 292 Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
+  c.model.mean = (0.5, 0.5, 0.5)
+  c.model.std = (0.5, 0.5, 0.5)
+
+
 def objective(model, config) -> base.Objective:
   """The standalone ``agkd_bml`` objective of the config grammar (the defense contract)."""
   return agkd_bml(model, config)
