@@ -264,9 +264,9 @@ def test_attack_uses_the_eval_mode_combined_loss_normal_start_and_step_option(se
   assert float(jnp.sum(variants[""](adv, y))) > float(jnp.sum(variants[""](x, y)))
   assert obj.bn_policy.attack == "eval"
   seen = {}
-  from agad.objectives import defaults as defaults_lib
-  real = defaults_lib.pgd_lib.pgd_general
-  monkeypatch.setattr(defaults_lib.pgd_lib, "pgd_general",
+  from agad.objectives import training_attack
+  real = training_attack.pgd_lib.pgd_general
+  monkeypatch.setattr(training_attack.pgd_lib, "pgd_general",
                       lambda *a, **kw: seen.update(kw) or real(*a, **kw))
   obj.generate(params, state, {}, batch, jax.random.key(4), 0)
   assert seen["random_start"] == "normal" and seen["step_size"] == 0.04  # config.attack's step
