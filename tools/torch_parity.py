@@ -15,6 +15,9 @@ agad: ``launch.import_torch`` of each file into ``D/<arch>_workdir`` and agad's 
   workdir to ``<arch>_export.safetensors``.
 check: a fresh PyTorch model ``load_state_dict(strict=True)`` of the export; its logits
   against agad's. Prints one JSON line per architecture and phase; exits 1 above ``--tol``.
+autoattack (torch and pyautoattack): the reference AutoAttack on a SmallCNN state dict
+  (``--checkpoint``), the first ``--n`` Fashion-MNIST test images at ``--eps``; compare with
+  ``launch.evaluate --preset=autoattack`` of the same file imported (docs/pytorch.md).
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ from collections import OrderedDict
 
 import numpy as np
 
-ARCHS = {"smallcnn": (28, 28, 1), "resnet18": (32, 32, 3), "preact_resnet18": (32, 32, 3),
-         "wrn28_10": (32, 32, 3), "wrn34_10": (32, 32, 3)}
+ARCHS = {
+  "smallcnn": (28, 28, 1),
+  "resnet18": (32, 32, 3),
+  "preact_resnet18": (32, 32, 3),
+  "wrn28_10": (32, 32, 3),
+  "wrn34_10": (32, 32, 3),
+}
 N_IMAGES = 8
 
 
 # ----------------------------------------------------------------- PyTorch models (torch only)
+
 
 def torch_models():
   """``{arch: constructor}`` with the public definitions' module names (written anew)."""
@@ -50,9 +59,18 @@ def torch_models():
         if i % 2 == 0:
           layers.append((f"maxpool{i // 2}", nn.MaxPool2d(2, 2)))
       self.feature_extractor = nn.Sequential(OrderedDict(layers))
-      self.classifier = nn.Sequential(OrderedDict([
-          ("fc1", nn.Linear(64 * 4 * 4, 200)), ("relu1", nn.ReLU()), ("drop", nn.Dropout(0.5)),
-          ("fc2", nn.Linear(200, 200)), ("relu2", nn.ReLU()), ("fc3", nn.Linear(200, 10))]))
+      self.classifier = nn.Sequential(
+        OrderedDict(
+          [
+            ("fc1", nn.Linear(64 * 4 * 4, 200)),
+            ("relu1", nn.ReLU()),
+            ("drop", nn.Dropout(0.5)),
+            ("fc2", nn.Linear(200, 200)),
+            ("relu2", nn.ReLU()),
+            ("fc3", nn.Linear(200, 10)),
+          ]
+        )
+      )
 
     def forward(self, x):
       return self.classifier(self.feature_extractor(x).view(-1, 64 * 4 * 4))
@@ -66,7 +84,9 @@ def torch_models():
       self.bn2 = nn.BatchNorm2d(planes)
       self.shortcut = nn.Sequential()
       if stride != 1 or cin != planes:
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        self.shortcut = nn.Sequential(
+          nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+        )
 
     def forward(self, x):
       y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -129,8 +149,9 @@ def torch_models():
   class Group(nn.Module):
     def __init__(self, n, cin, cout, stride):
       super().__init__()
-      self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
-                                   for i in range(n)])
+      self.layer = nn.Sequential(
+        *[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
+      )
 
     def forward(self, x):
       return self.layer(x)
@@ -140,7 +161,11 @@ def torch_models():
       super().__init__()
       n, w = (depth - 4) // 6, (16, 16 * k, 32 * k, 64 * k)
       self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-      self.block1, self.block2, self.block3 = Group(n, w[0], w[1], 1), Group(n, w[1], w[2], 2), Group(n, w[2], w[3], 2)
+      self.block1, self.block2, self.block3 = (
+        Group(n, w[0], w[1], 1),
+        Group(n, w[1], w[2], 2),
+        Group(n, w[2], w[3], 2),
+      )
       self.bn1 = nn.BatchNorm2d(w[3])
       self.fc = nn.Linear(w[3], 10)
       self.width = w[3]
@@ -150,8 +175,13 @@ def torch_models():
       return self.fc(F.avg_pool2d(x, 8).view(-1, self.width))
 
   del torch
-  return {"smallcnn": SmallCNN, "resnet18": lambda: ResNet(False), "preact_resnet18": lambda: ResNet(True),
-          "wrn28_10": lambda: WideResNet(28, 10), "wrn34_10": lambda: WideResNet(34, 10)}
+  return {
+    "smallcnn": SmallCNN,
+    "resnet18": lambda: ResNet(False),
+    "preact_resnet18": lambda: ResNet(True),
+    "wrn28_10": lambda: WideResNet(28, 10),
+    "wrn34_10": lambda: WideResNet(34, 10),
+  }
 
 
 def _images(arch):
@@ -161,6 +191,7 @@ def _images(arch):
 
 def _torch_logits(model, arch):
   import torch
+
   with torch.no_grad():
     return model(torch.from_numpy(_images(arch).transpose(0, 3, 1, 2).copy())).numpy()
 
@@ -168,6 +199,7 @@ def _torch_logits(model, arch):
 def phase_make(folder, archs):
   import torch
   from safetensors.torch import save_file
+
   torch.manual_seed(0)
   for arch in archs:
     model = torch_models()[arch]()
@@ -179,17 +211,31 @@ def phase_make(folder, archs):
         m.bias.data.uniform_(-0.2, 0.2)
         m.num_batches_tracked.fill_(1234)
     model.eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"{arch}.safetensors"))
+    save_file(
+      {k: v.contiguous() for k, v in model.state_dict().items()},
+      os.path.join(folder, f"{arch}.safetensors"),
+    )
     torch.save(model.state_dict(), os.path.join(folder, f"{arch}.pt"))
     logits = _torch_logits(model, arch)
     np.save(os.path.join(folder, f"{arch}_torch_logits.npy"), logits)
-    print(json.dumps({"phase": "make", "arch": arch, "tensors": len(model.state_dict()),
-                      "logit_scale": float(np.abs(logits).max()), "torch": torch.__version__}), flush=True)
+    print(
+      json.dumps(
+        {
+          "phase": "make",
+          "arch": arch,
+          "tensors": len(model.state_dict()),
+          "logit_scale": float(np.abs(logits).max()),
+          "torch": torch.__version__,
+        }
+      ),
+      flush=True,
+    )
 
 
 def phase_agad(folder, archs):
   import agad
   from launch import torch_workdir
+
   worst = 0.0
   for arch in archs:
     workdir = os.path.join(folder, f"{arch}_workdir")
@@ -199,15 +245,29 @@ def phase_agad(folder, archs):
     diff = float(np.abs(logits - np.load(os.path.join(folder, f"{arch}_torch_logits.npy"))).max())
     worst = max(worst, diff)
     torch_workdir.export(workdir, os.path.join(folder, f"{arch}_export.safetensors"))
-    print(json.dumps({"phase": "agad", "arch": arch, "import_max_abs_logit_diff": diff,
-                      "same_argmax": bool((logits.argmax(1) == np.load(os.path.join(
-                          folder, f"{arch}_torch_logits.npy")).argmax(1)).all())}), flush=True)
+    print(
+      json.dumps(
+        {
+          "phase": "agad",
+          "arch": arch,
+          "import_max_abs_logit_diff": diff,
+          "same_argmax": bool(
+            (
+              logits.argmax(1)
+              == np.load(os.path.join(folder, f"{arch}_torch_logits.npy")).argmax(1)
+            ).all()
+          ),
+        }
+      ),
+      flush=True,
+    )
   return worst
 
 
 def phase_check(folder, archs):
   import torch
   from safetensors.torch import load_file
+
   worst = 0.0
   for arch in archs:
     model = torch_models()[arch]()
@@ -217,16 +277,82 @@ def phase_check(folder, archs):
     logits = _torch_logits(model, arch)
     diff = float(np.abs(logits - np.load(os.path.join(folder, f"{arch}_agad_logits.npy"))).max())
     original = load_file(os.path.join(folder, f"{arch}.safetensors"))
-    bitwise = sorted(original) == sorted(exported) and all(torch.equal(original[k], exported[k]) for k in original)
+    bitwise = sorted(original) == sorted(exported) and all(
+      torch.equal(original[k], exported[k]) for k in original
+    )
     worst = max(worst, diff)
-    print(json.dumps({"phase": "check", "arch": arch, "export_max_abs_logit_diff": diff,
-                      "strict_load": True, "export_equals_original_bitwise": bitwise}), flush=True)
+    print(
+      json.dumps(
+        {
+          "phase": "check",
+          "arch": arch,
+          "export_max_abs_logit_diff": diff,
+          "strict_load": True,
+          "export_equals_original_bitwise": bitwise,
+        }
+      ),
+      flush=True,
+    )
   return worst
+
+
+def fashion_mnist_test(n):
+  """The first ``n`` Fashion-MNIST test images ([N, 28, 28, 1] float32 in [0, 1]) and labels."""
+  import gzip
+
+  folder = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+  with gzip.open(os.path.join(folder, "t10k-images-idx3-ubyte.gz")) as f:
+    images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:n]
+  with gzip.open(os.path.join(folder, "t10k-labels-idx1-ubyte.gz")) as f:
+    labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n].astype(np.int64)
+  return images.astype(np.float32) / np.float32(255), labels
+
+
+def phase_autoattack(folder, checkpoint, n, eps):
+  """The reference AutoAttack (pyautoattack, version='standard') on a PyTorch SmallCNN
+  loaded strictly from ``checkpoint`` (taking [0, 1] pixels), first ``n`` test images."""
+  import time
+  import torch
+  from pyautoattack import AutoAttack
+  from safetensors.torch import load_file
+
+  model = torch_models()["smallcnn"]()
+  model.load_state_dict(load_file(checkpoint), strict=True)
+  model.eval()
+  x, y = fashion_mnist_test(n)
+  x_t, y_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
+  with torch.no_grad():
+    clean = float((model(x_t).argmax(1) == y_t).float().mean())
+  torch.manual_seed(0)
+  start = time.time()
+  adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=0, device="cpu")
+  x_adv, y_adv = adversary.run_standard_evaluation(x_t, y_t, batch_size=n)
+  robust = y_adv.numpy() == y
+  np.save(os.path.join(folder, "autoattack_reference_robust.npy"), robust)
+  print(
+    json.dumps(
+      {
+        "phase": "autoattack",
+        "n": n,
+        "eps": eps,
+        "clean_accuracy": clean,
+        "robust_accuracy": float(robust.mean()),
+        "seconds": round(time.time() - start, 1),
+        "max_linf": float((x_adv - x_t).abs().max()),
+      }
+    ),
+    flush=True,
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--phase", choices=("make", "agad", "check", "all"), default="all")
+  parser.add_argument(
+    "--phase", choices=("make", "agad", "check", "all", "autoattack"), default="all"
+  )
+  parser.add_argument("--checkpoint", help="autoattack: a SmallCNN state dict (.safetensors)")
+  parser.add_argument("--n", type=int, default=200, help="autoattack: first N test images")
+  parser.add_argument("--eps", type=float, default=0.1, help="autoattack: L-inf radius")
   parser.add_argument("--dir", required=True)
   parser.add_argument("--archs", default=",".join(ARCHS))
   parser.add_argument("--tol", type=float, default=1e-4)
@@ -236,6 +362,8 @@ def main():
   if unknown:
     parser.error(f"--archs: unknown {unknown}; known: {', '.join(ARCHS)}")
   os.makedirs(args.dir, exist_ok=True)
+  if args.phase == "autoattack":
+    return phase_autoattack(args.dir, args.checkpoint, args.n, args.eps)
   worst = 0.0
   if args.phase in ("make", "all"):
     phase_make(args.dir, archs)
