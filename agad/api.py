@@ -23,10 +23,12 @@ def _eval_apply_for(model):
   """One stable function object per model, so jit caches keyed on it hit."""
   entry = _EVAL_APPLY.get(id(model))
   if entry is None or entry[0] is not model:
+
     def apply(variables, x):
       params = variables["params"]
       rest = {k: v for k, v in variables.items() if k != "params"}
       return base.forward(model, params, rest, x, mode="eval").logits
+
     entry = (model, apply)
     _EVAL_APPLY[id(model)] = entry
   return entry[1]
@@ -44,10 +46,10 @@ def make_logits_fn(model, variables: dict) -> Partial:
 class Loaded(NamedTuple):
   config: ml_collections.ConfigDict
   model: Any
-  variables: dict   # {'params': ..., 'batch_stats': ...} ready for model.apply
+  variables: dict  # {'params': ..., 'batch_stats': ...} ready for model.apply
   step: int
   logits_fn: Partial
-  info: Any         # the dataset's DatasetInfo (classes, shape, normalisation)
+  info: Any  # the dataset's DatasetInfo (classes, shape, normalisation)
 
   def splits(self):
     """The run's dataset splits (read on demand: ``load`` itself reads no data)."""
@@ -66,5 +68,7 @@ def load(workdir: str, step: Any = "best", *, params: str = "params", config=Non
       training, see ``checkpoint.best_metric``), ``"latest"`` or a number.
     params: ``"params"`` or ``"ema"`` (the EMA weights, if the run kept them).
   """
-  config, info, model, variables, step = defenses.restore(workdir, step, params=params, config=config)
+  config, info, model, variables, step = defenses.restore(
+    workdir, step, params=params, config=config
+  )
   return Loaded(config, model, variables, step, make_logits_fn(model, variables), info)

@@ -19,6 +19,7 @@ import ml_collections
 
 class Rule(NamedTuple):
   """``ok(value) -> bool`` and the text that says what is accepted."""
+
   ok: Callable[[Any], bool]
   accepted: str
 
@@ -48,12 +49,15 @@ def int_rule(lo: int = 0, hi: int | None = None, what: str = "") -> Rule:
 
 def num_rule(lo=None, hi=None, *, lo_open=False, hi_open=False, what: str = "") -> Rule:
   """A finite real number (not a bool) in the interval."""
+
   def ok(v):
     if not is_real(v):
       return False
     v = float(v)
-    return ((lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
+    return (lo is None or (v > lo if lo_open else v >= lo)) and (
+      hi is None or (v < hi if hi_open else v <= hi)
+    )
+
   if lo is not None and hi is not None:
     text = f"a number in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
   elif lo is not None:
@@ -67,13 +71,17 @@ def num_rule(lo=None, hi=None, *, lo_open=False, hi_open=False, what: str = "") 
 
 def choice_rule(options, what: str = "") -> Rule:
   options = tuple(options)
-  return Rule(lambda v: isinstance(v, str) and v in options,
-              " | ".join(repr(o) if o == "" else str(o) for o in options) + what)
+  return Rule(
+    lambda v: isinstance(v, str) and v in options,
+    " | ".join(repr(o) if o == "" else str(o) for o in options) + what,
+  )
 
 
 def optional(rule: Rule, none_means: str = "") -> Rule:
-  return Rule(lambda v: v is None or rule.ok(v),
-              f"None{f' ({none_means})' if none_means else ''} or {rule.accepted}")
+  return Rule(
+    lambda v: v is None or rule.ok(v),
+    f"None{f' ({none_means})' if none_means else ''} or {rule.accepted}",
+  )
 
 
 def _regexes_ok(v) -> bool:
@@ -130,7 +138,7 @@ def check(rule: Rule, field: str, value: Any) -> None:
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
   """Leaves of a ConfigDict / dict by dotted path (sub-dicts recursed)."""
   out = {}
-  for key, value in (node.items() if hasattr(node, "items") else ()):
+  for key, value in node.items() if hasattr(node, "items") else ():
     path = f"{prefix}{key}"
     if isinstance(value, (dict, ml_collections.ConfigDict)):
       out.update(flatten(value, path + "."))
@@ -156,5 +164,7 @@ def unknown_field(rules: Mapping[str, Any], path: str, value: Any, root: str = "
       parent = candidate
       break
   where = f"{root}.{parent}" if parent else root
-  field = f"{root[len('config.'):]}.{path}" if root != "config" else path
-  need(False, field, value, f"no such field; fields of {where}: {fields_of(rules, parent) or '(none)'}")
+  field = f"{root[len('config.') :]}.{path}" if root != "config" else path
+  need(
+    False, field, value, f"no such field; fields of {where}: {fields_of(rules, parent) or '(none)'}"
+  )

@@ -20,6 +20,8 @@ from agad.evaluation.defaults import eval_defaults
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # Fields and their comments stay aligned (the config is its own documentation).
+  # fmt: off
   c.seed = 0                       # Seeds init, data order, attacks (trajectory field).
   c.batch_size = 128               # Global batch over all devices and hosts.
   c.num_epochs = 10                # Epochs over the train split (float allowed).
@@ -109,12 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50           # Host sync + log + non-finite check interval.
   c.prefetch = 2                   # Batches prefetched to devices.
   c.stop_after_steps = 0           # Stop (and checkpoint) after this many steps; 0 = run to the end.
+  # fmt: on
   return c
 
 
 class Arg(NamedTuple):
   """A parsed config argument: ``model`` / ``spec`` are None where the argument leaves the
   dataset's default."""
+
   model: str | None
   spec: str | None
   smoke: bool
@@ -136,14 +140,20 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   model, spec, smoke = parse_arg(arg)
   if model is not None:
     if model not in models_lib.MODEL_NAMES:
-      raise ValueError(f"config arg {arg!r}: unknown model {model!r}; known: {sorted(models_lib.MODEL_NAMES)}")
+      raise ValueError(
+        f"config arg {arg!r}: unknown model {model!r}; known: {sorted(models_lib.MODEL_NAMES)}"
+      )
     c.model.name = model
   if spec is not None:
     check_spec(spec)  # Fails early (empty, repeated or unknown names) with the known ones.
     c.objective.name = spec
-  defenses.apply_recipes(c, dataset=c.data.name, model=c.model.name, spec=c.objective.name, smoke=smoke)
+  defenses.apply_recipes(
+    c, dataset=c.data.name, model=c.model.name, spec=c.objective.name, smoke=smoke
+  )
   if defenses.spec_names(c.objective.name)[0] == "standard":
-    c.checkpoint.best_metric = "val/clean_accuracy"  # Standard training is chosen on clean accuracy.
+    c.checkpoint.best_metric = (
+      "val/clean_accuracy"  # Standard training is chosen on clean accuracy.
+    )
   defenses.add_defaults(c)
   if smoke:
     c.data.max_train = 384

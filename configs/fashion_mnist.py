@@ -22,13 +22,13 @@ from configs import common
 def get_config(arg: str | None = None):
   c = common.base_config()
   c.data.name = "fashion_mnist"
-  c.data.val_size = 2000           # Carved from the 60k train images; 58k are trained on.
+  c.data.val_size = 2000  # Carved from the 60k train images; 58k are trained on.
   c.model.name = "smallcnn"
   c.objective.name = "pgd_at"
   c.batch_size = 128
-  c.num_epochs = 3                 # 2 epochs reach only 79/70 (docs/results/reference_run.md).
+  c.num_epochs = 3  # 2 epochs reach only 79/70 (docs/results/reference_run.md).
   c.attack.eps = 0.1
-  c.attack.step_size = 0.025       # 2.5 * eps / steps.
+  c.attack.step_size = 0.025  # 2.5 * eps / steps.
   c.attack.steps = 10
   c.attack.eps_warmup_steps = 226  # Ramp eps over the first half epoch (453 steps per epoch).
   c.optim.lr = 0.05
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   c.validation.attack.step_size = 0.025
   c.validation.attack.steps = 10
   c.eval.eps = 0.1
-  c.eval.step_size = 0.01          # The main job's PGD-20 setting.
+  c.eval.step_size = 0.01  # The main job's PGD-20 setting.
   c.eval.pgd_steps = 20
   c.eval.cw_step_size = 0.01
   return common.apply_arg(c, arg)  # with AFA stage II's recipe (afa_stage2.STAGE2_RECIPES)

@@ -31,31 +31,62 @@ from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and config.json.")
-flags.DEFINE_list("compare", None, "Workdirs shown beside the first, comma-separated (e.g. "
-                  "standard training, ATAT and AGKD-BML vs PGD-AT).")
-flags.DEFINE_string("site", "features", "Site of the maps (any site or unit alias, e.g. "
-                    "stage2.pre_pool for SmallCNN's 8x8 maps, stage3.unit[-1]).")
+flags.DEFINE_list(
+  "compare",
+  None,
+  "Workdirs shown beside the first, comma-separated (e.g. "
+  "standard training, ATAT and AGKD-BML vs PGD-AT).",
+)
+flags.DEFINE_string(
+  "site",
+  "features",
+  "Site of the maps (any site or unit alias, e.g. "
+  "stage2.pre_pool for SmallCNN's 8x8 maps, stage3.unit[-1]).",
+)
 flags.DEFINE_integer("num_images", 16, "First N test images (all of them enter the statistics).")
 flags.DEFINE_integer("figure_images", 8, "Images (rows) drawn in the per-image figures.")
 flags.DEFINE_string("step", "best", "Checkpoint of --workdir: best | latest | a step number.")
 flags.DEFINE_string("compare_step", "best", "Checkpoint of every --compare workdir.")
-flags.DEFINE_enum("explain", "label", ["label", "predicted"], "Class a map explains: the true "
-                  "label (clean and adversarial alike) or each input's prediction.")
-flags.DEFINE_list("kinds", None, "Map kinds (default: grad_cam, cam where it applies, "
-                  "channel_mean).")
+flags.DEFINE_enum(
+  "explain",
+  "label",
+  ["label", "predicted"],
+  "Class a map explains: the true label (clean and adversarial alike) or each input's prediction.",
+)
+flags.DEFINE_list(
+  "kinds", None, "Map kinds (default: grad_cam, cam where it applies, channel_mean)."
+)
 flags.DEFINE_integer("steps", 20, "PGD steps.")
 flags.DEFINE_integer("seed", 0, "PGD random-start seed.")
-flags.DEFINE_string("output", None, "Output directory (default: WORKDIR/eval/attention; with --compare "
-                    "attention_<run>_vs_<run2> beside WORKDIR).")
+flags.DEFINE_string(
+  "output",
+  None,
+  "Output directory (default: WORKDIR/eval/attention; with --compare "
+  "attention_<run>_vs_<run2> beside WORKDIR).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
-def run(workdir, *, compare=None, site="features", num_images=16, figure_images=8,
-        step="best", compare_step="best", explain="label", kinds=None, steps=20, seed=0,
-        output=None, log=print) -> dict:
+def run(
+  workdir,
+  *,
+  compare=None,
+  site="features",
+  num_images=16,
+  figure_images=8,
+  step="best",
+  compare_step="best",
+  explain="label",
+  kinds=None,
+  steps=20,
+  seed=0,
+  output=None,
+  log=print,
+) -> dict:
   """Everything ``main`` does; returns ``{"json": path, "figures": [paths], "stats": dict}``."""
   import jax
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -75,31 +106,49 @@ def run(workdir, *, compare=None, site="features", num_images=16, figure_images=
   safe_site = site.replace("[", "").replace("]", "").replace(".", "_")
   for name, (path, loaded) in zip(study_lib.run_labels([p for p, _ in runs]), runs):
     key = jax.random.key(seed)
-    adv = study_lib.adversarial(loaded.logits_fn, images, labels, key, eps=eps,
-                                step_size=step_size, steps=steps)
-    s = study_lib.study(loaded.model, loaded.variables, images, labels, adv, site=site,
-                        kinds=kinds, explain=explain)
+    adv = study_lib.adversarial(
+      loaded.logits_fn, images, labels, key, eps=eps, step_size=step_size, steps=steps
+    )
+    s = study_lib.study(
+      loaded.model, loaded.variables, images, labels, adv, site=site, kinds=kinds, explain=explain
+    )
     studies[name] = s
-    stats[name] = {"workdir": os.path.abspath(path), "step": int(loaded.step),
-                   "model": loaded.config.model.name,
-                   "objective": loaded.config.objective.name,
-                   "attack": {"name": f"pgd-{steps}", "norm": "linf", "eps": eps,
-                              "step_size": step_size, "steps": steps, "seed": seed,
-                              "bn": "eval"},
-                   **study_lib.summary(s, names)}
-    fig = study_lib.plot_examples(s, names, max_images=figure_images,
-                                  title=f"{name} (step {loaded.step}), site {s.site}")
+    stats[name] = {
+      "workdir": os.path.abspath(path),
+      "step": int(loaded.step),
+      "model": loaded.config.model.name,
+      "objective": loaded.config.objective.name,
+      "attack": {
+        "name": f"pgd-{steps}",
+        "norm": "linf",
+        "eps": eps,
+        "step_size": step_size,
+        "steps": steps,
+        "seed": seed,
+        "bn": "eval",
+      },
+      **study_lib.summary(s, names),
+    }
+    fig = study_lib.plot_examples(
+      s, names, max_images=figure_images, title=f"{name} (step {loaded.step}), site {s.site}"
+    )
     figures.append(os.path.join(output, f"examples_{name}_{safe_site}.png"))
     fig.savefig(figures[-1], dpi=110)
     plt.close(fig)
     a = stats[name]["all"]
     for k in s.kinds:
       flat = stats[name]["constant_maps"][k]
-      log(f"{name} {k}: ASC clean {a[k]['asc_clean']['mean']:.3f} adv "
-          f"{a[k]['asc_adv']['mean']:.3f}, shift l1 {a[k]['shift']['l1']['mean']:.3f} "
-          f"iou {a[k]['shift']['iou']['mean']:.3f}"
-          + (f"; all-zero maps: {flat['clean']} clean, {flat['adv']} adversarial of {len(labels)} "
-             "(no gradient reaches the site for that class)" if flat["clean"] or flat["adv"] else ""))
+      log(
+        f"{name} {k}: ASC clean {a[k]['asc_clean']['mean']:.3f} adv "
+        f"{a[k]['asc_adv']['mean']:.3f}, shift l1 {a[k]['shift']['l1']['mean']:.3f} "
+        f"iou {a[k]['shift']['iou']['mean']:.3f}"
+        + (
+          f"; all-zero maps: {flat['clean']} clean, {flat['adv']} adversarial of {len(labels)} "
+          "(no gradient reaches the site for that class)"
+          if flat["clean"] or flat["adv"]
+          else ""
+        )
+      )
 
   fig = study_lib.plot_distributions(studies, names)
   figures.append(os.path.join(output, f"distributions_{safe_site}.png"))
@@ -123,6 +172,7 @@ def default_output(workdir: str, compare=()) -> str:
   if not compare:
     return os.path.join(workdir, "eval", "attention")
   from agad.attention import study as study_lib
+
   labels = study_lib.run_labels([workdir, *compare])
   return os.path.join(os.path.dirname(os.path.abspath(workdir)), "attention_" + "_vs_".join(labels))
 
@@ -133,13 +183,34 @@ def main(argv):
   common.init_runtime()
   with common.refuse_bad_input():  # Bad flags are refused before anything is written, in one line.
     common.check_attention_flags(
-        workdir=FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
-        figure_images=FLAGS.figure_images, step=FLAGS.step, compare_step=FLAGS.compare_step,
-        explain=FLAGS.explain, kinds=FLAGS.kinds, steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output)
-  out = run(FLAGS.workdir, compare=FLAGS.compare, site=FLAGS.site, num_images=FLAGS.num_images,
-            figure_images=FLAGS.figure_images, step=FLAGS.step,
-            compare_step=FLAGS.compare_step, explain=FLAGS.explain, kinds=FLAGS.kinds,
-            steps=FLAGS.steps, seed=FLAGS.seed, output=FLAGS.output, log=logging.info)
+      workdir=FLAGS.workdir,
+      compare=FLAGS.compare,
+      site=FLAGS.site,
+      num_images=FLAGS.num_images,
+      figure_images=FLAGS.figure_images,
+      step=FLAGS.step,
+      compare_step=FLAGS.compare_step,
+      explain=FLAGS.explain,
+      kinds=FLAGS.kinds,
+      steps=FLAGS.steps,
+      seed=FLAGS.seed,
+      output=FLAGS.output,
+    )
+  out = run(
+    FLAGS.workdir,
+    compare=FLAGS.compare,
+    site=FLAGS.site,
+    num_images=FLAGS.num_images,
+    figure_images=FLAGS.figure_images,
+    step=FLAGS.step,
+    compare_step=FLAGS.compare_step,
+    explain=FLAGS.explain,
+    kinds=FLAGS.kinds,
+    steps=FLAGS.steps,
+    seed=FLAGS.seed,
+    output=FLAGS.output,
+    log=logging.info,
+  )
   for path in out["figures"]:
     logging.info("figure %s", path)
   logging.info("statistics written to %s", out["json"])

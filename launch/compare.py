@@ -22,10 +22,16 @@ from launch import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("defense", None, "Workdirs (or report .json paths) of the defense, one per seed.")
-flags.DEFINE_list("base", None, "Workdirs (or report .json paths) of the base, the same seeds in the same order.")
+flags.DEFINE_list(
+  "base", None, "Workdirs (or report .json paths) of the base, the same seeds in the same order."
+)
 flags.DEFINE_string("preset", "table_aa", "Preset of the reports to compare.")
-flags.DEFINE_integer("num_examples", None, "N of the reports (report_step*_{preset}_n{N}.json); 0: all test "
-                     "images; default: the largest N every run has a report for.")
+flags.DEFINE_integer(
+  "num_examples",
+  None,
+  "N of the reports (report_step*_{preset}_n{N}.json); 0: all test "
+  "images; default: the largest N every run has a report for.",
+)
 flags.DEFINE_string("output", None, "Optional JSON file for the per-seed and pooled results.")
 flags.mark_flags_as_required(["defense", "base"])
 
@@ -36,26 +42,37 @@ def main(argv):
   from agad.evaluation import compare
 
   if len(FLAGS.defense) != len(FLAGS.base):
-    common.fatal(f"--defense has {len(FLAGS.defense)} entries and --base {len(FLAGS.base)}: "
-                 "give one base run per defense run (the same seeds, in order)")
+    common.fatal(
+      f"--defense has {len(FLAGS.defense)} entries and --base {len(FLAGS.base)}: "
+      "give one base run per defense run (the same seeds, in order)"
+    )
   pairs = []
   with common.refuse_bad_input():  # a missing report or mismatched runs: one line with the fix
     if FLAGS.num_examples is None:
       n = compare.common_n(FLAGS.defense + FLAGS.base, FLAGS.preset)
-      print(f"{FLAGS.preset} reports on {'all' if n is None else n} test images (--num_examples picks another N)")
+      print(
+        f"{FLAGS.preset} reports on {'all' if n is None else n} test images (--num_examples picks another N)"
+      )
     else:
       n = FLAGS.num_examples or None
     for d, b in zip(FLAGS.defense, FLAGS.base):
-      pairs.append(compare.compare_reports(compare.report_path(d, FLAGS.preset, n),
-                                           compare.report_path(b, FLAGS.preset, n)))
+      pairs.append(
+        compare.compare_reports(
+          compare.report_path(d, FLAGS.preset, n), compare.report_path(b, FLAGS.preset, n)
+        )
+      )
   for r in pairs:
-    print(f"{r['objective_a']} vs {r['objective_b']} (n={r['n']}): worst case {100 * r['acc_a']:.2f} vs "
-          f"{100 * r['acc_b']:.2f}, diff {100 * r['diff']:+.2f} +- {100 * r['stderr']:.2f} pp (paired), "
-          f"robust only for the defense {r['a_only']}, only for the base {r['b_only']}, "
-          f"sign test p = {r['p_value']:.3g}")
+    print(
+      f"{r['objective_a']} vs {r['objective_b']} (n={r['n']}): worst case {100 * r['acc_a']:.2f} vs "
+      f"{100 * r['acc_b']:.2f}, diff {100 * r['diff']:+.2f} +- {100 * r['stderr']:.2f} pp (paired), "
+      f"robust only for the defense {r['a_only']}, only for the base {r['b_only']}, "
+      f"sign test p = {r['p_value']:.3g}"
+    )
   pooled = compare.pooled(pairs)
-  print(f"pooled over {pooled['seeds']} seed pair(s): diff {100 * pooled['diff']:+.2f} +- "
-        f"{100 * pooled['stderr']:.2f} pp (per seed {100 * pooled['min_diff']:+.2f} ... {100 * pooled['max_diff']:+.2f})")
+  print(
+    f"pooled over {pooled['seeds']} seed pair(s): diff {100 * pooled['diff']:+.2f} +- "
+    f"{100 * pooled['stderr']:.2f} pp (per seed {100 * pooled['min_diff']:+.2f} ... {100 * pooled['max_diff']:+.2f})"
+  )
   warnings = compare.warnings(pairs, pooled)
   for w in warnings:
     print(f"warning: {w}")

@@ -30,17 +30,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.init_runtime()
   from agad.interop.torch_checkpoint import CheckpointMismatch
+
   with common.refuse_bad_input():
     torch_workdir.check_export(FLAGS.workdir, FLAGS.output, FLAGS.step)
   try:
-    metadata = torch_workdir.export(FLAGS.workdir, FLAGS.output, step=FLAGS.step, params=FLAGS.params)
+    metadata = torch_workdir.export(
+      FLAGS.workdir, FLAGS.output, step=FLAGS.step, params=FLAGS.params
+    )
   except CheckpointMismatch as e:
     common.fatal(e)
-  how = {"dataset": f"(x - {metadata['mean']}) / {metadata['std']} of [0, 1] pixels",
-         "per_image": "each image standardised per channel (x - mean_hw) / sqrt(var_hw + 1e-5)",
-         "none": "[0, 1] pixels as they are"}[metadata["input_norm"]]
-  logging.info("wrote %s (%s, step %s); the PyTorch network expects %s", FLAGS.output,
-               metadata["agad_arch"], metadata["step"], how)
+  how = {
+    "dataset": f"(x - {metadata['mean']}) / {metadata['std']} of [0, 1] pixels",
+    "per_image": "each image standardised per channel (x - mean_hw) / sqrt(var_hw + 1e-5)",
+    "none": "[0, 1] pixels as they are",
+  }[metadata["input_norm"]]
+  logging.info(
+    "wrote %s (%s, step %s); the PyTorch network expects %s",
+    FLAGS.output,
+    metadata["agad_arch"],
+    metadata["step"],
+    how,
+  )
   print(json.dumps({"output": FLAGS.output, **metadata}))
 
 

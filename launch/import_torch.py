@@ -19,15 +19,29 @@ from absl import app, flags, logging
 from launch import common, torch_workdir
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", None, "Architecture (agad model name): smallcnn | resnet18 | resnet34 | "
-                    "resnet50 | preact_resnet18 | wrn16_8 | wrn28_10 | wrn34_10.")
-flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint: .safetensors, or .pt/.pth with torch installed.")
+flags.DEFINE_string(
+  "arch",
+  None,
+  "Architecture (agad model name): smallcnn | resnet18 | resnet34 | "
+  "resnet50 | preact_resnet18 | wrn16_8 | wrn28_10 | wrn34_10.",
+)
+flags.DEFINE_string(
+  "checkpoint", None, "PyTorch checkpoint: .safetensors, or .pt/.pth with torch installed."
+)
 flags.DEFINE_string("workdir", None, "New agad workdir to write (must not hold checkpoints).")
-flags.DEFINE_enum("dataset", None, torch_workdir.DATASETS, "Dataset config (configs/<dataset>.py); default: "
-                  "fashion_mnist for smallcnn, cifar10 otherwise.")
-flags.DEFINE_string("input_norm", "auto", "What the network expects of [0, 1] pixels: auto (the "
-                    "checkpoint's mu/sigma buffers if it has them, else none) | none | checkpoint | "
-                    "a dataset name (its mean/std) | imagenet | MEAN,../STD,.. (per channel).")
+flags.DEFINE_enum(
+  "dataset",
+  None,
+  torch_workdir.DATASETS,
+  "Dataset config (configs/<dataset>.py); default: fashion_mnist for smallcnn, cifar10 otherwise.",
+)
+flags.DEFINE_string(
+  "input_norm",
+  "auto",
+  "What the network expects of [0, 1] pixels: auto (the "
+  "checkpoint's mu/sigma buffers if it has them, else none) | none | checkpoint | "
+  "a dataset name (its mean/std) | imagenet | MEAN,../STD,.. (per channel).",
+)
 flags.mark_flags_as_required(["arch", "checkpoint", "workdir"])
 
 
@@ -37,15 +51,35 @@ def main(argv):
   common.init_runtime()
   with common.refuse_bad_input():  # a bad file, key or shape: one line, nothing written
     config, state, provenance = torch_workdir.prepare(
-        FLAGS.arch, FLAGS.checkpoint, FLAGS.workdir, dataset=FLAGS.dataset, input_norm=FLAGS.input_norm)
+      FLAGS.arch,
+      FLAGS.checkpoint,
+      FLAGS.workdir,
+      dataset=FLAGS.dataset,
+      input_norm=FLAGS.input_norm,
+    )
   torch_workdir.write(FLAGS.workdir, config, state, provenance)
   if provenance["ignored_keys"]:
     logging.info("ignored (unused by the forward pass): %s", ", ".join(provenance["ignored_keys"]))
-  logging.info("imported %s (%s, %s) as %s on %s; input normalisation %s", FLAGS.checkpoint,
-               provenance["format"], FLAGS.arch, FLAGS.workdir, provenance["dataset"],
-               provenance["input_norm_applied"])
-  print(json.dumps({"workdir": FLAGS.workdir, "arch": FLAGS.arch, "dataset": provenance["dataset"],
-                    "input_norm": provenance["input_norm_applied"], "step": 0}))
+  logging.info(
+    "imported %s (%s, %s) as %s on %s; input normalisation %s",
+    FLAGS.checkpoint,
+    provenance["format"],
+    FLAGS.arch,
+    FLAGS.workdir,
+    provenance["dataset"],
+    provenance["input_norm_applied"],
+  )
+  print(
+    json.dumps(
+      {
+        "workdir": FLAGS.workdir,
+        "arch": FLAGS.arch,
+        "dataset": provenance["dataset"],
+        "input_norm": provenance["input_norm_applied"],
+        "step": 0,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

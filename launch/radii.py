@@ -17,7 +17,9 @@ class _FractionParser(flags.FloatParser):
       try:
         value = float(num) / float(den)
       except (ValueError, ZeroDivisionError):
-        raise ValueError(f"could not read {argument!r} as a number or a fraction like 8/255") from None
+        raise ValueError(
+          f"could not read {argument!r} as a number or a fraction like 8/255"
+        ) from None
       return value
     return super().convert(argument)
 
@@ -33,7 +35,7 @@ def explicit_overrides(name: str = "config", flag_values=None) -> set[str]:
   """The ``--config.<field>`` overrides given on the command line (dotted, without ``config.``)."""
   fv = flag_values if flag_values is not None else flags.FLAGS
   prefix = name + "."
-  return {n[len(prefix):] for n in fv if n.startswith(prefix) and fv[n].present}
+  return {n[len(prefix) :] for n in fv if n.startswith(prefix) and fv[n].present}
 
 
 def _get(config, path: str):
@@ -55,12 +57,16 @@ def resolve_radii(config, explicit=(), fields=RADII) -> dict:
 
 def describe_radii(config, radii: dict) -> str:
   """One line: each radius (also in /255 units) with its step size and PGD steps."""
-  steps = {"attack.eps": ("attack.step_size", "attack.steps"),
-           "validation.attack.eps": ("validation.attack.step_size", "validation.attack.steps"),
-           "eval.eps": ("eval.step_size", "eval.pgd_steps")}
+  steps = {
+    "attack.eps": ("attack.step_size", "attack.steps"),
+    "validation.attack.eps": ("validation.attack.step_size", "validation.attack.steps"),
+    "eval.eps": ("eval.step_size", "eval.pgd_steps"),
+  }
   parts = []
   for path, eps in radii.items():
     size, count = steps[path]
-    parts.append(f"{path}={eps:.6g} ({255 * eps:.3g}/255; step {_get(config, size):.4g} x "
-                 f"{_get(config, count)})")
+    parts.append(
+      f"{path}={eps:.6g} ({255 * eps:.3g}/255; step {_get(config, size):.4g} x "
+      f"{_get(config, count)})"
+    )
   return "radii: " + ", ".join(parts)

@@ -12,8 +12,9 @@ from ml_collections import config_flags
 from launch import common
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fashion_mnist.py:smallcnn,pgd_at.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/fashion_mnist.py:smallcnn,pgd_at.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the run record.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -24,6 +25,7 @@ def main(argv):
   common.init_runtime()
   from agad import defenses
   from agad.training import builders, loop
+
   with common.refuse_bad_input():  # Bad input is refused before any work, in one line.
     radii = common.resolve_radii(FLAGS.config, common.explicit_overrides())  # --config.eps
     common.check_train_config(FLAGS.config)  # every field, in milliseconds
@@ -32,11 +34,13 @@ def main(argv):
   for name, source in defenses.sources(FLAGS.config.objective.name).items():
     logging.info("%s: %s (sha256 %s)", name, source["file"], source["sha256"][:16])
   from agad import checkpoint
+
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (loop.NonFiniteError, checkpoint.WorkdirWriteError) as e:
     common.fatal(e)  # the message names the step or path, what is kept and the fix
   import jax
+
   if jax.process_index() == 0:
     print(common.next_steps(FLAGS.workdir, FLAGS.config), flush=True)
 

@@ -53,8 +53,9 @@ def test_dlr_hand_values():
   # Sorted: 3, 2, 1, 0. y=0: -(3 - 2) / (3 - 1); y=1: -(1 - 3) / (3 - 1).
   np.testing.assert_allclose(dlr_lib.dlr(logits, jnp.array([0, 1])), [-0.5, 1.0], rtol=1e-6)
   # Targeted, y=0, t=3: -(3 - 0) / (3 - (1 + 0) / 2); y=1, t=0: -(1 - 3) / 2.5.
-  np.testing.assert_allclose(dlr_lib.dlr_targeted(logits, jnp.array([0, 1]), jnp.array([3, 0])),
-                             [-1.2, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(
+    dlr_lib.dlr_targeted(logits, jnp.array([0, 1]), jnp.array([3, 0])), [-1.2, 0.8], rtol=1e-6
+  )
 
 
 def test_dlr_invariant_to_shift_and_positive_scale():
@@ -116,6 +117,7 @@ def _reference_apgd_ce(logits_fn, x, y, x_start, eps, n_iter, rho=0.75):
       logits = logits_fn(v)
       value = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y)[:, None], 1)[:, 0]
       return jnp.sum(value), (value, logits)
+
     grad, (value, logits) = jax.grad(total, has_aux=True)(v)
     return jnp.argmax(logits, -1), value, grad
 
@@ -125,8 +127,11 @@ def _reference_apgd_ce(logits_fn, x, y, x_start, eps, n_iter, rho=0.75):
   def proj(v):
     return np.clip(np.clip(v, x - eps, x + eps), 0.0, 1.0)
 
-  window, decrement, minimum = (max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1),
-                                max(int(0.06 * n_iter), 1))
+  window, decrement, minimum = (
+    max(int(0.22 * n_iter), 1),
+    max(int(0.03 * n_iter), 1),
+    max(int(0.06 * n_iter), 1),
+  )
   cur = np.clip(x_start, 0.0, 1.0)
   pred, loss, grad = loss_and_grad(cur)
   best, best_loss, best_grad = cur.copy(), loss.copy(), grad.copy()
@@ -168,16 +173,27 @@ def test_apgd_ce_matches_reference_trajectory():
   eps = np.float32(0.05)
   u = np.asarray(jax.random.uniform(jax.random.key(5), x.shape, minval=-1.0, maxval=1.0))
   x_np = np.asarray(x)
-  x_start = np.clip(x_np + eps * u / np.abs(u).reshape(16, -1).max(1)[:, None, None, None],
-                    0, 1).astype(np.float32)
+  x_start = np.clip(
+    x_np + eps * u / np.abs(u).reshape(16, -1).max(1)[:, None, None, None], 0, 1
+  ).astype(np.float32)
   ref_best, ref_loss, ref_adv, ref_robust, ref_step = _reference_apgd_ce(
-      logits_fn, x_np, np.asarray(y), x_start, eps, n_iter)
+    logits_fn, x_np, np.asarray(y), x_start, eps, n_iter
+  )
 
   first, decrement, minimum = apgd_lib.apgd_schedule(n_iter)
   init = apgd_lib._init_rule("linf", "ce", False, 1)
   state = init(logits_fn, x, y, y, jnp.float32(eps), first, jax.random.key(0), jnp.asarray(x_start))
-  step = Partial(apgd_lib._step_rule("linf", "ce", False, 1), logits_fn, x, y, y, jnp.float32(eps),
-                 jnp.float32(0.75), jnp.int32(decrement), jnp.int32(minimum))
+  step = Partial(
+    apgd_lib._step_rule("linf", "ce", False, 1),
+    logits_fn,
+    x,
+    y,
+    y,
+    jnp.float32(eps),
+    jnp.float32(0.75),
+    jnp.int32(decrement),
+    jnp.int32(minimum),
+  )
   state = runner_lib.run_steps(step, state, n_iter, driver="host", chunk=10)
 
   assert len(np.unique(ref_step)) > 1  # the step-size rule acted differently per example
@@ -201,12 +217,21 @@ def test_first_window_compares_with_zero_like_the_reference():
   assert first == 1
   init = apgd_lib._init_rule("linf", "dlr", False, 1)
   state = init(logits_fn, x, y, y, jnp.float32(eps), first, jax.random.key(0))
-  step = Partial(apgd_lib._step_rule("linf", "dlr", False, 1), logits_fn, x, y, y,
-                 jnp.float32(eps), jnp.float32(0.75), jnp.int32(decrement), jnp.int32(minimum))
+  step = Partial(
+    apgd_lib._step_rule("linf", "dlr", False, 1),
+    logits_fn,
+    x,
+    y,
+    y,
+    jnp.float32(eps),
+    jnp.float32(0.75),
+    jnp.int32(decrement),
+    jnp.int32(minimum),
+  )
   after = runner_lib.run_steps(step, state, 1, driver="host", chunk=1)
   assert bool(jnp.all(after.loss_prev < 0))
   assert bool(jnp.any(after.loss_prev > state.loss_best))  # the loss did go up
-  np.testing.assert_allclose(after.step_size, eps)           # ... and the step still halved
+  np.testing.assert_allclose(after.step_size, eps)  # ... and the step still halved
 
 
 # ------------------------------------------------------------------------ behaviour
@@ -218,8 +243,7 @@ def test_apgd_stays_in_ball_and_box(norm, eps):
   x = jax.random.uniform(jax.random.key(2), (8,) + SHAPE)
   x = x.at[:4].set(jnp.round(x[:4]))  # pixels on the box faces
   y = jnp.argmax(logits_fn(x), -1)
-  adv = apgd_lib.apgd(logits_fn, x, y, jax.random.key(3), eps=eps, norm=norm, steps=10,
-                      loss="dlr")
+  adv = apgd_lib.apgd(logits_fn, x, y, jax.random.key(3), eps=eps, norm=norm, steps=10, loss="dlr")
   assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
   size = runner_lib.lp_norm(adv - x, norm)
   assert float(size.max()) <= eps + 1e-5
@@ -227,10 +251,13 @@ def test_apgd_stays_in_ball_and_box(norm, eps):
 
 def test_apgd_breaks_a_non_robust_model_and_is_at_least_as_strong_as_pgd():
   from agad import attacks
+
   logits_fn = _mlp_model(1)
   x, y = _data(logits_fn, n=32, seed=6)
-  assert _accuracy(logits_fn, apgd_lib.apgd(logits_fn, x, y, jax.random.key(0), eps=0.3,
-                                            steps=10), y) == 0.0
+  assert (
+    _accuracy(logits_fn, apgd_lib.apgd(logits_fn, x, y, jax.random.key(0), eps=0.3, steps=10), y)
+    == 0.0
+  )
   # A radius where PGD-10 leaves part of the points robust.
   eps = 0.03
   pgd_adv = attacks.pgd(logits_fn, x, y, jax.random.key(1), eps=eps, step_size=eps / 4, steps=10)
@@ -244,13 +271,15 @@ def test_apgd_targeted_reaches_the_target_class():
   w, b, logits_fn = _linear_model(7)
   x, y = _data(logits_fn, n=8, seed=8)
   targets = dlr_lib.ranked_targets(logits_fn(x), 1)[:, 0]
-  result = apgd_lib.apgd_attack(logits_fn, x, y, jax.random.key(0), eps=0.5, steps=10,
-                                loss="dlr-targeted", targets=targets)
+  result = apgd_lib.apgd_attack(
+    logits_fn, x, y, jax.random.key(0), eps=0.5, steps=10, loss="dlr-targeted", targets=targets
+  )
   assert not bool(result.robust.any())
   # Best targeted-DLR loss > 0 means the target logit overtook the true one.
   assert bool(jnp.all(result.loss > 0))
-  adv = apgd_lib.apgd_targeted(logits_fn, x, y, jax.random.key(1), eps=0.3, steps=10,
-                               n_target_classes=3)
+  adv = apgd_lib.apgd_targeted(
+    logits_fn, x, y, jax.random.key(1), eps=0.3, steps=10, n_target_classes=3
+  )
   assert _accuracy(logits_fn, adv, y) == 0.0
 
 
@@ -273,9 +302,25 @@ def test_apgd_restarts_only_improve_and_eot_runs_on_a_random_model():
   # EOT's gain is a few points per seed on 16 points: pool 4 seeds x 32 points so that the
   # comparison does not hang on one draw (measured: 0.23 with EOT, 0.38 without).
   x, y = _data(logits_fn, n=32, seed=9)
-  eot = lambda n: np.mean([_accuracy(logits_fn, apgd_lib.apgd(
-      Partial(noisy), x, y, jax.random.key(seed), eps=0.06, steps=20, eot_iter=n,
-      stochastic=True), y) for seed in range(4)])
+  eot = lambda n: np.mean(
+    [
+      _accuracy(
+        logits_fn,
+        apgd_lib.apgd(
+          Partial(noisy),
+          x,
+          y,
+          jax.random.key(seed),
+          eps=0.06,
+          steps=20,
+          eot_iter=n,
+          stochastic=True,
+        ),
+        y,
+      )
+      for seed in range(4)
+    ]
+  )
   with_eot, without_eot = eot(8), eot(1)
   assert with_eot <= 0.3
   assert without_eot >= with_eot + 0.08  # without EOT the same budget does worse

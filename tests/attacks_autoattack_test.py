@@ -37,8 +37,10 @@ def _bucket_model(w1, w2, x):  # used by the compile-count test only (fresh jit 
 
 def _weights(seed, hidden=32):
   rng = np.random.RandomState(seed)
-  return (jnp.asarray(rng.randn(DIM, hidden).astype(np.float32)),
-          jnp.asarray(rng.randn(hidden, CLASSES).astype(np.float32)))
+  return (
+    jnp.asarray(rng.randn(DIM, hidden).astype(np.float32)),
+    jnp.asarray(rng.randn(hidden, CLASSES).astype(np.float32)),
+  )
 
 
 def _images(n, seed):
@@ -52,8 +54,29 @@ def _robust_accuracy(logits_fn, x_adv, x, y, eps):
 
 
 def test_bucket_sizes():
-  assert aa.bucket_sizes(250) == [250, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32,
-                                  28, 24, 20, 16, 14, 12, 10, 8]
+  assert aa.bucket_sizes(250) == [
+    250,
+    224,
+    192,
+    160,
+    128,
+    112,
+    96,
+    80,
+    64,
+    56,
+    48,
+    40,
+    32,
+    28,
+    24,
+    20,
+    16,
+    14,
+    12,
+    10,
+    8,
+  ]
   assert aa.bucket_sizes(250, per_octave=1) == [250, 128, 64, 32, 16, 8]
   assert aa.bucket_sizes(16, min_bucket=4) == [16, 14, 12, 10, 8, 7, 6, 5, 4]
   assert aa.bucket_sizes(5, min_bucket=8) == [5]
@@ -67,7 +90,9 @@ def test_padded_batches_pad_with_a_real_row_to_the_smallest_bucket():
   sizes = runner_lib.bucket_sizes(16, min_bucket=4, per_octave=1)
   batches = list(runner_lib.padded_batches(np.arange(100, 121), 16, sizes))
   assert [(start, len(real), len(padded)) for start, real, padded, _ in batches] == [
-      (0, 16, 16), (16, 5, 8)]
+    (0, 16, 16),
+    (16, 5, 8),
+  ]
   _, real, padded, valid = batches[1]
   np.testing.assert_array_equal(real, [116, 117, 118, 119, 120])
   np.testing.assert_array_equal(padded, [116, 117, 118, 119, 120, 116, 116, 116])
@@ -80,19 +105,30 @@ def test_verification_rejects_candidates_outside_the_threat_model():
   x0 = jnp.zeros((5,) + SHAPE)
   y = jnp.zeros((5,), jnp.int32)
   eps = 0.1
-  candidates = jnp.stack([
-      x0[0] + eps,                        # misclassified, on the ball's edge: accepted
-      x0[1] + 2 * eps,                    # misclassified but outside the ball
-      x0[2] - eps + 0.5,                  # misclassified but outside the ball
-      x0[3].at[0, 0, 0].set(jnp.nan),     # not finite
-      x0[4],                              # inside, but still correct
-  ])
-  ok, _ = aa._verify(logits_fn, x0, candidates, y, jnp.float32(eps), jax.random.key(0), False,
-                     "linf")
+  candidates = jnp.stack(
+    [
+      x0[0] + eps,  # misclassified, on the ball's edge: accepted
+      x0[1] + 2 * eps,  # misclassified but outside the ball
+      x0[2] - eps + 0.5,  # misclassified but outside the ball
+      x0[3].at[0, 0, 0].set(jnp.nan),  # not finite
+      x0[4],  # inside, but still correct
+    ]
+  )
+  ok, _ = aa._verify(
+    logits_fn, x0, candidates, y, jnp.float32(eps), jax.random.key(0), False, "linf"
+  )
   np.testing.assert_array_equal(ok, [True, False, False, False, False])
   x1 = jnp.full((1,) + SHAPE, 0.95)
-  ok, _ = aa._verify(logits_fn, x1, x1 + 0.08, jnp.zeros((1,), jnp.int32), jnp.float32(eps),
-                     jax.random.key(0), False, "linf")
+  ok, _ = aa._verify(
+    logits_fn,
+    x1,
+    x1 + 0.08,
+    jnp.zeros((1,), jnp.int32),
+    jnp.float32(eps),
+    jax.random.key(0),
+    False,
+    "linf",
+  )
   assert not bool(ok[0])  # inside the ball but outside [0, 1]
 
 
@@ -102,8 +138,17 @@ def test_standard_is_a_verified_worst_case_over_its_attacks():
   y = np.array(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
   y[:2] = (y[:2] + 1) % CLASSES  # two clean mistakes: never attacked
   eps = 0.04
-  res = aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=eps, steps=10, square_queries=100,
-                      batch_size=32, min_bucket=32)
+  res = aa.autoattack(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(0),
+    eps=eps,
+    steps=10,
+    square_queries=100,
+    batch_size=32,
+    min_bucket=32,
+  )
 
   assert list(res["per_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
   values = [res["clean_accuracy"]] + list(res["per_attack"].values())
@@ -129,10 +174,10 @@ def test_standard_is_a_verified_worst_case_over_its_attacks():
   # Each component alone (same budget) is no stronger than the ensemble.
   xj, yj = jnp.asarray(x), jnp.asarray(y)
   alone = {
-      "apgd-ce": apgd_lib.apgd(logits_fn, xj, yj, jax.random.key(1), eps=eps, steps=10),
-      "apgd-t": apgd_lib.apgd_targeted(logits_fn, xj, yj, jax.random.key(2), eps=eps, steps=10),
-      "fab-t": fab_lib.fab(logits_fn, xj, yj, jax.random.key(3), eps=eps, steps=10),
-      "square": square_lib.square(logits_fn, xj, yj, jax.random.key(4), eps=eps, n_queries=100),
+    "apgd-ce": apgd_lib.apgd(logits_fn, xj, yj, jax.random.key(1), eps=eps, steps=10),
+    "apgd-t": apgd_lib.apgd_targeted(logits_fn, xj, yj, jax.random.key(2), eps=eps, steps=10),
+    "fab-t": fab_lib.fab(logits_fn, xj, yj, jax.random.key(3), eps=eps, steps=10),
+    "square": square_lib.square(logits_fn, xj, yj, jax.random.key(4), eps=eps, n_queries=100),
   }
   for name, x_adv in alone.items():
     assert res["robust_accuracy"] <= _robust_accuracy(logits_fn, x_adv, x, y, eps), name
@@ -140,17 +185,31 @@ def test_standard_is_a_verified_worst_case_over_its_attacks():
 
 def test_masked_gradients_defeat_apgd_but_not_square():
   rng = np.random.RandomState(0)
-  logits_fn = Partial(_quantised_linear, jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
-                      jnp.asarray(rng.randn(CLASSES).astype(np.float32)))
+  logits_fn = Partial(
+    _quantised_linear,
+    jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
+    jnp.asarray(rng.randn(CLASSES).astype(np.float32)),
+  )
   x = _images(32, 1)
   y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
   eps = 0.2
-  alone = apgd_lib.apgd(logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.key(0), eps=eps,
-                        steps=10)
+  alone = apgd_lib.apgd(
+    logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.key(0), eps=eps, steps=10
+  )
   assert _robust_accuracy(logits_fn, alone, x, y, eps) >= 0.9
-  res = aa.autoattack(logits_fn, x, y, jax.random.key(1), eps=eps, version="custom",
-                      attacks=["apgd-ce", "apgd-t", "square"], steps=10, square_queries=300,
-                      batch_size=32, min_bucket=32)
+  res = aa.autoattack(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(1),
+    eps=eps,
+    version="custom",
+    attacks=["apgd-ce", "apgd-t", "square"],
+    steps=10,
+    square_queries=300,
+    batch_size=32,
+    min_bucket=32,
+  )
   assert res["per_attack"]["apgd-t"] >= 0.9
   assert res["per_attack"]["square"] <= 0.4
   # Distinct points are counted once, though APGD-CE and every APGD-T target saw them.
@@ -163,13 +222,22 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   logits_fn = Partial(_bucket_model, *_weights(5, hidden=16))
   y_of = lambda x: np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
   chunk, square_chunk = 3, 10
-  kwargs = dict(eps=0.03, steps=6, square_queries=20, batch_size=16, min_bucket=8, chunk=chunk,
-                square_chunk=square_chunk, n_target_classes=2)
+  kwargs = dict(
+    eps=0.03,
+    steps=6,
+    square_queries=20,
+    batch_size=16,
+    min_bucket=8,
+    chunk=chunk,
+    square_chunk=square_chunk,
+    n_target_classes=2,
+  )
   before = dict(runner_lib.TRACE_COUNTS)
   x = _images(24, 7)
   res = aa.autoattack(logits_fn, x, y_of(x), jax.random.key(0), **kwargs)
-  new = {k: v - before.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items()
-         if v != before.get(k, 0)}
+  new = {
+    k: v - before.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items() if v != before.get(k, 0)
+  }
   assert new, "no step was traced"
   expected = {"apgd-ce": chunk, "apgd-dlr-targeted": chunk, "fab-t": chunk, "square": square_chunk}
   for (tag, batch), traces in new.items():
@@ -183,8 +251,9 @@ def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   snapshot = dict(runner_lib.TRACE_COUNTS)
   x2 = _images(24, 8)
   aa.autoattack(logits_fn, x2, y_of(x2), jax.random.key(1), **kwargs)
-  second = {k: v - snapshot.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items()
-            if v != snapshot.get(k, 0)}
+  second = {
+    k: v - snapshot.get(k, 0) for k, v in runner_lib.TRACE_COUNTS.items() if v != snapshot.get(k, 0)
+  }
   for (tag, batch), traces in second.items():
     # A second evaluation reuses every compiled (attack, bucket); only a bucket size
     # the first run did not need may compile, once.
@@ -243,8 +312,9 @@ def test_few_classes_and_too_many_targets_are_clear_never_an_index_crash():
   logits_fn = Partial(lambda w, x: x.reshape(x.shape[0], -1) @ w, w)
   x = _images(8, 3)
   y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
-  res = aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.05, steps=3, square_queries=10,
-                      batch_size=8)
+  res = aa.autoattack(
+    logits_fn, x, y, jax.random.key(0), eps=0.05, steps=3, square_queries=10, batch_size=8
+  )
   assert list(res["per_attack"]) == ["apgd-ce", "fab-t", "square"]
   flags = " | ".join(res["flags"])
   assert "apgd-t skipped: targeted DLR needs >= 4 classes, the model has 2" in flags
@@ -253,8 +323,9 @@ def test_few_classes_and_too_many_targets_are_clear_never_an_index_crash():
 
 def _conv_model(kernel, w, x):
   """A small conv net (conv 3x3 + ReLU, dense): per-row arithmetic through a convolution."""
-  h = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return jax.nn.relu(h).reshape(x.shape[0], -1) @ w
 
 
@@ -265,18 +336,23 @@ def test_same_key_same_result_whatever_the_batch_size_subset_or_device():
   # within one chunk (steps <= chunk: no early exit), so even the stored adversarials,
   # which depend on the random start, must be equal.
   rng = np.random.RandomState(11)
-  logits_fn = Partial(_conv_model, jnp.asarray(rng.randn(3, 3, 3, 8).astype(np.float32) * 0.3),
-                      jnp.asarray(rng.randn(4 * 4 * 8, CLASSES).astype(np.float32) * 0.3))
+  logits_fn = Partial(
+    _conv_model,
+    jnp.asarray(rng.randn(3, 3, 3, 8).astype(np.float32) * 0.3),
+    jnp.asarray(rng.randn(4 * 4 * 8, CLASSES).astype(np.float32) * 0.3),
+  )
   x = _images(24, 12)
   y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
-  kw = dict(eps=0.03, steps=2, square_queries=40, version="custom",
-            attacks=["apgd-ce", "square"])
-  run = lambda images, labels, **extra: aa.autoattack(logits_fn, images, labels,
-                                                      jax.random.key(5), **kw, **extra)
+  kw = dict(eps=0.03, steps=2, square_queries=40, version="custom", attacks=["apgd-ce", "square"])
+  run = lambda images, labels, **extra: aa.autoattack(
+    logits_fn, images, labels, jax.random.key(5), **kw, **extra
+  )
   full = run(x, y, batch_size=24, min_bucket=24)
   assert 0.2 < full["robust_accuracy"] < 0.8  # a case that can tell
-  variants = {"batch 8": run(x, y, batch_size=8, min_bucket=8),
-              "batch 5, buckets 5 and 4": run(x, y, batch_size=5, min_bucket=4)}
+  variants = {
+    "batch 8": run(x, y, batch_size=8, min_bucket=8),
+    "batch 5, buckets 5 and 4": run(x, y, batch_size=5, min_bucket=4),
+  }
   with jax.default_device(jax.devices()[-1]):
     variants["last device"] = run(x, y, batch_size=8, min_bucket=8)
   for name, res in variants.items():
@@ -299,21 +375,27 @@ def test_pgd_with_per_example_keys_is_independent_of_the_batch(norm):
   x = jnp.asarray(_images(12, 13))
   y = jnp.argmax(logits_fn(x), -1)
   keys = runner_lib.example_keys(jax.random.key(3), 12)
-  kw = dict(eps=0.05 if norm == "linf" else 0.5, step_size=0.02 if norm == "linf" else 0.2,
-            steps=5, norm=norm)
+  kw = dict(
+    eps=0.05 if norm == "linf" else 0.5,
+    step_size=0.02 if norm == "linf" else 0.2,
+    steps=5,
+    norm=norm,
+  )
   full = iterative.pgd(logits_fn, x, y, keys, **kw)
   half = iterative.pgd(logits_fn, x[4:10], y[4:10], keys[4:10], **kw)
   np.testing.assert_array_equal(np.asarray(half), np.asarray(full)[4:10])
   # The start alone (no steps) also differs per example and is inside the ball.
   start = iterative.pgd_init(keys, x, eps=kw["eps"], norm=norm).x
   assert not np.array_equal(np.asarray(start[0] - x[0]), np.asarray(start[1] - x[1]))
-  np.testing.assert_array_equal(np.asarray(iterative.pgd_init(keys[4:10], x[4:10], eps=kw["eps"],
-                                                              norm=norm).x),
-                                np.asarray(start)[4:10])
+  np.testing.assert_array_equal(
+    np.asarray(iterative.pgd_init(keys[4:10], x[4:10], eps=kw["eps"], norm=norm).x),
+    np.asarray(start)[4:10],
+  )
   # One key for the whole batch keeps its former (training) behaviour: batch-drawn starts.
   one = iterative.pgd_init(jax.random.key(3), x, eps=kw["eps"], norm=norm).x
   start_key, _ = jax.random.split(jax.random.key(3))
   if norm == "linf":
-    expected = jnp.clip(x + jax.random.uniform(start_key, x.shape, x.dtype, -1.0, 1.0) * 0.05,
-                        0.0, 1.0)
+    expected = jnp.clip(
+      x + jax.random.uniform(start_key, x.shape, x.dtype, -1.0, 1.0) * 0.05, 0.0, 1.0
+    )
     np.testing.assert_array_equal(np.asarray(one), np.asarray(expected))

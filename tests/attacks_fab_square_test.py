@@ -22,8 +22,11 @@ from tests.helpers import linear_logits as _linear
 
 def _linear_model(seed=0):
   rng = np.random.RandomState(seed)
-  return Partial(_linear, jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
-                 jnp.asarray(rng.randn(CLASSES).astype(np.float32)))
+  return Partial(
+    _linear,
+    jnp.asarray(rng.randn(DIM, CLASSES).astype(np.float32)),
+    jnp.asarray(rng.randn(CLASSES).astype(np.float32)),
+  )
 
 
 def _data(logits_fn, n=16, seed=1):
@@ -60,8 +63,11 @@ def test_linf_projection_is_the_smallest_box_constrained_move():
   t = rng.rand(n, d)
   w = rng.randn(n, d) * (rng.rand(n, d) > 0.2)
   b = t.__mul__(w).sum(1) + rng.randn(n) * rng.choice([0.05, 0.5, 5.0], n)
-  delta = np.asarray(fab_lib.project_linf_hyperplane_box(
-      jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)))
+  delta = np.asarray(
+    fab_lib.project_linf_hyperplane_box(
+      jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)
+    )
+  )
   reachable = 0
   for i in range(n):
     moved = t[i] + delta[i]
@@ -81,8 +87,9 @@ def test_fab_targeted_finds_small_adversarials_within_eps():
   logits_fn = _linear_model(0)
   x, y = _data(logits_fn, n=16, seed=2)
   targets = jnp.argsort(logits_fn(x), -1)[:, -2]
-  result = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.3, steps=10,
-                              targets=targets)
+  result = fab_lib.fab_attack(
+    logits_fn, x, y, jax.random.key(0), eps=0.3, steps=10, targets=targets
+  )
   assert not bool(result.robust.any())
   norms = runner_lib.lp_norm(result.adversarial - x, "linf")
   np.testing.assert_allclose(norms, result.norm, rtol=1e-5)
@@ -90,8 +97,9 @@ def test_fab_targeted_finds_small_adversarials_within_eps():
   assert _accuracy(logits_fn, result.adversarial, y) == 0.0
   # Minimum norm: on a linear model FAB lands just past the linearised (= true)
   # boundary, so a slightly smaller radius must fail for at least one point.
-  smaller = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.5 * float(norms.min()),
-                               steps=10, targets=targets)
+  smaller = fab_lib.fab_attack(
+    logits_fn, x, y, jax.random.key(0), eps=0.5 * float(norms.min()), steps=10, targets=targets
+  )
   assert bool(smaller.robust.all())
   # The public entry point loops over ranked targets and returns clean images where it fails.
   adv = fab_lib.fab(logits_fn, x, y, jax.random.key(1), eps=0.3, steps=10, n_target_classes=2)
@@ -124,8 +132,7 @@ def test_fab_linf_finds_the_closed_form_minimal_distance_on_a_linear_model():
   closest = pair.min(1)
   assert closest.max() < 0.3
   # Untargeted FAB: the smallest distance over all classes, reached from just past it.
-  result = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10,
-                              targeted=False)
+  result = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10, targeted=False)
   norms = np.asarray(runner_lib.lp_norm(result.adversarial - x, "linf"), np.float64)
   assert not bool(result.robust.any())
   assert np.all(np.asarray(jnp.argmax(logits_fn(result.adversarial), -1)) != np.asarray(y))
@@ -135,14 +142,16 @@ def test_fab_linf_finds_the_closed_form_minimal_distance_on_a_linear_model():
   # class's boundary first, never one closer than the closest).
   targets = jnp.argsort(logits_fn(x), -1)[:, -2]
   to_target = pair[np.arange(16), np.asarray(targets)]
-  targeted = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10,
-                                targets=targets)
+  targeted = fab_lib.fab_attack(
+    logits_fn, x, y, jax.random.key(0), eps=1.0, steps=10, targets=targets
+  )
   t_norms = np.asarray(targeted.norm, np.float64)
   assert np.all(t_norms >= closest * (1 - 1e-4))
   assert np.all(t_norms <= to_target * 1.02)
   # A radius just below the closed-form minimum cannot succeed.
-  below = fab_lib.fab_attack(logits_fn, x, y, jax.random.key(0), eps=0.99 * float(closest.min()),
-                             steps=10, targeted=False)
+  below = fab_lib.fab_attack(
+    logits_fn, x, y, jax.random.key(0), eps=0.99 * float(closest.min()), steps=10, targeted=False
+  )
   assert bool(below.robust.all())
 
 
@@ -166,7 +175,15 @@ def test_square_schedule_matches_the_reference():
   # 10.1 -> 10, 7.2 -> 7, 5.06 -> 5, 3.58 -> 4, 2.53 -> 3.
   sizes = square_lib.square_sizes(32, 32, 5000)
   assert [int(sizes[i]) for i in (0, 11, 51, 201, 501, 1001, 2001, 4001)] == [
-      29, 20, 14, 10, 7, 5, 4, 3]
+    29,
+    20,
+    14,
+    10,
+    7,
+    5,
+    4,
+    3,
+  ]
   assert int(square_lib.square_sizes(4, 4, 1)[0]) == 4  # never larger than the image
 
 
@@ -186,8 +203,9 @@ def test_square_accepts_only_improvements_and_stays_in_ball():
   logits = logits_fn(adv)
   margin = -losses.margin(logits, y)
   keys = runner_lib.fold_in_each(runner_lib.example_keys(jax.random.key(0), 16), 0)
-  start = square_lib._init_rule("margin", False)(logits_fn, x, y, jnp.float32(eps),
-                                                   runner_lib.split_each(keys)[0])
+  start = square_lib._init_rule("margin", False)(
+    logits_fn, x, y, jnp.float32(eps), runner_lib.split_each(keys)[0]
+  )
   assert bool(jnp.all(margin <= start.margin + 1e-5))
   assert bool(jnp.all((margin > 0) == result.robust))
 
@@ -208,12 +226,21 @@ def test_loop_driver_matches_host_driver():
   key = jax.random.key(0)
   targets = jnp.argsort(logits_fn(x), -1)[:, -2]
   runs = {
-      "apgd": lambda d: apgd_lib.apgd_attack(logits_fn, x, y, key, eps=0.02, steps=6, loss="dlr",
-                                             driver=d, chunk=3).adversarial,
-      "fab": lambda d: fab_lib.fab_attack(logits_fn, x, y, key, eps=0.05, steps=4, targets=targets,
-                                          driver=d, chunk=2).adversarial,
-      "square": lambda d: square_lib.square_attack(logits_fn, x, y, key, eps=0.05, n_queries=20,
-                                                   driver=d, chunk=5, check_every=10).adversarial,
+    "apgd": lambda d: (
+      apgd_lib.apgd_attack(
+        logits_fn, x, y, key, eps=0.02, steps=6, loss="dlr", driver=d, chunk=3
+      ).adversarial
+    ),
+    "fab": lambda d: (
+      fab_lib.fab_attack(
+        logits_fn, x, y, key, eps=0.05, steps=4, targets=targets, driver=d, chunk=2
+      ).adversarial
+    ),
+    "square": lambda d: (
+      square_lib.square_attack(
+        logits_fn, x, y, key, eps=0.05, n_queries=20, driver=d, chunk=5, check_every=10
+      ).adversarial
+    ),
   }
   for name, run in runs.items():
     np.testing.assert_allclose(run("loop"), run("host"), atol=1e-6, err_msg=name)

@@ -44,8 +44,9 @@ def test_pgd_linf_reaches_analytic_optimum_of_linear_model(driver):
   x = jnp.concatenate([jnp.full((2, H, W, C), 0.5), jnp.full((2, H, W, C), 0.97)])
   y = jnp.array([1, 0, 1, 0])
   eps = 0.1
-  adv = attacks.pgd(logits_fn, x, y, jax.random.key(1), eps=eps, step_size=0.04, steps=5,
-                    driver=driver)
+  adv = attacks.pgd(
+    logits_fn, x, y, jax.random.key(1), eps=eps, step_size=0.04, steps=5, driver=driver
+  )
   # CE of class y grows as the margin toward y shrinks: move against y's direction.
   direction = jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
   expected = jnp.clip(x + eps * direction, 0.0, 1.0)
@@ -57,8 +58,17 @@ def test_pgd_l2_reaches_analytic_optimum_of_linear_model():
   x = jnp.full((2, H, W, C), 0.5)
   y = jnp.array([1, 0])
   eps = 0.3
-  adv = attacks.pgd(logits_fn, x, y, jax.random.key(0), eps=eps, step_size=0.1, steps=10,
-                    norm="l2", random_start="none")
+  adv = attacks.pgd(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(0),
+    eps=eps,
+    step_size=0.1,
+    steps=10,
+    norm="l2",
+    random_start="none",
+  )
   unit = (w / jnp.linalg.norm(w)).reshape(1, H, W, C)
   expected = x + eps * jnp.where(y == 1, -1.0, 1.0)[:, None, None, None] * unit
   np.testing.assert_allclose(adv, expected, atol=1e-5)
@@ -69,9 +79,20 @@ def test_targeted_descends_toward_target_and_per_example_eps():
   x = jnp.full((3, H, W, C), 0.5)
   targets = jnp.array([1, 0, 1])
   eps = jnp.array([0.0, 0.05, 0.2])
-  adv = attacks.pgd(logits_fn, x, targets, jax.random.key(0), eps=eps, step_size=0.1, steps=3,
-                    targeted=True, random_start="none")
-  direction = jnp.where(targets == 1, 1.0, -1.0)[:, None, None, None] * jnp.sign(w).reshape(1, H, W, C)
+  adv = attacks.pgd(
+    logits_fn,
+    x,
+    targets,
+    jax.random.key(0),
+    eps=eps,
+    step_size=0.1,
+    steps=3,
+    targeted=True,
+    random_start="none",
+  )
+  direction = jnp.where(targets == 1, 1.0, -1.0)[:, None, None, None] * jnp.sign(w).reshape(
+    1, H, W, C
+  )
   np.testing.assert_allclose(adv, x + eps[:, None, None, None] * direction, atol=1e-6)
 
 
@@ -80,8 +101,10 @@ def test_drivers_agree_and_random_start_is_in_ball():
   x = jax.random.uniform(jax.random.key(4), (6, H, W, C))
   y = jnp.array([0, 1, 0, 1, 0, 1])
   kw = dict(eps=0.05, step_size=0.01, steps=3, loss="margin")
-  outs = [attacks.pgd(logits_fn, x, y, jax.random.key(5), driver=d, **kw)
-          for d in ("unroll", "loop", "host")]
+  outs = [
+    attacks.pgd(logits_fn, x, y, jax.random.key(5), driver=d, **kw)
+    for d in ("unroll", "loop", "host")
+  ]
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
   np.testing.assert_allclose(outs[0], outs[2], atol=1e-6)
   start = attacks.pgd_init(jax.random.key(6), x, eps=0.05).x
@@ -93,7 +116,9 @@ def test_pgd_is_jittable_and_stops_gradient():
   _, logits_fn = _model(4)
   x = jnp.full((2, H, W, C), 0.5)
   y = jnp.array([0, 1])
-  f = lambda x: jnp.sum(attacks.pgd(logits_fn, x, y, jax.random.key(0), eps=0.1, step_size=0.05, steps=2))
+  f = lambda x: jnp.sum(
+    attacks.pgd(logits_fn, x, y, jax.random.key(0), eps=0.1, step_size=0.05, steps=2)
+  )
   assert float(jnp.abs(jax.grad(f)(x)).sum()) == 0.0
   np.testing.assert_allclose(jax.jit(f)(x), f(x), rtol=1e-6)
 
@@ -114,8 +139,11 @@ def test_losses_hand_computed():
   np.testing.assert_allclose(attacks.cross_entropy(logits, labels)[0], lse - 2.0, rtol=1e-6)
   # Label smoothing 0.3 over 3 classes: target (0.8, 0.1, 0.1).
   logp = np.array([2.0, 0.0, -1.0]) - lse
-  np.testing.assert_allclose(attacks.cross_entropy(logits, labels, label_smoothing=0.3)[0],
-                             -(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2]), rtol=1e-6)
+  np.testing.assert_allclose(
+    attacks.cross_entropy(logits, labels, label_smoothing=0.3)[0],
+    -(0.8 * logp[0] + 0.1 * logp[1] + 0.1 * logp[2]),
+    rtol=1e-6,
+  )
   np.testing.assert_allclose(attacks.margin(logits, labels), [-2.0, 1.0])
   np.testing.assert_allclose(attacks.margin(logits, labels, kappa=0.5), [-2.0, 0.5])
   p = jax.nn.softmax(logits[1])
@@ -128,8 +156,17 @@ def test_kl_attack_from_normal_start_increases_kl():
   _, logits_fn = _model(6)
   x = jax.random.uniform(jax.random.key(7), (4, H, W, C), minval=0.2, maxval=0.8)
   y = jnp.zeros(4, jnp.int32)
-  adv = attacks.pgd(logits_fn, x, y, jax.random.key(8), eps=0.1, step_size=0.02, steps=5,
-                    loss="kl", random_start="normal")
+  adv = attacks.pgd(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(8),
+    eps=0.1,
+    step_size=0.02,
+    steps=5,
+    loss="kl",
+    random_start="normal",
+  )
   p = jax.nn.softmax(logits_fn(x))
   assert np.all(np.asarray(attacks.kl_divergence(p, logits_fn(adv))) > 1e-4)
 
@@ -142,8 +179,17 @@ def test_stochastic_logits_fn_gets_fresh_keys():
     return _linear_logits(jnp.ones(H * W * C), 0.0, x + 0.01 * jax.random.normal(key, x.shape))
 
   x = jnp.full((2, H, W, C), 0.5)
-  attacks.pgd(noisy, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.05, steps=2,
-              stochastic=True, driver="unroll")
+  attacks.pgd(
+    noisy,
+    x,
+    jnp.array([0, 1]),
+    jax.random.key(0),
+    eps=0.1,
+    step_size=0.05,
+    steps=2,
+    stochastic=True,
+    driver="unroll",
+  )
   assert len(seen) == 2
 
 
@@ -151,13 +197,35 @@ def test_bad_arguments_are_named():
   _, logits_fn = _model()
   x = jnp.full((2, H, W, C), 0.5)
   with pytest.raises(ValueError, match="norm 'l3'"):
-    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, norm="l3")
+    attacks.pgd(
+      logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, norm="l3"
+    )
   with pytest.raises(ValueError, match="loss 'hinge'"):
-    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, loss="hinge")
+    attacks.pgd(
+      logits_fn,
+      x,
+      jnp.array([0, 1]),
+      jax.random.key(0),
+      eps=0.1,
+      step_size=0.1,
+      steps=1,
+      loss="hinge",
+    )
   with pytest.raises(ValueError, match="labels shape"):
-    attacks.pgd(logits_fn, x, jnp.array([0, 1, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1)
+    attacks.pgd(
+      logits_fn, x, jnp.array([0, 1, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1
+    )
   with pytest.raises(ValueError, match="driver"):
-    attacks.pgd(logits_fn, x, jnp.array([0, 1]), jax.random.key(0), eps=0.1, step_size=0.1, steps=1, driver="gpu")
+    attacks.pgd(
+      logits_fn,
+      x,
+      jnp.array([0, 1]),
+      jax.random.key(0),
+      eps=0.1,
+      step_size=0.1,
+      steps=1,
+      driver="gpu",
+    )
 
 
 def test_bim_is_pgd_from_clean_image():
@@ -165,9 +233,11 @@ def test_bim_is_pgd_from_clean_image():
   x = jax.random.uniform(jax.random.key(7), (3, H, W, C))
   y = jnp.array([0, 1, 0])
   kw = dict(eps=0.05, step_size=0.02, steps=4)
-  np.testing.assert_allclose(attacks.bim(logits_fn, x, y, jax.random.key(1), **kw),
-                             attacks.pgd(logits_fn, x, y, jax.random.key(2), random_start="none", **kw),
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    attacks.bim(logits_fn, x, y, jax.random.key(1), **kw),
+    attacks.pgd(logits_fn, x, y, jax.random.key(2), random_start="none", **kw),
+    atol=1e-7,
+  )
 
 
 def test_mim_reaches_linear_optimum_and_keeps_ball():
@@ -208,6 +278,7 @@ def test_eager_drivers_trace_the_step_once_for_new_arrays(driver):
   call with new arrays (same shapes) must not re-trace the step (an eager fori_loop
   re-traced and re-compiled on every call)."""
   from agad.attacks import driver as driver_lib
+
   traces = []
 
   def step_fn(scale, state):
@@ -216,11 +287,12 @@ def test_eager_drivers_trace_the_step_once_for_new_arrays(driver):
 
   step = Partial(step_fn, jnp.float32(0.5))
   out = driver_lib.iterate(step, jnp.ones(3), 4, driver=driver, chunk=4)
-  np.testing.assert_allclose(out, np.full(3, 0.5 ** 4))
+  np.testing.assert_allclose(out, np.full(3, 0.5**4))
   n = len(traces)
-  out = driver_lib.iterate(Partial(step_fn, jnp.float32(2.0)), jnp.full(3, 3.0, jnp.float32), 4,
-                           driver=driver, chunk=4)
-  np.testing.assert_allclose(out, np.full(3, 3.0 * 2.0 ** 4))
+  out = driver_lib.iterate(
+    Partial(step_fn, jnp.float32(2.0)), jnp.full(3, 3.0, jnp.float32), 4, driver=driver, chunk=4
+  )
+  np.testing.assert_allclose(out, np.full(3, 3.0 * 2.0**4))
   assert len(traces) == n, f"driver={driver} re-traced the step on a second call"
 
 
@@ -240,8 +312,16 @@ def test_track_best_keeps_a_misclassified_earlier_iterate(driver, attack):
   ascend_class_2 = lambda logits, labels: logits[:, 2]
   kw = dict(eps=0.1, steps=5, loss=ascend_class_2, driver=driver, chunk=2)
   if attack == "pgd":
-    run = lambda **extra: attacks.pgd(Partial(_band_logits), x, y, jax.random.key(0), step_size=0.02,
-                                      random_start="none", **kw, **extra)
+    run = lambda **extra: attacks.pgd(
+      Partial(_band_logits),
+      x,
+      y,
+      jax.random.key(0),
+      step_size=0.02,
+      random_start="none",
+      **kw,
+      **extra,
+    )
   else:
     run = lambda **extra: attacks.mim(Partial(_band_logits), x, y, jax.random.key(0), **kw, **extra)
   last = run()
@@ -262,6 +342,13 @@ def test_track_best_returns_the_final_iterate_when_it_is_adversarial():
   # A linear model's loss only grows along the path: the last iterate is the best one.
   np.testing.assert_allclose(tracked, plain, atol=1e-6)
   success = lambda z: jnp.argmax(logits_fn(z), -1) != y
-  general = attacks.pgd_general(Partial(lambda z: attacks.margin(logits_fn(z), y)), x, jax.random.key(4),
-                                success_fn=success, eps=0.1, step_size=0.03, steps=6)
+  general = attacks.pgd_general(
+    Partial(lambda z: attacks.margin(logits_fn(z), y)),
+    x,
+    jax.random.key(4),
+    success_fn=success,
+    eps=0.1,
+    step_size=0.03,
+    steps=6,
+  )
   np.testing.assert_allclose(general, plain, atol=1e-6)

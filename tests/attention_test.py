@@ -23,7 +23,7 @@ def square_head(u):
 
   So ``d z_k / d A[h, w, c] = 2 U[c, k] A[h, w, c] / HW``.
   """
-  return lambda a: jnp.einsum("bc,ck->bk", jnp.mean(a ** 2, axis=(1, 2)), u)
+  return lambda a: jnp.einsum("bc,ck->bk", jnp.mean(a**2, axis=(1, 2)), u)
 
 
 def gap_linear(w, b):
@@ -35,8 +35,9 @@ def tiny_bn(batch=6, size=8, seed=0):
   model = build_model("tiny_bn", **RGB)
   x = jax.random.uniform(jax.random.key(seed), (batch, size, size, 3))
   v = model.init(jax.random.key(1), x, train=False)
-  stats = jax.tree.map(lambda s: s + 0.3 * jax.random.uniform(jax.random.key(2), s.shape),
-                       v["batch_stats"])
+  stats = jax.tree.map(
+    lambda s: s + 0.3 * jax.random.uniform(jax.random.key(2), s.shape), v["batch_stats"]
+  )
   return model, {"params": v["params"], "batch_stats": stats}, x
 
 
@@ -49,16 +50,20 @@ def smallcnn(name="smallcnn", batch=4):
   v.pop("perturbations", None)
   params = dict(v["params"])
   params["classifier"] = {
-      "kernel": 0.3 * jax.random.normal(jax.random.key(5), params["classifier"]["kernel"].shape),
-      "bias": params["classifier"]["bias"]}
+    "kernel": 0.3 * jax.random.normal(jax.random.key(5), params["classifier"]["kernel"].shape),
+    "bias": params["classifier"]["bias"],
+  }
   v["params"] = params
   return model, v, x
 
 
 class PureMapsTest(chex.TestCase, parameterized.TestCase):
-
-  @parameterized.parameters(("mean", [[1.5], [1.0]]), ("sum", [[3.0], [2.0]]),
-                            ("abs_mean", [[1.5], [2.0]]), ("sq_mean", [[2.5], [5.0]]))
+  @parameterized.parameters(
+    ("mean", [[1.5], [1.0]]),
+    ("sum", [[3.0], [2.0]]),
+    ("abs_mean", [[1.5], [2.0]]),
+    ("sq_mean", [[2.5], [5.0]]),
+  )
   def test_channel_attention_by_hand(self, reduce, expected):
     m = at.channel_attention(A_HAND, reduce=reduce)
     chex.assert_shape(m, (1, 2, 1))
@@ -110,8 +115,9 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
     k = jnp.array([3, 0, 2, 2])
     full = at.grad_cam(head, a, k, relu=False)
     for b in range(4):
-      chex.assert_trees_all_close(full[b:b + 1], at.grad_cam(head, a[b:b + 1], k[b:b + 1],
-                                                             relu=False), atol=1e-6)
+      chex.assert_trees_all_close(
+        full[b : b + 1], at.grad_cam(head, a[b : b + 1], k[b : b + 1], relu=False), atol=1e-6
+      )
 
   def test_normalize(self):
     maps = jnp.stack([jnp.full((3, 3), 2.5), jnp.arange(9.0).reshape(3, 3) - 4.0])
@@ -120,7 +126,7 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(mm[1], jnp.arange(9.0).reshape(3, 3) / 8.0, atol=1e-6)
     chex.assert_trees_all_close(at.normalize_maps(maps, "max")[1], (maps[1] / 4.0), atol=1e-6)
     l2 = at.normalize_maps(maps, "l2")
-    chex.assert_trees_all_close(jnp.sum(l2 ** 2, axis=(1, 2)), jnp.ones(2), atol=1e-5)
+    chex.assert_trees_all_close(jnp.sum(l2**2, axis=(1, 2)), jnp.ones(2), atol=1e-5)
     # Gradients stay finite on constant and zero maps.
     for method in ("minmax", "max", "l2"):
       zero_and_ramp = jnp.zeros((2, 3, 3)).at[1].set(maps[1])
@@ -144,18 +150,21 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
   def test_shift_on_constructed_maps(self):
     a = jnp.zeros((2, 4, 4)).at[:, 0, 0].set(1.0)
     b = jnp.zeros((2, 4, 4)).at[0, 3, 3].set(1.0).at[1, 0, 0].set(1.0).at[1, 0, 1].set(1.0)
-    shift = self.variant(lambda a, b, metric, frac: at.attention_shift(a, b, metric=metric,
-                                                                       top_frac=frac),
-                         static_argnums=(2, 3))
+    shift = self.variant(
+      lambda a, b, metric, frac: at.attention_shift(a, b, metric=metric, top_frac=frac),
+      static_argnums=(2, 3),
+    )
     # Disjoint one-hots: L1 = 2/16, L2 = sqrt(2/16), cosine 1, IoU of the top pixel 0.
     # Overlapping: |a - b| is one pixel; cos = 1/sqrt(2); top-2 of a = {(0,0), (0,1)} (ties
     # broken by position) = top-2 of b[1], IoU 1 -> shift 0; top-1: {(0,0)} both -> 0;
     # top-2 of b[0] = {(3,3), (0,0)}: IoU 1/3 -> 2/3.
     chex.assert_trees_all_close(shift(a, b, "l1", 0.2), jnp.array([2 / 16, 1 / 16]), atol=1e-6)
-    chex.assert_trees_all_close(shift(a, b, "l2", 0.2),
-                                jnp.sqrt(jnp.array([2 / 16, 1 / 16])), atol=1e-6)
-    chex.assert_trees_all_close(shift(a, b, "cosine", 0.2),
-                                jnp.array([1.0, 1 - 2 ** -0.5]), atol=1e-6)
+    chex.assert_trees_all_close(
+      shift(a, b, "l2", 0.2), jnp.sqrt(jnp.array([2 / 16, 1 / 16])), atol=1e-6
+    )
+    chex.assert_trees_all_close(
+      shift(a, b, "cosine", 0.2), jnp.array([1.0, 1 - 2**-0.5]), atol=1e-6
+    )
     chex.assert_trees_all_close(shift(a, b, "iou", 1 / 16), jnp.array([1.0, 0.0]), atol=1e-6)
     chex.assert_trees_all_close(shift(a, b, "iou", 2 / 16), jnp.array([2 / 3, 0.0]), atol=1e-6)
     # top-3 (k = round(0.1875 * 16) = 3): a -> {(0,0), (0,1), (0,2)}, b[0] -> {(3,3), (0,0),
@@ -187,11 +196,11 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
     head = square_head(jax.random.normal(jax.random.key(1), (5, 3)))
     k = jnp.array([[0, 1], [2, 2], [1, 0]])
     fns = {
-        "grad_cam": lambda a, k: at.grad_cam(head, a, k, normalize="minmax"),
-        "channel": lambda a, k: at.channel_attention(a, reduce="sq_mean"),
-        "asc": lambda a, k: at.asc(at.grad_cam(head, a, k)),
-        "iou": lambda a, k: at.attention_shift(a.mean(-1), a.max(-1), metric="iou"),
-        "up": lambda a, k: at.upsample(a.mean(-1), 8),
+      "grad_cam": lambda a, k: at.grad_cam(head, a, k, normalize="minmax"),
+      "channel": lambda a, k: at.channel_attention(a, reduce="sq_mean"),
+      "asc": lambda a, k: at.asc(at.grad_cam(head, a, k)),
+      "iou": lambda a, k: at.attention_shift(a.mean(-1), a.max(-1), metric="iou"),
+      "up": lambda a, k: at.upsample(a.mean(-1), 8),
     }
     for name, fn in fns.items():
       batched = jax.vmap(fn)(a, k)
@@ -217,15 +226,16 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
 
 
 class GradCamSecondOrderTest(parameterized.TestCase):
-
   def test_check_grads_order_2_through_a_grad_cam_loss(self):
     # A 2-layer net: A = tanh(1x1 conv(x; w1)), z = mean_hw(softplus(A)) @ w2. The loss is
     # a Grad-CAM (attention-transfer style) loss, differentiated w.r.t. both layers.
     with jax.enable_x64(True):
       x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2), jnp.float64)
       target = jax.random.uniform(jax.random.key(1), (3, 4, 4), jnp.float64)
-      params = {"w1": 0.7 * jax.random.normal(jax.random.key(2), (2, 5), jnp.float64),
-                "w2": jax.random.normal(jax.random.key(3), (5, 3), jnp.float64)}
+      params = {
+        "w1": 0.7 * jax.random.normal(jax.random.key(2), (2, 5), jnp.float64),
+        "w2": jax.random.normal(jax.random.key(3), (5, 3), jnp.float64),
+      }
       k = jnp.array([0, 2, 1])
 
       def loss(p):
@@ -241,7 +251,6 @@ class GradCamSecondOrderTest(parameterized.TestCase):
 
 
 class ModelMapsTest(chex.TestCase, parameterized.TestCase):
-
   def test_maps_kinds_shapes_and_gap_identity(self):
     model, v, x = tiny_bn()
     out = at.maps(model, v, x)
@@ -260,23 +269,31 @@ class ModelMapsTest(chex.TestCase, parameterized.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_maps_jit(self):
     model, v, x = tiny_bn()
-    fn = self.variant(lambda v, x, k: at.maps(model, v, x, k, site="stage1.unit[-1].branch",
-                                              kinds=("grad_cam", "channel_sq_mean")))
+    fn = self.variant(
+      lambda v, x, k: at.maps(
+        model, v, x, k, site="stage1.unit[-1].branch", kinds=("grad_cam", "channel_sq_mean")
+      )
+    )
     k = jnp.arange(6) % 10
     out = fn(v, x, k)
     chex.assert_shape(out["grad_cam"], (6, 8, 8))
-    chex.assert_trees_all_close(out, at.maps(model, v, x, k, site="stage1.unit0.branch",
-                                             kinds=("grad_cam", "channel_sq_mean")), atol=1e-6)
+    chex.assert_trees_all_close(
+      out,
+      at.maps(model, v, x, k, site="stage1.unit0.branch", kinds=("grad_cam", "channel_sq_mean")),
+      atol=1e-6,
+    )
 
   def test_maps_vmap_over_an_outer_axis(self):
     model, v, x = tiny_bn()
     xs = jnp.stack([x[:3], x[3:]])  # [2, 3, 8, 8, 3]
-    fn = lambda x: at.maps(model, v, x, site="stage1.unit0.branch", kinds=("grad_cam",
-                                                                          "channel_mean"))
+    fn = lambda x: at.maps(
+      model, v, x, site="stage1.unit0.branch", kinds=("grad_cam", "channel_mean")
+    )
     batched = jax.vmap(fn)(xs)
     chex.assert_shape(batched["grad_cam"], (2, 3, 8, 8))
-    chex.assert_trees_all_close(batched, jax.tree.map(lambda a, b: jnp.stack([a, b]),
-                                                      fn(xs[0]), fn(xs[1])), atol=1e-6)
+    chex.assert_trees_all_close(
+      batched, jax.tree.map(lambda a, b: jnp.stack([a, b]), fn(xs[0]), fn(xs[1])), atol=1e-6
+    )
 
   def test_grad_cam_at_a_nested_site_equals_a_hand_split_model(self):
     # TinyBNNet after the branch site: relu(branch + stem) (identity shortcut) -> GAP ->
@@ -320,24 +337,30 @@ class ModelMapsTest(chex.TestCase, parameterized.TestCase):
     self.assertGreater(float(got["grad_cam"].max()), 1e-5)
     chex.assert_shape(at.maps(model, v, x, kinds=("grad_cam",))["grad_cam"], (4, 4, 4))
 
-  @parameterized.parameters(("tiny_bn", "features"), ("tiny_bn", "stage1.unit0.branch"),
-                            ("tiny_bn", "stem"), ("smallcnn_bn", "stage2.pre_pool"),
-                            ("smallcnn_bn", "features"))
+  @parameterized.parameters(
+    ("tiny_bn", "features"),
+    ("tiny_bn", "stage1.unit0.branch"),
+    ("tiny_bn", "stem"),
+    ("smallcnn_bn", "stage2.pre_pool"),
+    ("smallcnn_bn", "features"),
+  )
   def test_eval_maps_do_not_depend_on_the_batch(self, name, site):
     model, v, x = tiny_bn() if name == "tiny_bn" else smallcnn(name, batch=6)
-    kinds = ("grad_cam", "channel_mean") + (("cam",) if at.supports_cam(
-        model, v, x.shape[1:], site=site) else ())
+    kinds = ("grad_cam", "channel_mean") + (
+      ("cam",) if at.supports_cam(model, v, x.shape[1:], site=site) else ()
+    )
     run = lambda x, k=None: at.maps(model, v, x, k, site=site, kinds=kinds)
     full = run(x)
     perm = jnp.array([3, 5, 0, 1, 4, 2])
-    chex.assert_trees_all_close(run(x[perm]), jax.tree.map(lambda m: m[perm], full),
-                                atol=1e-5)
+    chex.assert_trees_all_close(run(x[perm]), jax.tree.map(lambda m: m[perm], full), atol=1e-5)
     split = [run(x[:2]), run(x[2:])]
-    chex.assert_trees_all_close(jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *split),
-                                full, atol=1e-5)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *split), full, atol=1e-5
+    )
     k = jnp.array([2, 2, 7, 0, 1, 9])
-    chex.assert_trees_all_close(run(x[perm], k[perm]),
-                                jax.tree.map(lambda m: m[perm], run(x, k)), atol=1e-5)
+    chex.assert_trees_all_close(
+      run(x[perm], k[perm]), jax.tree.map(lambda m: m[perm], run(x, k)), atol=1e-5
+    )
 
   def test_batch_statistics_mode_at_features_is_per_example(self):
     # No BatchNorm after `features`: in "batch" mode the features use batch statistics,
@@ -360,8 +383,15 @@ class ModelMapsTest(chex.TestCase, parameterized.TestCase):
 
     @jax.jit
     def loss(params):
-      m = at.maps(model, {**v, "params": params}, x, jnp.arange(6), site="stage1.unit0.branch",
-                  kinds=("grad_cam",), normalize="minmax")["grad_cam"]
+      m = at.maps(
+        model,
+        {**v, "params": params},
+        x,
+        jnp.arange(6),
+        site="stage1.unit0.branch",
+        kinds=("grad_cam",),
+        normalize="minmax",
+      )["grad_cam"]
       return jnp.mean((m - target) ** 2)
 
     g = jax.grad(loss)(v["params"])

@@ -49,11 +49,14 @@ def _result(report):
 EPS = 0.16  # leaves ~20% of the examples robust
 # AutoAttack's code path (stages, per-chunk cache with the stage that broke each example)
 # with its first attack only, 10 steps: cheap to compile. Three chunks of 16 examples.
-SPEC = AttackSpec.make("autoattack-custom", "autoattack", eps=EPS, version="custom",
-                       attacks=("apgd-ce",), steps=10)
+SPEC = AttackSpec.make(
+  "autoattack-custom", "autoattack", eps=EPS, version="custom", attacks=("apgd-ce",), steps=10
+)
 
 
-def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(tmp_path, monkeypatch):
+def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
+  tmp_path, monkeypatch
+):
   source, logits_fn = _templates()
   specs = [AttackSpec.make("clean", "clean", eps=EPS), SPEC]
   kw = dict(eps=EPS, batch_size=CHUNK, chunk=CHUNK, model_hash="m", log=None)
@@ -71,6 +74,7 @@ def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
     if len(calls) == 2:
       raise Killed()
     return out
+
   monkeypatch.setattr(attack_kinds, "run_autoattack", killed_in_chunk_2)
   with pytest.raises(Killed):
     run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
@@ -82,7 +86,10 @@ def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
 
   resumed = run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
   assert [r["cached_chunks"] for r in resumed["records"]] == [3, 1]  # only the lost work redone
-  (records, rest, arrays), (ref_records, ref_rest, ref_arrays) = _result(resumed), _result(reference)
+  (records, rest, arrays), (ref_records, ref_rest, ref_arrays) = (
+    _result(resumed),
+    _result(reference),
+  )
   assert records == ref_records
   assert rest == ref_rest
   chex.assert_trees_all_equal(arrays, ref_arrays)

@@ -42,7 +42,10 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("ckpt")
   saved = str(root / "saved")
   loop.Trainer(_config(4), saved).run()
-  assert ckpt_lib.Checkpointer(os.path.join(saved, "checkpoints"), create=False).all_steps() == [2, 4]
+  assert ckpt_lib.Checkpointer(os.path.join(saved, "checkpoints"), create=False).all_steps() == [
+    2,
+    4,
+  ]
   reference = _params(loop.Trainer(_config(RESUME_TO), str(root / "reference")).run())
   return saved, reference
 
@@ -67,8 +70,11 @@ def _remove_commit_marker(step_dir):
   os.remove(os.path.join(step_dir, ckpt_lib.COMMIT_MARKER))
 
 
-DAMAGE = {"truncated": _truncate, "missing_file": _remove_file,
-          "missing_commit_marker": _remove_commit_marker}
+DAMAGE = {
+  "truncated": _truncate,
+  "missing_file": _remove_file,
+  "missing_commit_marker": _remove_commit_marker,
+}
 
 
 def _damaged_copy(saved, tmp_path, how, step=4):
@@ -108,7 +114,9 @@ def test_resume_continues_from_the_newest_intact_checkpoint(runs, tmp_path, how,
     resumed = _params(trainer.run())
   lines = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(lines) == 1, lines
-  assert lines[0].startswith("checkpoint step 4 is damaged (") and "resuming from step 2" in lines[0]
+  assert (
+    lines[0].startswith("checkpoint step 4 is damaged (") and "resuming from step 2" in lines[0]
+  )
   assert "resumed from step 2" in caplog.text
   assert trainer.train_traces == 1
   # Same trajectory as a run never interrupted (bitwise on CPU).
@@ -127,10 +135,16 @@ def test_every_checkpoint_damaged_is_a_clear_error(runs, tmp_path):
   saved, _ = runs
   workdir = _damaged_copy(saved, tmp_path, "missing_commit_marker")
   _truncate(os.path.join(workdir, "checkpoints", "2"))
-  with pytest.raises(ValueError, match=r"no intact checkpoint .*step 2: state unreadable: OUT_OF_RANGE.*"
-                                       r"step 4: commit_success.txt missing"):
+  with pytest.raises(
+    ValueError,
+    match=r"no intact checkpoint .*step 2: state unreadable: OUT_OF_RANGE.*"
+    r"step 4: commit_success.txt missing",
+  ):
     ckpt_lib.resolve_step(os.path.join(workdir, "checkpoints"), "latest")
-  with pytest.raises(ValueError, match=r"no intact checkpoint .*4 \(commit_success.txt missing.*2 \(state unreadable: OUT_OF_RANGE"):
+  with pytest.raises(
+    ValueError,
+    match=r"no intact checkpoint .*4 \(commit_success.txt missing.*2 \(state unreadable: OUT_OF_RANGE",
+  ):
     loop.Trainer(_config(RESUME_TO), workdir).run()
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # nothing moved
 
@@ -150,6 +164,7 @@ print(loaded.step)
 
 def test_checkpoint_saved_on_4_devices_restores_on_1_with_identical_logits(runs, tmp_path):
   import agad
+
   saved, _ = runs
   assert jax.device_count() == 4
   loaded = agad.load(saved, "latest")
@@ -158,9 +173,20 @@ def test_checkpoint_saved_on_4_devices_restores_on_1_with_identical_logits(runs,
   np.save(tmp_path / "x.npy", x)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-c", _ONE_DEVICE_LOGITS, saved, str(tmp_path / "x.npy"),
-                        str(tmp_path / "logits.npy")], cwd=REPO, env=env, capture_output=True,
-                       text=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _ONE_DEVICE_LOGITS,
+      saved,
+      str(tmp_path / "x.npy"),
+      str(tmp_path / "logits.npy"),
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().splitlines()[-1] == "4"
   np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), here)
@@ -192,6 +218,7 @@ def _make_unwritable(monkeypatch, directory, how):
     if isinstance(path, (str, os.PathLike)) and inside(path) and set(mode) & set("wax+"):
       raise OSError(code, os.strerror(code), os.fspath(path))
     return real_open(path, mode, *args, **kwargs)
+
   if how == "read_only":
     monkeypatch.setattr(os, "mkdir", mkdir)
   monkeypatch.setattr(builtins, "open", open_)
@@ -200,7 +227,8 @@ def _make_unwritable(monkeypatch, directory, how):
 
 @pytest.mark.parametrize("how,async_save", [("read_only", False), ("disk_full", True)])
 def test_unwritable_checkpoints_are_one_clear_error_and_the_last_step_restores(
-    runs, tmp_path, monkeypatch, caplog, how, async_save):
+  runs, tmp_path, monkeypatch, caplog, how, async_save
+):
   """Resuming from step 4, the save of step 5 (an epoch end) cannot be written: training stops
   with one line naming the step, the folder and the last good step (an async save's failure
   surfaces at the next save, step 6), orbax logs no traceback, step 4 restores bitwise and, once
@@ -221,10 +249,15 @@ def test_unwritable_checkpoints_are_one_clear_error_and_the_last_step_restores(
   message = str(error.value)
   assert "\n" not in message and error.value.path == directory
   assert message.startswith(f"cannot write checkpoint step 5 to {directory} ("), message
-  reason = {"read_only": ("read-only file system", "permission denied"), "disk_full": ("disk full",)}[how]
+  reason = {
+    "read_only": ("read-only file system", "permission denied"),
+    "disk_full": ("disk full",),
+  }[how]
   assert any(f"({r}: {directory}/5.orbax-checkpoint-tmp" in message for r in reason), message
-  assert message.endswith("the last good checkpoint, step 4, is kept and restorable: free space or "
-                          "make it writable, then re-run the same command to resume from it")
+  assert message.endswith(
+    "the last good checkpoint, step 4, is kept and restorable: free space or "
+    "make it writable, then re-run the same command to resume from it"
+  )
   assert not [r.getMessage() for r in caplog.records if r.exc_info], "a traceback was logged"
   assert sorted(d for d in os.listdir(directory) if d.isdigit()) == ["2", "4"]
   raw, step = ckpt_lib.read_state(workdir, "latest")

@@ -21,8 +21,12 @@ def test_every_dataset_config_builds_with_grammar(name):
 
 def test_transforms_parse_and_unknown_names_fail():
   from configs import fashion_mnist
+
   assert fashion_mnist.get_config("smallcnn,standard").objective.name == "standard"
-  with pytest.raises(ValueError, match=r"unknown objective or defense 'tradez' \(did you mean trades\?\); known objectives: .*trades"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown objective or defense 'tradez' \(did you mean trades\?\); known objectives: .*trades",
+  ):
     fashion_mnist.get_config("smallcnn,tradez")
   with pytest.raises(ValueError, match="unknown model"):
     fashion_mnist.get_config("resnet99,pgd_at")
@@ -32,6 +36,7 @@ def test_transforms_parse_and_unknown_names_fail():
 
 def test_config_is_locked_against_typos():
   from configs import fashion_mnist
+
   c = fashion_mnist.get_config("")
   c.lock()
   with pytest.raises(AttributeError):
@@ -43,9 +48,17 @@ def test_config_is_locked_against_typos():
 def test_every_field_is_commented():
   """Each assignment in base_config carries a comment (the config is its own documentation)."""
   import inspect
+
   source = inspect.getsource(common.base_config).splitlines()
-  bare = [l for l in source if l.strip().startswith("c.") and "=" in l and "#" not in l
-          and "ConfigDict()" not in l and "update(" not in l]
+  bare = [
+    l
+    for l in source
+    if l.strip().startswith("c.")
+    and "=" in l
+    and "#" not in l
+    and "ConfigDict()" not in l
+    and "update(" not in l
+  ]
   assert not bare, bare
 
 
@@ -55,18 +68,27 @@ def test_every_field_is_commented():
 # Normalize(0.5, 0.5), i.e. [-1, 1], for AGKD-BML. Every Fashion-MNIST row shares the
 # dataset mean/std so that table rows compare.
 RECIPE_SCALING = [
-    ("cifar10", "resnet18,pgd_at", "raw"), ("cifar10", "resnet18,trades", "raw"),
-    ("cifar10", "resnet18,mart", "raw"), ("cifar10", "resnet18,fsr", "raw"),
-    ("cifar10", "resnet18,trades+fsr", "raw"), ("cifar10", "resnet18,again", "raw"),
-    ("cifar10", "wrn34_10,again+awp", "raw"), ("cifar100", "wrn34_10,again+awp", "raw"),
-    ("cifar10", "wrn28_10,afa", "raw"), ("cifar10", "wrn28_10,afa_stage2", "raw"),
-    ("svhn", "resnet18,fsr", "raw"), ("svhn", "wrn16_8,afa", "raw"),
-    ("tiny_imagenet", "wrn16_8,pgd_at", "raw"),
-    ("cifar10", "wrn34_10,atat", "per_image"), ("cifar100", "wrn34_10,atat", "per_image"),
-    ("cifar10", "wrn28_10,agkd_bml", "minus1_1"),
-    ("fashion_mnist", "smallcnn,pgd_at", "dataset"), ("fashion_mnist", "smallcnn,fsr", "dataset"),
-    ("fashion_mnist", "smallcnn,atat", "dataset"), ("fashion_mnist", "smallcnn,agkd_bml", "dataset"),
-    ("fashion_mnist", "smallcnn_bn,afa", "dataset"),
+  ("cifar10", "resnet18,pgd_at", "raw"),
+  ("cifar10", "resnet18,trades", "raw"),
+  ("cifar10", "resnet18,mart", "raw"),
+  ("cifar10", "resnet18,fsr", "raw"),
+  ("cifar10", "resnet18,trades+fsr", "raw"),
+  ("cifar10", "resnet18,again", "raw"),
+  ("cifar10", "wrn34_10,again+awp", "raw"),
+  ("cifar100", "wrn34_10,again+awp", "raw"),
+  ("cifar10", "wrn28_10,afa", "raw"),
+  ("cifar10", "wrn28_10,afa_stage2", "raw"),
+  ("svhn", "resnet18,fsr", "raw"),
+  ("svhn", "wrn16_8,afa", "raw"),
+  ("tiny_imagenet", "wrn16_8,pgd_at", "raw"),
+  ("cifar10", "wrn34_10,atat", "per_image"),
+  ("cifar100", "wrn34_10,atat", "per_image"),
+  ("cifar10", "wrn28_10,agkd_bml", "minus1_1"),
+  ("fashion_mnist", "smallcnn,pgd_at", "dataset"),
+  ("fashion_mnist", "smallcnn,fsr", "dataset"),
+  ("fashion_mnist", "smallcnn,atat", "dataset"),
+  ("fashion_mnist", "smallcnn,agkd_bml", "dataset"),
+  ("fashion_mnist", "smallcnn_bn,afa", "dataset"),
 ]
 
 
@@ -78,12 +100,17 @@ def test_each_recipe_scales_its_inputs_as_its_code(dataset, arg, scaling):
   from agad import defenses
   from agad.data import sources
   from agad.models import per_image_normalize
+
   c = importlib.import_module(f"configs.{dataset}").get_config(arg)
   info = sources.dataset_info(c.data)
   shape = (2,) + tuple(info.image_shape)
   x = jnp.linspace(0.0, 1.0, int(np.prod(shape))).reshape(shape) ** 2
   model = defenses.build_model(c, info)  # the model applies the scaling: attacks stay in [0, 1]
   prepared = model.apply({}, x, method=lambda m, v: m.prepare(v))
-  expected = {"raw": x, "minus1_1": 2.0 * x - 1.0, "per_image": per_image_normalize(x),
-              "dataset": (x - jnp.asarray(info.mean)) / jnp.asarray(info.std)}[scaling]
+  expected = {
+    "raw": x,
+    "minus1_1": 2.0 * x - 1.0,
+    "per_image": per_image_normalize(x),
+    "dataset": (x - jnp.asarray(info.mean)) / jnp.asarray(info.std),
+  }[scaling]
   np.testing.assert_allclose(prepared, expected, rtol=1e-5, atol=1e-6)

@@ -40,7 +40,9 @@ def _manifest(workdir):
   out = {}
   for root, _, files in os.walk(workdir):
     rel = os.path.relpath(root, workdir)
-    if rel == os.path.join("eval", "cache") or rel.startswith(os.path.join("eval", "cache") + os.sep):
+    if rel == os.path.join("eval", "cache") or rel.startswith(
+      os.path.join("eval", "cache") + os.sep
+    ):
       continue
     for f in files:
       st = os.stat(os.path.join(root, f))
@@ -61,6 +63,7 @@ def smoke_workdir(tmp_path_factory):
   else that changes is an error at the end of the session.
   """
   from tests import smoke
+
   if not os.path.exists(smoke.FMNIST):
     pytest.skip("Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
   # Under xdist every worker has its own basetemp below the session's one: the first worker
@@ -76,7 +79,9 @@ def smoke_workdir(tmp_path_factory):
       if not failed.exists() and not log.exists():
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.parent.mkdir(exist_ok=True)
-        out = smoke.run_module(["launch.train", f"--config={smoke.SMOKE_CONFIG}", f"--workdir={workdir}"])
+        out = smoke.run_module(
+          ["launch.train", f"--config={smoke.SMOKE_CONFIG}", f"--workdir={workdir}"]
+        )
         if out.returncode != 0:
           failed.write_text(out.stderr[-5000:])
         else:

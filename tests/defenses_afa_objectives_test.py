@@ -28,7 +28,9 @@ def _ce(logits, y):
 
 def _kl(logits_p, logits_q):
   p = jax.nn.softmax(logits_p)
-  return jnp.sum(p * (jax.nn.log_softmax(logits_p) - jax.nn.log_softmax(logits_q))) / logits_p.shape[0]
+  return (
+    jnp.sum(p * (jax.nn.log_softmax(logits_p) - jax.nn.log_softmax(logits_q))) / logits_p.shape[0]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +62,20 @@ def test_stage_one_loss_is_the_per_branch_terms_recomputed(stage_one, base_name,
   statistics, so the passes do not depend on each other's updates) and the base's formula
   written out here, not read from the loss's metrics."""
   config, net, params, ms, x, y = stage_one
-  config = _with(config, **{"objective.afa.base": base_name, "objective.afa.loss_reduction": reduction})
+  config = _with(
+    config, **{"objective.afa.base": base_name, "objective.afa.loss_reduction": reduction}
+  )
   batch = {"image": x, "label": y}
   objective = afa.afa_stage1(net, config)
   adv = jax.jit(objective.generate)(params, ms, {}, batch, jax.random.key(5), 0)
   b = x.shape[0]
   # Eager passes (a tiny model): one compile per branch would cost more than it saves.
-  logits = lambda v, k: base.forward(net, params, ms, v, mode="train", norm_ctx={"branch": k}).logits
+  logits = lambda v, k: (
+    base.forward(net, params, ms, v, mode="train", norm_ctx={"branch": k}).logits
+  )
   terms = [_ce(logits(x, 0), y)]
   for k in range(1, K):
-    adv_k = logits(adv[(k - 1) * b:k * b], k)
+    adv_k = logits(adv[(k - 1) * b : k * b], k)
     if base_name == "pgd_at":
       terms.append(_ce(adv_k, y))
     else:  # TRADES inside branch k: CE(f_k(x), y) + 6 KL(f_k(x) || f_k(x'_k))
@@ -96,8 +102,9 @@ def _batch(n, seed=0):
 
 @pytest.mark.parametrize("eps_max", [1.0, 0.25])
 def test_stage_two_strengths_vary_per_example_in_zero_to_xi_max(stage_two, eps_max):
-  config, net, params, ms, objective = _stage2(stage_two, **{"objective.afa_stage2.eps_max": eps_max,
-                                                 "attack.steps": 3})
+  config, net, params, ms, objective = _stage2(
+    stage_two, **{"objective.afa_stage2.eps_max": eps_max, "attack.steps": 3}
+  )
   batch = _batch(32)
   adv = jax.jit(objective.generate)(params, ms, {}, batch, jax.random.key(7), 0)
   xi_max = eps_max * config.attack.eps
@@ -121,8 +128,9 @@ def test_stage_two_attack_differentiates_through_the_weight_generators(stage_two
   """One sign step from x (no random start): its direction is the sign of the gradient of
   CE through the eval-mode deployed model with W0 = sigmoid(WG(x)) live, and differs from
   the gradient with every WG output detached (W0 held at its value)."""
-  config, net, params, ms, objective = _stage2(stage_two, **{"attack.steps": 1,
-                                                 "objective.afa_stage2.random_start": "none"})
+  config, net, params, ms, objective = _stage2(
+    stage_two, **{"attack.steps": 1, "objective.afa_stage2.random_start": "none"}
+  )
   flat = traverse_util.flatten_dict(params, sep="/")
   for path in [p for p in flat if re.search(r"(^|/)wg/fc1/kernel$", p)]:
     flat[path] = 20.0 * flat[path]  # a weight generator that reacts to its input
@@ -157,7 +165,9 @@ def test_stage_two_loss_is_ce_only_and_one_step_moves_the_weight_generators_only
   loss = lambda p: objective.loss(p, ms, {}, batch, adv, jax.random.key(10), 0)
   (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   # CE of the train-mode deployed pass on x' (WG BNs on batch statistics), no other term.
-  out = jax.jit(lambda v: base.forward(net, params, ms, v, mode="train", labels=batch["label"]))(adv)
+  out = jax.jit(lambda v: base.forward(net, params, ms, v, mode="train", labels=batch["label"]))(
+    adv
+  )
   np.testing.assert_allclose(value, _ce(out.logits, batch["label"]), rtol=1e-5)
   # The frozen branches' statistics stay; the WGs' own BN statistics update.
   before = traverse_util.flatten_dict(ms["batch_stats"], sep="/")

@@ -1,8 +1,6 @@
 """AFA (agad/defenses/afa.py, afa_stage2.py, _afa_norm.py): branch routing, the stacked ladder attack,
 stage II's freezing and fusion, the deployed model, the adaptive losses, the two commands."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ import agad
 from agad import data as data_lib
 from agad import defenses
 from agad.defenses import afa, afa_stage2, _afa_analysis
-from agad.defenses._afa_norm import AFANorm, kept_branches, per_example_mean, sown, w0_per_example
+from agad.defenses._afa_norm import AFANorm, kept_branches, sown, w0_per_example
 from agad.models.layers import MultiBranchBatchNorm
 from agad.objectives import base, defaults
 from agad.training import loop
@@ -42,17 +40,23 @@ def _model_and_vars(objective="afa", model="tiny_bn", seed=0, **overrides):
   noisy = lambda a, s: a + s * jax.random.normal(next(keys), a.shape)
   in_branch = lambda p: any(str(getattr(e, "key", "")).startswith("branch") for e in p)
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: noisy(a, 0.3) if in_branch(p) else a, variables["params"])
+    lambda p, a: noisy(a, 0.3) if in_branch(p) else a, variables["params"]
+  )
   stats = jax.tree_util.tree_map_with_path(
-      lambda p, a: (a if not in_branch(p) else
-                    jnp.abs(noisy(a, 0.3)) + 0.5 if p[-1].key == "var" else noisy(a, 0.3)),
-      variables["batch_stats"])
+    lambda p, a: (
+      a
+      if not in_branch(p)
+      else jnp.abs(noisy(a, 0.3)) + 0.5
+      if p[-1].key == "var"
+      else noisy(a, 0.3)
+    ),
+    variables["batch_stats"],
+  )
   y = jnp.arange(6) % 10
   return config, net, params, {"batch_stats": stats}, x, y
 
 
 class MultiBranchHandTest(parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_branch_k_alone_updates_its_statistics_hand_values(self):
     mbn = MultiBranchBatchNorm(num_branches=3)
@@ -72,12 +76,12 @@ class MultiBranchHandTest(parameterized.TestCase):
     for k in (0, 2):
       np.testing.assert_array_equal(stats[f"branch{k}"]["mean"], [0.0, 0.0])
       np.testing.assert_array_equal(stats[f"branch{k}"]["var"], [1.0, 1.0])
-    np.testing.assert_allclose(out[:, 0, 0, 0], (np.array([1, 2, 3, 4]) - 2.5) / np.sqrt(1.25 + 1e-5),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      out[:, 0, 0, 0], (np.array([1, 2, 3, 4]) - 2.5) / np.sqrt(1.25 + 1e-5), rtol=1e-5
+    )
 
 
 class StageOneTest(parameterized.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_one_hot_mix_in_eval_equals_branch_k_bitwise(self):
     config, net, params, ms, x, _ = _model_and_vars()
@@ -89,9 +93,11 @@ class StageOneTest(parameterized.TestCase):
       return base.forward(net, params, ms, x, mode="eval", norm_ctx={"mix": w}).logits
 
     branch_logits = self.variant(
-        lambda k, params, ms, x: base.forward(net, params, ms, x, mode="eval",
-                                              norm_ctx={"branch": k}).logits,
-        static_argnums=(0,))
+      lambda k, params, ms, x: (
+        base.forward(net, params, ms, x, mode="eval", norm_ctx={"branch": k}).logits
+      ),
+      static_argnums=(0,),
+    )
     mixed = mix_logits(params, ms, x, jax.nn.one_hot(ks, K))
     per_branch = [branch_logits(k, params, ms, x) for k in range(K)]
     for b, k in enumerate(np.asarray(ks)):
@@ -109,7 +115,7 @@ class StageOneTest(parameterized.TestCase):
     _, aux = objective.loss(params, ms, {}, batch, adv, jax.random.key(6), 0)
     got = _flat(aux.model_state)
     for k in range(K):
-      images = x if k == 0 else adv[(k - 1) * 6:k * 6]
+      images = x if k == 0 else adv[(k - 1) * 6 : k * 6]
       alone = base.forward(net, params, ms, images, mode="train", norm_ctx={"branch": k})
       want = _flat(alone.model_state)
       for path, value in got.items():
@@ -119,8 +125,9 @@ class StageOneTest(parameterized.TestCase):
 
   @parameterized.parameters(("pgd_at", "ce"), ("trades", "kl"))
   def test_stacked_ladder_attack_equals_separate_attacks_with_the_same_keys(self, base_name, loss):
-    config, net, params, ms, x, y = _model_and_vars(**{"objective.afa.base": base_name,
-                                                        "attack.steps": 3})
+    config, net, params, ms, x, y = _model_and_vars(
+      **{"objective.afa.base": base_name, "attack.steps": 3}
+    )
     cfg = defaults.objective_config(config, "afa", afa.DEFAULTS)
     eps, step = afa.ladder_radii(config, cfg)
     np.testing.assert_allclose(eps, np.array([0, 1, 2, 4, 8]) / 8 * 0.1)  # Fashion-MNIST ladder
@@ -128,9 +135,18 @@ class StageOneTest(parameterized.TestCase):
     key = jax.random.key(11)
     stacked = afa.ladder_attack(attack, params, ms, x, y, key, eps=eps, step_size=step, loss=loss)
     for k in range(1, K):
-      alone = attack(params, ms, x, y, afa.branch_key(key, k), loss=loss, eps=float(eps[k]),
-                     step_size=float(step[k]), norm_ctx={"branch": k})
-      np.testing.assert_array_equal(stacked[(k - 1) * 6:k * 6], alone)
+      alone = attack(
+        params,
+        ms,
+        x,
+        y,
+        afa.branch_key(key, k),
+        loss=loss,
+        eps=float(eps[k]),
+        step_size=float(step[k]),
+        norm_ctx={"branch": k},
+      )
+      np.testing.assert_array_equal(stacked[(k - 1) * 6 : k * 6], alone)
       delta = np.abs(np.asarray(alone - x)).reshape(6, -1).max(-1)
       assert np.all(delta <= eps[k] + 1e-6) and np.all(delta > 0.5 * eps[k])
 
@@ -149,14 +165,15 @@ class StageOneTest(parameterized.TestCase):
 
 
 class AFANormTest(parameterized.TestCase):
-
   def _norm(self, **kw):
     m = AFANorm(num_branches=K, **kw)
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
     v = m.init(jax.random.key(1), x, train=False)
-    stats = {"branch0": {"mean": jnp.array([1.0, -1.0]), "var": jnp.array([4.0, 1.0])},
-             "branch4": {"mean": jnp.array([0.0, 2.0]), "var": jnp.array([1.0, 9.0])},
-             "wg": v["batch_stats"]["wg"]}
+    stats = {
+      "branch0": {"mean": jnp.array([1.0, -1.0]), "var": jnp.array([4.0, 1.0])},
+      "branch4": {"mean": jnp.array([0.0, 2.0]), "var": jnp.array([1.0, 9.0])},
+      "wg": v["batch_stats"]["wg"],
+    }
     return m, x, {"params": v["params"], "batch_stats": stats}
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -180,7 +197,9 @@ class AFANormTest(parameterized.TestCase):
       for s in ("mean", "var"):
         np.testing.assert_array_equal(new["batch_stats"][k][s], v["batch_stats"][k][s])
     # The WG's own BN trains (its statistics move).
-    assert not np.array_equal(new["batch_stats"]["wg"]["bn0"]["mean"], v["batch_stats"]["wg"]["bn0"]["mean"])
+    assert not np.array_equal(
+      new["batch_stats"]["wg"]["bn0"]["mean"], v["batch_stats"]["wg"]["bn0"]["mean"]
+    )
     # Training mode with frozen statistics = eval mode of the branches at the same W0.
     fused = m.apply(v, x, train=False, norm_ctx={"w0": w0})
     np.testing.assert_allclose(out, fused, rtol=1e-5, atol=1e-5)
@@ -197,17 +216,18 @@ class AFANormTest(parameterized.TestCase):
 
 
 class PerStageWeightGeneratorTest(parameterized.TestCase):
-
   @parameterized.parameters(
-      # tiny_bn: stem_bn (group "stem"), unit bn1/bn2 (group "stage1"); its stem conv has 8
-      # channels, the unit's input too.
-      ("tiny_bn", "stage", {"norm_hook_stem": 8, "norm_hook_stage1": 8}, 3),
-      # smallcnn_bn: stage 1 reads the 1-channel image, stage 2 the 32-channel pooled map.
-      ("smallcnn_bn", "stage", {"norm_hook_stage1": 1, "norm_hook_stage2": 32}, 4))
+    # tiny_bn: stem_bn (group "stem"), unit bn1/bn2 (group "stage1"); its stem conv has 8
+    # channels, the unit's input too.
+    ("tiny_bn", "stage", {"norm_hook_stem": 8, "norm_hook_stage1": 8}, 3),
+    # smallcnn_bn: stage 1 reads the 1-channel image, stage 2 the 32-channel pooled map.
+    ("smallcnn_bn", "stage", {"norm_hook_stage1": 1, "norm_hook_stage2": 32}, 4),
+  )
   def test_one_wg_per_group_reading_the_group_input(self, model, per, hooks, layers):
     shape = {"data.image_shape": (16, 16, 1)}  # smallcnn needs >= 14 pixels a side
-    config, net, params, ms, x, y = _model_and_vars("afa_stage2", model=model, **shape,
-                                                    **{"objective.afa_stage2.wg_per": per})
+    config, net, params, ms, x, y = _model_and_vars(
+      "afa_stage2", model=model, **shape, **{"objective.afa_stage2.wg_per": per}
+    )
     flat = _flat(params)
     wg_roots = {k.split("/wg/")[0] for k in flat if "/wg/" in k}
     assert wg_roots == set(hooks)  # no AFANorm layer owns a WG
@@ -216,16 +236,20 @@ class PerStageWeightGeneratorTest(parameterized.TestCase):
     out = base.forward(net, params, ms, x, mode="eval")
     assert len(sown(out.aux)) == len(hooks)
     # The per-layer option: one WG inside each of the model's BN layers.
-    config, net_l, params_l, ms_l, *_ = _model_and_vars("afa_stage2", model=model, **shape,
-                                                         **{"objective.afa_stage2.wg_per": "layer"})
+    config, net_l, params_l, ms_l, *_ = _model_and_vars(
+      "afa_stage2", model=model, **shape, **{"objective.afa_stage2.wg_per": "layer"}
+    )
     assert net_l.norm_hook is None
     assert len(sown(base.forward(net_l, params_l, ms_l, x, mode="eval").aux)) == layers
 
   def test_stage_weight_reaches_every_layer_of_its_stage_only(self):
-    config, net, params, ms, x, y = _model_and_vars("afa_stage2", model="smallcnn_bn",
-                                                    **{"data.image_shape": (16, 16, 1)})
+    config, net, params, ms, x, y = _model_and_vars(
+      "afa_stage2", model="smallcnn_bn", **{"data.image_shape": (16, 16, 1)}
+    )
     flat = _flat(params)  # SmallCNN's classifier starts at zero: give the logits a signal
-    flat["classifier/kernel"] = jax.random.normal(jax.random.key(9), flat["classifier/kernel"].shape)
+    flat["classifier/kernel"] = jax.random.normal(
+      jax.random.key(9), flat["classifier/kernel"].shape
+    )
     params = traverse_util.unflatten_dict(flat, sep="/")
     fwd = lambda p: base.forward(net, p, ms, x, mode="eval")
     out = fwd(params)
@@ -237,13 +261,19 @@ class PerStageWeightGeneratorTest(parameterized.TestCase):
     branch0 = base.forward(net, params, ms, x, mode="eval", norm_ctx={"branch": 0})
     np.testing.assert_allclose(ones.logits, branch0.logits, rtol=1e-5, atol=1e-5)
     # A norm_ctx override bypasses the hooks (w0 = 1 is branch 0 as well).
-    np.testing.assert_allclose(base.forward(net, params, ms, x, mode="eval", norm_ctx={"w0": 1.0}).logits,
-                               branch0.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      base.forward(net, params, ms, x, mode="eval", norm_ctx={"w0": 1.0}).logits,
+      branch0.logits,
+      rtol=1e-5,
+      atol=1e-5,
+    )
     # Saturating stage 1's WG alone changes the logits, and differs from saturating both.
     flat = _flat(params)
     flat["norm_hook_stage1/wg/fc1/bias"] = flat["norm_hook_stage1/wg/fc1/bias"] + 1e4
     one_stage = fwd(traverse_util.unflatten_dict(flat, sep="/"))
-    assert not np.allclose(one_stage.logits, out.logits) and not np.allclose(one_stage.logits, ones.logits)
+    assert not np.allclose(one_stage.logits, out.logits) and not np.allclose(
+      one_stage.logits, ones.logits
+    )
     w0 = sown(one_stage.aux)
     np.testing.assert_allclose(w0[0], 1.0)  # stage 1 (sorted by path)
     # Stage 2 keeps its own WG's weight (its input changed with stage 1's fusion).
@@ -262,17 +292,18 @@ class PerStageWeightGeneratorTest(parameterized.TestCase):
 
 def _stage2_objective(init_workdir="runs/none", **kw):
   config, net, params, ms, x, y = _model_and_vars(
-      "afa_stage2", **{"init.workdir": init_workdir, **kw})
+    "afa_stage2", **{"init.workdir": init_workdir, **kw}
+  )
   return config, net, params, ms, x, y, afa_stage2.afa_stage2(net, config)
 
 
 class AdaptiveLossTest(parameterized.TestCase):
-
   def test_seven_variants_equal_a_ce_plus_b_bce_by_hand(self):
     config, net, params, ms, x, y, objective = _stage2_objective()
     variants = objective.adaptive_loss(net, {"params": params, **ms})
-    assert sorted(variants) == sorted(["ce10_bce1", "ce5_bce1", "ce2_bce1", "ce1_bce1", "ce1_bce2",
-                                       "ce1_bce5", "ce1_bce10"])
+    assert sorted(variants) == sorted(
+      ["ce10_bce1", "ce5_bce1", "ce2_bce1", "ce1_bce1", "ce1_bce2", "ce1_bce5", "ce1_bce10"]
+    )
     out = base.forward(net, params, ms, x, mode="eval")
     w0s = sown(out.aux)
     assert len(w0s) == 2  # tiny_bn, one WG per norm group: the stem's BN, stage 1
@@ -283,14 +314,16 @@ class AdaptiveLossTest(parameterized.TestCase):
 
   def test_ascending_the_bce_term_raises_minus_log_one_minus_w0(self):
     config, net, params, ms, x, y, _ = _stage2_objective(
-        **{"objective.afa_stage2.adaptive_ratios": "0:1"})
+      **{"objective.afa_stage2.adaptive_ratios": "0:1"}
+    )
     objective = afa_stage2.afa_stage2(net, config)
-    (name, loss), = objective.adaptive_loss(net, {"params": params, **ms}).items()
+    ((name, loss),) = objective.adaptive_loss(net, {"params": params, **ms}).items()
     assert name == "ce0_bce1"
     # BCE(W0, 0) from the sown weights: -log(1 - W0); ascending it raises W0 (towards the
     # clean branch) on average over layers, weighted by 1 / (1 - W0).
-    bce = lambda z: sum(-jnp.log1p(-w[:, 0]) for w in
-                        sown(base.forward(net, params, ms, z, mode="eval").aux)) / 2
+    bce = lambda z: (
+      sum(-jnp.log1p(-w[:, 0]) for w in sown(base.forward(net, params, ms, z, mode="eval").aux)) / 2
+    )
     x = 0.25 + 0.5 * x  # away from the [0, 1] box: a small step is a pure gradient step
     np.testing.assert_allclose(loss(x, y), bce(x), rtol=1e-5)
     g = jax.grad(lambda z: jnp.sum(loss(z, y)))(x)
@@ -306,17 +339,31 @@ class AdaptiveLossTest(parameterized.TestCase):
 
 def test_recipes_and_config_names():
   from configs import cifar10, fashion_mnist, svhn
+
   c = cifar10.get_config("wrn28_10,afa_stage2")
-  assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.optim.decay_factor) == (20, 0.01, (10,), 0.1)
-  assert c.init.freeze == afa_stage2.STAGE2_FREEZE and c.init.keep_init == afa_stage2.STAGE2_KEEP_INIT
+  assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.optim.decay_factor) == (
+    20,
+    0.01,
+    (10,),
+    0.1,
+  )
+  assert (
+    c.init.freeze == afa_stage2.STAGE2_FREEZE and c.init.keep_init == afa_stage2.STAGE2_KEEP_INIT
+  )
   c = cifar10.get_config("wrn28_10,afa")
-  assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.init.freeze) == (100, 0.1, (75, 90), "")
+  assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries), c.init.freeze) == (
+    100,
+    0.1,
+    (75, 90),
+    "",
+  )
   c = svhn.get_config("wrn16_8,afa_stage2")
   assert (c.num_epochs, c.optim.lr, tuple(c.optim.boundaries)) == (20, 0.001, (10,))
   assert svhn.get_config("wrn16_8,afa").optim.lr == 0.01
   c = fashion_mnist.get_config("smallcnn_bn,afa_stage2")
   assert (c.num_epochs, c.optim.lr, c.attack.eps_warmup_steps) == (1, 0.005, 0)
   import re
+
   frozen = lambda p: bool(re.search(afa_stage2.STAGE2_FREEZE, p))
   assert frozen("stage1_bn0/branch0/scale") and frozen("stage2_unit0/bn1/branch4/bias")
   assert frozen("classifier/kernel") and not frozen("stage1_bn0/wg/conv0/kernel")
@@ -327,6 +374,7 @@ def test_recipes_and_config_names():
 def _fashion_mnist_smoke(objective, workdir, **overrides):
   """``configs/fashion_mnist.py:smallcnn_bn,<objective>,smoke --config.stop_after_steps=2``."""
   from configs import fashion_mnist
+
   config = fashion_mnist.get_config(f"smallcnn_bn,{objective},smoke")
   config.stop_after_steps = 2
   config.checkpoint.async_save = False
@@ -373,24 +421,36 @@ def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_pa
   w0 = w0_per_example(out)
   assert np.all((np.asarray(w0) > 0) & (np.asarray(w0) < 1))
   assert len(sown(out.aux)) == 2  # smallcnn_bn: two stages, one WG each (wg_per='stage')
-  branch0 = base.forward(loaded.model, final.params, final.model_state, x, mode="eval",
-                         norm_ctx={"branch": 0}).logits
+  branch0 = base.forward(
+    loaded.model, final.params, final.model_state, x, mode="eval", norm_ctx={"branch": 0}
+  ).logits
   assert float(jnp.max(jnp.abs(branch0 - out.logits))) > 0  # the fusion is what runs
   assert len(loaded.objective().adaptive_loss(loaded.model, loaded.variables)) == 7
-  fig6 = _afa_analysis.fusion_weight_vs_eps(loaded.model, loaded.variables, x, jnp.arange(5), jax.random.key(4),
-                                  eps_values=(0.0, 0.05, 0.1), steps=2)
+  fig6 = _afa_analysis.fusion_weight_vs_eps(
+    loaded.model,
+    loaded.variables,
+    x,
+    jnp.arange(5),
+    jax.random.key(4),
+    eps_values=(0.0, 0.05, 0.1),
+    steps=2,
+  )
   assert fig6["w1"].shape == (3, 5) and np.all((fig6["w1"] > 0) & (fig6["w1"] < 1))
   np.testing.assert_allclose(fig6["w1"][0], 1.0 - np.asarray(w0), rtol=1e-5, atol=1e-6)
   assert -1.0 <= fig6["spearman"] <= 1.0
   # The objective declares the same quantity for launch.evaluate --preset=ladder.
-  declared = loaded.objective().analysis(loaded.model, loaded.variables)(x, jnp.arange(5), jax.random.key(4), (0.0,))
+  declared = loaded.objective().analysis(loaded.model, loaded.variables)(
+    x, jnp.arange(5), jax.random.key(4), (0.0,)
+  )
   assert declared["name"] == "fusion_weight" and declared["y"].shape == (1, 5)
   np.testing.assert_allclose(declared["y"][0], 1.0 - np.asarray(w0), rtol=1e-5, atol=1e-6)
 
 
 def test_spearman_hand_values():
   # Ties share their average rank: (1, 1, 2) -> ranks (1.5, 1.5, 3).
-  np.testing.assert_array_equal(_afa_analysis.average_ranks(np.array([1.0, 1.0, 2.0])), [1.5, 1.5, 3.0])
+  np.testing.assert_array_equal(
+    _afa_analysis.average_ranks(np.array([1.0, 1.0, 2.0])), [1.5, 1.5, 3.0]
+  )
   assert _afa_analysis.spearman([0, 1, 2, 3], [10, 20, 25, 100]) == pytest.approx(1.0)
   assert _afa_analysis.spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
   # x = (1, 2, 3), y = (1, 3, 2): d = (0, -1, 1), rho = 1 - 6 * 2 / (3 * 8) = 0.5.
@@ -406,17 +466,21 @@ def test_fixed_mix_sweep_clean_rows_and_attacked_rows_by_hand():
   assert list(mixes)[:K] == [f"BN_{k}" for k in range(K)] and len(mixes) == K + 3
   np.testing.assert_allclose(mixes["0.25 BN_0 + 0.75 BN_4"], [0.25, 0, 0, 0, 0.75])
   key = jax.random.key(7)
-  out = _afa_analysis.fixed_mix_sweep(net, variables, x, y, key, mixes=mixes, eps_values=(0.0, 0.3),
-                                      steps=3)
+  out = _afa_analysis.fixed_mix_sweep(
+    net, variables, x, y, key, mixes=mixes, eps_values=(0.0, 0.3), steps=3
+  )
   chex.assert_shape(out["correct"], (K + 3, 2, 6))
   for k in range(K):
     logits = base.forward(net, params, ms, x, mode="eval", norm_ctx={"branch": k}).logits
     np.testing.assert_array_equal(out["correct"][k, 0], np.asarray(jnp.argmax(logits, -1) == y))
   w = jnp.broadcast_to(mixes["0.5 BN_0 + 0.5 BN_4"], (6, K))
   fn = base.logits_fn_for(net, params, ms, mode="eval", norm_ctx={"mix": w})
-  xa = afa.pgd_lib.pgd(fn, x, y, jax.random.fold_in(key, 1), eps=0.3, step_size=2.5 * 0.3 / 3, steps=3)
+  xa = afa.pgd_lib.pgd(
+    fn, x, y, jax.random.fold_in(key, 1), eps=0.3, step_size=2.5 * 0.3 / 3, steps=3
+  )
   np.testing.assert_array_equal(out["correct"][K + 1, 1], np.asarray(jnp.argmax(fn(xa), -1) == y))
   np.testing.assert_allclose(out["best_fixed"], out["correct"].mean(-1).max(0))
   with pytest.raises(ValueError, match="one weight per branch"):
-    _afa_analysis.fixed_mix_sweep(net, variables, x, y, key, mixes={"bad": np.ones((2, K))},
-                                  eps_values=(0.0,))
+    _afa_analysis.fixed_mix_sweep(
+      net, variables, x, y, key, mixes={"bad": np.ones((2, K))}, eps_values=(0.0,)
+    )

@@ -34,7 +34,9 @@ def test_plugin_masks_with_weight_row_of_label_or_prediction():
   np.testing.assert_allclose(out_eval, feats * kernel.T[pred][:, None, None, :], rtol=1e-6)
   assert not np.allclose(out_train, out_eval)
   # A pooled [B, C] site works too.
-  out_vec, _ = plugin.apply(variables, feats.mean(axis=(1, 2)), train=True, labels=labels, mutable=["aux"])
+  out_vec, _ = plugin.apply(
+    variables, feats.mean(axis=(1, 2)), train=True, labels=labels, mutable=["aux"]
+  )
   np.testing.assert_allclose(out_vec, feats.mean(axis=(1, 2)) * kernel.T[labels], rtol=1e-6)
 
 
@@ -42,8 +44,17 @@ def make_config(sites=("features",)):
   c = ml_collections.ConfigDict()
   c.objective = objective_defaults()
   c.objective.cas.sites = sites
-  c.attack = ml_collections.ConfigDict(dict(eps=0.1, step_size=0.05, steps=2, norm="linf",
-                                            random_start="uniform", bn="eval", driver="unroll"))
+  c.attack = ml_collections.ConfigDict(
+    dict(
+      eps=0.1,
+      step_size=0.05,
+      steps=2,
+      norm="linf",
+      random_start="uniform",
+      bn="eval",
+      driver="unroll",
+    )
+  )
   return c
 
 
@@ -63,7 +74,9 @@ def setup():
 
 def _apply(model, params, state, x, *, train, labels):
   mutable = ["aux", "batch_stats"] if train else ["aux"]
-  logits, col = model.apply({"params": params, **state}, x, train=train, labels=labels, mutable=mutable)
+  logits, col = model.apply(
+    {"params": params, **state}, x, train=train, labels=labels, mutable=mutable
+  )
   (aux,) = [leaf for leaf in jax.tree.leaves(col["aux"])]
   return logits, aux
 
@@ -82,7 +95,9 @@ def test_straight_through_mask_keeps_value_and_adds_the_soft_mask_gradient():
     return jnp.sum(jax.lax.stop_gradient(z) * soft[:, None, None, :] * r)
 
   expected = jax.grad(lambda z: f(hard_plugin, z))(feats) + jax.grad(soft_path)(feats)
-  np.testing.assert_allclose(jax.grad(lambda z: f(st_plugin, z))(feats), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.grad(lambda z: f(st_plugin, z))(feats), expected, rtol=1e-5, atol=1e-6
+  )
   # A softer temperature: the same value, the gradient of softmax(z / T) @ W instead.
   t10 = CASPlugin(num_classes=4, straight_through=True, st_temperature=10.0)
   np.testing.assert_allclose(f(t10, feats), f(hard_plugin, feats), rtol=1e-6)
@@ -92,7 +107,9 @@ def test_straight_through_mask_keeps_value_and_adds_the_soft_mask_gradient():
     return jnp.sum(jax.lax.stop_gradient(z) * soft[:, None, None, :] * r)
 
   expected_t10 = jax.grad(lambda z: f(hard_plugin, z))(feats) + jax.grad(soft_path_t10)(feats)
-  np.testing.assert_allclose(jax.grad(lambda z: f(t10, z))(feats), expected_t10, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.grad(lambda z: f(t10, z))(feats), expected_t10, rtol=1e-5, atol=1e-6
+  )
   assert not np.allclose(expected_t10, expected, atol=1e-6)
   # Training with labels is unaffected by the flag.
   labels = jnp.array([0, 1, 2])
@@ -120,8 +137,9 @@ def test_cas_loss_is_ce_plus_two_mean_aux_ce(setup):
   value, (new_state, _, metrics, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(3), 0)
   logits, aux = _apply(model, params, state, adv, train=True, labels=batch["label"])
   y = batch["label"]
-  expected = (jnp.mean(attack_losses.cross_entropy(logits, y))
-              + 2.0 * jnp.mean(attack_losses.cross_entropy(aux, y)))
+  expected = jnp.mean(attack_losses.cross_entropy(logits, y)) + 2.0 * jnp.mean(
+    attack_losses.cross_entropy(aux, y)
+  )
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   ref = base.forward(model, params, state, adv, mode="train", labels=y)
   assert_close(new_state, ref.model_state)  # two programs: float32 tolerances
@@ -155,8 +173,9 @@ def test_attack_and_adaptive_loss_use_eval_mode_combined_loss(setup):
 def test_two_sites_average_heads_and_missing_plugins_is_an_error(setup):
   cfg, _, _, _, batch = setup
   cfg2 = make_config(sites=("stem", "features"))
-  model = models.build_model("tiny_bn", num_classes=K, mean=(0.5,), std=(0.25,),
-                             plugins=plugins_for("cas", cfg2, K))
+  model = models.build_model(
+    "tiny_bn", num_classes=K, mean=(0.5,), std=(0.25,), plugins=plugins_for("cas", cfg2, K)
+  )
   variables = model.init(jax.random.key(1), batch["image"], train=False)
   params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
   value, _ = cas(model, cfg2).loss(params, state, {}, batch, batch["image"], jax.random.key(0), 0)
@@ -165,10 +184,18 @@ def test_two_sites_average_heads_and_missing_plugins_is_an_error(setup):
   assert len(heads) == 2
   y = batch["label"]
   expected = jnp.mean(attack_losses.cross_entropy(out.logits, y)) + 2.0 * 0.5 * sum(
-      jnp.mean(attack_losses.cross_entropy(h, y)) for h in heads)
+    jnp.mean(attack_losses.cross_entropy(h, y)) for h in heads
+  )
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   bare = models.build_model("tiny_bn", num_classes=K, mean=(0.5,), std=(0.25,))
   bv = bare.init(jax.random.key(1), batch["image"], train=False)
   with pytest.raises(ValueError, match="plugins_for"):
-    cas(bare, cfg).loss(bv["params"], {"batch_stats": bv["batch_stats"]}, {}, batch, batch["image"],
-                        jax.random.key(0), 0)
+    cas(bare, cfg).loss(
+      bv["params"],
+      {"batch_stats": bv["batch_stats"]},
+      {},
+      batch,
+      batch["image"],
+      jax.random.key(0),
+      0,
+    )

@@ -1,6 +1,5 @@
 """The defense platform: modules found by name, DEFAULTS, plug-ins, norms, out-of-tree defenses."""
 
-import functools
 import hashlib
 import json
 import os
@@ -14,7 +13,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-import agad
 from agad import checkpoint, data as data_lib
 from agad import defenses, models
 from agad.defenses import cas as cas_module
@@ -66,7 +64,7 @@ TOY_DEFENSE = textwrap.dedent('''
     ''')
 
 # A defense that only swaps the norm layers (AFA's route to MultiBranchBatchNorm).
-NORM_DEFENSE = textwrap.dedent('''
+NORM_DEFENSE = textwrap.dedent("""
     import functools
     from agad.models.layers import MultiBranchBatchNorm
     from agad.objectives.pgd_at import pgd_at
@@ -76,7 +74,7 @@ NORM_DEFENSE = textwrap.dedent('''
 
     def objective(model, config):
       return pgd_at(model, config)
-    ''')
+    """)
 
 
 @pytest.fixture()
@@ -94,11 +92,16 @@ def defense_dir(tmp_path):
 
 
 def test_unknown_names_fail_with_the_names_that_exist():
-  with pytest.raises(ValueError, match=r"unknown objective or defense 'fsrr' \(did you mean fsr\?\); known "
-                                       r"objectives: .*cas.*trades.*transforms: again, awp, cas, fsr; a defense "
-                                       r"outside agad/defenses: put the folder holding fsrr.py in AGAD_DEFENSES_PATH"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown objective or defense 'fsrr' \(did you mean fsr\?\); known "
+    r"objectives: .*cas.*trades.*transforms: again, awp, cas, fsr; a defense "
+    r"outside agad/defenses: put the folder holding fsrr.py in AGAD_DEFENSES_PATH",
+  ):
     defenses.find("fsrr")
-  with pytest.raises(ValueError, match=r"unknown objective or defense 'zzz'; known"):  # nothing close
+  with pytest.raises(
+    ValueError, match=r"unknown objective or defense 'zzz'; known"
+  ):  # nothing close
     defenses.find("zzz")
   with pytest.raises(ValueError, match="'awp' in 'awp' is a transform"):
     defenses.parse("awp")
@@ -109,20 +112,26 @@ def test_unknown_names_fail_with_the_names_that_exist():
     with pytest.raises(ValueError):
       defenses.find(name)
   n = defenses.names()
-  assert {"standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "fsr", "again"} <= set(n["objectives"])
+  assert {"standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "fsr", "again"} <= set(
+    n["objectives"]
+  )
   assert {"awp", "cas", "fsr", "again"} <= set(n["transforms"])
 
 
 def test_defaults_reach_the_config_and_unknown_override_keys_fail():
   from configs import fashion_mnist
+
   c = fashion_mnist.get_config("smallcnn,trades+awp+cas")
   assert set(c.objective.keys()) == {"name", "trades", "awp", "cas"}
   assert c.objective.cas.weight == cas_module.DEFAULTS.weight == 2.0
   c.objective.cas.weight = 3.0  # what --config.objective.cas.weight=3 does
   assert defaults.objective_config(c, "cas", cas_module.DEFAULTS).weight == 3.0
   bad = ml_collections.ConfigDict({"objective": {"cas": {"wieght": 1.0}}})
-  with pytest.raises(KeyError, match=r"unknown fields \['wieght'\]; known: \['attack_bn', 'random_start', "
-                                     r"'sites', 'weight'\]"):
+  with pytest.raises(
+    KeyError,
+    match=r"unknown fields \['wieght'\]; known: \['attack_bn', 'random_start', "
+    r"'sites', 'weight'\]",
+  ):
     defaults.objective_config(bad, "cas", cas_module.DEFAULTS)
   # Every shipped component documents its fields: a comment on (or just above) each line.
   for name in defenses.names()["objectives"] + defenses.names()["transforms"]:
@@ -130,7 +139,10 @@ def test_defaults_reach_the_config_and_unknown_override_keys_fail():
     source = open(module.__file__).read().splitlines()
     for field in getattr(module, "DEFAULTS", {}):
       at = [i for i, l in enumerate(source) if l.startswith(f"DEFAULTS.{field} =")]
-      assert at and all("#" in source[i] or source[i - 1].lstrip().startswith("#") for i in at), (name, field)
+      assert at and all("#" in source[i] or source[i - 1].lstrip().startswith("#") for i in at), (
+        name,
+        field,
+      )
 
 
 def test_plugins_merge_and_a_misspelt_or_doubled_site_is_an_error(defense_dir):
@@ -169,6 +181,7 @@ def test_a_renamed_file_is_a_new_defense_and_a_recorded_folder_is_found_again(de
   named, with the variable, in the error."""
   import hashlib
   from agad.defenses import _registry
+
   path = defense_dir / "renamed_def.py"
   path.write_text(TOY_DEFENSE)
   info = data_lib.dataset_info(tiny_config().data)
@@ -177,8 +190,11 @@ def test_a_renamed_file_is_a_new_defense_and_a_recorded_folder_is_found_again(de
   config.objective.renamed_def.site = "stem"
   assert set(defenses.build_model(config, info).plugins) == {"stem"}
   recorded = defenses.sources("pgd_at+renamed_def")
-  assert recorded["renamed_def"] == {"file": str(path), "out_of_tree": True,
-                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+  assert recorded["renamed_def"] == {
+    "file": str(path),
+    "out_of_tree": True,
+    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+  }
   assert recorded["pgd_at"]["out_of_tree"] is False
   folder = str(defense_dir)
 
@@ -188,7 +204,9 @@ def test_a_renamed_file_is_a_new_defense_and_a_recorded_folder_is_found_again(de
 
   try:
     forget()
-    with pytest.raises(ValueError, match="put the folder holding renamed_def.py in AGAD_DEFENSES_PATH"):
+    with pytest.raises(
+      ValueError, match="put the folder holding renamed_def.py in AGAD_DEFENSES_PATH"
+    ):
       defenses.find("renamed_def")
     assert defenses.use_recorded(recorded) == [folder]
     assert defenses.find("renamed_def").__file__ == str(path)
@@ -196,8 +214,11 @@ def test_a_renamed_file_is_a_new_defense_and_a_recorded_folder_is_found_again(de
     forget()
     path.rename(defense_dir / "elsewhere.py")
     assert defenses.use_recorded(recorded) == []
-    with pytest.raises(ValueError, match=f"trained with renamed_def from {path}, which is gone: put the "
-                                         "folder that now holds renamed_def.py in AGAD_DEFENSES_PATH"):
+    with pytest.raises(
+      ValueError,
+      match=f"trained with renamed_def from {path}, which is gone: put the "
+      "folder that now holds renamed_def.py in AGAD_DEFENSES_PATH",
+    ):
       defenses.find("renamed_def")
   finally:
     _registry._RECORDED.pop("renamed_def", None)
@@ -218,25 +239,42 @@ def test_adaptive_plugin_overrides_rebuild_declared_fields_only():
     defenses.with_plugin_overrides(bare, straight_through=True)
 
 
-@pytest.mark.skipif(not os.path.exists(FMNIST),
-                    reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
+@pytest.mark.skipif(
+  not os.path.exists(FMNIST),
+  reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
+)
 def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   """The whole contract: one file outside the repository, nothing edited, launch.train runs it."""
   folder = tmp_path / "defs"
   folder.mkdir()
   (folder / "toy_def.py").write_text(TOY_DEFENSE)
-  tracked = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+  tracked = subprocess.run(
+    ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+  ).stdout
   workdir = str(tmp_path / "run")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, AGAD_DEFENSES_PATH=str(folder))
-  out = subprocess.run([sys.executable, "-m", "launch.train",
-                        "--config=configs/fashion_mnist.py:smallcnn,toy_def,smoke",
-                        "--config.objective.toy_def.weight=0.05", "--config.log_every_steps=2",
-                        "--config.stop_after_steps=4", "--config.checkpoint.every_steps=2",
-                        f"--workdir={workdir}"],
-                       cwd=REPO, env=env, capture_output=True, text=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      "--config=configs/fashion_mnist.py:smallcnn,toy_def,smoke",
+      "--config.objective.toy_def.weight=0.05",
+      "--config.log_every_steps=2",
+      "--config.stop_after_steps=4",
+      "--config.checkpoint.every_steps=2",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  penalties = [l["train/toy_embedding_penalty"] for l in lines if "train/toy_embedding_penalty" in l]
+  penalties = [
+    l["train/toy_embedding_penalty"] for l in lines if "train/toy_embedding_penalty" in l
+  ]
   assert len(penalties) == 2 and all(p > 0 for p in penalties)
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["objective"]["toy_def"] == {"weight": 0.05, "site": "features"}
@@ -244,43 +282,79 @@ def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   assert step == 4
   scale = raw["params"]["plugin_features"]["scale"]
   assert scale.shape == (64,) and not np.allclose(scale, 1.0)  # the plug-in trained
-  changed = set(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True).stdout.splitlines()) - set(tracked.splitlines())
-  assert not [l for l in changed if "toy_def" in l or "defenses/__init__" in l], changed  # nothing edited
+  changed = set(
+    subprocess.run(
+      ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+    ).stdout.splitlines()
+  ) - set(tracked.splitlines())
+  assert not [l for l in changed if "toy_def" in l or "defenses/__init__" in l], (
+    changed
+  )  # nothing edited
   # The run says where its pieces came from and what to run next, without backend noise.
   module = str(folder / "toy_def.py")
   log = out.stderr
   assert f"toy_def: {module} (sha256 " in log and "radii: attack.eps=0.1 (25.5/255" in log
   assert "Unable to initialize backend" not in log and "tracked_metric" not in log
   steps = [l for l in log.splitlines() if "] step " in l]
-  assert "step 2/4 (stops early; schedule 24)" in steps[0] and "toy_embedding_penalty" in steps[0], steps
-  assert f"checkpoints: {workdir}/checkpoints (steps 2, 4; stopped at step 4 by stop_after_steps" in out.stdout
-  assert f"python -m launch.evaluate --workdir={workdir} --step=latest --preset=table_aa" in out.stdout
+  assert (
+    "step 2/4 (stops early; schedule 24)" in steps[0] and "toy_embedding_penalty" in steps[0]
+  ), steps
+  assert (
+    f"checkpoints: {workdir}/checkpoints (steps 2, 4; stopped at step 4 by stop_after_steps"
+    in out.stdout
+  )
+  assert (
+    f"python -m launch.evaluate --workdir={workdir} --step=latest --preset=table_aa" in out.stdout
+  )
   launch = json.load(open(os.path.join(workdir, "run_record.json")))["launches"][-1]
-  assert launch["defenses"]["toy_def"] == {"file": module, "out_of_tree": True,
-                                           "sha256": hashlib.sha256(open(module, "rb").read()).hexdigest()}
+  assert launch["defenses"]["toy_def"] == {
+    "file": module,
+    "out_of_tree": True,
+    "sha256": hashlib.sha256(open(module, "rb").read()).hexdigest(),
+  }
   # Evaluated later without AGAD_DEFENSES_PATH: the run record finds the module. This early-
   # stopped run has no validated checkpoint among two: --step=best says what to pass instead.
   from launch import common
+
   try:
-    with pytest.raises(ValueError, match=r"^--step=best is invalid for .*has no 'best'\): pass --step=latest"):
+    with pytest.raises(
+      ValueError, match=r"^--step=best is invalid for .*has no 'best'\): pass --step=latest"
+    ):
       common.check_evaluate_flags(workdir=workdir, step="best")
   finally:  # the check put the recorded folder on this process's path
     if str(folder) in defenses.__path__:
       defenses.__path__.remove(str(folder))
     sys.modules.pop("agad.defenses.toy_def", None)
   env.pop("AGAD_DEFENSES_PATH")
-  out = subprocess.run([sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}", "--preset=pgd",
-                        "--num_examples=4", "--step=latest"], cwd=REPO, env=env, capture_output=True, text=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.evaluate",
+      f"--workdir={workdir}",
+      "--preset=pgd",
+      "--num_examples=4",
+      "--step=latest",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"the run record's {module}" in out.stderr
   quote = out.stdout.strip().splitlines()[-1]
-  assert quote.startswith("number to quote: worst case ") and "a defense row needs --preset=table_aa" in quote
-  assert '"worst-case": ' in out.stdout and "warning: n=4: the worst case's standard error" in out.stdout
+  assert (
+    quote.startswith("number to quote: worst case ")
+    and "a defense row needs --preset=table_aa" in quote
+  )
+  assert (
+    '"worst-case": ' in out.stdout and "warning: n=4: the worst case's standard error" in out.stdout
+  )
 
 
 # A sixth defense with a CIFAR-10 recipe: one file (its recipe beside its objective).
-RECIPE_DEFENSE = textwrap.dedent('''
+RECIPE_DEFENSE = textwrap.dedent("""
     from agad.objectives.pgd_at import pgd_at
 
     def recipe(c, *, dataset, model, spec, smoke):
@@ -290,11 +364,12 @@ RECIPE_DEFENSE = textwrap.dedent('''
 
     def objective(model, config):
       return pgd_at(model, config)
-    ''')
+    """)
 
 
 def test_a_defense_brings_its_recipe_and_configs_apply_it(defense_dir):
   from configs import cifar10, svhn
+
   (defense_dir / "toy_recipe.py").write_text(RECIPE_DEFENSE)
   try:
     c = cifar10.get_config("wrn28_10,toy_recipe")

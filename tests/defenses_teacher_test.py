@@ -17,7 +17,7 @@ from agad.training import loop
 from tests.helpers import tiny_config
 
 # A distillation defense: PGD-AT + MSE to a frozen teacher's clean logits.
-TOY_KD = textwrap.dedent('''
+TOY_KD = textwrap.dedent("""
     import jax.numpy as jnp
     import ml_collections
 
@@ -45,7 +45,7 @@ TOY_KD = textwrap.dedent('''
         return value + cfg.weight * mse, aux._replace(metrics={**aux.metrics, "kd_mse": mse})
 
       return inner._replace(name="toy_kd", loss=loss, frozen=slot.frozen)
-    ''')
+    """)
 
 
 @pytest.fixture()
@@ -82,15 +82,20 @@ def test_teacher_is_frozen_recorded_not_checkpointed_and_resume_checks_it(tmp_pa
   ckpt = checkpoint.Checkpointer(os.path.join(student_dir, "checkpoints"))
   meta = ckpt.read_meta(2)
   ckpt.close()
-  assert meta["frozen"]["teacher"] == {"workdir": os.path.abspath(teacher_dir), "step": teacher.step,
-                                       "params_hash": teacher.params_hash}
+  assert meta["frozen"]["teacher"] == {
+    "workdir": os.path.abspath(teacher_dir),
+    "step": teacher.step,
+    "params_hash": teacher.params_hash,
+  }
   lines = open(os.path.join(student_dir, "metrics.jsonl")).read()
   assert '"train/kd_mse"' in lines
 
   # Resuming with another teacher (same workdir field, other weights) is refused.
   shutil.rmtree(teacher_dir)
   shutil.copytree(other_dir, teacher_dir)
-  with pytest.raises(ValueError, match="(?s)refusing to resume.*frozen inputs.*frozen.teacher.params_hash"):
+  with pytest.raises(
+    ValueError, match="(?s)refusing to resume.*frozen inputs.*frozen.teacher.params_hash"
+  ):
     loop.Trainer(_kd_config(teacher_dir), student_dir).run()
 
   # The student loads and evaluates without its teacher.
@@ -104,21 +109,29 @@ def test_init_from_keeps_fresh_init_for_plugins_the_source_lacks(tmp_path):
   source = str(tmp_path / "source")
   loop.Trainer(tiny_config(num_epochs=1), source).run()
   config = tiny_config("cas", num_epochs=1, **{"init.workdir": source})
-  with pytest.raises(ValueError, match="plugin_features/kernel <- plugin_features/kernel: missing in "
-                                       "source.*keep_init"):
+  with pytest.raises(
+    ValueError,
+    match="plugin_features/kernel <- plugin_features/kernel: missing in source.*keep_init",
+  ):
     loop.Trainer(config, str(tmp_path / "a")).initial_state()
-  config = tiny_config("cas", num_epochs=1, **{"init.workdir": source, "init.keep_init": "^plugin_"})
+  config = tiny_config(
+    "cas", num_epochs=1, **{"init.workdir": source, "init.keep_init": "^plugin_"}
+  )
   trainer = loop.Trainer(config, str(tmp_path / "b"))
   start = jax.device_get(trainer.initial_state().params)
-  fresh = jax.device_get(trainer.init_fn(jax.random.key(config.seed), trainer._sample_batch()).params)
+  fresh = jax.device_get(
+    trainer.init_fn(jax.random.key(config.seed), trainer._sample_batch()).params
+  )
   src = agad.load(source, "latest").variables["params"]
-  np.testing.assert_array_equal(start["plugin_features"]["kernel"], fresh["plugin_features"]["kernel"])
+  np.testing.assert_array_equal(
+    start["plugin_features"]["kernel"], fresh["plugin_features"]["kernel"]
+  )
   np.testing.assert_array_equal(start["stem_conv"]["kernel"], src["stem_conv"]["kernel"])
   assert not np.array_equal(start["stem_conv"]["kernel"], fresh["stem_conv"]["kernel"])
 
 
 # A defense drawing, per example, a training image of another class from a frozen ClassBank.
-TOY_BANK = textwrap.dedent('''
+TOY_BANK = textwrap.dedent("""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -148,7 +161,7 @@ TOY_BANK = textwrap.dedent('''
         return value + ce, aux._replace(metrics={**aux.metrics, "bank_label_match": match})
 
       return inner._replace(name="toy_bank", loss=loss, frozen=frozen)
-    ''')
+    """)
 
 
 def test_a_class_bank_reaches_the_jitted_step_as_a_frozen_input(tmp_path):
@@ -171,12 +184,13 @@ def test_a_class_bank_reaches_the_jitted_step_as_a_frozen_input(tmp_path):
 
 def test_input_normalisation_is_overridable_per_model():
   from agad import data as data_lib
+
   config = tiny_config()
   info = data_lib.dataset_info(config.data)
   model = defenses.build_model(config, info)
   assert model.mean == tuple(info.mean) and model.input_norm == "dataset"
   config.model.mean, config.model.std = (0.5,), (0.5,)  # AGKD-BML's [-1, 1] inputs
-  config.model.input_norm = "per_image"                  # ATAT's per-image standardisation
+  config.model.input_norm = "per_image"  # ATAT's per-image standardisation
   model = defenses.build_model(config, info)
   assert (model.mean, model.std, model.input_norm) == ((0.5,), (0.5,), "per_image")
   config.model.input_norm = "per_dataset"

@@ -10,8 +10,12 @@ def train_tiny(workdir, spec: str, model: str = "smallcnn", **overrides):
   import os
 
   from agad.training import loop
-  config = tiny_config(spec, model, **{"data.image_shape": (16, 16, 1), "num_epochs": 1,
-                                        "log_every_steps": 1, **overrides})
+
+  config = tiny_config(
+    spec,
+    model,
+    **{"data.image_shape": (16, 16, 1), "num_epochs": 1, "log_every_steps": 1, **overrides},
+  )
   trainer = loop.Trainer(config, str(workdir))
   trainer.run()
   assert trainer.train_traces == 1
@@ -61,6 +65,7 @@ def objective_defaults(names=("standard", "pgd_at", "trades", "mart", "alp", "ia
   import ml_collections
 
   from agad import defenses
+
   c = ml_collections.ConfigDict()
   for name in names:
     c[name] = defenses.defaults(name)
@@ -79,4 +84,5 @@ F32 = dict(rtol=1e-5, atol=1e-6)
 def assert_close(actual, expected, **tol):
   """``chex.assert_trees_all_close`` with the float32 cross-program tolerances ``F32``."""
   import chex
+
   chex.assert_trees_all_close(actual, expected, **{**F32, **tol})

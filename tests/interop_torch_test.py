@@ -14,7 +14,6 @@ import safetensors.numpy
 
 from agad import models as models_lib
 from agad.interop import torch_checkpoint as tc
-from tests.helpers import F32
 from tests.smoke import launch_env, needs_data, run_chain, run_module, tail
 
 # ------------------------------------------------------------ PyTorch-layout state dicts
@@ -23,15 +22,25 @@ from tests.smoke import launch_env, needs_data, run_chain, run_module, tail
 
 
 def _bn(sd, name, c):
-  sd.update({f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
-             f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()})
+  sd.update(
+    {
+      f"{name}.weight": (c,),
+      f"{name}.bias": (c,),
+      f"{name}.running_mean": (c,),
+      f"{name}.running_var": (c,),
+      f"{name}.num_batches_tracked": (),
+    }
+  )
 
 
 def smallcnn_shapes(classes=10, channels=1, side=28):
   """TRADES models/small_cnn.py SmallCNN: four 3x3 valid convs, two 2x2 pools, fc1..fc3."""
   sd = {}
   for i, (cin, cout) in enumerate([(channels, 32), (32, 32), (32, 64), (64, 64)], 1):
-    sd[f"feature_extractor.conv{i}.weight"], sd[f"feature_extractor.conv{i}.bias"] = (cout, cin, 3, 3), (cout,)
+    sd[f"feature_extractor.conv{i}.weight"], sd[f"feature_extractor.conv{i}.bias"] = (
+      (cout, cin, 3, 3),
+      (cout,),
+    )
   s = ((side - 4) // 2 - 4) // 2
   for i, (n_in, n_out) in enumerate([(64 * s * s, 200), (200, 200), (200, classes)], 1):
     sd[f"classifier.fc{i}.weight"], sd[f"classifier.fc{i}.bias"] = (n_out, n_in), (n_out,)
@@ -84,11 +93,11 @@ def wrn_shapes(depth, k, classes=10):
 
 
 ARCH_SHAPES = {
-    "smallcnn": (smallcnn_shapes, (28, 28, 1)),
-    "resnet18": (resnet_shapes, (32, 32, 3)),
-    "preact_resnet18": (lambda: resnet_shapes(preact=True), (32, 32, 3)),
-    "wrn28_10": (lambda: wrn_shapes(28, 10), (32, 32, 3)),
-    "wrn34_10": (lambda: wrn_shapes(34, 10), (32, 32, 3)),
+  "smallcnn": (smallcnn_shapes, (28, 28, 1)),
+  "resnet18": (resnet_shapes, (32, 32, 3)),
+  "preact_resnet18": (lambda: resnet_shapes(preact=True), (32, 32, 3)),
+  "wrn28_10": (lambda: wrn_shapes(28, 10), (32, 32, 3)),
+  "wrn34_10": (lambda: wrn_shapes(34, 10), (32, 32, 3)),
 }
 
 
@@ -118,7 +127,9 @@ def test_table_has_the_pytorch_definitions_names_and_shapes(arch):
   tmpl = tc.template(arch, num_classes=10, image_shape=image)
   rows = tc.table(arch, tmpl)
   flat = {c: jax.tree_util.tree_flatten_with_path(tmpl[c])[0] for c in tmpl}
-  ours = {key: tc.torch_shape(layout, _leaf(tmpl, coll, path).shape) for key, coll, path, layout in rows}
+  ours = {
+    key: tc.torch_shape(layout, _leaf(tmpl, coll, path).shape) for key, coll, path, layout in rows
+  }
   ours.update({k: () for k in tc.bn_counters(rows)})
   assert ours == shapes
   assert sum(len(v) for v in flat.values()) == len(rows)  # every agad leaf has a PyTorch tensor
@@ -140,8 +151,9 @@ def test_safetensors_import_then_export_is_bitwise(arch, tmp_path):
   state, fmt = tc.read_state_dict(path)
   assert fmt == "safetensors"
   variables, extras = tc.torch_to_variables(arch, state, image_shape=image, num_classes=10)
-  back = tc.variables_to_torch(arch, variables, image_shape=image,
-                               num_batches_tracked=extras["num_batches_tracked"])
+  back = tc.variables_to_torch(
+    arch, variables, image_shape=image, num_batches_tracked=extras["num_batches_tracked"]
+  )
   out = str(tmp_path / "out.safetensors")
   tc.write_safetensors(out, back, {"agad_arch": arch})
   again = safetensors.numpy.load_file(out)
@@ -172,7 +184,9 @@ def torch_smallcnn_numpy(sd, x_nchw):
   g = {k: v.astype(np.float64) for k, v in sd.items()}
   h = x_nchw.astype(np.float64)
   for i in (1, 2, 3, 4):
-    h = relu(_conv_nchw(h, g[f"feature_extractor.conv{i}.weight"], g[f"feature_extractor.conv{i}.bias"]))
+    h = relu(
+      _conv_nchw(h, g[f"feature_extractor.conv{i}.weight"], g[f"feature_extractor.conv{i}.bias"])
+    )
     if i in (2, 4):
       h = _pool_nchw(h)
   h = h.reshape(h.shape[0], -1)  # NCHW flatten, as PyTorch's view
@@ -185,7 +199,9 @@ def test_imported_smallcnn_logits_equal_pytorch_semantics_in_numpy():
   sd = fill(smallcnn_shapes(), seed=3)
   variables, _ = tc.torch_to_variables("smallcnn", sd, image_shape=(28, 28, 1))
   x = np.random.default_rng(1).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
-  model = models_lib.build_model("smallcnn", num_classes=10, mean=(0.0,), std=(1.0,), input_norm="none")
+  model = models_lib.build_model(
+    "smallcnn", num_classes=10, mean=(0.0,), std=(1.0,), input_norm="none"
+  )
   logits = np.asarray(model.apply(variables, x, train=False))
   expected = torch_smallcnn_numpy(sd, x.transpose(0, 3, 1, 2))
   chex.assert_shape(logits, (2, 10))
@@ -193,7 +209,9 @@ def test_imported_smallcnn_logits_equal_pytorch_semantics_in_numpy():
   chex.assert_trees_all_close(logits, expected.astype(np.float32), rtol=1e-4, atol=1e-5)
   # The flatten order matters: the NHWC reading of the same weights gives other logits.
   wrong = dict(sd)
-  wrong["classifier.fc1.weight"] = sd["classifier.fc1.weight"].reshape(200, 64, 16).transpose(0, 2, 1).reshape(200, -1)
+  wrong["classifier.fc1.weight"] = (
+    sd["classifier.fc1.weight"].reshape(200, 64, 16).transpose(0, 2, 1).reshape(200, -1)
+  )
   other, _ = tc.torch_to_variables("smallcnn", wrong, image_shape=(28, 28, 1))
   assert np.abs(np.asarray(model.apply(other, x, train=False)) - logits).max() > 1e-3
 
@@ -209,44 +227,70 @@ def test_missing_and_unexpected_keys_are_listed():
   sd = _small()
   del sd["classifier.fc2.bias"]
   sd["classifier.fc4.weight"] = np.zeros((2, 2), np.float32)
-  with pytest.raises(tc.CheckpointMismatch, match=r"missing keys \(1\): classifier\.fc2\.bias; "
-                     r"unexpected keys \(1\): classifier\.fc4\.weight"):
+  with pytest.raises(
+    tc.CheckpointMismatch,
+    match=r"missing keys \(1\): classifier\.fc2\.bias; "
+    r"unexpected keys \(1\): classifier\.fc4\.weight",
+  ):
     tc.torch_to_variables("smallcnn", sd, image_shape=(28, 28, 1))
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes():
   sd = _small()
   sd["feature_extractor.conv2.weight"] = np.zeros((32, 16, 3, 3), np.float32)
-  with pytest.raises(tc.CheckpointMismatch, match=r"feature_extractor\.conv2\.weight: checkpoint "
-                     r"\(32, 16, 3, 3\), --arch=smallcnn expects \(32, 32, 3, 3\)"):
+  with pytest.raises(
+    tc.CheckpointMismatch,
+    match=r"feature_extractor\.conv2\.weight: checkpoint "
+    r"\(32, 16, 3, 3\), --arch=smallcnn expects \(32, 32, 3, 3\)",
+  ):
     tc.torch_to_variables("smallcnn", sd, image_shape=(28, 28, 1))
   # CIFAR-size SmallCNN weights on 28x28 images: fc1 names both shapes.
-  with pytest.raises(tc.CheckpointMismatch, match=r"classifier\.fc1\.weight: checkpoint \(200, 1600\)"):
-    tc.torch_to_variables("smallcnn", fill(smallcnn_shapes(channels=1, side=32)), image_shape=(28, 28, 1))
+  with pytest.raises(
+    tc.CheckpointMismatch, match=r"classifier\.fc1\.weight: checkpoint \(200, 1600\)"
+  ):
+    tc.torch_to_variables(
+      "smallcnn", fill(smallcnn_shapes(channels=1, side=32)), image_shape=(28, 28, 1)
+    )
 
 
 def test_unknown_arch_lists_the_known_ones_and_wrong_arch_is_named():
-  with pytest.raises(ValueError, match=r"unknown architecture 'vgg19'; known: smallcnn, resnet18, .*wrn34_10"):
+  with pytest.raises(
+    ValueError, match=r"unknown architecture 'vgg19'; known: smallcnn, resnet18, .*wrn34_10"
+  ):
     tc.torch_to_variables("vgg19", _small(), image_shape=(28, 28, 1))
   resnet = {k: np.zeros(s, np.float32) for k, s in resnet_shapes().items()}
-  with pytest.raises(tc.CheckpointMismatch, match=r"look like a resnet checkpoint: try --arch=resnet18"):
+  with pytest.raises(
+    tc.CheckpointMismatch, match=r"look like a resnet checkpoint: try --arch=resnet18"
+  ):
     tc.torch_to_variables("wrn28_10", resnet, image_shape=(32, 32, 3))
-  preact_v1 = {k: np.zeros(s, np.float32) for k, s in resnet_shapes(preact=True).items() if not k.startswith("bn.")}
-  with pytest.raises(tc.CheckpointMismatch, match=r"missing keys \(4\): bn\.bias.*RobustBench's PreActResNet18\(\)"):
+  preact_v1 = {
+    k: np.zeros(s, np.float32)
+    for k, s in resnet_shapes(preact=True).items()
+    if not k.startswith("bn.")
+  }
+  with pytest.raises(
+    tc.CheckpointMismatch, match=r"missing keys \(4\): bn\.bias.*RobustBench's PreActResNet18\(\)"
+  ):
     tc.torch_to_variables("preact_resnet18", preact_v1, image_shape=(32, 32, 3))
-  with pytest.raises(tc.CheckpointMismatch, match=r"the checkpoint has 10 classes .* dataset has 100"):
+  with pytest.raises(
+    tc.CheckpointMismatch, match=r"the checkpoint has 10 classes .* dataset has 100"
+  ):
     tc.torch_to_variables("smallcnn", _small(), image_shape=(28, 28, 1), num_classes=100)
 
 
 def test_wrappers_prefixes_buffers_and_ignored_blocks():
   inner = {"module.a.weight": np.ones(2, np.float32)}
-  assert tc.unwrap({"epoch": 3, "state_dict": {"model": inner}}) == {"a.weight": inner["module.a.weight"]}
+  assert tc.unwrap({"epoch": 3, "state_dict": {"model": inner}}) == {
+    "a.weight": inner["module.a.weight"]
+  }
   with pytest.raises(ValueError, match="holds a list, not a state dict"):
     tc.unwrap([1, 2], "x.pt")
   sd = fill(wrn_shapes(16, 8))
-  sd.update(mu=np.array([0.5, 0.4, 0.3], np.float32).reshape(1, 3, 1, 1),
-            sigma=np.array([0.25, 0.25, 0.25], np.float32).reshape(1, 3, 1, 1),
-            **{"sub_block1.layer.0.conv1.weight": np.zeros((128, 16, 3, 3), np.float32)})
+  sd.update(
+    mu=np.array([0.5, 0.4, 0.3], np.float32).reshape(1, 3, 1, 1),
+    sigma=np.array([0.25, 0.25, 0.25], np.float32).reshape(1, 3, 1, 1),
+    **{"sub_block1.layer.0.conv1.weight": np.zeros((128, 16, 3, 3), np.float32)},
+  )
   _, extras = tc.torch_to_variables("wrn16_8", sd, image_shape=(32, 32, 3))
   np.testing.assert_allclose(extras["input_mean"], [0.5, 0.4, 0.3], rtol=1e-6)
   assert extras["input_std"] == [0.25] * 3
@@ -259,7 +303,9 @@ def test_pickles_need_torch_and_other_files_are_named(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   with pytest.raises(ValueError, match=r"model\.pt: reading \.pt/\.pth needs PyTorch"):
     tc.read_state_dict(str(pt))
-  with pytest.raises(ValueError, match=r"unknown checkpoint format; use one of \.safetensors, \.pt, \.pth"):
+  with pytest.raises(
+    ValueError, match=r"unknown checkpoint format; use one of \.safetensors, \.pt, \.pth"
+  ):
     tc.read_state_dict(str(tmp_path / "model.h5"))
   bad = tmp_path / "bad.safetensors"
   bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
@@ -268,7 +314,9 @@ def test_pickles_need_torch_and_other_files_are_named(tmp_path, monkeypatch):
 
 
 def test_pickle_with_arbitrary_code_is_refused(tmp_path):
-  torch = pytest.importorskip("torch")  # only where torch is installed (tools/torch_parity.py's env)
+  torch = pytest.importorskip(
+    "torch"
+  )  # only where torch is installed (tools/torch_parity.py's env)
 
   class Payload:
     pass
@@ -282,13 +330,17 @@ def test_pickle_with_arbitrary_code_is_refused(tmp_path):
 def test_export_refuses_a_model_with_a_plug_in():
   variables, _ = tc.torch_to_variables("smallcnn", _small(), image_shape=(28, 28, 1))
   variables["params"]["plugin_features"] = {"kernel": np.zeros((3, 3), np.float32)}
-  with pytest.raises(tc.CheckpointMismatch, match=r"not a bare smallcnn.*params plugin_features/kernel: "
-                     r"not in the PyTorch smallcnn definition"):
+  with pytest.raises(
+    tc.CheckpointMismatch,
+    match=r"not a bare smallcnn.*params plugin_features/kernel: "
+    r"not in the PyTorch smallcnn definition",
+  ):
     tc.variables_to_torch("smallcnn", variables, image_shape=(28, 28, 1))
 
 
 def test_input_norm_values():
   from launch.torch_workdir import resolve_input_norm
+
   buffers = {"input_mean": [0.5, 0.4, 0.3], "input_std": [0.2, 0.2, 0.2]}
   assert resolve_input_norm("auto", {}, 3)[:3] == ("none", None, None)
   assert resolve_input_norm("auto", buffers, 3)[:3] == ("dataset", (0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
@@ -317,11 +369,18 @@ def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   launch.export_torch gives the imported file back bitwise."""
   import agad
   from launch import common, torch_workdir
+
   original = fill(smallcnn_shapes(), seed=5)
-  src, wd, out = str(tmp_path / "trades.safetensors"), str(tmp_path / "imported"), str(tmp_path / "out.safetensors")
+  src, wd, out = (
+    str(tmp_path / "trades.safetensors"),
+    str(tmp_path / "imported"),
+    str(tmp_path / "out.safetensors"),
+  )
   safetensors.numpy.save_file(original, src)
   env = launch_env()
-  done = run_module(["launch.import_torch", "--arch=smallcnn", f"--checkpoint={src}", f"--workdir={wd}"], env=env)
+  done = run_module(
+    ["launch.import_torch", "--arch=smallcnn", f"--checkpoint={src}", f"--workdir={wd}"], env=env
+  )
   assert done.returncode == 0, tail(done)
   assert '"input_norm": "none ([0, 1] pixels)"' in done.stdout
   with pytest.raises(ValueError, match="already holds checkpoints; import into a new directory"):
@@ -329,30 +388,48 @@ def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   loaded = agad.load(wd)
   assert loaded.step == 0 and loaded.config.model.input_norm == "none"
   x = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
-  chex.assert_trees_all_close(np.asarray(loaded.logits_fn(x)),
-                              torch_smallcnn_numpy(original, x.transpose(0, 3, 1, 2)).astype(np.float32),
-                              rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(
+    np.asarray(loaded.logits_fn(x)),
+    torch_smallcnn_numpy(original, x.transpose(0, 3, 1, 2)).astype(np.float32),
+    rtol=1e-4,
+    atol=1e-5,
+  )
   common.check_evaluate_flags(workdir=wd, preset="autoattack")
   common.check_attention_flags(workdir=wd)
   exported = run_module(["launch.export_torch", f"--workdir={wd}", f"--output={out}"], env=env)
   assert exported.returncode == 0, tail(exported)
   again = safetensors.numpy.load_file(out)
-  assert sorted(again) == sorted(original) and all(again[k].tobytes() == v.tobytes() for k, v in original.items())
+  assert sorted(again) == sorted(original) and all(
+    again[k].tobytes() == v.tobytes() for k, v in original.items()
+  )
   assert tc.read_metadata(out)["input_norm"] == "none"
   # Fine-tuning under the dataset's default normalisation would feed the weights other inputs.
   from agad import data as data_lib
   from agad.training import builders
   from configs import fashion_mnist
+
   config = fashion_mnist.get_config("smallcnn,trades,smoke")
   config.init.workdir = wd
-  with pytest.raises(ValueError, match=r"normalised as \('none',\), this config normalises them as "
-                     r"\('dataset', \(0\.286,\), \(0\.353,\)\).*Add --config\.model\.input_norm=none"):
+  with pytest.raises(
+    ValueError,
+    match=r"normalised as \('none',\), this config normalises them as "
+    r"\('dataset', \(0\.286,\), \(0\.353,\)\).*Add --config\.model\.input_norm=none",
+  ):
     builders.check_init_normalisation(config, data_lib.dataset_info(config.data))
   config.model.input_norm = "none"
   builders.check_init_normalisation(config, data_lib.dataset_info(config.data))
-  tuned = run_chain("launch.train", [[
-      "--config=configs/fashion_mnist.py:smallcnn,trades,smoke", f"--config.init.workdir={wd}",
-      "--config.model.input_norm=none", "--config.stop_after_steps=1", f"--workdir={tmp_path / 'tuned'}"]],
-      env=env)
+  tuned = run_chain(
+    "launch.train",
+    [
+      [
+        "--config=configs/fashion_mnist.py:smallcnn,trades,smoke",
+        f"--config.init.workdir={wd}",
+        "--config.model.input_norm=none",
+        "--config.stop_after_steps=1",
+        f"--workdir={tmp_path / 'tuned'}",
+      ]
+    ],
+    env=env,
+  )
   assert tuned.returncode == 0, tail(tuned)
   assert os.path.isdir(os.path.join(tmp_path, "tuned", "checkpoints", "1"))

@@ -9,8 +9,18 @@ import subprocess
 import sys
 
 from tests.docs_commands_test import documented_commands
-from tests.smoke import (REPO, attacks, copy_workdir, launch_env, needs_data, needs_env_sh, reports,
-                         require_env_sh_no_op, run_bash, tail)
+from tests.smoke import (
+  REPO,
+  attacks,
+  copy_workdir,
+  launch_env,
+  needs_data,
+  needs_env_sh,
+  reports,
+  require_env_sh_no_op,
+  run_bash,
+  tail,
+)
 
 
 @needs_data
@@ -39,8 +49,11 @@ def test_objectives_table_sh_smoke(smoke_workdir, tmp_path):
   require_env_sh_no_op()
   runs = tmp_path / "runs"
   copy_workdir(smoke_workdir, runs / "pgd_at")
-  out = run_bash("launch/objectives_table.sh", [str(runs)],
-                 env=launch_env(SMOKE="1", OBJECTIVES="pgd_at", NUM_EXAMPLES="2"))
+  out = run_bash(
+    "launch/objectives_table.sh",
+    [str(runs)],
+    env=launch_env(SMOKE="1", OBJECTIVES="pgd_at", NUM_EXAMPLES="2"),
+  )
   assert out.returncode == 0, tail(out)
   assert "already finished" in out.stderr
   (path,) = reports(str(runs / "pgd_at" / "eval"), "table")
@@ -57,12 +70,24 @@ def test_test_sh_runs_a_test():
   require_env_sh_no_op()
   # A fresh pytest run: none of this run's pytest/xdist variables (the JAX compile cache is kept).
   env = {k: v for k, v in launch_env().items() if not k.startswith("PYTEST_")}
-  out = run_bash("launch/test.sh", ["tests/docs_commands_test.py::test_extraction_reads_every_form_of_command",
-                                    "-p", "no:cacheprovider"], env=env)
+  out = run_bash(
+    "launch/test.sh",
+    [
+      "tests/docs_commands_test.py::test_extraction_reads_every_form_of_command",
+      "-p",
+      "no:cacheprovider",
+    ],
+    env=env,
+  )
   assert out.returncode == 0, tail(out)
   assert re.search(r"\b1 passed\b", out.stdout), tail(out)
-  named = {a.split("::")[0] for c in documented_commands() if c.program in ("pytest", "bash launch/test.sh")
-           for a in c.args if a.startswith("tests/") and a.split("::")[0].endswith(".py")}
+  named = {
+    a.split("::")[0]
+    for c in documented_commands()
+    if c.program in ("pytest", "bash launch/test.sh")
+    for a in c.args
+    if a.startswith("tests/") and a.split("::")[0].endswith(".py")
+  }
   assert all(os.path.exists(os.path.join(REPO, f)) for f in named), named
 
 
@@ -74,11 +99,18 @@ def test_numerics_sweep_trains_again_under_both_code_paths(tmp_path):
   fusions off: finite loss and gradient norm at every step. In the suite's cheap-compile mode
   (JAX_DISABLE_MOST_OPTIMIZATIONS=1), the compilation in which AGAIN's first gradient norm was
   NaN before its label rows were picked by one-hot products (CHANGELOG)."""
-  out = subprocess.run([sys.executable, "tools/numerics_sweep.py", "--specs=again", "--steps=3",
-                        f"--out={tmp_path}"],
-                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "tools/numerics_sweep.py", "--specs=again", "--steps=3", f"--out={tmp_path}"],
+    cwd=REPO,
+    env=launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, tail(out)
   lines = out.stdout.splitlines()
-  assert [l.split()[:5] for l in lines[:2]] == [["default", "again", "ok", "steps", "3"],
-                                                 ["ynn_off", "again", "ok", "steps", "3"]], lines
+  assert [l.split()[:5] for l in lines[:2]] == [
+    ["default", "again", "ok", "steps", "3"],
+    ["ynn_off", "again", "ok", "steps", "3"],
+  ], lines
   assert lines[-1].startswith("all finite")

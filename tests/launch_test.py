@@ -18,8 +18,9 @@ from tests.smoke import REPO, SMOKE_CONFIG, copy_workdir, launch_env, needs_data
 
 
 def _run(args, **kw):
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=launch_env(), capture_output=True,
-                        text=True, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=launch_env(), capture_output=True, text=True, **kw
+  )
 
 
 @needs_data
@@ -40,7 +41,9 @@ def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
   report = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert os.path.exists(os.path.join(workdir, "eval", f"report_step{step}_pgd.md"))
   clean, pgd = report["records"]
-  assert report["computed_here"].startswith("cpu: ") and report["computed_here"].endswith(", default matmul precision")
+  assert report["computed_here"].startswith("cpu: ") and report["computed_here"].endswith(
+    ", default matmul precision"
+  )
   assert all(r["computed_on"] == [report["computed_here"]] for r in report["records"])
   assert clean["n"] == pgd["n"] == 128  # smoke: the first 128 test images.
   assert 0.0 <= pgd["accuracy"] <= clean["accuracy"] <= 1.0
@@ -53,7 +56,9 @@ def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
   record = suite.run(AttackSpec.make("clean", "clean", eps=0.1))
   assert record["accuracy"] == clean["accuracy"]
   # The cached PGD rows are reused by a second evaluation (no recomputation).
-  out = _run(["launch.evaluate", f"--workdir={workdir}", "--step=best", "--matmul_precision=highest"])
+  out = _run(
+    ["launch.evaluate", f"--workdir={workdir}", "--step=best", "--matmul_precision=highest"]
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   again = json.load(open(os.path.join(workdir, "eval", f"report_step{step}_pgd.json")))
   assert all(r["cached_chunks"] == 1 for r in again["records"])
@@ -70,16 +75,31 @@ def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
 
 
 def test_unknown_override_and_bad_arg_fail():
-  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
-              "--workdir=/tmp/never", "--config.optim.learning_rate=0.1"])
+  out = _run(
+    [
+      "launch.train",
+      "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+      "--workdir=/tmp/never",
+      "--config.optim.learning_rate=0.1",
+    ]
+  )
   assert out.returncode != 0 and "learning_rate" in out.stderr
   # One line naming the field and the fields that exist there, no traceback.
-  assert ("unknown config field in --config.optim.learning_rate; fields of config.optim: boundaries, "
-          "decay_factor, grad_clip, lr," in out.stderr) and "Traceback" not in out.stderr
-  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
-              "--workdir=/tmp/never", "--config.attack.eps=3.0"])
+  assert (
+    "unknown config field in --config.optim.learning_rate; fields of config.optim: boundaries, "
+    "decay_factor, grad_clip, lr," in out.stderr
+  ) and "Traceback" not in out.stderr
+  out = _run(
+    [
+      "launch.train",
+      "--config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke",
+      "--workdir=/tmp/never",
+      "--config.attack.eps=3.0",
+    ]
+  )
   assert out.returncode != 0 and "config.attack.eps=3.0 is invalid" in out.stderr
   assert "Traceback" not in out.stderr and not os.path.exists("/tmp/never")
-  out = _run(["launch.train", "--config=configs/fashion_mnist.py:resnet99,pgd_at",
-              "--workdir=/tmp/never"])
+  out = _run(
+    ["launch.train", "--config=configs/fashion_mnist.py:resnet99,pgd_at", "--workdir=/tmp/never"]
+  )
   assert out.returncode != 0 and "unknown model 'resnet99'" in out.stderr

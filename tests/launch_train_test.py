@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tests.smoke import REPO, launch_env, needs_data, run_chain, run_module, run_tool, tail
+from tests.smoke import REPO, launch_env, needs_data, run_chain, run_tool, tail
 
 
 def _free_port() -> int:
@@ -30,16 +30,32 @@ def test_train_pipelines_distributed_and_afa_branches(tmp_path):
   fm = "--config=configs/fashion_mnist.py:"
   steps = "--config.stop_after_steps=2"
   runs = [
-      ["--distributed", f"{fm}smallcnn,trades+awp,smoke", steps, f"--workdir={d['trades_awp']}"],
-      [f"{fm}smallcnn,standard,smoke", "--config.objective.standard.label_smoothing=0.5",
-       "--config.objective.standard.smoothing=others", steps, f"--workdir={d['agkd_teacher']}"],
-      [f"{fm}smallcnn,agkd_bml,smoke", f"--config.objective.agkd_bml.teacher.workdir={d['agkd_teacher']}",
-       f"--config.init.workdir={d['agkd_teacher']}", steps, f"--workdir={d['agkd_bml']}"],
-      [f"{fm}smallcnn_bn,afa,smoke", steps, f"--workdir={d['afa1']}"],
+    ["--distributed", f"{fm}smallcnn,trades+awp,smoke", steps, f"--workdir={d['trades_awp']}"],
+    [
+      f"{fm}smallcnn,standard,smoke",
+      "--config.objective.standard.label_smoothing=0.5",
+      "--config.objective.standard.smoothing=others",
+      steps,
+      f"--workdir={d['agkd_teacher']}",
+    ],
+    [
+      f"{fm}smallcnn,agkd_bml,smoke",
+      f"--config.objective.agkd_bml.teacher.workdir={d['agkd_teacher']}",
+      f"--config.init.workdir={d['agkd_teacher']}",
+      steps,
+      f"--workdir={d['agkd_bml']}",
+    ],
+    [f"{fm}smallcnn_bn,afa,smoke", steps, f"--workdir={d['afa1']}"],
   ]
-  env = launch_env(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1", SLURM_PROCID="0",
-                   SLURM_LOCALID="0", SLURM_STEP_NUM_NODES="1",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}")
+  env = launch_env(
+    SLURM_JOB_ID="1",
+    SLURM_STEP_NODELIST="localhost",
+    SLURM_NTASKS="1",
+    SLURM_PROCID="0",
+    SLURM_LOCALID="0",
+    SLURM_STEP_NUM_NODES="1",
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+  )
   out = run_chain("launch.train", runs, env=env)
   assert out.returncode == 0, tail(out)
   assert out.stdout.count("[chain] ok") == len(runs)
@@ -50,14 +66,28 @@ def test_train_pipelines_distributed_and_afa_branches(tmp_path):
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert losses and all(np.isfinite(losses)), (k, metrics)
     assert os.path.isdir(os.path.join(v, "checkpoints", "2")), k
-  assert configs["agkd_teacher"]["objective"]["standard"] == {"label_smoothing": 0.5, "smoothing": "others"}
+  assert configs["agkd_teacher"]["objective"]["standard"] == {
+    "label_smoothing": 0.5,
+    "smoothing": "others",
+  }
   assert configs["agkd_bml"]["objective"]["agkd_bml"]["teacher"]["workdir"] == d["agkd_teacher"]
   assert configs["agkd_bml"]["init"]["workdir"] == d["agkd_teacher"]
-  assert configs["afa1"]["objective"]["name"] == "afa" and configs["afa1"]["model"]["name"] == "smallcnn_bn"
+  assert (
+    configs["afa1"]["objective"]["name"] == "afa"
+    and configs["afa1"]["model"]["name"] == "smallcnn_bn"
+  )
   assert "frozen inputs of agkd_bml" in out.stderr
 
-  out = run_tool("afa_branches.py", [f"--workdir={d['afa1']}", "--num_examples=4", "--steps=1",
-                                       "--eps=0,1", f"--output={tmp_path / 'sweep.json'}"])
+  out = run_tool(
+    "afa_branches.py",
+    [
+      f"--workdir={d['afa1']}",
+      "--num_examples=4",
+      "--steps=1",
+      "--eps=0,1",
+      f"--output={tmp_path / 'sweep.json'}",
+    ],
+  )
   assert out.returncode == 0, tail(out)
   sweep = json.load(open(tmp_path / "sweep.json"))
   assert sweep["step"] == 2 and sweep["n"] == 4 and sweep["eps"] == [0.0, 0.1]
@@ -106,8 +136,14 @@ with tfds.testing.mock_data(num_examples=12):
   tfds.core.DatasetBuilder.download_and_prepare = offline
   run("--dataset=svhn_cropped", f"--data_dir={data_dir}")
 """
-  out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=launch_env(),
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path)],
+    cwd=REPO,
+    env=launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, tail(out)
   text = out.stdout
   assert f"unzip -q tiny-imagenet-200.zip -d {tmp_path}" in text

@@ -30,9 +30,14 @@ pytestmark = smoke.needs_data
 
 # 64 training images, batch 32: 2 steps per epoch, 3 epochs; a checkpoint and a validation
 # at every epoch end (steps 2, 4, 6). Synchronous saves: a step folder is complete once there.
-TRAIN = ["--config=configs/fashion_mnist.py:smallcnn_bn,again,smoke", "--config.data.max_train=64",
-         "--config.num_epochs=3", "--config.log_every_steps=1", "--config.checkpoint.async_save=False",
-         "--config.validation.adaptive=False"]
+TRAIN = [
+  "--config=configs/fashion_mnist.py:smallcnn_bn,again,smoke",
+  "--config.data.max_train=64",
+  "--config.num_epochs=3",
+  "--config.log_every_steps=1",
+  "--config.checkpoint.async_save=False",
+  "--config.validation.adaptive=False",
+]
 EVAL = ["--step=latest", "--preset=pgd", "--num_examples=64"]
 HEARTBEAT_S = 5  # --heartbeat_timeout: how long the survivor runs on after its peer dies
 TIMEOUT_S = 300  # any one launch (the suite's CPUs are shared)
@@ -40,8 +45,10 @@ TIMEOUT_S = 300  # any one launch (the suite's CPUs are shared)
 
 def _env(devices: int) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")
-  return smoke.launch_env(JAX_DISABLE_MOST_OPTIMIZATIONS="0",
-                          XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+  return smoke.launch_env(
+    JAX_DISABLE_MOST_OPTIMIZATIONS="0",
+    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+  )
 
 
 def _free_port() -> int:
@@ -54,13 +61,27 @@ class Launch:
   """``python -m MODULE ARGS`` in ``processes`` processes (2 devices each, 4 for one process)."""
 
   def __init__(self, module: str, args: list[str], log: str, processes: int = 2):
-    extra = lambda p: ([f"--coordinator_address=127.0.0.1:{self.port}", f"--num_processes={processes}",
-                        f"--process_id={p}", f"--heartbeat_timeout={HEARTBEAT_S}"] if processes > 1 else [])
+    extra = lambda p: (
+      [
+        f"--coordinator_address=127.0.0.1:{self.port}",
+        f"--num_processes={processes}",
+        f"--process_id={p}",
+        f"--heartbeat_timeout={HEARTBEAT_S}",
+      ]
+      if processes > 1
+      else []
+    )
     self.port, self.logs = _free_port(), [f"{log}.p{p}" for p in range(processes)]
-    self.procs = [subprocess.Popen([sys.executable, "-m", module, *args, *extra(p)], cwd=smoke.REPO,
-                                   env=_env(4 // processes), stdout=subprocess.DEVNULL,
-                                   stderr=open(self.logs[p], "w"))
-                  for p in range(processes)]
+    self.procs = [
+      subprocess.Popen(
+        [sys.executable, "-m", module, *args, *extra(p)],
+        cwd=smoke.REPO,
+        env=_env(4 // processes),
+        stdout=subprocess.DEVNULL,
+        stderr=open(self.logs[p], "w"),
+      )
+      for p in range(processes)
+    ]
 
   def wait(self, timeout: float = TIMEOUT_S) -> list[int]:
     deadline = time.time() + timeout
@@ -81,7 +102,9 @@ class Launch:
 
   def ok(self) -> None:
     codes = self.wait()
-    assert codes == [0] * len(codes), "\n".join(f"process {p}: {c}\n{self.tail(p)}" for p, c in enumerate(codes))
+    assert codes == [0] * len(codes), "\n".join(
+      f"process {p}: {c}\n{self.tail(p)}" for p, c in enumerate(codes)
+    )
 
 
 def _committed(workdir, step: int) -> bool:
@@ -91,13 +114,18 @@ def _committed(workdir, step: int) -> bool:
 def _accuracies(eval_dir) -> dict:
   (report,) = smoke.reports(eval_dir, "pgd")
   out = json.load(open(report))
-  return {**{r["attack"]: (r["accuracy"], r["n"]) for r in out["records"]},
-          "worst-case": (out["worst_case"]["accuracy"], out["worst_case"]["n"])}
+  return {
+    **{r["attack"]: (r["accuracy"], r["n"]) for r in out["records"]},
+    "worst-case": (out["worst_case"]["accuracy"], out["worst_case"]["n"]),
+  }
 
 
 def _losses(workdir) -> dict:
-  return {m["step"]: m["train/loss"] for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
-          if "train/loss" in m}
+  return {
+    m["step"]: m["train/loss"]
+    for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+    if "train/loss" in m
+  }
 
 
 def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
@@ -106,11 +134,15 @@ def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
   try:
     # The reference (one process, 4 devices) runs beside the two-process run.
     t0 = time.time()
-    reference = Launch("launch.train", [*TRAIN, f"--workdir={one}"], str(tmp_path / "one_train"), processes=1)
+    reference = Launch(
+      "launch.train", [*TRAIN, f"--workdir={one}"], str(tmp_path / "one_train"), processes=1
+    )
     first = Launch("launch.train", [*TRAIN, f"--workdir={two}"], str(tmp_path / "two_train1"))
     launches += [reference, first]
     deadline = time.time() + TIMEOUT_S
-    while not _committed(two, 2) and time.time() < deadline and None in [p.poll() for p in first.procs]:
+    while (
+      not _committed(two, 2) and time.time() < deadline and None in [p.poll() for p in first.procs]
+    ):
       time.sleep(0.05)
     assert _committed(two, 2), f"no checkpoint at step 2\n{first.tail()}"
     # Preemption: process 1 dies; process 0 is stopped by the coordination service.
@@ -127,13 +159,20 @@ def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
     launches.append(second)
     # Compiling is mostly one thread per process: the reference's evaluation overlaps the restart.
     reference.ok()
-    launches.append(Launch("launch.evaluate", [f"--workdir={one}", *EVAL], str(tmp_path / "one_eval"),
-                           processes=1))
+    launches.append(
+      Launch(
+        "launch.evaluate", [f"--workdir={one}", *EVAL], str(tmp_path / "one_eval"), processes=1
+      )
+    )
     second.ok()
     resumed = [l for l in open(second.logs[0]) if "resumed from step" in l]
-    assert resumed and int(resumed[0].split("resumed from step")[1].split()[0]) in (2, 4), second.tail()
+    assert resumed and int(resumed[0].split("resumed from step")[1].split()[0]) in (2, 4), (
+      second.tail()
+    )
     print(f"[multihost] trained at {time.time() - t0:.0f} s")
-    launches.append(Launch("launch.evaluate", [f"--workdir={two}", *EVAL], str(tmp_path / "two_eval")))
+    launches.append(
+      Launch("launch.evaluate", [f"--workdir={two}", *EVAL], str(tmp_path / "two_eval"))
+    )
     launches[-2].ok()
     launches[-1].ok()
     print(f"[multihost] evaluated at {time.time() - t0:.0f} s")
@@ -144,6 +183,7 @@ def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
   # The same run: final parameters and BN statistics (agad.load, in this one process), the
   # per-step training losses (the same global batches), the evaluation numbers.
   from agad import api
+
   a, b = api.load(one, "latest"), api.load(two, "latest")
   assert a.step == b.step == 6
   chex.assert_trees_all_close(b.variables, a.variables, **F32)
@@ -155,8 +195,11 @@ def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
 
   # Written once, not once per host: orbax splits the replicated state's bytes between the
   # hosts (ocdbt.process_0/1), as many bytes as one process writes; one run record entry per launch.
-  size = lambda w: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
-                       os.walk(os.path.join(w, "checkpoints", "6", "state")) for f in fs)
+  size = lambda w: sum(
+    os.path.getsize(os.path.join(r, f))
+    for r, _, fs in os.walk(os.path.join(w, "checkpoints", "6", "state"))
+    for f in fs
+  )
   assert 0.9 < size(two) / size(one) < 1.25, (size(two), size(one))
   assert len(json.load(open(os.path.join(two, "run_record.json")))["launches"]) == 2
   print(f"survivor stopped {survivor_s:.1f} s after the SIGKILL")

@@ -20,8 +20,9 @@ def _env(**extra):
 
 
 def _run(args, **kw):
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True,
-                        text=True, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True, text=True, **kw
+  )
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,21 @@ def smoke_runs(smoke_workdir, tmp_path_factory):
   """``{"pgd_at": workdir, "standard": workdir}`` of SmallCNN smoke runs (read-only: the
   pgd_at one is shared by the whole session)."""
   workdir = str(tmp_path_factory.mktemp("attention_runs") / "standard")
-  out = _run(["launch.train", "--config=configs/fashion_mnist.py:smallcnn,standard,smoke",
-              f"--workdir={workdir}"], timeout=600)
+  out = _run(
+    [
+      "launch.train",
+      "--config=configs/fashion_mnist.py:smallcnn,standard,smoke",
+      f"--workdir={workdir}",
+    ],
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return {"pgd_at": smoke_workdir, "standard": workdir}
 
 
 def test_notebook_is_stripped():
   import nbformat
+
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
@@ -48,14 +56,21 @@ def test_notebook_is_stripped():
 def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
   import nbclient
   import nbformat
+
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel inherits this process's environment.
-  for key, value in _env(AGAD_NOTEBOOK_WORKDIR=smoke_runs["pgd_at"],
-                         AGAD_NOTEBOOK_COMPARE=smoke_runs["standard"],
-                         AGAD_NOTEBOOK_NUM_IMAGES="8").items():
+  for key, value in _env(
+    AGAD_NOTEBOOK_WORKDIR=smoke_runs["pgd_at"],
+    AGAD_NOTEBOOK_COMPARE=smoke_runs["standard"],
+    AGAD_NOTEBOOK_NUM_IMAGES="8",
+  ).items():
     monkeypatch.setenv(key, value)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=300,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}},
+  )
   client.execute()  # raises CellExecutionError with the traceback if a cell fails
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
@@ -74,25 +89,46 @@ def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
   # labelled by the workdir's name.
   workdir = copy_workdir(smoke_runs["pgd_at"], tmp_path / "pgd_at")
   # Two comparison workdirs (the same run twice: labels standard, standard_2).
-  out = _run(["launch.attention", f"--workdir={workdir}",
-              f"--compare={smoke_runs['standard']},{smoke_runs['standard']}",
-              "--num_images=12", "--site=stage2.pre_pool"], timeout=600)
+  out = _run(
+    [
+      "launch.attention",
+      f"--workdir={workdir}",
+      f"--compare={smoke_runs['standard']},{smoke_runs['standard']}",
+      "--num_images=12",
+      "--site=stage2.pre_pool",
+    ],
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   # A comparison gets its own folder beside the first run, not inside it.
   folder = str(tmp_path / "attention_pgd_at_vs_standard_vs_standard_2")
   assert not os.path.exists(os.path.join(workdir, "eval", "attention"))
   stats = json.load(open(os.path.join(folder, "attention_stage2_pre_pool.json")))
   import matplotlib.image
-  for name in ("examples_pgd_at_stage2_pre_pool", "examples_standard_stage2_pre_pool",
-               "distributions_stage2_pre_pool", "side_by_side_stage2_pre_pool"):
+
+  for name in (
+    "examples_pgd_at_stage2_pre_pool",
+    "examples_standard_stage2_pre_pool",
+    "distributions_stage2_pre_pool",
+    "side_by_side_stage2_pre_pool",
+  ):
     png = matplotlib.image.imread(os.path.join(folder, name + ".png"))
     assert png.ndim == 3 and min(png.shape[:2]) > 200 and png.std() > 0.01, name
   assert stats["num_images"] == 12 and set(stats["runs"]) == {"pgd_at", "standard", "standard_2"}
-  assert stats["runs"]["standard"]["all"] == stats["runs"]["standard_2"]["all"]  # same run, same key
+  assert (
+    stats["runs"]["standard"]["all"] == stats["runs"]["standard_2"]["all"]
+  )  # same run, same key
   for name, run in stats["runs"].items():
     assert run["objective"] == name.removesuffix("_2") and run["model"] == "smallcnn"
-    assert run["attack"] == {"name": "pgd-20", "norm": "linf", "eps": 0.1, "step_size": 0.01,
-                             "steps": 20, "seed": 0, "bn": "eval"}
+    assert run["attack"] == {
+      "name": "pgd-20",
+      "norm": "linf",
+      "eps": 0.1,
+      "step_size": 0.01,
+      "steps": 20,
+      "seed": 0,
+      "bn": "eval",
+    }
     assert run["kinds"] == ["grad_cam", "channel_mean"]  # no CAM: SmallCNN flattens
     assert 0.0 <= run["adversarial_accuracy"] <= run["clean_accuracy"] <= 1.0
     assert sum(c["n"] for c in run["per_class"].values()) == 12

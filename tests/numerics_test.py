@@ -25,8 +25,24 @@ from agad.training import step as step_lib
 from tests.helpers import assert_close, tiny_config
 
 # Every objective and composition a Fashion-MNIST smoke run trains without a teacher.
-SPECS = ("standard", "pgd_at", "trades", "mart", "alp", "iat", "cas", "again", "fsr", "afa",
-         "trades+awp", "trades+again", "mart+again", "again+awp", "trades+fsr", "trades+cas")
+SPECS = (
+  "standard",
+  "pgd_at",
+  "trades",
+  "mart",
+  "alp",
+  "iat",
+  "cas",
+  "again",
+  "fsr",
+  "afa",
+  "trades+awp",
+  "trades+again",
+  "mart+again",
+  "again+awp",
+  "trades+fsr",
+  "trades+cas",
+)
 
 
 def _nan_prone_gathers_and_scatters(jaxpr, found):
@@ -61,8 +77,10 @@ def test_label_picks_of_agkd_bml_and_mart_are_gather_free():
   """AGKD-BML's MART term (its step needs a teacher, so it is not in SPECS) and MART's loss."""
   logits = jax.random.normal(jax.random.key(0), (4, 10))
   labels = jnp.array([0, 9, 3, 9])
-  for fn in (lambda a: agkd_bml.mart_term(logits, a, labels, beta=6.0),
-             lambda a: mart_loss(logits, a, labels, beta=6.0)):
+  for fn in (
+    lambda a: agkd_bml.mart_term(logits, a, labels, beta=6.0),
+    lambda a: mart_loss(logits, a, labels, beta=6.0),
+  ):
     jaxpr = jax.make_jaxpr(jax.grad(fn))(logits)
     assert _nan_prone_gathers_and_scatters(jaxpr.jaxpr, []) == []
 
@@ -79,7 +97,9 @@ class ASEWeightsAtTheBoundaryTest(parameterized.TestCase):
     fn = self.variant(lambda w: again_lib.ase_weights(w, y, other, alpha=0.6))
     rows = np.asarray(kernel).T
     assert_close(fn(kernel), 0.6 * rows[np.asarray(y)] + 0.4 * rows[np.asarray(other)])
-    grad = self.variant(jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other, alpha=0.6) ** 2)))(kernel)
+    grad = self.variant(
+      jax.grad(lambda w: jnp.sum(again_lib.ase_weights(w, y, other, alpha=0.6) ** 2))
+    )(kernel)
     chex.assert_tree_all_finite(grad)
     # Column k of the gradient collects the rows that selected class k: classes 1, 2 none.
     chex.assert_trees_all_equal(grad[:, 1:3], jnp.zeros((6, 2)))
@@ -95,8 +115,9 @@ class PickAndRowsTest(parameterized.TestCase):
   def test_equal_indexing_and_gradients_at_the_boundary_indices(self):
     values = jax.random.normal(jax.random.key(0), (4, 6))
     index = jnp.array([0, 5, 5, 2])
-    chex.assert_trees_all_equal(self.variant(losses.pick)(values, index),
-                                values[jnp.arange(4), index])
+    chex.assert_trees_all_equal(
+      self.variant(losses.pick)(values, index), values[jnp.arange(4), index]
+    )
     table = jax.random.normal(jax.random.key(1), (6, 3))
     chex.assert_trees_all_equal(self.variant(losses.rows)(table, index), table[index])
     grad = self.variant(jax.grad(lambda t: jnp.sum(losses.rows(t, index, 0.5))))(table)

@@ -26,8 +26,17 @@ def make_config(**objective_overrides):
   for path, value in objective_overrides.items():
     name, field = path.split("__")
     c.objective[name][field] = value
-  c.attack = ml_collections.ConfigDict(dict(eps=EPS, step_size=0.04, steps=2, norm="linf",
-                                            random_start="uniform", bn="eval", driver="unroll"))
+  c.attack = ml_collections.ConfigDict(
+    dict(
+      eps=EPS,
+      step_size=0.04,
+      steps=2,
+      norm="linf",
+      random_start="uniform",
+      bn="eval",
+      driver="unroll",
+    )
+  )
   return c
 
 
@@ -48,7 +57,9 @@ def _train(model, params, state, x, y):
 
 
 def _close(a, b, **kw):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **{"rtol": 1e-5, "atol": 1e-6, **kw}), a, b)
+  jax.tree.map(
+    lambda u, v: np.testing.assert_allclose(u, v, **{"rtol": 1e-5, "atol": 1e-6, **kw}), a, b
+  )
 
 
 def test_trades_attack_is_kl_from_normal_start_in_eval_mode(setup):
@@ -57,8 +68,18 @@ def test_trades_attack_is_kl_from_normal_start_in_eval_mode(setup):
   key = jax.random.key(7)
   adv = obj.generate(params, state, {}, batch, key, 0)
   logits_fn = base.logits_fn_for(model, params, state, mode="eval")
-  expected = pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=EPS, step_size=0.04,
-                         steps=2, random_start="normal", loss="kl", driver="unroll")
+  expected = pgd_lib.pgd(
+    logits_fn,
+    batch["image"],
+    batch["label"],
+    key,
+    eps=EPS,
+    step_size=0.04,
+    steps=2,
+    random_start="normal",
+    loss="kl",
+    driver="unroll",
+  )
   _close(adv, expected)
   assert float(jnp.abs(adv - batch["image"]).max()) <= EPS + 1e-6
   assert obj.bn_policy.attack == "eval"
@@ -72,15 +93,22 @@ def test_trades_loss_and_bn_updates_clean_adv_clean(setup):
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
   c3 = _train(model, params, a2.model_state, batch["image"], batch["label"])
-  np.testing.assert_allclose(value, trades_loss(c1.logits, a2.logits, batch["label"], beta=6.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    value, trades_loss(c1.logits, a2.logits, batch["label"], beta=6.0), rtol=1e-5
+  )
   _close(new_state, c3.model_state)
   # Two passes would leave different running statistics (the test can fail).
   assert not np.allclose(jax.tree.leaves(a2.model_state)[0], jax.tree.leaves(c3.model_state)[0])
   # Gradient = gradient of trades_loss through one clean and one adversarial pass.
   grad = jax.grad(lambda p: obj.loss(p, state, {}, batch, adv, jax.random.key(8), 0)[0])(params)
-  ref = jax.grad(lambda p: trades_loss(_train(model, p, state, batch["image"], batch["label"]).logits,
-                                       _train(model, p, state, adv, batch["label"]).logits,
-                                       batch["label"], beta=6.0))(params)
+  ref = jax.grad(
+    lambda p: trades_loss(
+      _train(model, p, state, batch["image"], batch["label"]).logits,
+      _train(model, p, state, adv, batch["label"]).logits,
+      batch["label"],
+      beta=6.0,
+    )
+  )(params)
   _close(grad, ref, rtol=1e-4, atol=1e-6)
   # Option: two passes only.
   obj2 = trades(model, make_config(trades__bn_updates="clean,adv"))
@@ -94,13 +122,25 @@ def test_mart_attack_and_loss(setup):
   key = jax.random.key(3)
   adv = obj.generate(params, state, {}, batch, key, 0)
   logits_fn = base.logits_fn_for(model, params, state, mode="eval")
-  expected = pgd_lib.pgd(logits_fn, batch["image"], batch["label"], key, eps=EPS, step_size=0.04,
-                         steps=2, random_start="normal", loss="ce", driver="unroll")
+  expected = pgd_lib.pgd(
+    logits_fn,
+    batch["image"],
+    batch["label"],
+    key,
+    eps=EPS,
+    step_size=0.04,
+    steps=2,
+    random_start="normal",
+    loss="ce",
+    driver="unroll",
+  )
   _close(adv, expected)
   value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
-  np.testing.assert_allclose(value, mart_loss(c1.logits, a2.logits, batch["label"], beta=6.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    value, mart_loss(c1.logits, a2.logits, batch["label"], beta=6.0), rtol=1e-5
+  )
   _close(new_state, a2.model_state)
 
 
@@ -111,15 +151,32 @@ def test_alp_least_likely_targeted_attack_and_concatenated_pass(setup):
   adv = obj.generate(params, state, {}, batch, key, 0)
   logits_fn = base.logits_fn_for(model, params, state, mode="eval")
   target = jnp.argmin(logits_fn(batch["image"]), -1)
-  expected = pgd_lib.pgd(logits_fn, batch["image"], target, jax.random.split(key)[1], eps=EPS,
-                         step_size=0.04, steps=2, random_start="uniform", loss="ce", targeted=True,
-                         driver="unroll")
+  expected = pgd_lib.pgd(
+    logits_fn,
+    batch["image"],
+    target,
+    jax.random.split(key)[1],
+    eps=EPS,
+    step_size=0.04,
+    steps=2,
+    random_start="uniform",
+    loss="ce",
+    targeted=True,
+    driver="unroll",
+  )
   _close(adv, expected)
   value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, key, 0)
-  both = _train(model, params, state, jnp.concatenate([batch["image"], adv]),
-                jnp.concatenate([batch["label"], batch["label"]]))
+  both = _train(
+    model,
+    params,
+    state,
+    jnp.concatenate([batch["image"], adv]),
+    jnp.concatenate([batch["label"], batch["label"]]),
+  )
   lc, la = jnp.split(both.logits, 2)
-  np.testing.assert_allclose(value, alp_loss(lc, la, batch["label"], weight=0.5, label_smoothing=0.1), rtol=1e-5)
+  np.testing.assert_allclose(
+    value, alp_loss(lc, la, batch["label"], weight=0.5, label_smoothing=0.1), rtol=1e-5
+  )
   _close(new_state, both.model_state)
 
 
@@ -130,8 +187,10 @@ def test_iat_without_mixing_is_mean_of_clean_and_adversarial_ce(setup):
   value, (new_state, _, _, _) = obj.loss(params, state, {}, batch, adv, jax.random.key(6), 0)
   c1 = _train(model, params, state, batch["image"], batch["label"])
   a2 = _train(model, params, c1.model_state, adv, batch["label"])
-  expected = 0.5 * (base.cross_entropy_mean(c1.logits, batch["label"])
-                    + base.cross_entropy_mean(a2.logits, batch["label"]))
+  expected = 0.5 * (
+    base.cross_entropy_mean(c1.logits, batch["label"])
+    + base.cross_entropy_mean(a2.logits, batch["label"])
+  )
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   _close(new_state, a2.model_state)
   mixed = iat(model, make_config())

@@ -61,7 +61,9 @@ def test_kl_direction_is_clean_to_adversarial_with_gradient_through_both():
   np.testing.assert_allclose(got, forward, rtol=1e-5)
   assert np.abs(got - reverse).max() > 1e-2  # the reverse direction is a different loss
   # No detach: the robust term has gradient w.r.t. the clean logits too.
-  robust = lambda lc, la: trades_loss(lc, la, jnp.asarray(Y), beta=1.0) - trades_loss(lc, la, jnp.asarray(Y), beta=0.0)
+  robust = lambda lc, la: (
+    trades_loss(lc, la, jnp.asarray(Y), beta=1.0) - trades_loss(lc, la, jnp.asarray(Y), beta=0.0)
+  )
   g_clean, g_adv = jax.grad(robust, argnums=(0, 1))(jnp.asarray(LC), jnp.asarray(LA))
   assert float(jnp.abs(g_clean).sum()) > 1e-3 and float(jnp.abs(g_adv).sum()) > 1e-3
 
@@ -77,7 +79,9 @@ def _mart_numpy(lc, la, y, beta):
     new_y = order[-2] if order[-1] == y[b] else order[-1]
     ce_adv += -np.log(adv[b, y[b]]) / B
     boosted += -np.log(1.0001 - adv[b, new_y] + 1e-12) / B
-    kl = sum(nat[b, k] * (np.log(nat[b, k]) - np.log(adv[b, k] + 1e-12)) for k in range(lc.shape[1]))
+    kl = sum(
+      nat[b, k] * (np.log(nat[b, k]) - np.log(adv[b, k] + 1e-12)) for k in range(lc.shape[1])
+    )
     robust += kl * (1.0000001 - nat[b, y[b]])
   return ce_adv + boosted + beta * robust / B
 
@@ -108,7 +112,9 @@ def test_alp_hand_value():
   ce_clean = -(0.95 * math.log(e / (e + 1)) + 0.05 * math.log(1 / (e + 1)))
   ce_adv = -(0.95 * math.log(1 / (e + 1)) + 0.05 * math.log(e / (e + 1)))
   expected = 0.5 * (ce_clean + ce_adv) + 0.5 * 1.0  # mean((z - z')^2) = 1
-  np.testing.assert_allclose(alp_loss(lc, la, y, weight=0.5, label_smoothing=0.1), expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    alp_loss(lc, la, y, weight=0.5, label_smoothing=0.1), expected, rtol=1e-6
+  )
 
 
 def test_alp_against_numpy_batch_means():
@@ -117,8 +123,9 @@ def test_alp_against_numpy_batch_means():
   t[np.arange(len(Y)), Y] += 0.9
   xent = lambda z: -(t * np.log(_softmax(z))).sum(-1)
   expected = np.concatenate([xent(LC), xent(LA)]).mean() + 0.5 * ((LC - LA) ** 2).mean()
-  np.testing.assert_allclose(alp_loss(jnp.asarray(LC), jnp.asarray(LA), jnp.asarray(Y), weight=0.5),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    alp_loss(jnp.asarray(LC), jnp.asarray(LA), jnp.asarray(Y), weight=0.5), expected, rtol=1e-5
+  )
 
 
 def test_mixup_batch_and_criterion():
@@ -131,21 +138,34 @@ def test_mixup_batch_and_criterion():
   assert float(lam0) == 1.0
   perm = jnp.array([2, 0, 1])
   value = mixup_cross_entropy(jnp.asarray(LC), jnp.asarray(Y), perm, 0.3)
-  np.testing.assert_allclose(value, 0.3 * _ce(LC, Y).mean() + 0.7 * _ce(LC, Y[[2, 0, 1]]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    value, 0.3 * _ce(LC, Y).mean() + 0.7 * _ce(LC, Y[[2, 0, 1]]).mean(), rtol=1e-5
+  )
 
 
 def test_defaults_are_official_and_overrides_merge():
   d = objective_defaults()
-  assert (d.trades.beta, d.mart.beta, d.alp.weight, d.alp.label_smoothing, d.cas.weight) == (6.0, 6.0, 0.5, 0.1, 2.0)
+  assert (d.trades.beta, d.mart.beta, d.alp.weight, d.alp.label_smoothing, d.cas.weight) == (
+    6.0,
+    6.0,
+    0.5,
+    0.1,
+    2.0,
+  )
   assert (d.awp.gamma, d.awp.proxy_lr, d.awp.warmup_steps) == (0.005, 0.1, 0)
   assert d.trades.random_start == "normal" and d.mart.random_start == "normal"
   config = ml_collections.ConfigDict({"objective": {"trades": {"beta": 1.0}}})
   merged = objective_config(config, "trades", defenses.defaults("trades"))
   assert merged.beta == 1.0 and merged.bn_updates == "clean,adv,clean"
-  assert objective_config(ml_collections.ConfigDict(), "mart", defenses.defaults("mart")).beta == 6.0
+  assert (
+    objective_config(ml_collections.ConfigDict(), "mart", defenses.defaults("mart")).beta == 6.0
+  )
   with pytest.raises(KeyError, match="unknown fields"):
-    objective_config(ml_collections.ConfigDict({"objective": {"trades": {"betta": 1.0}}}), "trades",
-                     defenses.defaults("trades"))
+    objective_config(
+      ml_collections.ConfigDict({"objective": {"trades": {"betta": 1.0}}}),
+      "trades",
+      defenses.defaults("trades"),
+    )
   assert bn_pass_order("adv, clean,clean") == ("adv", "clean", "clean")
   with pytest.raises(ValueError):
     bn_pass_order("clean,clean")
@@ -161,4 +181,6 @@ def test_mart_keeps_its_1e_7_floor_on_confident_clean_examples():
   kl = -np.log(q[0] + 1e-12)  # clean distribution is one-hot at 0
   floor = float(np.float32(1.0000001) - np.float32(1.0))
   without = float(mart_loss(lc, la, y, beta=0.0))
-  np.testing.assert_allclose(float(mart_loss(lc, la, y, beta=beta)) - without, beta * kl * floor, rtol=1e-3)
+  np.testing.assert_allclose(
+    float(mart_loss(lc, la, y, beta=beta)) - without, beta * kl * floor, rtol=1e-3
+  )

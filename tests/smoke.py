@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
 SMOKE_CONFIG = "configs/fashion_mnist.py:smallcnn,pgd_at,smoke"
 needs_data = pytest.mark.skipif(
-    not os.path.exists(FMNIST),
-    reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)")
+  not os.path.exists(FMNIST),
+  reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
+)
 
 
 def launch_env(**extra) -> dict:
@@ -35,27 +36,53 @@ def launch_env(**extra) -> dict:
 
 def run_module(args, *, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
   """``python -m args[0] args[1:]`` in the repository root."""
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env or launch_env(),
-                        capture_output=True, text=True, timeout=timeout, **kw)
+  return subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=REPO,
+    env=env or launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kw,
+  )
 
 
 def run_tool(script: str, args=(), *, env=None, timeout=600) -> subprocess.CompletedProcess:
   """``python tools/<script> args`` in the repository root (the dev scripts are files, not
   modules of the installed package)."""
-  return subprocess.run([sys.executable, os.path.join(REPO, "tools", script), *args], cwd=REPO,
-                        env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "tools", script), *args],
+    cwd=REPO,
+    env=env or launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
-def run_chain(module: str, runs: list[list[str]], *, env=None, timeout=600) -> subprocess.CompletedProcess:
+def run_chain(
+  module: str, runs: list[list[str]], *, env=None, timeout=600
+) -> subprocess.CompletedProcess:
   """Several ``python -m module ARGS`` in one process (tests/launch_chain.py)."""
-  return subprocess.run([sys.executable, os.path.join(REPO, "tests", "launch_chain.py"), module,
-                         json.dumps(runs)], cwd=REPO, env=env or launch_env(), capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "tests", "launch_chain.py"), module, json.dumps(runs)],
+    cwd=REPO,
+    env=env or launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def run_bash(script: str, args=(), *, env=None, timeout=600) -> subprocess.CompletedProcess:
-  return subprocess.run(["bash", script, *args], cwd=REPO, env=env or launch_env(),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    ["bash", script, *args],
+    cwd=REPO,
+    env=env or launch_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def copy_workdir(src: str, dst) -> str:
@@ -68,11 +95,17 @@ def env_sh_is_a_no_op() -> bool:
   """launch/env.sh would only check (no venv creation, pip or apt): the scripts that source
   it can run offline."""
   stamp = os.path.join(REPO, ".venv", ".agad-installed")
-  if not (os.access(os.path.join(REPO, ".venv", "bin", "python"), os.X_OK) and os.path.exists(stamp)
-          and os.path.exists(FMNIST)):
+  if not (
+    os.access(os.path.join(REPO, ".venv", "bin", "python"), os.X_OK)
+    and os.path.exists(stamp)
+    and os.path.exists(FMNIST)
+  ):
     return False
-  want = hashlib.sha256(b"".join(open(os.path.join(REPO, f), "rb").read()
-                                 for f in ("requirements.txt", "pyproject.toml"))).hexdigest()
+  want = hashlib.sha256(
+    b"".join(
+      open(os.path.join(REPO, f), "rb").read() for f in ("requirements.txt", "pyproject.toml")
+    )
+  ).hexdigest()
   return open(stamp).read().strip() == want
 
 
@@ -80,24 +113,30 @@ def require_env_sh_no_op() -> None:
   """Skips, right before a script sources launch/env.sh, if env.sh would install (the
   requirements can change while the suite runs: env.sh would pip-install into .venv)."""
   if not env_sh_is_a_no_op():
-    pytest.skip(".venv's install stamp does not match requirements.txt + pyproject.toml: "
-                "launch/env.sh would pip-install")
+    pytest.skip(
+      ".venv's install stamp does not match requirements.txt + pyproject.toml: "
+      "launch/env.sh would pip-install"
+    )
 
 
 needs_env_sh = pytest.mark.skipif(
-    not env_sh_is_a_no_op(),
-    reason=".venv is not set up with the pinned requirements (or Fashion-MNIST is missing): "
-           "launch/env.sh would install (internet)")
+  not env_sh_is_a_no_op(),
+  reason=".venv is not set up with the pinned requirements (or Fashion-MNIST is missing): "
+  "launch/env.sh would install (internet)",
+)
 
 
 def tail(out: subprocess.CompletedProcess, n: int = 3000) -> str:
-  return (out.stdout[-n // 3:] + "\n--- stderr ---\n" + out.stderr[-n:])
+  return out.stdout[-n // 3 :] + "\n--- stderr ---\n" + out.stderr[-n:]
 
 
 def reports(folder, preset: str) -> list[str]:
   """The report JSONs of one preset in an eval folder (``report_step<S>_<preset>[_n<N>].json``)."""
-  return sorted(p for p in glob.glob(os.path.join(str(folder), "report_step*.json"))
-                if re.fullmatch(rf"report_step\d+_{preset}(_n\d+)?\.json", os.path.basename(p)))
+  return sorted(
+    p
+    for p in glob.glob(os.path.join(str(folder), "report_step*.json"))
+    if re.fullmatch(rf"report_step\d+_{preset}(_n\d+)?\.json", os.path.basename(p))
+  )
 
 
 def attacks(path: str) -> list[str]:

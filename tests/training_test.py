@@ -75,35 +75,49 @@ def test_train_step_compiles_once():
 def test_pgd_at_generate_uses_eval_bn_and_does_not_touch_stats():
   from agad.attacks import iterative
   from agad.objectives import base
+
   model, objective, _, state, batch = _setup()
   # Running statistics far from this batch's, so that the two BN modes attack different
   # functions (at init they are mean 0 / variance 1).
   model_state = jax.tree.map(lambda v: v + 0.7, state.model_state)
   # A step past the eps warm-up: the full radius (at step 0 the ramp makes it eps / 226).
-  adv = objective.generate(state.params, model_state, state.aux_state, batch, jax.random.key(0),
-                           10**6)
+  adv = objective.generate(
+    state.params, model_state, state.aux_state, batch, jax.random.key(0), 10**6
+  )
   attack = tiny_config().attack
   assert float(jnp.abs(adv - batch["image"]).max()) <= attack.eps + 1e-6
 
   def pgd_with(mode):
     fn = base.logits_fn_for(model, state.params, model_state, mode=mode)
-    return iterative.pgd(fn, batch["image"], batch["label"], jax.random.key(0),
-                         eps=attack.eps, step_size=attack.step_size,
-                         steps=attack.steps, norm=attack.norm, random_start=attack.random_start,
-                         loss="ce", driver=attack.driver)
+    return iterative.pgd(
+      fn,
+      batch["image"],
+      batch["label"],
+      jax.random.key(0),
+      eps=attack.eps,
+      step_size=attack.step_size,
+      steps=attack.steps,
+      norm=attack.norm,
+      random_start=attack.random_start,
+      loss="ce",
+      driver=attack.driver,
+    )
+
   with_running, with_batch = pgd_with("eval"), pgd_with("batch")
   # The two BN modes give different adversarials here (the check below can tell) ...
   assert float(jnp.abs(with_running - with_batch).max()) > 1e-3
   # ... and generate's are those of the attack through the running statistics.
   np.testing.assert_allclose(adv, with_running, atol=1e-6)
-  _, (new_model_state, _, _, _) = objective.loss(state.params, state.model_state, state.aux_state,
-                                               batch, adv, jax.random.key(1), 0)
+  _, (new_model_state, _, _, _) = objective.loss(
+    state.params, state.model_state, state.aux_state, batch, adv, jax.random.key(1), 0
+  )
   # The loss pass (train mode) updates BN statistics; generate returned only images.
   assert not np.allclose(jax.tree.leaves(new_model_state)[0], jax.tree.leaves(state.model_state)[0])
 
 
 def _final_params(workdir):
   import agad
+
   return jax.device_get(agad.load(workdir, "latest").variables)
 
 
@@ -125,7 +139,9 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 
 def _chaos_tool():
   """``tools/chaos_train.py``: a dev script (no package), loaded from its file."""
-  spec = importlib.util.spec_from_file_location("chaos_train", os.path.join(REPO, "tools", "chaos_train.py"))
+  spec = importlib.util.spec_from_file_location(
+    "chaos_train", os.path.join(REPO, "tools", "chaos_train.py")
+  )
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up by name
   spec.loader.exec_module(module)
@@ -138,19 +154,34 @@ def test_sigkill_during_a_save_and_in_training_resumes_bitwise(tmp_path):
   the final TrainState (params, optimiser state, BN statistics, EMA, step, PRNG key), iterator
   state and kept steps equal an uninterrupted run's. tools/chaos_train.py does 20 kills."""
   chaos = _chaos_tool()
-  overrides = ["--config.data.name=synthetic", "--config.data.num_train=96",
-               "--config.data.num_test=32", "--config.data.val_size=16",
-               "--config.data.image_shape=(8, 8, 1)", "--config.batch_size=16",
-               "--config.num_epochs=2", "--config.attack.steps=2",
-               "--config.validation.attack.steps=1", "--config.validation.batch_size=16",
-               *chaos.TRAIN_OVERRIDES]
-  command = lambda workdir: chaos.train_command(workdir, "configs/fashion_mnist.py:tiny_bn,pgd_at,smoke",
-                                                overrides)
+  overrides = [
+    "--config.data.name=synthetic",
+    "--config.data.num_train=96",
+    "--config.data.num_test=32",
+    "--config.data.val_size=16",
+    "--config.data.image_shape=(8, 8, 1)",
+    "--config.batch_size=16",
+    "--config.num_epochs=2",
+    "--config.attack.steps=2",
+    "--config.validation.attack.steps=1",
+    "--config.validation.batch_size=16",
+    *chaos.TRAIN_OVERRIDES,
+  ]
+  command = lambda workdir: chaos.train_command(
+    workdir, "configs/fashion_mnist.py:tiny_bn,pgd_at,smoke", overrides
+  )
   # The launches inherit the test run's compilation cache and cheap-compile setting
   # (conftest.py): the reference compiles, the three restarts load the same programs.
   env = chaos.child_env()
-  figures = chaos.chaos_train(str(tmp_path), kills=2, seed=0, command=command, env=env,
-                              kinds=["save", "train"], log=lambda *_: None)
+  figures = chaos.chaos_train(
+    str(tmp_path),
+    kills=2,
+    seed=0,
+    command=command,
+    env=env,
+    kinds=["save", "train"],
+    log=lambda *_: None,
+  )
   assert figures["kills"] == 2, "a launch finished before its kill; lengthen the run"
   first = figures["kill_records"][0]
   assert first.during_save and first.left_behind, "the save kill missed the write"
@@ -159,7 +190,8 @@ def test_sigkill_during_a_save_and_in_training_resumes_bitwise(tmp_path):
   assert all(0 <= lost <= 4 for lost in figures["recomputed"]), figures["recomputed"]
   assert figures["mismatches"] == []
   (ref, ref_step), (killed, killed_step) = (
-      ckpt_lib.read_state(str(tmp_path / w), "latest", with_key=True) for w in ("reference", "killed"))
+    ckpt_lib.read_state(str(tmp_path / w), "latest", with_key=True) for w in ("reference", "killed")
+  )
   assert ref_step == killed_step == figures["total_steps"] == 10
   chex.assert_trees_all_equal(killed, ref)
 
@@ -177,9 +209,12 @@ def test_finished_workdir_returns_promptly_and_changed_trajectory_is_refused(tmp
 def test_non_finite_loss_stops_without_saving(tmp_path):
   workdir = str(tmp_path / "nan")
   config = tiny_config(**{"optim.lr": 1e30, "log_every_steps": 1})
-  with pytest.raises(FloatingPointError, match=r"non-finite training (loss|grad_norm) \(\S+\) at step \d+; "
-                                               r"no checkpoint was saved yet\. .*--config\.optim\.grad_clip=1\.0 "
-                                               r"and a lower --config\.optim\.lr \(now 1e\+30"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"non-finite training (loss|grad_norm) \(\S+\) at step \d+; "
+    r"no checkpoint was saved yet\. .*--config\.optim\.grad_clip=1\.0 "
+    r"and a lower --config\.optim\.lr \(now 1e\+30",
+  ):
     loop.Trainer(config, workdir).run()
   ckdir = os.path.join(workdir, "checkpoints")
   assert not [d for d in os.listdir(ckdir) if d.isdigit()]
@@ -189,8 +224,11 @@ def test_nan_gradient_stops_at_its_step_and_the_last_checkpoint_restores(tmp_pat
   """A NaN gradient (the loss still finite) is named at its own step, not at the next step's
   NaN loss; no checkpoint follows it and the last one restores."""
   import agad
+
   workdir = str(tmp_path / "nan_grad")
-  trainer = loop.Trainer(tiny_config(**{"checkpoint.every_steps": 2, "log_every_steps": 4}), workdir)
+  trainer = loop.Trainer(
+    tiny_config(**{"checkpoint.every_steps": 2, "log_every_steps": 4}), workdir
+  )
   step_fn = trainer.train_step
 
   def nan_gradient_at_step_3(state, batch, frozen):
@@ -199,21 +237,29 @@ def test_nan_gradient_stops_at_its_step_and_the_last_checkpoint_restores(tmp_pat
       state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
       metrics = dict(metrics, grad_norm=jnp.full((), jnp.nan, jnp.float32))
     return state, metrics
+
   trainer.train_step = nan_gradient_at_step_3
   with pytest.raises(loop.NonFiniteError) as error:
     trainer.run()
   message = str(error.value)
   assert "\n" not in message
   # Logged every 4 steps: the check still names step 3 and the gradient norm.
-  assert message.startswith("non-finite training grad_norm (nan) at step 3; the last good "
-                            f"checkpoint (step 2) is kept in {os.path.join(workdir, 'checkpoints')}.")
-  for advice in ("--config.optim.grad_clip=1.0", "a lower --config.optim.lr (now 0.01, e.g. 0.001)",
-                 f"--config.init.workdir={workdir} --config.init.step=2"):
+  assert message.startswith(
+    "non-finite training grad_norm (nan) at step 3; the last good "
+    f"checkpoint (step 2) is kept in {os.path.join(workdir, 'checkpoints')}."
+  )
+  for advice in (
+    "--config.optim.grad_clip=1.0",
+    "a lower --config.optim.lr (now 0.01, e.g. 0.001)",
+    f"--config.init.workdir={workdir} --config.init.step=2",
+  ):
     assert advice in message
   assert sorted(d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == ["2"]
   raw, step = ckpt_lib.read_state(workdir, "latest")
   assert step == 2
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(raw) if np.issubdtype(x.dtype, np.floating))
+  assert all(
+    np.isfinite(x).all() for x in jax.tree.leaves(raw) if np.issubdtype(x.dtype, np.floating)
+  )
   loaded = agad.load(workdir, "latest")
   assert loaded.step == 2
   assert np.isfinite(np.asarray(loaded.logits_fn(np.zeros((4, 8, 8, 1), np.float32)))).all()
@@ -232,7 +278,10 @@ def test_every_objective_trains_through_the_loop(tmp_path, spec):
   init = jax.device_get(trainer.initial_state().params)
   final = trainer.run()
   assert trainer.train_traces == 1
-  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(jax.device_get(final.params)))]
+  moved = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(jax.device_get(final.params)))
+  ]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(final.params)))
   assert sum(moved) > len(moved) // 2
   lines = [json.loads(l) for l in open(tmp_path / spec.replace("+", "_") / "metrics.jsonl")]
@@ -247,6 +296,7 @@ def test_init_from_copies_maps_and_freezes(tmp_path):
   source = str(tmp_path / "teacher")
   loop.Trainer(tiny_config(num_epochs=1), source).run()
   import agad
+
   teacher = jax.device_get(agad.load(source, "latest").variables)
 
   config = tiny_config(num_epochs=1, **{"init.workdir": source, "init.freeze": "^stem_"})
@@ -256,7 +306,9 @@ def test_init_from_copies_maps_and_freezes(tmp_path):
     assert np.array_equal(a, b)
   chex.assert_trees_all_equal(start.model_state, {"batch_stats": teacher["batch_stats"]})
   final = jax.device_get(student.run().params)
-  np.testing.assert_array_equal(final["stem_conv"]["kernel"], teacher["params"]["stem_conv"]["kernel"])
+  np.testing.assert_array_equal(
+    final["stem_conv"]["kernel"], teacher["params"]["stem_conv"]["kernel"]
+  )
   assert not np.allclose(final["classifier"]["kernel"], teacher["params"]["classifier"]["kernel"])
 
   # A param_map pointing at a missing source path is an error naming it.
@@ -267,32 +319,44 @@ def test_init_from_copies_maps_and_freezes(tmp_path):
 
 def test_eps_warmup_ramps_the_training_attack():
   from agad.objectives import defaults
-  config = tiny_config(**{"attack.eps_warmup_steps": 4, "attack.eps": 0.2, "attack.step_size": 0.05})
+
+  config = tiny_config(
+    **{"attack.eps_warmup_steps": 4, "attack.eps": 0.2, "attack.step_size": 0.05}
+  )
   attack = defaults.TrainingAttack(None, config, None)
   for step, frac in ((0, 0.25), (1, 0.5), (3, 1.0), (10, 1.0)):
     eps, size = attack.radius(step)
     np.testing.assert_allclose([eps, size], [0.2 * frac, 0.05 * frac], rtol=1e-6)
   model, objective, _, state, batch = _setup()
   objective = pgd_at(model, config)
-  adv = objective.generate(state.params, state.model_state, {}, batch, jax.random.key(0), jnp.int32(0))
+  adv = objective.generate(
+    state.params, state.model_state, {}, batch, jax.random.key(0), jnp.int32(0)
+  )
   assert float(jnp.abs(adv - batch["image"]).max()) <= 0.05 + 1e-6
 
 
 def test_best_checkpoint_metric_depends_on_objective(tmp_path):
   from agad import checkpoint as ckpt_lib
+
   assert ckpt_lib.best_metric_for(tiny_config("standard")) == "val/clean_accuracy"
   assert ckpt_lib.best_metric_for(tiny_config("trades")) == "val/robust_accuracy"
   with pytest.raises(ValueError, match="best_metric"):
     ckpt_lib.best_metric_for(tiny_config("trades", **{"checkpoint.best_metric": "test/acc"}))
   # Step 1 is the robust best, step 2 the clean best.
-  metrics = {1: {"val/clean_accuracy": 0.7, "val/robust_accuracy": 0.4},
-             2: {"val/clean_accuracy": 0.9, "val/robust_accuracy": 0.1}}
+  metrics = {
+    1: {"val/clean_accuracy": 0.7, "val/robust_accuracy": 0.4},
+    2: {"val/clean_accuracy": 0.9, "val/robust_accuracy": 0.1},
+  }
   for metric, expected in (("val/clean_accuracy", 2), ("val/robust_accuracy", 1)):
     directory = str(tmp_path / metric.replace("/", "_"))
     ckpt = ckpt_lib.Checkpointer(directory, best_metric=metric, async_save=False)
     for step, m in metrics.items():
-      ckpt.save(step, {"w": np.full((2,), step, np.float32)}, data_state={},
-                meta={"metrics": m, "best_metric": metric})
+      ckpt.save(
+        step,
+        {"w": np.full((2,), step, np.float32)},
+        data_state={},
+        meta={"metrics": m, "best_metric": metric},
+      )
     ckpt.close()
     # The metric recorded in the metadata wins over the reader's default.
     assert ckpt_lib.resolve_step(directory, "best", best_metric="val/robust_accuracy") == expected
@@ -313,9 +377,11 @@ def test_validation_step_adds_the_adaptive_attack_and_takes_the_worst_case():
   def adaptive_factory(model, variables):
     del model
     fc = variables["params"]["fc"]
+
     def loss(x, labels):
       logits = x.reshape(x.shape[0], -1) @ fc["kernel"] + fc["bias"]
       return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
+
     return {"": loss}
 
   model = MaskedLinear()

@@ -42,29 +42,42 @@ def main(argv):
   work = tempfile.mkdtemp(prefix="agad_timing_")
   before_tree = os.path.join(work, "before")
   os.makedirs(before_tree)
-  archive = subprocess.run(["git", "-C", root, "archive", FLAGS.before], check=True,
-                           capture_output=True).stdout
+  archive = subprocess.run(
+    ["git", "-C", root, "archive", FLAGS.before], check=True, capture_output=True
+  ).stdout
   subprocess.run(["tar", "-x", "-C", before_tree], input=archive, check=True)
   trees = {"before": before_tree, "after": root}
   runs: dict[str, list[dict]] = {"before": [], "after": []}
   for round_index in range(FLAGS.rounds):
     for label, tree in trees.items():
       out = os.path.join(work, f"{label}_{round_index}.json")
-      cmd = [sys.executable, os.path.join(root, "tools", "parity_autoattack.py"), "--timing",
-             f"--agad_root={tree}", f"--threads={FLAGS.threads}", f"--n={FLAGS.n}",
-             f"--square_queries={FLAGS.square_queries}", f"--repeats={FLAGS.repeats}",
-             f"--attacks={','.join(FLAGS.attacks)}", f"--params_cache={FLAGS.params_cache}",
-             f"--output={out}"]
+      cmd = [
+        sys.executable,
+        os.path.join(root, "tools", "parity_autoattack.py"),
+        "--timing",
+        f"--agad_root={tree}",
+        f"--threads={FLAGS.threads}",
+        f"--n={FLAGS.n}",
+        f"--square_queries={FLAGS.square_queries}",
+        f"--repeats={FLAGS.repeats}",
+        f"--attacks={','.join(FLAGS.attacks)}",
+        f"--params_cache={FLAGS.params_cache}",
+        f"--output={out}",
+      ]
       print(f"[{label} round {round_index}] {' '.join(cmd)}", flush=True)
       subprocess.run(cmd, cwd=root, check=True)
       with open(out) as f:
         runs[label].append(json.load(f)["timing"])
 
-  print(f"\n=== agad before ({FLAGS.before}) / after (working tree) / reference: N={FLAGS.n}, "
-        f"square_queries={FLAGS.square_queries}, threads {FLAGS.threads}, "
-        f"{FLAGS.rounds} process(es) per revision, {FLAGS.repeats} calls per attack ===")
-  header = (f"{'attack':<8} {'before cold':>11} {'before warm':>11} {'after cold':>10} "
-            f"{'after warm':>10} {'reference':>9} {'RA bef/aft/ref (%)':>22} {'agree aft':>9}")
+  print(
+    f"\n=== agad before ({FLAGS.before}) / after (working tree) / reference: N={FLAGS.n}, "
+    f"square_queries={FLAGS.square_queries}, threads {FLAGS.threads}, "
+    f"{FLAGS.rounds} process(es) per revision, {FLAGS.repeats} calls per attack ==="
+  )
+  header = (
+    f"{'attack':<8} {'before cold':>11} {'before warm':>11} {'after cold':>10} "
+    f"{'after warm':>10} {'reference':>9} {'RA bef/aft/ref (%)':>22} {'agree aft':>9}"
+  )
   print(header)
   print("-" * len(header))
   combined = {}
@@ -73,17 +86,24 @@ def main(argv):
     ref = float(np.median([t for label in rows for r in rows[label] for t in r["ref_times"]]))
     med = lambda label, key: float(np.median([r[key] for r in rows[label]]))
     ra = lambda label, key: 100 * rows[label][0][key]
-    combined[name] = dict(before_cold=med("before", "agad_cold_s"),
-                          before_warm=med("before", "agad_warm_s"),
-                          after_cold=med("after", "agad_cold_s"),
-                          after_warm=med("after", "agad_warm_s"), reference=ref,
-                          ra_before=ra("before", "agad"), ra_after=ra("after", "agad"),
-                          ra_ref=ra("after", "ref"), agree_after=rows["after"][0]["agree"])
+    combined[name] = dict(
+      before_cold=med("before", "agad_cold_s"),
+      before_warm=med("before", "agad_warm_s"),
+      after_cold=med("after", "agad_cold_s"),
+      after_warm=med("after", "agad_warm_s"),
+      reference=ref,
+      ra_before=ra("before", "agad"),
+      ra_after=ra("after", "agad"),
+      ra_ref=ra("after", "ref"),
+      agree_after=rows["after"][0]["agree"],
+    )
     c = combined[name]
-    print(f"{name:<8} {c['before_cold']:11.1f} {c['before_warm']:11.1f} {c['after_cold']:10.1f} "
-          f"{c['after_warm']:10.1f} {ref:9.1f} "
-          f"{c['ra_before']:6.2f}/{c['ra_after']:6.2f}/{c['ra_ref']:6.2f}{'':>2} "
-          f"{100 * c['agree_after']:8.1f}%")
+    print(
+      f"{name:<8} {c['before_cold']:11.1f} {c['before_warm']:11.1f} {c['after_cold']:10.1f} "
+      f"{c['after_warm']:10.1f} {ref:9.1f} "
+      f"{c['ra_before']:6.2f}/{c['ra_after']:6.2f}/{c['ra_ref']:6.2f}{'':>2} "
+      f"{100 * c['agree_after']:8.1f}%"
+    )
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump({"combined": combined, "runs": runs}, f, indent=1)

@@ -55,7 +55,7 @@ TRAIN_OVERRIDES = ("--config.checkpoint.every_steps=2", "--config.log_every_step
 # The smoke run's 2 epochs (24 steps) are too few for 20 kills that each let it progress a
 # little; 4 epochs (48 steps) leave room (each kill costs ~1 step of progress on average).
 EPOCHS = ("--config.num_epochs=4",)
-TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax writes step N into "N.orbax-checkpoint-tmp"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes step N into "N.orbax-checkpoint-tmp"
 KINDS = {"startup": 0.1, "train": 0.4, "save": 0.35, "commit": 0.15}  # kill kind -> probability
 _STEP = re.compile(r"loop\.py:\d+\] step (\d+)/(\d+) ")
 _RESUMED = re.compile(r"resumed from step (\d+)")
@@ -69,14 +69,23 @@ def child_env(compile_cache: str | None = None, **extra) -> dict:
   env = dict(os.environ, PYTHONPATH=REPO, **extra)
   env.setdefault("JAX_PLATFORMS", "cpu")
   if compile_cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=compile_cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
   return env
 
 
 def train_command(workdir: str, config: str = SMOKE, overrides=TRAIN_OVERRIDES) -> list[str]:
-  return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
-          *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "launch.train",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
 
 
 def smoke_command(workdir: str) -> list[str]:
@@ -90,15 +99,16 @@ class Launch:
 
   def __init__(self, command: list[str], env: dict, log_path: str):
     self.t0 = time.monotonic()
-    self.steps: list[tuple[float, int]] = []   # (seconds since start, step logged)
+    self.steps: list[tuple[float, int]] = []  # (seconds since start, step logged)
     self.resumed_from = 0
     self.start_known = False  # whether it got as far as choosing its start step
     self.chunks: list[tuple[float, str, int]] = []  # evaluation: (seconds, row, examples done)
     self._log = open(log_path, "a", buffering=1)  # line by line, in order with the child's own
     self._log.write(f"$ {' '.join(command)}\n")
     self._log.flush()
-    self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log,
-                                 stderr=subprocess.PIPE, text=True, bufsize=1)
+    self.proc = subprocess.Popen(
+      command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
@@ -159,25 +169,36 @@ def _wait_until(launch: Launch, condition, poll: float = 0.001) -> bool:
 # ------------------------------------------------------------------ training chaos
 @dataclasses.dataclass
 class Kill:
-  kind: str                 # planned moment: startup | train | save | commit
-  ran_s: float              # how long the launch ran
-  phase: str                # where it landed: startup (no step yet) | training
-  reached: int | None       # last step the launch logged (its resume point if none; None if
-                            # it died before choosing one: then the next launch's)
-  during_save: bool = False # a temporary checkpoint folder of this launch was left behind
-  left_behind: tuple = ()   # those folders
+  kind: str  # planned moment: startup | train | save | commit
+  ran_s: float  # how long the launch ran
+  phase: str  # where it landed: startup (no step yet) | training
+  reached: int | None  # last step the launch logged (its resume point if none; None if
+  # it died before choosing one: then the next launch's)
+  during_save: bool = False  # a temporary checkpoint folder of this launch was left behind
+  left_behind: tuple = ()  # those folders
   resumed: int | None = None  # where the next launch resumed
-  lost: int | None = None   # reached - resumed: steps computed again
+  lost: int | None = None  # reached - resumed: steps computed again
 
   def line(self, i: int) -> str:
     save = f", left {', '.join(self.left_behind)}" if self.during_save else ""
-    return (f"kill {i:2d}: {self.kind:7s} after {self.ran_s:5.1f} s ({self.phase}{save}); "
-            f"reached step {self.reached}, resumed from {self.resumed}, "
-            f"{self.lost} step(s) recomputed")
+    return (
+      f"kill {i:2d}: {self.kind:7s} after {self.ran_s:5.1f} s ({self.phase}{save}); "
+      f"reached step {self.reached}, resumed from {self.resumed}, "
+      f"{self.lost} step(s) recomputed"
+    )
 
 
-def wait_for_moment(kind: str, rng: random.Random, launch: Launch, ckdir: str, before: dict, *,
-                    startup_s: float, step_s: float, total: int) -> None:
+def wait_for_moment(
+  kind: str,
+  rng: random.Random,
+  launch: Launch,
+  ckdir: str,
+  before: dict,
+  *,
+  startup_s: float,
+  step_s: float,
+  total: int,
+) -> None:
   """Returns at ``kind``'s moment in ``launch`` (or when the launch has ended).
 
   ``before``: the checkpoint folder's entries when the launch started. A save kill waits for
@@ -200,9 +221,13 @@ def wait_for_moment(kind: str, rng: random.Random, launch: Launch, ckdir: str, b
     k, seen = (rng.randint(1, 2) if kind == "save" else 1), set()
 
     def moment():
-      seen.update(n for n, ino in _entries(ckdir).items() if before.get(n) != ino
-                  and (n.endswith(TMP_SUFFIX) if kind == "save" else n.isdigit()))
+      seen.update(
+        n
+        for n, ino in _entries(ckdir).items()
+        if before.get(n) != ino and (n.endswith(TMP_SUFFIX) if kind == "save" else n.isdigit())
+      )
       return len(seen) >= k
+
     _wait_until(launch, moment)
 
 
@@ -211,15 +236,23 @@ def plan(kills: int, rng: random.Random) -> list[str]:
   every kind is represented once ``kills`` allows, which independent draws do not promise."""
   counts = {kind: int(p * kills) for kind, p in KINDS.items()}
   by_remainder = sorted(KINDS, key=lambda kind: counts[kind] - KINDS[kind] * kills)
-  for kind in by_remainder[:kills - sum(counts.values())]:
+  for kind in by_remainder[: kills - sum(counts.values())]:
     counts[kind] += 1
   kinds = [kind for kind, n in counts.items() for _ in range(n)]
   rng.shuffle(kinds)
   return kinds
 
 
-def chaos_train(root: str, *, kills: int, seed: int, command=smoke_command, env=None,
-                kinds: list[str] | None = None, log=print) -> dict:
+def chaos_train(
+  root: str,
+  *,
+  kills: int,
+  seed: int,
+  command=smoke_command,
+  env=None,
+  kinds: list[str] | None = None,
+  log=print,
+) -> dict:
   """Runs the uninterrupted reference and the killed run under ``root``; returns the figures.
 
   ``kinds``: the kills' kinds in order (default: ``plan(kills, rng)``).
@@ -236,8 +269,10 @@ def chaos_train(root: str, *, kills: int, seed: int, command=smoke_command, env=
   ref_s = time.monotonic() - t
   (first_t, _), (last_t, total) = ref.steps[0], ref.steps[-1]
   startup_s, step_s = first_t, (last_t - first_t) / max(total - 1, 1)
-  log(f"reference: {total} steps in {ref_s:.1f} s (first step after {startup_s:.1f} s, "
-      f"then {step_s * 1000:.0f} ms per step incl. saves and validation)")
+  log(
+    f"reference: {total} steps in {ref_s:.1f} s (first step after {startup_s:.1f} s, "
+    f"then {step_s * 1000:.0f} ms per step incl. saves and validation)"
+  )
   log(f"kills planned (seed {seed}): {', '.join(kinds)}")
 
   ckdir = os.path.join(run_dir, "checkpoints")
@@ -250,8 +285,9 @@ def chaos_train(root: str, *, kills: int, seed: int, command=smoke_command, env=
     launch = Launch(command(run_dir), env, log_path)
     launches += 1
     if kind is not None:
-      wait_for_moment(kind, rng, launch, ckdir, before, startup_s=startup_s, step_s=step_s,
-                      total=total)
+      wait_for_moment(
+        kind, rng, launch, ckdir, before, startup_s=startup_s, step_s=step_s, total=total
+      )
       ran, killed = launch.kill()
       if launch.steps:
         startup_s = launch.steps[0][0]
@@ -265,30 +301,53 @@ def chaos_train(root: str, *, kills: int, seed: int, command=smoke_command, env=
           log(k.line(i))
     if not killed:  # it ran to the end
       if launch.proc.returncode != 0:
-        raise RuntimeError(f"launch {launches} failed (exit {launch.proc.returncode}); see {log_path}")
+        raise RuntimeError(
+          f"launch {launches} failed (exit {launch.proc.returncode}); see {log_path}"
+        )
       if kind is not None:
         log(f"launch {launches} finished before its {kind} kill: the run is complete")
       break
-    left = tuple(sorted(n for n, ino in _entries(ckdir).items()
-                        if n.endswith(TMP_SUFFIX) and before.get(n) != ino))
+    left = tuple(
+      sorted(
+        n for n, ino in _entries(ckdir).items() if n.endswith(TMP_SUFFIX) and before.get(n) != ino
+      )
+    )
     reached = launch.last_step if launch.start_known else None
-    done.append(Kill(kind, ran, "training" if launch.steps else "startup", reached, bool(left), left))
+    done.append(
+      Kill(kind, ran, "training" if launch.steps else "startup", reached, bool(left), left)
+    )
   chaos_s = time.monotonic() - t
   mismatches = compare_runs(ref_dir, run_dir)
   figures = {
-      "kills": len(done), "launches": launches, "during_save": sum(k.during_save for k in done),
-      "by_kind": {kind: sum(k.kind == kind for k in done) for kind in KINDS},
-      "landed_in_startup": sum(k.phase == "startup" for k in done),
-      "recomputed": [k.lost for k in done], "recomputed_total": sum(k.lost or 0 for k in done),
-      "total_steps": total, "reference_s": ref_s, "chaos_s": chaos_s,
-      "mismatches": mismatches, "equal": not mismatches, "kill_records": done}
-  log(f"{figures['kills']} kills ({figures['during_save']} during a save, "
-      f"{figures['landed_in_startup']} before the first step), {launches} launches; "
-      f"{figures['recomputed_total']} of {total} steps recomputed in all "
-      f"(per kill: {figures['recomputed']}); chaos run {chaos_s:.0f} s vs {ref_s:.0f} s")
-  log("verdict: " + ("final TrainState, data-iterator state, metadata and kept steps bitwise "
-                     "equal to the uninterrupted run" if not mismatches else
-                     "DIFFERENT: " + "; ".join(mismatches)))
+    "kills": len(done),
+    "launches": launches,
+    "during_save": sum(k.during_save for k in done),
+    "by_kind": {kind: sum(k.kind == kind for k in done) for kind in KINDS},
+    "landed_in_startup": sum(k.phase == "startup" for k in done),
+    "recomputed": [k.lost for k in done],
+    "recomputed_total": sum(k.lost or 0 for k in done),
+    "total_steps": total,
+    "reference_s": ref_s,
+    "chaos_s": chaos_s,
+    "mismatches": mismatches,
+    "equal": not mismatches,
+    "kill_records": done,
+  }
+  log(
+    f"{figures['kills']} kills ({figures['during_save']} during a save, "
+    f"{figures['landed_in_startup']} before the first step), {launches} launches; "
+    f"{figures['recomputed_total']} of {total} steps recomputed in all "
+    f"(per kill: {figures['recomputed']}); chaos run {chaos_s:.0f} s vs {ref_s:.0f} s"
+  )
+  log(
+    "verdict: "
+    + (
+      "final TrainState, data-iterator state, metadata and kept steps bitwise "
+      "equal to the uninterrupted run"
+      if not mismatches
+      else "DIFFERENT: " + "; ".join(mismatches)
+    )
+  )
   return figures
 
 
@@ -302,9 +361,12 @@ def compare_runs(a: str, b: str) -> list[str]:
   import jax
   import numpy as np
   from agad import checkpoint as ckpt_lib
+
   out = []
-  steps = [sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
-           for w in (a, b)]
+  steps = [
+    sorted(int(d) for d in os.listdir(os.path.join(w, "checkpoints")) if d.isdigit())
+    for w in (a, b)
+  ]
   if steps[0] != steps[1]:
     out.append(f"kept steps {steps[0]} vs {steps[1]}")
   (sa, step_a), (sb, step_b) = (ckpt_lib.read_state(w, "latest", with_key=True) for w in (a, b))
@@ -325,10 +387,22 @@ def compare_runs(a: str, b: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ evaluation chaos
-def evaluate_command(model: str, output: str, num_examples: int, chunk: int, batch: int) -> list[str]:
-  return [sys.executable, "-m", "launch.evaluate", f"--workdir={model}", "--step=latest",
-          "--preset=autoattack", f"--num_examples={num_examples}", f"--chunk={chunk}",
-          f"--output={output}", f"--config={SMOKE}", f"--config.eval.batch_size={batch}"]
+def evaluate_command(
+  model: str, output: str, num_examples: int, chunk: int, batch: int
+) -> list[str]:
+  return [
+    sys.executable,
+    "-m",
+    "launch.evaluate",
+    f"--workdir={model}",
+    "--step=latest",
+    "--preset=autoattack",
+    f"--num_examples={num_examples}",
+    f"--chunk={chunk}",
+    f"--output={output}",
+    f"--config={SMOKE}",
+    f"--config.eval.batch_size={batch}",
+  ]
 
 
 # Report fields that measure this run (time, cache hits) rather than the result.
@@ -346,10 +420,12 @@ def _result_only(x):
 def compare_reports(a: str, b: str) -> list[str]:
   """Differences between two evaluation output folders' reports ([] = identical results)."""
   import numpy as np
+
   out = []
   reports = [sorted(glob.glob(os.path.join(d, "report_*.json"))) for d in (a, b)]
-  if [os.path.basename(p) for p in reports[0]] != [os.path.basename(p) for p in reports[1]] \
-      or not reports[0]:
+  if [os.path.basename(p) for p in reports[0]] != [
+    os.path.basename(p) for p in reports[1]
+  ] or not reports[0]:
     return [f"report files {reports[0]} vs {reports[1]}"]
   for pa, pb in zip(*reports):
     ra, rb = _result_only(_json(pa)), _result_only(_json(pb))
@@ -363,8 +439,17 @@ def compare_reports(a: str, b: str) -> list[str]:
   return out
 
 
-def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, num_examples: int = 128,
-               chunk: int = 32, env=None, log=print) -> dict:
+def chaos_eval(
+  root: str,
+  *,
+  kills: int,
+  seed: int,
+  model: str | None = None,
+  num_examples: int = 128,
+  chunk: int = 32,
+  env=None,
+  log=print,
+) -> dict:
   """Evaluates uninterrupted, then with ``kills`` SIGKILLs inside AutoAttack chunks; see the
   module docstring. A reference evaluation already under ``root`` is reused."""
   env = env or child_env()
@@ -388,17 +473,26 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
   timing = _json(timing_path)
   # Each AutoAttack chunk's time: from the previous row's last chunk to its own line.
   times = [t for t, row, _ in timing["chunks"]]
-  chunk_s = [b - a for a, b, (_, row, _) in zip(times, times[1:], timing["chunks"][1:])
-             if row.startswith("autoattack")]
+  chunk_s = [
+    b - a
+    for a, b, (_, row, _) in zip(times, times[1:], timing["chunks"][1:])
+    if row.startswith("autoattack")
+  ]
   n_chunks = len(chunk_s)
-  log(f"reference evaluation: {timing['wall_s']:.1f} s; AutoAttack chunks of {chunk} images: "
-      + ", ".join(f"{c:.0f}" for c in chunk_s) + " s")
+  log(
+    f"reference evaluation: {timing['wall_s']:.1f} s; AutoAttack chunks of {chunk} images: "
+    + ", ".join(f"{c:.0f}" for c in chunk_s)
+    + " s"
+  )
   cache = os.path.join(run_out, "cache")
 
   def cache_entries():
     entries = glob.glob(os.path.join(cache, "*.npz"))
-    return ([e for e in entries if not e.endswith(".tmp.npz")],
-            [e for e in entries if e.endswith(".tmp.npz")])
+    return (
+      [e for e in entries if not e.endswith(".tmp.npz")],
+      [e for e in entries if e.endswith(".tmp.npz")],
+    )
+
   records, launches = [], 0
   for _ in range(kills):
     before = len(cache_entries()[0])
@@ -412,8 +506,11 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
     launch = Launch(command(run_out), env, log_path)
     launches += 1
     row_done = lambda name, n: any(r.startswith(name) and k >= n for _, r, k in launch.chunks)
-    started = (lambda: row_done("clean", num_examples)) if target == 0 else \
-        (lambda: row_done("autoattack", target * chunk))
+    started = (
+      (lambda: row_done("clean", num_examples))
+      if target == 0
+      else (lambda: row_done("autoattack", target * chunk))
+    )
     if not _wait_until(launch, started):
       launch.finish()
       log(f"launch {launches} finished before its kill")
@@ -426,11 +523,21 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
       log(f"launch {launches} finished before its kill")
       break
     complete, partial = cache_entries()
-    records.append({"ran_s": ran, "chunk": target, "entries_before": before,
-                    "entries_after": len(complete), "partial_writes": len(partial), "lost_s": lost})
-    log(f"kill {len(records)}: after {ran:.1f} s, {lost:.1f} s into AutoAttack chunk {target + 1} "
-        f"of {n_chunks}; complete cache entries {before} -> {len(complete)}, partial writes "
-        f"left {len(partial)}")
+    records.append(
+      {
+        "ran_s": ran,
+        "chunk": target,
+        "entries_before": before,
+        "entries_after": len(complete),
+        "partial_writes": len(partial),
+        "lost_s": lost,
+      }
+    )
+    log(
+      f"kill {len(records)}: after {ran:.1f} s, {lost:.1f} s into AutoAttack chunk {target + 1} "
+      f"of {n_chunks}; complete cache entries {before} -> {len(complete)}, partial writes "
+      f"left {len(partial)}"
+    )
   final = Launch(command(run_out), env, log_path)
   launches += 1
   if final.finish() != 0:
@@ -438,13 +545,28 @@ def chaos_eval(root: str, *, kills: int, seed: int, model: str | None = None, nu
   report = _json(sorted(glob.glob(os.path.join(run_out, "report_*.json")))[0])
   cached = {r["attack"]: r.get("cached_chunks") for r in report["records"]}
   mismatches = compare_reports(ref_out, run_out)
-  log(f"{len(records)} kills, {launches} launches; the last launch loaded {cached} chunks from "
-      f"the cache; {sum(r['lost_s'] for r in records):.1f} s of attack work lost and recomputed")
-  log("verdict: " + ("report and per-example results identical to the uninterrupted evaluation"
-                     if not mismatches else "DIFFERENT: " + "; ".join(mismatches)))
-  return {"kills": len(records), "launches": launches, "kill_records": records,
-          "cached_chunks_last_launch": cached, "chunks": n_chunks, "chunk_s": chunk_s,
-          "mismatches": mismatches, "equal": not mismatches}
+  log(
+    f"{len(records)} kills, {launches} launches; the last launch loaded {cached} chunks from "
+    f"the cache; {sum(r['lost_s'] for r in records):.1f} s of attack work lost and recomputed"
+  )
+  log(
+    "verdict: "
+    + (
+      "report and per-example results identical to the uninterrupted evaluation"
+      if not mismatches
+      else "DIFFERENT: " + "; ".join(mismatches)
+    )
+  )
+  return {
+    "kills": len(records),
+    "launches": launches,
+    "kill_records": records,
+    "cached_chunks_last_launch": cached,
+    "chunks": n_chunks,
+    "chunk_s": chunk_s,
+    "mismatches": mismatches,
+    "equal": not mismatches,
+  }
 
 
 def main() -> int:
@@ -467,8 +589,15 @@ def main() -> int:
     if args.mode == "train":
       figures = chaos_train(root, kills=args.kills or 20, seed=args.seed, env=env)
     else:
-      figures = chaos_eval(root, kills=args.kills or 3, seed=args.seed, model=args.model,
-                           num_examples=args.num_examples, chunk=args.chunk, env=env)
+      figures = chaos_eval(
+        root,
+        kills=args.kills or 3,
+        seed=args.seed,
+        model=args.model,
+        num_examples=args.num_examples,
+        chunk=args.chunk,
+        env=env,
+      )
   finally:
     if not (args.keep or args.root):
       shutil.rmtree(root, ignore_errors=True)

@@ -65,41 +65,71 @@ import numpy as np
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 200, "Evaluate on the first N Fashion-MNIST test images.")
 flags.DEFINE_float("eps", 0.1, "L-inf radius in [0, 1] pixel units (training and attacks).")
-flags.DEFINE_integer("square_queries", 5000,
-                     "Square queries (reference: 5000); lower it for a quick run.")
+flags.DEFINE_integer(
+  "square_queries", 5000, "Square queries (reference: 5000); lower it for a quick run."
+)
 flags.DEFINE_bool("masked", False, "Quantise the input with a zero gradient (gradient masking).")
 flags.DEFINE_integer("levels", 16, "Quantisation levels of --masked: x -> round(x * L) / L.")
-flags.DEFINE_list("attacks", ["apgd-ce", "apgd-t", "fab-t", "square"],
-                  "Attacks run alone from the clean images (empty: only the standard chain).")
+flags.DEFINE_list(
+  "attacks",
+  ["apgd-ce", "apgd-t", "fab-t", "square"],
+  "Attacks run alone from the clean images (empty: only the standard chain).",
+)
 flags.DEFINE_bool("standard", True, "Also run the full version='standard' chain in both.")
-flags.DEFINE_bool("components", True, "First run the deterministic component checks (losses, "
-                  "schedules, FAB projection, APGD from a shared start).")
-flags.DEFINE_float("tolerance_pp", 1.5,
-                   "Largest |AA_ref - AA_agad| in percentage points for exit 0.")
+flags.DEFINE_bool(
+  "components",
+  True,
+  "First run the deterministic component checks (losses, "
+  "schedules, FAB projection, APGD from a shared start).",
+)
+flags.DEFINE_float(
+  "tolerance_pp", 1.5, "Largest |AA_ref - AA_agad| in percentage points for exit 0."
+)
 flags.DEFINE_float("logit_tolerance", 1e-4, "Largest max-abs logit difference between the ports.")
 flags.DEFINE_integer("batch_size", 250, "Batch size of both implementations.")
 flags.DEFINE_integer("seed", 0, "Seed of training, the reference's attacks and agad's key.")
 flags.DEFINE_integer("train_steps", 400, "Adam steps of PGD-3 adversarial training.")
 flags.DEFINE_integer("train_batch", 128, "Training batch size.")
 flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate.")
-flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads (0: torch's default). One "
-                     "thread: on a busy machine torch's OpenMP threads wait on each other "
-                     "(measured 2.8x slower with 2 threads on 2 loaded cores).")
-flags.DEFINE_integer("threads", 0, "Thread count of BOTH frameworks (0: leave as set by "
-                     "--torch_threads and XLA's defaults): pins the process to the first N CPUs "
-                     "it may use (before JAX and torch start), torch.set_num_threads(N), and for "
-                     "N = 1 --xla_cpu_multi_thread_eigen=false. Use it with --timing.")
-flags.DEFINE_bool("timing", False, "Timing mode: no parity verdict; run each of --attacks alone "
-                  "--repeats times, the reference and agad alternately (ABBA order) on the same "
-                  "model and images, and print per-attack wall times (agad cold = first call, "
-                  "compilation included; warm = later calls), robust accuracies, per-example "
-                  "agreement and agad's recompiles after the first call.")
-flags.DEFINE_integer("repeats", 2, "--timing: runs per attack and implementation (>= 2 gives a "
-                     "warm agad time).")
-flags.DEFINE_string("agad_root", None, "Import agad from this source tree instead (e.g. an older "
-                    "revision unpacked by tools/aa_timing_compare.py).")
-flags.DEFINE_string("params_cache", None, "Optional .npz: load the trained weights from it if "
-                    "it was written with the same training flags, else train and write it.")
+flags.DEFINE_integer(
+  "torch_threads",
+  1,
+  "torch.set_num_threads (0: torch's default). One "
+  "thread: on a busy machine torch's OpenMP threads wait on each other "
+  "(measured 2.8x slower with 2 threads on 2 loaded cores).",
+)
+flags.DEFINE_integer(
+  "threads",
+  0,
+  "Thread count of BOTH frameworks (0: leave as set by "
+  "--torch_threads and XLA's defaults): pins the process to the first N CPUs "
+  "it may use (before JAX and torch start), torch.set_num_threads(N), and for "
+  "N = 1 --xla_cpu_multi_thread_eigen=false. Use it with --timing.",
+)
+flags.DEFINE_bool(
+  "timing",
+  False,
+  "Timing mode: no parity verdict; run each of --attacks alone "
+  "--repeats times, the reference and agad alternately (ABBA order) on the same "
+  "model and images, and print per-attack wall times (agad cold = first call, "
+  "compilation included; warm = later calls), robust accuracies, per-example "
+  "agreement and agad's recompiles after the first call.",
+)
+flags.DEFINE_integer(
+  "repeats", 2, "--timing: runs per attack and implementation (>= 2 gives a warm agad time)."
+)
+flags.DEFINE_string(
+  "agad_root",
+  None,
+  "Import agad from this source tree instead (e.g. an older "
+  "revision unpacked by tools/aa_timing_compare.py).",
+)
+flags.DEFINE_string(
+  "params_cache",
+  None,
+  "Optional .npz: load the trained weights from it if "
+  "it was written with the same training flags, else train and write it.",
+)
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 flags.DEFINE_bool("verbose", False, "Print the reference's and agad's progress logs.")
 
@@ -116,24 +146,31 @@ def init_params(key) -> dict[str, Any]:
   """He-normal conv / dense weights (NHWC, HWIO kernels), zero biases."""
   import jax
   import jax.numpy as jnp
+
   k1, k2, k3 = jax.random.split(key, 3)
   he = lambda k, shape, fan_in: jax.random.normal(k, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
   features = FEATURE_HW * FEATURE_HW * HIDDEN2
   return {
-      "conv1_w": he(k1, (3, 3, CHANNELS, HIDDEN1), 9 * CHANNELS),
-      "conv1_b": jnp.zeros((HIDDEN1,), jnp.float32),
-      "conv2_w": he(k2, (3, 3, HIDDEN1, HIDDEN2), 9 * HIDDEN1),
-      "conv2_b": jnp.zeros((HIDDEN2,), jnp.float32),
-      "dense_w": he(k3, (features, CLASSES), features) * 0.5,
-      "dense_b": jnp.zeros((CLASSES,), jnp.float32),
+    "conv1_w": he(k1, (3, 3, CHANNELS, HIDDEN1), 9 * CHANNELS),
+    "conv1_b": jnp.zeros((HIDDEN1,), jnp.float32),
+    "conv2_w": he(k2, (3, 3, HIDDEN1, HIDDEN2), 9 * HIDDEN1),
+    "conv2_b": jnp.zeros((HIDDEN2,), jnp.float32),
+    "dense_w": he(k3, (features, CLASSES), features) * 0.5,
+    "dense_b": jnp.zeros((CLASSES,), jnp.float32),
   }
 
 
 def _conv(x, w, b, stride: int):
   import jax
-  y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   precision=jax.lax.Precision.HIGHEST)
+
+  y = jax.lax.conv_general_dilated(
+    x,
+    w,
+    (stride, stride),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return y + b
 
 
@@ -141,6 +178,7 @@ def jax_logits(params: dict[str, Any], x):
   """``x`` [B, 28, 28, 1] in [0, 1] -> logits [B, 10]."""
   import jax
   import jax.numpy as jnp
+
   h = jax.nn.relu(_conv(x, params["conv1_w"], params["conv1_b"], 1))
   h = jax.nn.relu(_conv(h, params["conv2_w"], params["conv2_b"], 2))
   h = h.reshape(h.shape[0], -1)
@@ -151,6 +189,7 @@ def jax_quantised_logits(params: dict[str, Any], levels, x):
   """``jax_logits`` of ``round(x * levels) / levels``, whose input gradient is exactly 0."""
   import jax
   import jax.numpy as jnp
+
   return jax_logits(params, jax.lax.stop_gradient(jnp.round(x * levels) / levels))
 
 
@@ -170,8 +209,17 @@ def _pgd(params, x, y, key, eps: float, steps: int, step_size: float):
   return jax.lax.stop_gradient(x_adv)
 
 
-def train(train_x: np.ndarray, train_y: np.ndarray, *, eps: float, steps: int, batch: int,
-          learning_rate: float, seed: int, log: Callable[[str], None]) -> dict[str, np.ndarray]:
+def train(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  *,
+  eps: float,
+  steps: int,
+  batch: int,
+  learning_rate: float,
+  seed: int,
+  log: Callable[[str], None],
+) -> dict[str, np.ndarray]:
   """PGD-3 adversarial training (step 2.5 eps / 3) with Adam; returns numpy params."""
   import jax
   import optax
@@ -199,18 +247,29 @@ def train(train_x: np.ndarray, train_y: np.ndarray, *, eps: float, steps: int, b
   for i in range(steps):
     idx = rng.choice(len(train_x), batch, replace=False)
     x = train_x[idx].astype(np.float32) / 255.0
-    params, opt_state, loss, accuracy = step(params, opt_state, x, train_y[idx],
-                                             jax.random.fold_in(key, i + 1))
+    params, opt_state, loss, accuracy = step(
+      params, opt_state, x, train_y[idx], jax.random.fold_in(key, i + 1)
+    )
     if (i + 1) % 100 == 0 or i + 1 == steps:
-      log(f"  train step {i + 1}/{steps}: adversarial loss {float(loss):.3f}, "
-          f"adversarial batch accuracy {float(accuracy):.2%} ({time.time() - start:.0f} s)")
+      log(
+        f"  train step {i + 1}/{steps}: adversarial loss {float(loss):.3f}, "
+        f"adversarial batch accuracy {float(accuracy):.2%} ({time.time() - start:.0f} s)"
+      )
   return {k: np.asarray(v) for k, v in params.items()}
 
 
 def trained_params(train_x, train_y, log) -> dict[str, np.ndarray]:
   """The trained weights, from ``--params_cache`` when it matches the training flags."""
-  signature = json.dumps(dict(eps=FLAGS.eps, steps=FLAGS.train_steps, batch=FLAGS.train_batch,
-                              lr=FLAGS.learning_rate, seed=FLAGS.seed), sort_keys=True)
+  signature = json.dumps(
+    dict(
+      eps=FLAGS.eps,
+      steps=FLAGS.train_steps,
+      batch=FLAGS.train_batch,
+      lr=FLAGS.learning_rate,
+      seed=FLAGS.seed,
+    ),
+    sort_keys=True,
+  )
   path = FLAGS.params_cache
   if path and os.path.exists(path):
     with np.load(path) as cached:
@@ -219,9 +278,16 @@ def trained_params(train_x, train_y, log) -> dict[str, np.ndarray]:
         return {k: cached[k] for k in cached.files if k != "signature"}
     log(f"{path} was written with other training flags: retraining")
   start = time.time()
-  params = train(train_x, train_y, eps=FLAGS.eps, steps=FLAGS.train_steps,
-                 batch=FLAGS.train_batch, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                 log=log)
+  params = train(
+    train_x,
+    train_y,
+    eps=FLAGS.eps,
+    steps=FLAGS.train_steps,
+    batch=FLAGS.train_batch,
+    learning_rate=FLAGS.learning_rate,
+    seed=FLAGS.seed,
+    log=log,
+  )
   log(f"trained in {time.time() - start:.0f} s")
   if path:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -260,12 +326,12 @@ def torch_model(params: dict[str, np.ndarray], levels: int = 0):
   dense = params["dense_w"].reshape(FEATURE_HW, FEATURE_HW, HIDDEN2, CLASSES)
   dense = dense.transpose(3, 2, 0, 1).reshape(CLASSES, -1)
   state = {
-      "conv1.weight": params["conv1_w"].transpose(3, 2, 0, 1),
-      "conv1.bias": params["conv1_b"],
-      "conv2.weight": params["conv2_w"].transpose(3, 2, 0, 1),
-      "conv2.bias": params["conv2_b"],
-      "dense.weight": dense,
-      "dense.bias": params["dense_b"],
+    "conv1.weight": params["conv1_w"].transpose(3, 2, 0, 1),
+    "conv1.bias": params["conv1_b"],
+    "conv2.weight": params["conv2_w"].transpose(3, 2, 0, 1),
+    "conv2.bias": params["conv2_b"],
+    "dense.weight": dense,
+    "dense.bias": params["dense_b"],
   }
   model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
   return model.eval()
@@ -295,8 +361,17 @@ class _Capture(py_logging.Handler):
 _STAGE = re.compile(r"robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s\)")
 
 
-def run_reference(model, x: np.ndarray, y: np.ndarray, *, attacks: Sequence[str] | None,
-                  eps: float, seed: int, square_queries: int, batch_size: int) -> dict[str, Any]:
+def run_reference(
+  model,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  attacks: Sequence[str] | None,
+  eps: float,
+  seed: int,
+  square_queries: int,
+  batch_size: int,
+) -> dict[str, Any]:
   """pyautoattack ``version='standard'``, or its constants with only ``attacks`` run."""
   import torch
   from pyautoattack import AutoAttack
@@ -307,8 +382,7 @@ def run_reference(model, x: np.ndarray, y: np.ndarray, *, attacks: Sequence[str]
   capture = _Capture(FLAGS.verbose)
   logger.addHandler(capture)
   try:
-    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
-                           device="cpu")
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device="cpu")
     adversary.square.n_queries = square_queries  # _set_version put 5000 there
     if attacks is not None:  # as the reference's run_standard_evaluation_individual
       adversary.attacks_to_run = list(attacks)
@@ -335,35 +409,70 @@ def run_reference(model, x: np.ndarray, y: np.ndarray, *, attacks: Sequence[str]
   flat = x_adv.reshape(len(x), -1)
   outside = (delta > eps + 1e-6) | (flat < 0).any(1) | (flat > 1).any(1)
   return {
-      "robust": (y_adv.numpy() == y), "per_attack": per_attack, "times": times,
-      "time": elapsed, "warnings": warnings, "max_linf": float(delta.max()),
-      "outside_threat_model": int(outside.sum()),
+    "robust": (y_adv.numpy() == y),
+    "per_attack": per_attack,
+    "times": times,
+    "time": elapsed,
+    "warnings": warnings,
+    "max_linf": float(delta.max()),
+    "outside_threat_model": int(outside.sum()),
   }
 
 
-def run_agad(logits_fn, x: np.ndarray, y: np.ndarray, *, attacks: Sequence[str] | None,
-             eps: float, seed: int, square_queries: int, batch_size: int) -> dict[str, Any]:
+def run_agad(
+  logits_fn,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  attacks: Sequence[str] | None,
+  eps: float,
+  seed: int,
+  square_queries: int,
+  batch_size: int,
+) -> dict[str, Any]:
   """agad's autoattack: ``version='standard'`` or ``'custom'`` with ``attacks``."""
   import jax
   from agad.evaluation import autoattack
 
   start = time.time()
-  result = autoattack(logits_fn, x, y, jax.random.key(seed), eps=eps, norm="linf",
-                      version="standard" if attacks is None else "custom", attacks=attacks,
-                      batch_size=batch_size, square_queries=square_queries,
-                      verbose=FLAGS.verbose)
+  result = autoattack(
+    logits_fn,
+    x,
+    y,
+    jax.random.key(seed),
+    eps=eps,
+    norm="linf",
+    version="standard" if attacks is None else "custom",
+    attacks=attacks,
+    batch_size=batch_size,
+    square_queries=square_queries,
+    verbose=FLAGS.verbose,
+  )
   elapsed = time.time() - start
   delta = np.abs(result["adversarial"] - x).reshape(len(x), -1).max(1)
-  return {"robust": np.asarray(result["robust"]), "per_attack": dict(result["per_attack"]),
-          "times": dict(result["times"]), "time": elapsed, "warnings": list(result["flags"]),
-          "max_linf": float(delta.max())}
+  return {
+    "robust": np.asarray(result["robust"]),
+    "per_attack": dict(result["per_attack"]),
+    "times": dict(result["times"]),
+    "time": elapsed,
+    "warnings": list(result["flags"]),
+    "max_linf": float(delta.max()),
+  }
 
 
 # -------------------------------------------------------------------- component checks
 
 
-def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: float, seed: int,
-                     log: Callable[[str], None]) -> tuple[list[tuple[str, str, bool | None]], dict]:
+def component_checks(
+  model,
+  logits_fn,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  eps: float,
+  seed: int,
+  log: Callable[[str], None],
+) -> tuple[list[tuple[str, str, bool | None]], dict]:
   """Deterministic checks of the building blocks against the reference's own code.
 
   Returns ``[(check, result, ok)]`` (``ok`` None: reported, not enforced) and raw numbers.
@@ -399,18 +508,25 @@ def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: flo
   apgd_ref.y_target = torch.from_numpy(targets)
   logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels)
   for name, ours, theirs in (
-      ("DLR loss", dlr(jnp.asarray(logits), jnp.asarray(labels)),
-       APGDAttack(model, eps=eps, device="cpu").dlr_loss(logits_t, labels_t)),
-      ("targeted DLR loss", dlr_targeted(jnp.asarray(logits), jnp.asarray(labels),
-                                         jnp.asarray(targets)),
-       apgd_ref.dlr_loss_targeted(logits_t, labels_t))):
+    (
+      "DLR loss",
+      dlr(jnp.asarray(logits), jnp.asarray(labels)),
+      APGDAttack(model, eps=eps, device="cpu").dlr_loss(logits_t, labels_t),
+    ),
+    (
+      "targeted DLR loss",
+      dlr_targeted(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(targets)),
+      apgd_ref.dlr_loss_targeted(logits_t, labels_t),
+    ),
+  ):
     diff = float(np.abs(np.asarray(ours) - theirs.numpy()).max())
     checks.append((name, f"max |diff| {diff:.1e} on 512 random logit rows", diff < 1e-5))
   # Target order: the reference's sort(...)[1][:, -k] for k = 2..10.
   order = torch.from_numpy(logits[16:]).sort(dim=1)[1].numpy()
   same = np.mean([np.array_equal(order[:, -(j + 2)], ranked[16:, j]) for j in range(CLASSES - 1)])
-  checks.append(("target order", f"{same:.0%} of the 9 target columns equal (ties left out)",
-                 same == 1.0))
+  checks.append(
+    ("target order", f"{same:.0%} of the 9 target columns equal (ties left out)", same == 1.0)
+  )
 
   # APGD checkpoints from the reference's constants and loop rule.
   k, position, points = apgd_ref.n_iter_2, 0, [0]
@@ -419,18 +535,27 @@ def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: flo
       position, k = i + 1, max(k - apgd_ref.size_decr, apgd_ref.n_iter_min)
       points.append(position)
   ours_points = apgd_checkpoints(100)
-  checks.append(("APGD checkpoints", f"reference {points}, agad {ours_points}",
-                 points == ours_points))
+  checks.append(
+    ("APGD checkpoints", f"reference {points}, agad {ours_points}", points == ours_points)
+  )
 
   # Square: p schedule and square sides over the 5000 queries, without rescaling.
-  square_ref = SquareAttack(model, p_init=0.8, n_queries=5000, eps=eps, resc_schedule=False,
-                            device="cpu")
+  square_ref = SquareAttack(
+    model, p_init=0.8, n_queries=5000, eps=eps, resc_schedule=False, device="cpu"
+  )
   p_bad = sum(square_ref.p_selection(i) != square_p(i, 0.8, 5000, False) for i in range(5000))
-  sides_ref = [min(max(int(round(math.sqrt(square_ref.p_selection(i) * HEIGHT * WIDTH))), 1),
-                   HEIGHT) for i in range(5000)]
+  sides_ref = [
+    min(max(int(round(math.sqrt(square_ref.p_selection(i) * HEIGHT * WIDTH))), 1), HEIGHT)
+    for i in range(5000)
+  ]
   side_bad = int(np.sum(np.asarray(sides_ref) != square_sizes(HEIGHT, WIDTH, 5000, 0.8, False)))
-  checks.append(("Square p / sides", f"{p_bad} / {side_bad} of 5000 queries differ",
-                 p_bad == 0 and side_bad == 0))
+  checks.append(
+    (
+      "Square p / sides",
+      f"{p_bad} / {side_bad} of 5000 queries differ",
+      p_bad == 0 and side_bad == 0,
+    )
+  )
 
   # FAB's L-inf projection onto {w.x = b} within the box, reachable or not.
   worst = 0.0
@@ -441,16 +566,18 @@ def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: flo
     theirs = projection_linf(torch.from_numpy(t), torch.from_numpy(w), torch.from_numpy(b))
     ours = project_linf_hyperplane_box(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b))
     worst = max(worst, float(np.abs(np.asarray(ours) - theirs.numpy()).max()))
-  checks.append(("FAB L-inf projection", f"max |diff| {worst:.1e} on 512 random hyperplanes",
-                 worst < 1e-5))
+  checks.append(
+    ("FAB L-inf projection", f"max |diff| {worst:.1e} on 512 random hyperplanes", worst < 1e-5)
+  )
 
   # APGD from one shared start point (the points the model classifies correctly).
   clean_pred = np.asarray(logits_fn(jnp.asarray(x))).argmax(-1)
   keep = clean_pred == y
   xs, ys = x[keep], y[keep]
   u = rng.uniform(-1, 1, xs.shape).astype(np.float32)
-  start = np.clip(xs + eps * u / np.abs(u).reshape(len(u), -1).max(1)[:, None, None, None],
-                  0, 1).astype(np.float32)
+  start = np.clip(
+    xs + eps * u / np.abs(u).reshape(len(u), -1).max(1)[:, None, None, None], 0, 1
+  ).astype(np.float32)
   top2 = np.asarray(ranked_targets(logits_fn(jnp.asarray(xs)), 1))[:, 0]
   for name, loss in (("APGD-CE shared start", "ce"), ("APGD-T shared start", "dlr-targeted")):
     if loss == "ce":
@@ -461,18 +588,38 @@ def component_checks(model, logits_fn, x: np.ndarray, y: np.ndarray, *, eps: flo
     x_t = torch.from_numpy(to_nchw(xs))
     ref_attack.init_hyperparam(x_t)
     _, ref_acc, ref_loss, _ = ref_attack.attack_single_run(
-        x_t, torch.from_numpy(ys.astype(np.int64)), x_init=torch.from_numpy(to_nchw(start)))
-    ours = apgd_attack(logits_fn, xs, ys, jax.random.key(seed), eps=eps, steps=100, loss=loss,
-                       targets=top2 if loss != "ce" else None, x_init=start)
+      x_t, torch.from_numpy(ys.astype(np.int64)), x_init=torch.from_numpy(to_nchw(start))
+    )
+    ours = apgd_attack(
+      logits_fn,
+      xs,
+      ys,
+      jax.random.key(seed),
+      eps=eps,
+      steps=100,
+      loss=loss,
+      targets=top2 if loss != "ce" else None,
+      x_init=start,
+    )
     ref_robust, ref_loss = ref_acc.numpy().astype(bool), ref_loss.numpy()
     our_robust, our_loss = np.asarray(ours.robust), np.asarray(ours.loss)
     close = np.abs(our_loss - ref_loss) <= 1e-3 * np.maximum(1.0, np.abs(ref_loss))
-    raw[loss] = {"ref_robust": ref_robust, "agad_robust": our_robust, "ref_loss": ref_loss,
-                 "agad_loss": our_loss}
+    raw[loss] = {
+      "ref_robust": ref_robust,
+      "agad_robust": our_robust,
+      "ref_loss": ref_loss,
+      "agad_loss": our_loss,
+    }
     agree = np.mean(ref_robust == our_robust)
-    checks.append((name, f"{len(xs)} points: robust {ref_robust.mean():.2%} ref vs "
-                   f"{our_robust.mean():.2%} agad, verdicts agree on {agree:.1%}, "
-                   f"best loss within 0.1% on {close.mean():.1%}", None))
+    checks.append(
+      (
+        name,
+        f"{len(xs)} points: robust {ref_robust.mean():.2%} ref vs "
+        f"{our_robust.mean():.2%} agad, verdicts agree on {agree:.1%}, "
+        f"best loss within 0.1% on {close.mean():.1%}",
+        None,
+      )
+    )
   for name, result, ok in checks:
     log(f"  {name}: {result} [{'ok' if ok else 'MISMATCH' if ok is False else 'reported'}]")
   return checks, raw
@@ -493,30 +640,45 @@ def _limit_threads(n: int) -> None:
     raise app.UsageError(f"--threads={n}: this process may use only {len(cpus)} CPUs {cpus}")
   os.sched_setaffinity(0, cpus[:n])
   if n == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 
-def timing(model, logits_fn, x: np.ndarray, y: np.ndarray, common: dict[str, Any],
-           results: dict[str, Any], log: Callable[[str], None]) -> int:
+def timing(
+  model,
+  logits_fn,
+  x: np.ndarray,
+  y: np.ndarray,
+  common: dict[str, Any],
+  results: dict[str, Any],
+  log: Callable[[str], None],
+) -> int:
   """``--timing``: each attack alone, reference and agad alternately (ABBA), same inputs.
 
   Per attack and implementation: wall times of every call, robust accuracy, per-example
   agreement with the reference, and the steps agad traced (compiled) after its first call.
   """
   import torch
+
   try:
     from agad.attacks import batching as runner
   except ImportError:  # an --agad_root from before the module was renamed
     from agad.attacks import runner
 
-  results["timing"] = {"threads": {"torch": torch.get_num_threads(),
-                                   "affinity": sorted(os.sched_getaffinity(0)),
-                                   "xla_flags": os.environ.get("XLA_FLAGS", "")},
-                       "attacks": {}}
-  log(f"timing: threads torch {torch.get_num_threads()}, CPU affinity "
-      f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-      f"repeats {FLAGS.repeats}, agad from {os.path.dirname(os.path.dirname(runner.__file__))}")
+  results["timing"] = {
+    "threads": {
+      "torch": torch.get_num_threads(),
+      "affinity": sorted(os.sched_getaffinity(0)),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    },
+    "attacks": {},
+  }
+  log(
+    f"timing: threads torch {torch.get_num_threads()}, CPU affinity "
+    f"{sorted(os.sched_getaffinity(0))}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+    f"repeats {FLAGS.repeats}, agad from {os.path.dirname(os.path.dirname(runner.__file__))}"
+  )
   rows = []
   for name in [a for a in ATTACK_ORDER if a in FLAGS.attacks]:
     ref_times, agad_times, ref_robust, agad_robust, retraced = [], [], [], [], 0
@@ -537,24 +699,38 @@ def timing(model, logits_fn, x: np.ndarray, y: np.ndarray, common: dict[str, Any
         log(f"  {name} {who} run: {out['time']:.1f} s, robust {out['robust'].mean():.2%}")
     ref_s = float(np.median(ref_times))
     warm = agad_times[1:] or agad_times
-    row = dict(name=name, ref=float(ref_robust[0].mean()), agad=float(agad_robust[0].mean()),
-               agree=float(np.mean(ref_robust[0] == agad_robust[0])), ref_s=ref_s,
-               agad_cold_s=agad_times[0], agad_warm_s=float(np.median(warm)),
-               ref_times=ref_times, agad_times=agad_times, retraced_after_first=retraced,
-               agad_deterministic=all(np.array_equal(r, agad_robust[0]) for r in agad_robust))
+    row = dict(
+      name=name,
+      ref=float(ref_robust[0].mean()),
+      agad=float(agad_robust[0].mean()),
+      agree=float(np.mean(ref_robust[0] == agad_robust[0])),
+      ref_s=ref_s,
+      agad_cold_s=agad_times[0],
+      agad_warm_s=float(np.median(warm)),
+      ref_times=ref_times,
+      agad_times=agad_times,
+      retraced_after_first=retraced,
+      agad_deterministic=all(np.array_equal(r, agad_robust[0]) for r in agad_robust),
+    )
     rows.append(row)
     results["timing"]["attacks"][name] = row
   log("")
-  log(f"=== timing: N={len(x)}, eps={FLAGS.eps}, square_queries={FLAGS.square_queries}, "
-      f"batch {FLAGS.batch_size}, threads {FLAGS.threads or 'default'} ===")
-  header = (f"{'attack':<8} {'ref RA':>7} {'agad RA':>7} {'agree':>6} {'ref s':>7} "
-            f"{'agad cold':>9} {'agad warm':>9} {'warm/ref':>8} {'retraced':>8}")
+  log(
+    f"=== timing: N={len(x)}, eps={FLAGS.eps}, square_queries={FLAGS.square_queries}, "
+    f"batch {FLAGS.batch_size}, threads {FLAGS.threads or 'default'} ==="
+  )
+  header = (
+    f"{'attack':<8} {'ref RA':>7} {'agad RA':>7} {'agree':>6} {'ref s':>7} "
+    f"{'agad cold':>9} {'agad warm':>9} {'warm/ref':>8} {'retraced':>8}"
+  )
   log(header)
   log("-" * len(header))
   for r in rows:
-    log(f"{r['name']:<8} {100 * r['ref']:6.2f}% {100 * r['agad']:6.2f}% {100 * r['agree']:5.1f}% "
-        f"{r['ref_s']:7.1f} {r['agad_cold_s']:9.1f} {r['agad_warm_s']:9.1f} "
-        f"{r['agad_warm_s'] / max(r['ref_s'], 1e-9):8.2f} {r['retraced_after_first']:8d}")
+    log(
+      f"{r['name']:<8} {100 * r['ref']:6.2f}% {100 * r['agad']:6.2f}% {100 * r['agree']:5.1f}% "
+      f"{r['ref_s']:7.1f} {r['agad_cold_s']:9.1f} {r['agad_warm_s']:9.1f} "
+      f"{r['agad_warm_s'] / max(r['ref_s'], 1e-9):8.2f} {r['retraced_after_first']:8d}"
+    )
   if FLAGS.output:
     _write_json(results, FLAGS.output)
     log(f"wrote {FLAGS.output}")
@@ -572,6 +748,7 @@ def _write_json(results: dict[str, Any], path: str) -> None:
     if isinstance(value, (np.floating, np.integer, np.bool_)):
       return value.item()
     return value
+
   with open(path, "w") as f:
     json.dump(plain(results), f, indent=1)
 
@@ -584,17 +761,24 @@ def _pct(v: float | None) -> str:
 
 
 def _table(rows: list[dict[str, Any]], first: str) -> str:
-  header = (f"{first:<14} {'ref RA':>8} {'agad RA':>8} {'diff pp':>8} {'agree':>8} "
-            f"{'ref s':>8} {'agad s':>8}")
+  header = (
+    f"{first:<14} {'ref RA':>8} {'agad RA':>8} {'diff pp':>8} {'agree':>8} "
+    f"{'ref s':>8} {'agad s':>8}"
+  )
   lines = [header, "-" * len(header)]
   for row in rows:
-    diff = (f"{100 * (row['agad'] - row['ref']):+8.2f}"
-            if row["ref"] is not None and row["agad"] is not None else f"{'n/a':>8}")
+    diff = (
+      f"{100 * (row['agad'] - row['ref']):+8.2f}"
+      if row["ref"] is not None and row["agad"] is not None
+      else f"{'n/a':>8}"
+    )
     agree = f"{100 * row['agree']:7.1f}%" if row.get("agree") is not None else f"{'':>8}"
     ref_s = f"{row['ref_s']:8.1f}" if row.get("ref_s") is not None else f"{'n/a':>8}"
     agad_s = f"{row['agad_s']:8.1f}" if row.get("agad_s") is not None else f"{'n/a':>8}"
-    lines.append(f"{row['name']:<14} {_pct(row['ref']):>8} {_pct(row['agad']):>8} {diff} "
-                 f"{agree} {ref_s} {agad_s}")
+    lines.append(
+      f"{row['name']:<14} {_pct(row['ref']):>8} {_pct(row['agad']):>8} {diff} "
+      f"{agree} {ref_s} {agad_s}"
+    )
   return "\n".join(lines)
 
 
@@ -620,25 +804,37 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--attacks: unknown {unknown}; choose from {ATTACK_ORDER}")
   import pyautoattack
-  log(f"agad parity check: torch {torch.__version__} ({torch.get_num_threads()} threads), "
-      f"pyautoattack {pyautoattack.__version__}, jax {jax.__version__} "
-      f"({jax.devices()[0].platform}); "
-      f"N={FLAGS.n}, eps={FLAGS.eps}, square_queries={FLAGS.square_queries}, "
-      f"model={'quantised (L=%d, zero gradient)' % FLAGS.levels if FLAGS.masked else 'plain'}")
+
+  log(
+    f"agad parity check: torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    f"pyautoattack {pyautoattack.__version__}, jax {jax.__version__} "
+    f"({jax.devices()[0].platform}); "
+    f"N={FLAGS.n}, eps={FLAGS.eps}, square_queries={FLAGS.square_queries}, "
+    f"model={'quantised (L=%d, zero gradient)' % FLAGS.levels if FLAGS.masked else 'plain'}"
+  )
 
   splits = load_dataset(types.SimpleNamespace(name="fashion_mnist"))
   train_x, train_y = splits.train.images, splits.train.labels
-  x = splits.test.images[:FLAGS.n].astype(np.float32) / 255.0
-  y = splits.test.labels[:FLAGS.n].astype(np.int32)
+  x = splits.test.images[: FLAGS.n].astype(np.float32) / 255.0
+  y = splits.test.labels[: FLAGS.n].astype(np.int32)
 
   params_np = trained_params(train_x, train_y, log)
   params = {k: jnp.asarray(v) for k, v in params_np.items()}
   plain_fn = Partial(jax_logits, params)
-  pgd_x = _pgd(params, jnp.asarray(x), jnp.asarray(y), jax.random.key(FLAGS.seed + 1), FLAGS.eps,
-               20, FLAGS.eps / 8)
-  log(f"plain model on the {len(x)} images: clean accuracy "
-      f"{float(jnp.mean(plain_fn(jnp.asarray(x)).argmax(-1) == y)):.2%}, PGD-20 accuracy "
-      f"{float(jnp.mean(plain_fn(pgd_x).argmax(-1) == y)):.2%}")
+  pgd_x = _pgd(
+    params,
+    jnp.asarray(x),
+    jnp.asarray(y),
+    jax.random.key(FLAGS.seed + 1),
+    FLAGS.eps,
+    20,
+    FLAGS.eps / 8,
+  )
+  log(
+    f"plain model on the {len(x)} images: clean accuracy "
+    f"{float(jnp.mean(plain_fn(jnp.asarray(x)).argmax(-1) == y)):.2%}, PGD-20 accuracy "
+    f"{float(jnp.mean(plain_fn(pgd_x).argmax(-1) == y)):.2%}"
+  )
 
   # The two ports must compute the same function (clean and quantised).
   worst = 0.0
@@ -648,8 +844,10 @@ def main(argv):
       ours = np.asarray(fn(jnp.asarray(x)))
       theirs = torch_model(params_np, levels)(torch.from_numpy(to_nchw(x))).numpy()
       diff = float(np.abs(ours - theirs).max())
-      log(f"logit check ({'quantised' if levels else 'plain'}): max |jax - torch| = {diff:.2e}, "
-          f"argmax agreement {np.mean(ours.argmax(-1) == theirs.argmax(-1)):.2%}")
+      log(
+        f"logit check ({'quantised' if levels else 'plain'}): max |jax - torch| = {diff:.2e}, "
+        f"argmax agreement {np.mean(ours.argmax(-1) == theirs.argmax(-1)):.2%}"
+      )
       worst = max(worst, diff)
   if worst > FLAGS.logit_tolerance:
     log(f"FAIL: the ports disagree ({worst:.2e} > {FLAGS.logit_tolerance:.0e})")
@@ -660,11 +858,27 @@ def main(argv):
   model = torch_model(params_np, levels)
   clean = float(np.mean(np.asarray(logits_fn(jnp.asarray(x))).argmax(-1) == y))
   log(f"evaluated model: clean accuracy {clean:.2%}")
-  common = dict(eps=FLAGS.eps, seed=FLAGS.seed, square_queries=FLAGS.square_queries,
-                batch_size=FLAGS.batch_size)
-  results: dict[str, Any] = {"flags": {k: FLAGS[k].value for k in (
-      "n", "eps", "square_queries", "masked", "levels", "seed", "train_steps", "batch_size")},
-      "clean_accuracy": clean, "logit_max_abs_diff": worst, "individual": {}}
+  common = dict(
+    eps=FLAGS.eps, seed=FLAGS.seed, square_queries=FLAGS.square_queries, batch_size=FLAGS.batch_size
+  )
+  results: dict[str, Any] = {
+    "flags": {
+      k: FLAGS[k].value
+      for k in (
+        "n",
+        "eps",
+        "square_queries",
+        "masked",
+        "levels",
+        "seed",
+        "train_steps",
+        "batch_size",
+      )
+    },
+    "clean_accuracy": clean,
+    "logit_max_abs_diff": worst,
+    "individual": {},
+  }
 
   if FLAGS.timing:
     return timing(model, logits_fn, x, y, common, results, log)
@@ -685,9 +899,16 @@ def main(argv):
     log(f"  reference {name}: {ref['robust'].mean():.2%} in {ref['time']:.1f} s; agad ...")
     ours = run_agad(logits_fn, x, y, attacks=[name], **common)
     log(f"  agad {name}: {ours['robust'].mean():.2%} in {ours['time']:.1f} s")
-    rows.append(dict(name=name, ref=float(ref["robust"].mean()), agad=float(ours["robust"].mean()),
-                     agree=float(np.mean(ref["robust"] == ours["robust"])), ref_s=ref["time"],
-                     agad_s=ours["time"]))
+    rows.append(
+      dict(
+        name=name,
+        ref=float(ref["robust"].mean()),
+        agad=float(ours["robust"].mean()),
+        agree=float(np.mean(ref["robust"] == ours["robust"])),
+        ref_s=ref["time"],
+        agad_s=ours["time"],
+      )
+    )
     results["individual"][name] = {"reference": ref, "agad": ours}
 
   standard_rows, final = [], None
@@ -698,31 +919,48 @@ def main(argv):
     ours = run_agad(logits_fn, x, y, attacks=None, **common)
     log(f"  agad standard: {ours['robust'].mean():.2%} in {ours['time']:.1f} s")
     for name in ATTACK_ORDER:
-      standard_rows.append(dict(name=f"after {name}", ref=ref["per_attack"].get(name),
-                                agad=ours["per_attack"].get(name),
-                                ref_s=ref["times"].get(name), agad_s=ours["times"].get(name)))
-    final = dict(name="AA standard", ref=float(ref["robust"].mean()),
-                 agad=float(ours["robust"].mean()),
-                 agree=float(np.mean(ref["robust"] == ours["robust"])), ref_s=ref["time"],
-                 agad_s=ours["time"])
+      standard_rows.append(
+        dict(
+          name=f"after {name}",
+          ref=ref["per_attack"].get(name),
+          agad=ours["per_attack"].get(name),
+          ref_s=ref["times"].get(name),
+          agad_s=ours["times"].get(name),
+        )
+      )
+    final = dict(
+      name="AA standard",
+      ref=float(ref["robust"].mean()),
+      agad=float(ours["robust"].mean()),
+      agree=float(np.mean(ref["robust"] == ours["robust"])),
+      ref_s=ref["time"],
+      agad_s=ours["time"],
+    )
     standard_rows.append(final)
     results["standard"] = {"reference": ref, "agad": ours}
 
   log("")
-  log(f"=== parity: N={len(x)}, eps={FLAGS.eps}, model="
-      f"{'quantised L=%d (masked gradients)' % levels if levels else 'plain'}, clean {clean:.2%}, "
-      f"square_queries={FLAGS.square_queries} ===")
+  log(
+    f"=== parity: N={len(x)}, eps={FLAGS.eps}, model="
+    f"{'quantised L=%d (masked gradients)' % levels if levels else 'plain'}, clean {clean:.2%}, "
+    f"square_queries={FLAGS.square_queries} ==="
+  )
   if rows:
     log("attacks alone (each from the clean images; RA = robust accuracy over all N):")
     log(_table(rows, "attack"))
   if standard_rows:
     log("version='standard' (per stage; times are per stage, agad's include compilation):")
     log(_table(standard_rows, "stage"))
-  for label, run in (("reference", results.get("standard", {}).get("reference")),
-                     ("agad", results.get("standard", {}).get("agad"))):
+  for label, run in (
+    ("reference", results.get("standard", {}).get("reference")),
+    ("agad", results.get("standard", {}).get("agad")),
+  ):
     if run is not None:
-      extra = (f", points outside the threat model: {run['outside_threat_model']}"
-               if "outside_threat_model" in run else "")
+      extra = (
+        f", points outside the threat model: {run['outside_threat_model']}"
+        if "outside_threat_model" in run
+        else ""
+      )
       log(f"{label}: max L-inf perturbation {run['max_linf']:.5f}{extra}")
       for warning in run["warnings"]:
         log(f"  {label} warning: {warning[:300]}")
@@ -731,8 +969,10 @@ def main(argv):
   if final is not None:
     gap = 100 * abs(final["agad"] - final["ref"])
     verdict = "PASS" if gap <= FLAGS.tolerance_pp else "FAIL"
-    log(f"{verdict}: |AA_ref - AA_agad| = {gap:.2f} pp (tolerance {FLAGS.tolerance_pp} pp; "
-        f"one example = {100 / len(x):.2f} pp)")
+    log(
+      f"{verdict}: |AA_ref - AA_agad| = {gap:.2f} pp (tolerance {FLAGS.tolerance_pp} pp; "
+      f"one example = {100 / len(x):.2f} pp)"
+    )
     status = 0 if verdict == "PASS" else 1
   if component_failures:
     log(f"FAIL: component checks {component_failures} disagree with the reference")

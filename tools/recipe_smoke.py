@@ -32,21 +32,31 @@ flags.DEFINE_integer("batch", 4, "Global batch of the smoke step.")
 SHAPES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100), "svhn": ((32, 32, 3), 10)}
 # (dataset, model, spec, what runs first: None | ("teacher", overrides) | ("stage1", spec)).
 RECIPES = [
-    ("cifar10", "resnet18", "fsr", None),
-    ("cifar10", "resnet18", "trades+fsr", None),
-    ("cifar10", "wrn34_10", "again+awp", None),
-    ("cifar100", "wrn34_10", "again+awp", None),
-    # ATAT's student standardises each image (the code's per_image_standardization); its
-    # teacher must too (the student starts from it).
-    ("cifar10", "wrn34_10", "atat", ("teacher", {"model.input_norm": "per_image"})),
-    # AGKD-BML's code feeds [-1, 1] inputs (mean = std = 0.5) to teacher and student alike.
-    ("cifar10", "wrn28_10", "agkd_bml", ("teacher", {"objective.standard.label_smoothing": 0.5,
-                                                     "objective.standard.smoothing": "others",
-                                                     "model.input_norm": "dataset",
-                                                     "model.mean": (0.5, 0.5, 0.5),
-                                                     "model.std": (0.5, 0.5, 0.5)})),
-    ("cifar10", "wrn28_10", "afa_stage2", ("stage1", "afa")),
-    ("svhn", "wrn16_8", "afa_stage2", ("stage1", "afa")),
+  ("cifar10", "resnet18", "fsr", None),
+  ("cifar10", "resnet18", "trades+fsr", None),
+  ("cifar10", "wrn34_10", "again+awp", None),
+  ("cifar100", "wrn34_10", "again+awp", None),
+  # ATAT's student standardises each image (the code's per_image_standardization); its
+  # teacher must too (the student starts from it).
+  ("cifar10", "wrn34_10", "atat", ("teacher", {"model.input_norm": "per_image"})),
+  # AGKD-BML's code feeds [-1, 1] inputs (mean = std = 0.5) to teacher and student alike.
+  (
+    "cifar10",
+    "wrn28_10",
+    "agkd_bml",
+    (
+      "teacher",
+      {
+        "objective.standard.label_smoothing": 0.5,
+        "objective.standard.smoothing": "others",
+        "model.input_norm": "dataset",
+        "model.mean": (0.5, 0.5, 0.5),
+        "model.std": (0.5, 0.5, 0.5),
+      },
+    ),
+  ),
+  ("cifar10", "wrn28_10", "afa_stage2", ("stage1", "afa")),
+  ("svhn", "wrn16_8", "afa_stage2", ("stage1", "afa")),
 ]
 
 
@@ -61,12 +71,23 @@ def _set(config, key, value):
 def _config(dataset, model, spec, overrides=None):
   config = importlib.import_module(f"configs.{dataset}").get_config(f"{model},{spec}")
   shape, classes = SHAPES[dataset]
-  for key, value in {"data.name": "synthetic", "data.image_shape": shape, "data.num_classes": classes,
-                     "data.num_train": 48, "data.num_test": 8, "data.val_size": 16,
-                     "data.max_train": None, "data.max_test": None, "batch_size": FLAGS.batch,
-                     "validation.batch_size": FLAGS.batch, "eval.batch_size": FLAGS.batch,
-                     "stop_after_steps": 1, "checkpoint.async_save": False, "log_every_steps": 1,
-                     **(overrides or {})}.items():
+  for key, value in {
+    "data.name": "synthetic",
+    "data.image_shape": shape,
+    "data.num_classes": classes,
+    "data.num_train": 48,
+    "data.num_test": 8,
+    "data.val_size": 16,
+    "data.max_train": None,
+    "data.max_test": None,
+    "batch_size": FLAGS.batch,
+    "validation.batch_size": FLAGS.batch,
+    "eval.batch_size": FLAGS.batch,
+    "stop_after_steps": 1,
+    "checkpoint.async_save": False,
+    "log_every_steps": 1,
+    **(overrides or {}),
+  }.items():
     _set(config, key, value)
   return config
 
@@ -74,19 +95,21 @@ def _config(dataset, model, spec, overrides=None):
 def _train(config, workdir):
   import numpy as np
   from agad.training import loop
+
   t0 = time.time()
   trainer = loop.Trainer(config, workdir)
   state = trainer.run()
   import jax
+
   n = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   return time.time() - t0, n
 
 
 def _check_deployed(workdir):
-  import jax
   import jax.numpy as jnp
   import numpy as np
   import agad
+
   loaded = agad.load(workdir, "latest")
   test = loaded.splits().test
   x = jnp.asarray(test.images[:4], jnp.float32) / 255.0
@@ -97,6 +120,7 @@ def _check_deployed(workdir):
   variants = {}
   if factory is not None:
     from agad.objectives.base import adaptive_variants
+
     for name, fn in adaptive_variants(factory(loaded.model, loaded.variables)).items():
       v = np.asarray(fn(x, y))
       assert v.shape == (4,) and np.all(np.isfinite(v)), (name, v)
@@ -122,14 +146,18 @@ def run_recipe(root, dataset, model, spec, first):
   config = _config(dataset, model, spec, overrides)
   wall, params = _train(config, workdir)
   variants = _check_deployed(workdir)
-  print(f"{tag}: OK, 1 step in {wall:.0f} s (compile included), {params:,} params, epochs "
-        f"{config.num_epochs}, lr {config.optim.lr}, eps {config.attack.eps:.4g}, attack "
-        f"PGD-{config.attack.steps}, adaptive variants {sorted(variants) or '-'}", flush=True)
+  print(
+    f"{tag}: OK, 1 step in {wall:.0f} s (compile included), {params:,} params, epochs "
+    f"{config.num_epochs}, lr {config.optim.lr}, eps {config.attack.eps:.4g}, attack "
+    f"PGD-{config.attack.steps}, adaptive variants {sorted(variants) or '-'}",
+    flush=True,
+  )
 
 
 def main(argv):
   del argv
   from launch import common
+
   common.init_runtime()
   logging.set_verbosity(logging.WARNING)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="agad_recipes_")

@@ -13,8 +13,18 @@ ATTACK_CODE_VERSION = 4
 
 from agad.attacks.driver import DRIVERS, iterate, resolve_driver
 from agad.attacks.losses import cross_entropy, kl_divergence, margin
-from agad.attacks.iterative import (MIMState, PGDState, bim, fgsm, mim, pgd, pgd_general,
-                                   pgd_init, pgd_step, project)
+from agad.attacks.iterative import (
+  MIMState,
+  PGDState,
+  bim,
+  fgsm,
+  mim,
+  pgd,
+  pgd_general,
+  pgd_init,
+  pgd_step,
+  project,
+)
 
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
 from agad.attacks.apgd import APGDResult, apgd, apgd_attack, apgd_checkpoints, apgd_targeted
@@ -23,10 +33,36 @@ from agad.attacks.square import SquareResult, square, square_attack
 from agad.attacks.autoattack import autoattack
 
 __all__ = [
-    "ATTACK_CODE_VERSION",
-    "dlr", "dlr_targeted", "ranked_targets", "APGDResult", "apgd", "apgd_attack",
-    "apgd_checkpoints", "apgd_targeted", "FABResult", "fab", "fab_attack", "SquareResult",
-    "square", "square_attack", "autoattack",
-    "DRIVERS", "iterate", "resolve_driver", "cross_entropy", "kl_divergence", "margin",
-    "MIMState", "PGDState", "bim", "mim", "fgsm", "pgd", "pgd_general", "pgd_init", "pgd_step", "project",
+  "ATTACK_CODE_VERSION",
+  "dlr",
+  "dlr_targeted",
+  "ranked_targets",
+  "APGDResult",
+  "apgd",
+  "apgd_attack",
+  "apgd_checkpoints",
+  "apgd_targeted",
+  "FABResult",
+  "fab",
+  "fab_attack",
+  "SquareResult",
+  "square",
+  "square_attack",
+  "autoattack",
+  "DRIVERS",
+  "iterate",
+  "resolve_driver",
+  "cross_entropy",
+  "kl_divergence",
+  "margin",
+  "MIMState",
+  "PGDState",
+  "bim",
+  "mim",
+  "fgsm",
+  "pgd",
+  "pgd_general",
+  "pgd_init",
+  "pgd_step",
+  "project",
 ]

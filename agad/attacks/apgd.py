@@ -42,9 +42,22 @@ from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example, project
 from agad.attacks import losses
 from agad.attacks.dlr import dlr, dlr_targeted, ranked_targets
-from agad.attacks.batching import (NORMS, barrier, batch_key, bwhere, call_logits, count_trace,
-                                 example_keys, fold_in_each, lp_norm, normal_each, normalize,
-                                 nothing_left, run_steps, split_each, uniform_each)
+from agad.attacks.batching import (
+  NORMS,
+  barrier,
+  batch_key,
+  bwhere,
+  call_logits,
+  count_trace,
+  example_keys,
+  fold_in_each,
+  normal_each,
+  normalize,
+  nothing_left,
+  run_steps,
+  split_each,
+  uniform_each,
+)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted", "ce-targeted")
 TARGETED_LOSSES = ("dlr-targeted", "ce-targeted")
@@ -78,23 +91,23 @@ def apgd_checkpoints(n_iter: int) -> list[int]:
 
 
 class APGDState(NamedTuple):
-  x: jax.Array                # [B, ...] current iterate x(k)
-  x_prev: jax.Array           # [B, ...] iterate before it (momentum term)
-  grad: jax.Array             # [B, ...] gradient used for the next step
-  loss_prev: jax.Array        # [B] loss of the last iterate (0 before the first step)
-  x_best: jax.Array           # [B, ...] highest-loss point so far
-  grad_best: jax.Array        # [B, ...] its gradient
-  loss_best: jax.Array        # [B]
-  x_adv: jax.Array            # [B, ...] latest misclassified iterate (start point if none)
-  robust: jax.Array           # [B] bool: no misclassified iterate yet
-  step_size: jax.Array        # [B]
-  n_increase: jax.Array       # [B] int32: loss increases in the current window
-  loss_best_last: jax.Array   # [B] best loss at the last checkpoint
-  reduced_last: jax.Array     # [B] bool: step halved at the last checkpoint
-  counter: jax.Array          # [] int32: iterations since the last checkpoint
-  window: jax.Array           # [] int32: length of the current window
-  it: jax.Array               # [] int32: iterations done
-  key: jax.Array              # PRNG key (randomised models, EOT)
+  x: jax.Array  # [B, ...] current iterate x(k)
+  x_prev: jax.Array  # [B, ...] iterate before it (momentum term)
+  grad: jax.Array  # [B, ...] gradient used for the next step
+  loss_prev: jax.Array  # [B] loss of the last iterate (0 before the first step)
+  x_best: jax.Array  # [B, ...] highest-loss point so far
+  grad_best: jax.Array  # [B, ...] its gradient
+  loss_best: jax.Array  # [B]
+  x_adv: jax.Array  # [B, ...] latest misclassified iterate (start point if none)
+  robust: jax.Array  # [B] bool: no misclassified iterate yet
+  step_size: jax.Array  # [B]
+  n_increase: jax.Array  # [B] int32: loss increases in the current window
+  loss_best_last: jax.Array  # [B] best loss at the last checkpoint
+  reduced_last: jax.Array  # [B] bool: step halved at the last checkpoint
+  counter: jax.Array  # [] int32: iterations since the last checkpoint
+  window: jax.Array  # [] int32: length of the current window
+  it: jax.Array  # [] int32: iterations done
+  key: jax.Array  # PRNG key (randomised models, EOT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,13 +178,24 @@ def _init_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
     value, logits, grad = value_and_grad(logits_fn, labels, targets, x, batch_key(grad_keys))
     batch = x0.shape[0]
     return APGDState(
-        x=x, x_prev=x, grad=grad, loss_prev=jnp.zeros((batch,), jnp.float32),
-        x_best=x, grad_best=grad, loss_best=value, x_adv=x,
-        robust=_correct(logits, labels),
-        step_size=jnp.broadcast_to(2.0 * jnp.asarray(eps, jnp.float32), (batch,)),
-        n_increase=jnp.zeros((batch,), jnp.int32), loss_best_last=value,
-        reduced_last=jnp.ones((batch,), bool), counter=jnp.zeros((), jnp.int32),
-        window=jnp.asarray(first_window, jnp.int32), it=jnp.zeros((), jnp.int32), key=key)
+      x=x,
+      x_prev=x,
+      grad=grad,
+      loss_prev=jnp.zeros((batch,), jnp.float32),
+      x_best=x,
+      grad_best=grad,
+      loss_best=value,
+      x_adv=x,
+      robust=_correct(logits, labels),
+      step_size=jnp.broadcast_to(2.0 * jnp.asarray(eps, jnp.float32), (batch,)),
+      n_increase=jnp.zeros((batch,), jnp.int32),
+      loss_best_last=value,
+      reduced_last=jnp.ones((batch,), bool),
+      counter=jnp.zeros((), jnp.int32),
+      window=jnp.asarray(first_window, jnp.int32),
+      it=jnp.zeros((), jnp.int32),
+      key=key,
+    )
 
   return jax.jit(init)
 
@@ -181,8 +205,9 @@ def _step_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
   value_and_grad = _value_and_grad_rule(loss, stochastic, eot_iter)
   tag = f"apgd-{loss}"
 
-  def step(logits_fn, x0, labels, targets, eps, rho, decrement, minimum,
-           state: APGDState) -> APGDState:
+  def step(
+    logits_fn, x0, labels, targets, eps, rho, decrement, minimum, state: APGDState
+  ) -> APGDState:
     count_trace(tag, state.x)
     size = per_example(state.step_size, x0)
     if norm == "linf":
@@ -191,8 +216,9 @@ def _step_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
       z = state.x + size * normalize(state.grad, "l2")
     z = project(z, x0, eps, norm)
     a = jnp.where(state.it > 0, 0.75, 1.0)
-    x_new = project(state.x + a * (z - state.x) + (1.0 - a) * (state.x - state.x_prev),
-                    x0, eps, norm)
+    x_new = project(
+      state.x + a * (z - state.x) + (1.0 - a) * (state.x - state.x_prev), x0, eps, norm
+    )
 
     key, sub = jax.random.split(state.key) if stochastic else (state.key, state.key)
     value, logits, grad = value_and_grad(logits_fn, labels, targets, x_new, sub)
@@ -211,10 +237,16 @@ def _step_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
     stalled = (~state.reduced_last) & (state.loss_best_last >= loss_best)
     reduce = (oscillating | stalled) & at_check
 
-    return barrier(APGDState(
-        x=bwhere(reduce, x_best, x_new), x_prev=state.x,
-        grad=bwhere(reduce, grad_best, grad), loss_prev=value,
-        x_best=x_best, grad_best=grad_best, loss_best=loss_best, x_adv=x_adv,
+    return barrier(
+      APGDState(
+        x=bwhere(reduce, x_best, x_new),
+        x_prev=state.x,
+        grad=bwhere(reduce, grad_best, grad),
+        loss_prev=value,
+        x_best=x_best,
+        grad_best=grad_best,
+        loss_best=loss_best,
+        x_adv=x_adv,
         robust=state.robust & correct,
         step_size=jnp.where(reduce, 0.5 * state.step_size, state.step_size),
         n_increase=jnp.where(at_check, 0, n_increase),
@@ -222,7 +254,10 @@ def _step_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
         reduced_last=jnp.where(at_check, oscillating | stalled, state.reduced_last),
         counter=jnp.where(at_check, 0, counter),
         window=jnp.where(at_check, jnp.maximum(state.window - decrement, minimum), state.window),
-        it=state.it + 1, key=key))
+        it=state.it + 1,
+        key=key,
+      )
+    )
 
   return step
 
@@ -232,9 +267,9 @@ def _step_rule(norm: str, loss: str, stochastic: bool, eot_iter: int) -> Callabl
 
 class APGDResult(NamedTuple):
   adversarial: jax.Array  # [B, H, W, C]: a misclassified iterate, else the best-loss point
-  robust: jax.Array       # [B] bool: no misclassified iterate found
-  loss: jax.Array         # [B] best loss reached
-  zero_grad: jax.Array    # [B] bool: the gradient at the (first) start point is exactly 0
+  robust: jax.Array  # [B] bool: no misclassified iterate found
+  loss: jax.Array  # [B] best loss reached
+  zero_grad: jax.Array  # [B] bool: the gradient at the (first) start point is exactly 0
 
 
 def _check_inputs(images, labels, norm, loss, targets):
@@ -259,12 +294,26 @@ def _check_inputs(images, labels, norm, loss, targets):
   return images, labels, targets
 
 
-def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-                eps, norm: str = "linf", steps: int = 100, loss: str = "ce", restarts: int = 1,
-                rho: float = 0.75, targets: jax.Array | None = None, eot_iter: int = 1,
-                stochastic: bool = False, valid: jax.Array | None = None,
-                x_init: jax.Array | None = None, driver: str = "auto",
-                chunk: int | None = None) -> APGDResult:
+def apgd_attack(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  steps: int = 100,
+  loss: str = "ce",
+  restarts: int = 1,
+  rho: float = 0.75,
+  targets: jax.Array | None = None,
+  eot_iter: int = 1,
+  stochastic: bool = False,
+  valid: jax.Array | None = None,
+  x_init: jax.Array | None = None,
+  driver: str = "auto",
+  chunk: int | None = None,
+) -> APGDResult:
   """APGD returning the adversarial points with per-example robustness and loss.
 
   ``x_init`` ``[B, ...]`` replaces the random start of the first restart (as the
@@ -285,8 +334,17 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
   if chunk is None:
     chunk = 10 if eot_iter == 1 else max(1, 20 // eot_iter)
   init = _init_rule(norm, loss, stochastic, eot_iter)
-  step = Partial(_step_rule(norm, loss, stochastic, eot_iter), logits_fn, images, labels,
-                 targets, eps, jnp.float32(rho), jnp.int32(decrement), jnp.int32(minimum))
+  step = Partial(
+    _step_rule(norm, loss, stochastic, eot_iter),
+    logits_fn,
+    images,
+    labels,
+    targets,
+    eps,
+    jnp.float32(rho),
+    jnp.int32(decrement),
+    jnp.int32(minimum),
+  )
   done = lambda s: nothing_left(s.robust, valid)
   keys = example_keys(key, images.shape[0])
 
@@ -294,8 +352,16 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
   for restart in range(restarts):
     if best is not None and nothing_left(best.robust, valid):
       break
-    state = init(logits_fn, images, labels, targets, eps, first,
-                 fold_in_each(keys, restart), x_init if restart == 0 else None)
+    state = init(
+      logits_fn,
+      images,
+      labels,
+      targets,
+      eps,
+      first,
+      fold_in_each(keys, restart),
+      x_init if restart == 0 else None,
+    )
     if best is None:
       zero_grad = jnp.all(state.grad.reshape(state.grad.shape[0], -1) == 0, axis=-1)
     state = run_steps(step, state, steps, driver=driver, chunk=chunk, done=done)
@@ -307,16 +373,33 @@ def apgd_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: 
       newly_broken = best.robust & ~result.robust
       higher = best.robust & result.robust & (result.loss > best.loss)
       take = newly_broken | higher
-      best = APGDResult(bwhere(take, result.adversarial, best.adversarial),
-                        best.robust & result.robust, jnp.where(take, result.loss, best.loss),
-                        zero_grad)
+      best = APGDResult(
+        bwhere(take, result.adversarial, best.adversarial),
+        best.robust & result.robust,
+        jnp.where(take, result.loss, best.loss),
+        zero_grad,
+      )
   return best._replace(adversarial=jax.lax.stop_gradient(best.adversarial))
 
 
-def apgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-         eps, norm: str = "linf", steps: int = 100, loss: str = "ce", restarts: int = 1,
-         rho: float = 0.75, targets: jax.Array | None = None, eot_iter: int = 1,
-         stochastic: bool = False, driver: str = "auto", chunk: int | None = None) -> jax.Array:
+def apgd(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  steps: int = 100,
+  loss: str = "ce",
+  restarts: int = 1,
+  rho: float = 0.75,
+  targets: jax.Array | None = None,
+  eot_iter: int = 1,
+  stochastic: bool = False,
+  driver: str = "auto",
+  chunk: int | None = None,
+) -> jax.Array:
   """APGD (Croce & Hein 2020). Stable public entry point.
 
   Args:
@@ -335,15 +418,41 @@ def apgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arr
     ``[B, H, W, C]``: per example, a misclassified iterate if one was found, else the
     highest-loss point; inside the eps-ball and [0, 1], gradient-stopped.
   """
-  return apgd_attack(logits_fn, images, labels, key, eps=eps, norm=norm, steps=steps, loss=loss,
-                     restarts=restarts, rho=rho, targets=targets, eot_iter=eot_iter,
-                     stochastic=stochastic, driver=driver, chunk=chunk).adversarial
+  return apgd_attack(
+    logits_fn,
+    images,
+    labels,
+    key,
+    eps=eps,
+    norm=norm,
+    steps=steps,
+    loss=loss,
+    restarts=restarts,
+    rho=rho,
+    targets=targets,
+    eot_iter=eot_iter,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+  ).adversarial
 
 
-def apgd_targeted(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-                  eps, norm: str = "linf", steps: int = 100, n_target_classes: int = 9,
-                  restarts: int = 1, rho: float = 0.75, stochastic: bool = False,
-                  driver: str = "auto", chunk: int | None = None) -> jax.Array:
+def apgd_targeted(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  steps: int = 100,
+  n_target_classes: int = 9,
+  restarts: int = 1,
+  rho: float = 0.75,
+  stochastic: bool = False,
+  driver: str = "auto",
+  chunk: int | None = None,
+) -> jax.Array:
   """APGD-T: targeted-DLR APGD towards the classes ranked 2..``n_target_classes + 1``.
 
   Targets come from the clean logits (capped at ``K - 1`` classes); each target runs
@@ -357,9 +466,22 @@ def apgd_targeted(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
   ranked = ranked_targets(clean, n_targets)
   adversarial, robust = None, None
   for j in range(n_targets):
-    result = apgd_attack(logits_fn, images, labels, jax.random.fold_in(key, j), eps=eps, norm=norm,
-                         steps=steps, loss="dlr-targeted", restarts=restarts, rho=rho,
-                         targets=ranked[:, j], stochastic=stochastic, driver=driver, chunk=chunk)
+    result = apgd_attack(
+      logits_fn,
+      images,
+      labels,
+      jax.random.fold_in(key, j),
+      eps=eps,
+      norm=norm,
+      steps=steps,
+      loss="dlr-targeted",
+      restarts=restarts,
+      rho=rho,
+      targets=ranked[:, j],
+      stochastic=stochastic,
+      driver=driver,
+      chunk=chunk,
+    )
     if adversarial is None:
       adversarial, robust = result.adversarial, result.robust
     else:
@@ -368,4 +490,3 @@ def apgd_targeted(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
     if nothing_left(robust, None):
       break
   return adversarial
-

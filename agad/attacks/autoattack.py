@@ -84,9 +84,9 @@ def _verify(logits_fn, x0, x_adv, labels, eps, key, stochastic: bool, norm: str)
 # The versions' stages (fra31/auto-attack ``set_version``): attack names in order and the
 # restarts of the untargeted attacks. ``"custom"`` takes its names from ``attacks=``.
 STAGES = {
-    "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), 1),
-    "plus": (("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"), 5),
-    "rand": (("apgd-ce", "apgd-dlr"), 1),
+  "standard": (("apgd-ce", "apgd-t", "fab-t", "square"), 1),
+  "plus": (("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"), 5),
+  "rand": (("apgd-ce", "apgd-dlr"), 1),
 }
 # The fewest classes an attack can run with (fewer: skipped with a flag saying why).
 _MIN_CLASSES = {"apgd-dlr": (3, "DLR"), "apgd-t": (4, "targeted DLR")}
@@ -110,8 +110,17 @@ def _stage_names(version: str, attacks: Sequence[str] | None) -> tuple[list[str]
   return names, restarts
 
 
-def _settings(name: str, *, version: str, restarts: int, steps: int, square_queries: int,
-              eot_iter: int, n_targets: int, stochastic: bool) -> dict:
+def _settings(
+  name: str,
+  *,
+  version: str,
+  restarts: int,
+  steps: int,
+  square_queries: int,
+  eot_iter: int,
+  n_targets: int,
+  stochastic: bool,
+) -> dict:
   """The settings of one stage's attack."""
   if name in ("apgd-ce", "apgd-dlr"):
     eot = eot_iter if version == "rand" or (version == "custom" and stochastic) else 1
@@ -125,9 +134,17 @@ def _settings(name: str, *, version: str, restarts: int, steps: int, square_quer
   return dict(n_queries=square_queries, p_init=0.8, restarts=1)
 
 
-def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
-          square_queries: int, eot_iter: int, num_classes: int, n_target_classes: int,
-          stochastic: bool) -> tuple[list[tuple[str, dict]], list[str]]:
+def _plan(
+  version: str,
+  attacks: Sequence[str] | None,
+  norm: str,
+  steps: int,
+  square_queries: int,
+  eot_iter: int,
+  num_classes: int,
+  n_target_classes: int,
+  stochastic: bool,
+) -> tuple[list[tuple[str, dict]], list[str]]:
   """``[(attack name, settings)]`` for a version, plus warnings about skipped attacks."""
   flags = []
   names, restarts = _stage_names(version, attacks)
@@ -135,17 +152,31 @@ def _plan(version: str, attacks: Sequence[str] | None, norm: str, steps: int,
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   n_targets = min(n_target_classes, num_classes - 1)
   if n_targets < n_target_classes and any(a in ("apgd-t", "fab-t") for a in names):
-    flags.append(f"only {num_classes} classes: targeted attacks use {n_targets} targets, "
-                 f"not {n_target_classes}")
+    flags.append(
+      f"only {num_classes} classes: targeted attacks use {n_targets} targets, "
+      f"not {n_target_classes}"
+    )
   plan = []
   for name in names:
     if name in _MIN_CLASSES and num_classes < _MIN_CLASSES[name][0]:
       least, what = _MIN_CLASSES[name]
       flags.append(f"{name} skipped: {what} needs >= {least} classes, the model has {num_classes}")
       continue
-    plan.append((name, _settings(name, version=version, restarts=restarts, steps=steps,
-                                 square_queries=square_queries, eot_iter=eot_iter,
-                                 n_targets=n_targets, stochastic=stochastic)))
+    plan.append(
+      (
+        name,
+        _settings(
+          name,
+          version=version,
+          restarts=restarts,
+          steps=steps,
+          square_queries=square_queries,
+          eot_iter=eot_iter,
+          n_targets=n_targets,
+          stochastic=stochastic,
+        ),
+      )
+    )
   return plan, flags
 
 
@@ -167,16 +198,34 @@ class _Run:
   """What the stages share: the inputs, their settings, and the per-example results so far
   (``robust``, ``adversarial``, ``adv_pred``, ``broken_by``, ``zero_grad``)."""
 
-  def __init__(self, logits_fn, images, labels, key, *, eps, norm, batch_size, min_bucket,
-               stochastic, driver, chunk, square_chunk, verbose):
+  def __init__(
+    self,
+    logits_fn,
+    images,
+    labels,
+    key,
+    *,
+    eps,
+    norm,
+    batch_size,
+    min_bucket,
+    stochastic,
+    driver,
+    chunk,
+    square_chunk,
+    verbose,
+  ):
     self.logits_fn, self.images, self.labels, self.key = logits_fn, images, labels, key
     self.eps, self.eps32, self.norm = eps, jnp.float32(eps), norm
     self.batch_size, self.stochastic, self.verbose = batch_size, stochastic, verbose
     self.driver, self.chunk, self.square_chunk = driver, chunk, square_chunk
     self.n = images.shape[0]
-    self.batches = functools.partial(padded_batches, batch_size=batch_size,
-                                     sizes=bucket_sizes(batch_size, min_bucket))
-    self.zero_grad = np.zeros((self.n,), bool)  # points with an exactly zero gradient in some APGD run
+    self.batches = functools.partial(
+      padded_batches, batch_size=batch_size, sizes=bucket_sizes(batch_size, min_bucket)
+    )
+    self.zero_grad = np.zeros(
+      (self.n,), bool
+    )  # points with an exactly zero gradient in some APGD run
 
   def clean_pass(self) -> np.ndarray:
     """The clean logits ``[N, K]``; sets the results to the clean predictions."""
@@ -185,9 +234,13 @@ class _Run:
     if n:
       parts = []
       for start, real, padded, _ in self.batches(np.arange(n)):
-        out = _predict(self.logits_fn, jnp.asarray(self.images[padded]),
-                       jax.random.fold_in(self.key, 10_000 + start), self.stochastic)
-        parts.append(np.asarray(out)[:len(real)])
+        out = _predict(
+          self.logits_fn,
+          jnp.asarray(self.images[padded]),
+          jax.random.fold_in(self.key, 10_000 + start),
+          self.stochastic,
+        )
+        parts.append(np.asarray(out)[: len(real)])
       clean_logits = np.concatenate(parts)
     self.robust = (clean_logits.argmax(-1) == self.labels) if n else np.zeros((0,), bool)
     self.broken_by = np.where(self.robust, "", "clean").astype(object)
@@ -197,23 +250,50 @@ class _Run:
 
   def attack(self, name: str, settings: dict, x, y, run_key, targets, valid_j, real):
     """One attack on one padded batch: its candidate adversarials."""
-    common = dict(eps=self.eps32, norm=self.norm, stochastic=self.stochastic, valid=valid_j,
-                  driver=self.driver)
+    common = dict(
+      eps=self.eps32, norm=self.norm, stochastic=self.stochastic, valid=valid_j, driver=self.driver
+    )
     if name.startswith("apgd"):
       result = apgd_attack(
-          self.logits_fn, x, y, run_key, steps=settings["steps"], loss=settings["loss"],
-          restarts=settings["restarts"], targets=targets if name == "apgd-t" else None,
-          eot_iter=settings["eot_iter"], chunk=self.chunk, **common)
-      self.zero_grad[real[np.asarray(result.zero_grad)[:len(real)]]] = True
+        self.logits_fn,
+        x,
+        y,
+        run_key,
+        steps=settings["steps"],
+        loss=settings["loss"],
+        restarts=settings["restarts"],
+        targets=targets if name == "apgd-t" else None,
+        eot_iter=settings["eot_iter"],
+        chunk=self.chunk,
+        **common,
+      )
+      self.zero_grad[real[np.asarray(result.zero_grad)[: len(real)]]] = True
     elif name.startswith("fab"):
       result = fab_attack(
-          self.logits_fn, x, y, run_key, steps=settings["steps"], targeted=settings["targeted"],
-          targets=targets if settings["targeted"] else None, restarts=settings["restarts"],
-          stop_when_within_eps=True, chunk=self.chunk or 10, **common)
+        self.logits_fn,
+        x,
+        y,
+        run_key,
+        steps=settings["steps"],
+        targeted=settings["targeted"],
+        targets=targets if settings["targeted"] else None,
+        restarts=settings["restarts"],
+        stop_when_within_eps=True,
+        chunk=self.chunk or 10,
+        **common,
+      )
     else:
       result = square_attack(
-          self.logits_fn, x, y, run_key, n_queries=settings["n_queries"], p_init=settings["p_init"],
-          restarts=settings["restarts"], chunk=self.square_chunk, **common)
+        self.logits_fn,
+        x,
+        y,
+        run_key,
+        n_queries=settings["n_queries"],
+        p_init=settings["p_init"],
+        restarts=settings["restarts"],
+        chunk=self.square_chunk,
+        **common,
+      )
     return result.adversarial
 
   def stage(self, stage: int, name: str, settings: dict, ranked) -> None:
@@ -233,24 +313,38 @@ class _Run:
         batch_key = jax.random.fold_in(round_key, start)  # randomised models only
         targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
         candidate = self.attack(name, settings, x, y, run_key, targets, jnp.asarray(valid), real)
-        ok, pred = _verify(self.logits_fn, x, candidate, y, self.eps32,
-                           jax.random.fold_in(batch_key, 1), self.stochastic, self.norm)
-        ok = np.asarray(ok)[:len(real)]
+        ok, pred = _verify(
+          self.logits_fn,
+          x,
+          candidate,
+          y,
+          self.eps32,
+          jax.random.fold_in(batch_key, 1),
+          self.stochastic,
+          self.norm,
+        )
+        ok = np.asarray(ok)[: len(real)]
         broken = real[ok]
         self.robust[broken] = False
-        self.adversarial[broken] = np.asarray(candidate)[:len(real)][ok]
-        self.adv_pred[broken] = np.asarray(pred)[:len(real)][ok]
+        self.adversarial[broken] = np.asarray(candidate)[: len(real)][ok]
+        self.adv_pred[broken] = np.asarray(pred)[: len(real)][ok]
         self.broken_by[broken] = name
       if self.verbose and (n_rounds > 1 or len(indices) > self.batch_size):
-        _log(f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
-             f"{len(indices)} points attacked, robust accuracy now {self.robust.mean():.2%} "
-             f"({time.time() - stage_start:.0f} s into the stage)")
+        _log(
+          f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
+          f"{len(indices)} points attacked, robust accuracy now {self.robust.mean():.2%} "
+          f"({time.time() - stage_start:.0f} s into the stage)"
+        )
 
 
 def _clean_flags(clean_logits: np.ndarray, n: int, stochastic: bool, version: str) -> list[str]:
   flags = []
-  if n and np.all(clean_logits <= 1.0 + 1e-5) and np.all(clean_logits >= -1e-5) and np.all(
-      np.abs(clean_logits.sum(-1) - 1.0) < 1e-5):
+  if (
+    n
+    and np.all(clean_logits <= 1.0 + 1e-5)
+    and np.all(clean_logits >= -1e-5)
+    and np.all(np.abs(clean_logits.sum(-1) - 1.0) < 1e-5)
+  ):
     flags.append("the outputs look like probabilities (softmax); pass logits")
   if stochastic and version != "rand":
     flags.append("stochastic model evaluated without EOT; consider version='rand'")
@@ -261,14 +355,18 @@ def _final_flags(run: _Run, per_attack: dict) -> list[str]:
   """Warnings after the last stage: zero gradients, and Square beating the white-box attacks."""
   flags = []
   if run.zero_grad.any():
-    flags.append(f"{int(run.zero_grad.sum())} points had an exactly zero input gradient at "
-                 "the APGD start: gradient masking? (try BPDA or rely on Square)")
+    flags.append(
+      f"{int(run.zero_grad.sum())} points had an exactly zero input gradient at "
+      "the APGD start: gradient masking? (try BPDA or rely on Square)"
+    )
   names_run = list(per_attack)
   if len(names_run) > 1 and names_run[-1] == "square":
     white_box = per_attack[names_run[-2]]
     if per_attack["square"] < white_box - 0.002:
-      flags.append(f"Square lowered robust accuracy by {white_box - per_attack['square']:.2%} "
-                   "after the white-box attacks: gradient masking?")
+      flags.append(
+        f"Square lowered robust accuracy by {white_box - per_attack['square']:.2%} "
+        "after the white-box attacks: gradient masking?"
+      )
   return flags
 
 
@@ -280,36 +378,53 @@ def _report(run: _Run, *, clean_accuracy, per_attack, times, flags, version, sta
       _log(f"[autoattack] warning: {flag}")
     if n:
       delta = lp_norm(jnp.asarray(adversarial - run.images), norm)
-      _log(f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
-           f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
-           f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
-           f"total {time.time() - start_time:.1f} s")
+      _log(
+        f"[autoattack] max {norm} perturbation {float(delta.max()):.5f}, "
+        f"nan {int(np.isnan(adversarial).sum())}, range [{adversarial.min():.3f}, "
+        f"{adversarial.max():.3f}], robust accuracy {robust.mean():.2%}, "
+        f"total {time.time() - start_time:.1f} s"
+      )
   robust_accuracy = float(robust.mean()) if n else float("nan")
   return {
-      "robust": robust,
-      "adversarial": adversarial,
-      "per_attack": per_attack,
-      "clean_accuracy": clean_accuracy,
-      "robust_accuracy": robust_accuracy,
-      "std_error": math.sqrt(robust_accuracy * (1 - robust_accuracy) / n) if n else float("nan"),
-      "broken_by": run.broken_by,
-      "adversarial_predictions": run.adv_pred,
-      "times": times,
-      "flags": flags,
-      "n": n,
-      "eps": float(run.eps),
-      "norm": norm,
-      "version": version,
+    "robust": robust,
+    "adversarial": adversarial,
+    "per_attack": per_attack,
+    "clean_accuracy": clean_accuracy,
+    "robust_accuracy": robust_accuracy,
+    "std_error": math.sqrt(robust_accuracy * (1 - robust_accuracy) / n) if n else float("nan"),
+    "broken_by": run.broken_by,
+    "adversarial_predictions": run.adv_pred,
+    "times": times,
+    "flags": flags,
+    "n": n,
+    "eps": float(run.eps),
+    "norm": norm,
+    "version": version,
   }
 
 
-def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: float,
-               norm: str = "linf", version: str = "standard", batch_size: int = 250,
-               steps: int = 100, square_queries: int = 5000, n_target_classes: int = 9,
-               attacks: Sequence[str] | None = None, stochastic: bool = False,
-               eot_iter: int = 20, min_bucket: int = 8, verbose: bool = False,
-               driver: str = "auto", chunk: int | None = None,
-               square_chunk: int = 20) -> dict[str, Any]:
+def autoattack(
+  logits_fn: Callable,
+  images,
+  labels,
+  key: jax.Array,
+  *,
+  eps: float,
+  norm: str = "linf",
+  version: str = "standard",
+  batch_size: int = 250,
+  steps: int = 100,
+  square_queries: int = 5000,
+  n_target_classes: int = 9,
+  attacks: Sequence[str] | None = None,
+  stochastic: bool = False,
+  eot_iter: int = 20,
+  min_bucket: int = 8,
+  verbose: bool = False,
+  driver: str = "auto",
+  chunk: int | None = None,
+  square_chunk: int = 20,
+) -> dict[str, Any]:
   """Runs AutoAttack and returns per-example results. Stable public entry point.
 
   Args:
@@ -336,9 +451,21 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   """
   images, labels = _check_inputs(images, labels, eps)
   start_time = time.time()
-  run = _Run(driver_lib.as_partial(logits_fn), images, labels, key, eps=eps, norm=norm,
-             batch_size=batch_size, min_bucket=min_bucket, stochastic=stochastic, driver=driver,
-             chunk=chunk, square_chunk=square_chunk, verbose=verbose)
+  run = _Run(
+    driver_lib.as_partial(logits_fn),
+    images,
+    labels,
+    key,
+    eps=eps,
+    norm=norm,
+    batch_size=batch_size,
+    min_bucket=min_bucket,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+    square_chunk=square_chunk,
+    verbose=verbose,
+  )
   n = run.n
   # Clean pass.
   clean_logits = run.clean_pass()
@@ -347,19 +474,36 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
   flags = _clean_flags(clean_logits, n, stochastic, version)
 
   # Plan: the version's stages for this model.
-  plan, plan_flags = _plan(version, attacks, norm, steps, square_queries, eot_iter,
-                           max(num_classes, 2), n_target_classes, stochastic) if n else ([], [])
+  plan, plan_flags = (
+    _plan(
+      version,
+      attacks,
+      norm,
+      steps,
+      square_queries,
+      eot_iter,
+      max(num_classes, 2),
+      n_target_classes,
+      stochastic,
+    )
+    if n
+    else ([], [])
+  )
   flags += plan_flags
   if eps == 0:  # No attack can move a point: robust accuracy is clean accuracy.
     plan = []
     flags.append("eps = 0: no attack run (robust accuracy = clean accuracy)")
-  ranked = (ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes,
-                                                                       num_classes - 1)))
-            if n and num_classes >= 2 else None)
+  ranked = (
+    ranked_targets(jnp.asarray(clean_logits), max(1, min(n_target_classes, num_classes - 1)))
+    if n and num_classes >= 2
+    else None
+  )
   ranked = np.asarray(ranked) if ranked is not None else None
   if verbose:
-    _log(f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
-         f"n={n}, clean accuracy {clean_accuracy:.2%}")
+    _log(
+      f"[autoattack] {version} ({', '.join(p[0] for p in plan)}), eps={eps:.5f}, "
+      f"n={n}, clean accuracy {clean_accuracy:.2%}"
+    )
 
   # Run: each stage on the points still robust.
   per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -370,10 +514,18 @@ def autoattack(logits_fn: Callable, images, labels, key: jax.Array, *, eps: floa
     per_attack[name] = float(run.robust.mean())
     times[name] = time.time() - stage_start
     if verbose:
-      _log(f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} "
-           f"({times[name]:.1f} s)")
+      _log(
+        f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} ({times[name]:.1f} s)"
+      )
 
   # Report.
   flags += _final_flags(run, per_attack)
-  return _report(run, clean_accuracy=clean_accuracy, per_attack=per_attack, times=times,
-                 flags=flags, version=version, start_time=start_time)
+  return _report(
+    run,
+    clean_accuracy=clean_accuracy,
+    per_attack=per_attack,
+    times=times,
+    flags=flags,
+    version=version,
+    start_time=start_time,
+  )

@@ -98,8 +98,10 @@ def example_keys(key: jax.Array, batch: int) -> jax.Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if key.ndim == 1:
     if key.shape[0] != batch:
-      raise ValueError(f"per-example keys have shape {key.shape}, the batch is {batch}: pass "
-                       "one key or one key per example")
+      raise ValueError(
+        f"per-example keys have shape {key.shape}, the batch is {batch}: pass "
+        "one key or one key per example"
+      )
     return key
   if key.ndim != 0:
     raise ValueError(f"key must be one PRNG key or [B] keys, got shape {key.shape}")
@@ -121,12 +123,13 @@ def fold_in_each(keys: jax.Array, data: int) -> jax.Array:
 
 def split_each(keys: jax.Array, num: int = 2) -> tuple[jax.Array, ...]:
   """``num`` arrays of ``[B]`` keys: ``split(k, num)`` for each of ``[B]`` keys."""
-  parts = jax.vmap(lambda k: jax.random.split(k, num))(keys)     # [B, num]
+  parts = jax.vmap(lambda k: jax.random.split(k, num))(keys)  # [B, num]
   return tuple(parts[:, i] for i in range(num))
 
 
-def uniform_each(keys: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0,
-                 dtype=jnp.float32) -> jax.Array:
+def uniform_each(
+  keys: jax.Array, shape: tuple[int, ...], minval=0.0, maxval=1.0, dtype=jnp.float32
+) -> jax.Array:
   """``[B, *shape]`` uniforms, row b from ``keys[b]`` alone."""
   return jax.vmap(lambda k: jax.random.uniform(k, shape, dtype, minval, maxval))(keys)
 
@@ -146,9 +149,16 @@ def _loop_block(step: Partial, state: Any, num_steps: int) -> Any:
   return driver_lib.iterate(step, state, num_steps, driver="loop")
 
 
-def run_steps(step: Callable, state: Any, num_steps: int, *, driver: str = "auto",
-              chunk: int = 10, done: Callable[[Any], bool] | None = None,
-              check_every: int | None = None) -> Any:
+def run_steps(
+  step: Callable,
+  state: Any,
+  num_steps: int,
+  *,
+  driver: str = "auto",
+  chunk: int = 10,
+  done: Callable[[Any], bool] | None = None,
+  check_every: int | None = None,
+) -> Any:
   """Runs ``state = step(state)`` ``num_steps`` times, maybe stopping early.
 
   ``"host"``: jitted chunks of ``chunk`` unrolled steps through
@@ -222,8 +232,9 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
   return min(s for s in sizes if s >= n)
 
 
-def padded_batches(indices: np.ndarray, batch_size: int, sizes: Sequence[int]
-                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+def padded_batches(
+  indices: np.ndarray, batch_size: int, sizes: Sequence[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
   """Splits ``indices`` ``[M]`` into batches of at most ``batch_size``, padded to a bucket.
 
   Yields ``(start, real [m], padded [bucket], valid [bucket] bool)`` per batch: ``start``
@@ -231,7 +242,7 @@ def padded_batches(indices: np.ndarray, batch_size: int, sizes: Sequence[int]
   size (``bucket_for(m, sizes)``), and ``valid`` is False on the padding rows.
   """
   for start in range(0, len(indices), batch_size):
-    real = indices[start:start + batch_size]
+    real = indices[start : start + batch_size]
     bucket = bucket_for(len(real), sizes)
     padded = np.concatenate([real, np.repeat(real[:1], bucket - len(real))])
     yield start, real, padded, np.arange(bucket) < len(real)

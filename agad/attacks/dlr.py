@@ -62,4 +62,4 @@ def ranked_targets(logits: jax.Array, num_targets: int) -> jax.Array:
   # Descending order; ties broken towards the larger class index as a stable ascending
   # sort read backwards would (the reference reads ``sort(...)[1][:, -k]``).
   order = jnp.argsort(logits.astype(jnp.float32), axis=-1, stable=True)[:, ::-1]
-  return order[:, 1:num_targets + 1].astype(jnp.int32)
+  return order[:, 1 : num_targets + 1].astype(jnp.int32)

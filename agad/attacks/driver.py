@@ -62,8 +62,9 @@ def _fori(step: Callable[[Any], Any], state: Any, num_steps: int) -> Any:
 _run_loop = jax.jit(_fori, static_argnums=(2,))
 
 
-def iterate(step: Callable[[Any], Any], state: Any, num_steps: int, *,
-            driver: str = "auto", chunk: int = 10) -> Any:
+def iterate(
+  step: Callable[[Any], Any], state: Any, num_steps: int, *, driver: str = "auto", chunk: int = 10
+) -> Any:
   """Applies ``state = step(state)`` ``num_steps`` times with the chosen driver."""
   driver = resolve_driver(driver, state, step)
   if num_steps <= 0:

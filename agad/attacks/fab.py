@@ -30,14 +30,27 @@ from jax.tree_util import Partial
 
 from agad.attacks import driver as driver_lib
 from agad.attacks.iterative import per_example
-from agad.attacks.batching import (barrier, batch_key, bwhere, call_logits, count_trace,
-                                 example_keys, fold_in_each, lp_norm, normal_each, normalize,
-                                 nothing_left, run_steps, split_each, uniform_each)
+from agad.attacks.batching import (
+  barrier,
+  batch_key,
+  bwhere,
+  call_logits,
+  count_trace,
+  example_keys,
+  fold_in_each,
+  lp_norm,
+  normal_each,
+  normalize,
+  nothing_left,
+  run_steps,
+  split_each,
+  uniform_each,
+)
 from agad.attacks.dlr import ranked_targets
 
 NORMS = ("linf", "l2")
 _NO_ADVERSARIAL = 1e10
-_BIG = 1e12        # the reference's stand-in for "never saturates" in projection_l2
+_BIG = 1e12  # the reference's stand-in for "never saturates" in projection_l2
 _TINY_WEIGHT = 1e-8
 # Bisection steps of the L-inf projection: the bracket of lam shrinks to 2^-32 of the
 # largest room, below float32 resolution, so it isolates the segment of F that holds lam.
@@ -76,7 +89,7 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
   abs_w = jnp.abs(w)
 
   weighted_room = abs_w * room
-  reachable = c < jnp.sum(weighted_room, axis=-1)            # c < F(max room)
+  reachable = c < jnp.sum(weighted_room, axis=-1)  # c < F(max room)
 
   def bisect(_, bracket):  # invariant: F(lo) <= c (or lo = 0), F(hi) > c
     lo, hi = bracket
@@ -84,11 +97,12 @@ def project_linf_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax
     below = jnp.sum(abs_w * jnp.minimum(mid[:, None], room), axis=-1) <= c
     return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-  lo, _ = jax.lax.fori_loop(0, _LINF_BISECTION_STEPS, bisect,
-                            (jnp.zeros_like(c), jnp.max(room, axis=-1)))
-  moving = room > lo[:, None]                                # coordinates not yet saturated
-  slope_k = jnp.sum(jnp.where(moving, abs_w, 0.0), axis=-1)               # S
-  saturated_k = jnp.sum(jnp.where(moving, 0.0, weighted_room), axis=-1)   # R
+  lo, _ = jax.lax.fori_loop(
+    0, _LINF_BISECTION_STEPS, bisect, (jnp.zeros_like(c), jnp.max(room, axis=-1))
+  )
+  moving = room > lo[:, None]  # coordinates not yet saturated
+  slope_k = jnp.sum(jnp.where(moving, abs_w, 0.0), axis=-1)  # S
+  saturated_k = jnp.sum(jnp.where(moving, 0.0, weighted_room), axis=-1)  # R
   lam = jnp.maximum((c - saturated_k) / jnp.where(slope_k > 0, slope_k, 1.0), 0.0)
   lam = jnp.where(reachable, lam, jnp.inf)
   direction = jnp.where(towards_one, 1.0, -1.0)
@@ -132,11 +146,12 @@ def project_l2_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.A
   # Breakpoints at "never" (1e12) count as 0, exactly as the reference.
   r_sorted = jnp.where(r_sorted == _BIG, 0.0, r_sorted)
   r_next = jnp.where(r_next == _BIG, 0.0, r_next)
-  total = jnp.sum(w_sq, axis=-1, keepdims=True)                      # ||w||^2
-  free = total - jnp.cumsum(w_sq_sorted, axis=-1)                     # W_k
-  g_first = -total * r_sorted[:, :1]                                  # G(r_0)
+  total = jnp.sum(w_sq, axis=-1, keepdims=True)  # ||w||^2
+  free = total - jnp.cumsum(w_sq_sorted, axis=-1)  # W_k
+  g_first = -total * r_sorted[:, :1]  # G(r_0)
   g_at = jnp.concatenate(
-      [g_first, jnp.cumsum((r_sorted - r_next) * free, axis=-1) + g_first], axis=1)  # G(r_k)
+    [g_first, jnp.cumsum((r_sorted - r_next) * free, axis=-1) + g_first], axis=1
+  )  # G(r_k)
 
   d_saturated = jnp.where(moving, -r * w, 0.0)
   no_saturation = g_at[:, 0] + c < 0
@@ -149,8 +164,9 @@ def project_l2_hyperplane_box(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.A
   a = jnp.where(free_k == 0, 0.0, a + _select(r_sorted, segment))
   d_between = jnp.where(a[:, None] > r, d_saturated, -a[:, None] * w)
   d_free = -(c / jnp.where(total[:, 0] > 0, total[:, 0], 1.0))[:, None] * w
-  d = jnp.where(no_saturation[:, None], d_free,
-                jnp.where(unreachable[:, None], d_saturated, d_between))
+  d = jnp.where(
+    no_saturation[:, None], d_free, jnp.where(unreachable[:, None], d_saturated, d_between)
+  )
   return jnp.where(moving, d, 0.0)
 
 
@@ -169,16 +185,16 @@ def _select(values: jax.Array, index: jax.Array) -> jax.Array:
 
 
 class FABState(NamedTuple):
-  x: jax.Array          # [B, ...] current iterate
-  best: jax.Array       # [B, ...] smallest-norm adversarial found (x0 if none)
+  x: jax.Array  # [B, ...] current iterate
+  best: jax.Array  # [B, ...] smallest-norm adversarial found (x0 if none)
   best_norm: jax.Array  # [B] its L-inf / L2 distance to x0 (1e10 if none)
   key: jax.Array
 
 
 class FABResult(NamedTuple):
   adversarial: jax.Array  # [B, ...] smallest adversarial found, x0 where none
-  robust: jax.Array       # [B] bool: no adversarial within eps
-  norm: jax.Array         # [B] its L-inf / L2 norm (1e10 where none)
+  robust: jax.Array  # [B] bool: no adversarial within eps
+  norm: jax.Array  # [B] its L-inf / L2 norm (1e10 where none)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,18 +210,21 @@ def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
       key = grad_key = pred_key = state.key
     x = state.x
     if targeted:
+
       def gap(v):
         logits = call_logits(logits_fn, v, grad_key, stochastic)
         diff = _select(logits, targets) - _select(logits, labels)
         return jnp.sum(diff), diff
+
       grad, df = jax.grad(gap, has_aux=True)(x)
       w = grad.reshape(batch, -1)
     else:
       logits, vjp = jax.vjp(lambda v: call_logits(logits_fn, v, grad_key, stochastic), x)
       num_classes = logits.shape[-1]
-      basis = jnp.broadcast_to(jnp.eye(num_classes, dtype=logits.dtype)[:, None, :],
-                               (num_classes, batch, num_classes))
-      jac = jax.vmap(lambda ct: vjp(ct)[0])(basis)             # [K, B, ...]
+      basis = jnp.broadcast_to(
+        jnp.eye(num_classes, dtype=logits.dtype)[:, None, :], (num_classes, batch, num_classes)
+      )
+      jac = jax.vmap(lambda ct: vjp(ct)[0])(basis)  # [K, B, ...]
       jac = jnp.moveaxis(jac, 0, 1).reshape(batch, num_classes, -1)
       true_class = jax.nn.one_hot(labels, num_classes, dtype=bool)
       true_grad = jnp.sum(jnp.where(true_class[:, :, None], jac, 0.0), axis=1, keepdims=True)
@@ -222,33 +241,54 @@ def _step_rule(norm: str, targeted: bool, stochastic: bool) -> Callable:
     x_flat = x.reshape(batch, -1)
     x0_flat = x0.reshape(batch, -1)
     b = -df + jnp.sum(w * x_flat, axis=-1)
-    d = project_hyperplane_box(jnp.concatenate([x_flat, x0_flat]), jnp.concatenate([w, w]),
-                               jnp.concatenate([b, b]), norm)
+    d = project_hyperplane_box(
+      jnp.concatenate([x_flat, x0_flat]), jnp.concatenate([w, w]), jnp.concatenate([b, b]), norm
+    )
     d_x, d_0 = d[:batch], d[batch:]
     n_x = jnp.maximum(lp_norm(d_x, norm), 1e-8)
     n_0 = jnp.maximum(lp_norm(d_0, norm), 1e-8)
     alpha = jnp.clip(n_x / (n_x + n_0), 0.0, alpha_max)[:, None]
-    x_new = jnp.clip((x_flat + eta * d_x) * (1.0 - alpha) + (x0_flat + eta * d_0) * alpha,
-                     0.0, 1.0).reshape(x.shape)
+    x_new = jnp.clip(
+      (x_flat + eta * d_x) * (1.0 - alpha) + (x0_flat + eta * d_0) * alpha, 0.0, 1.0
+    ).reshape(x.shape)
 
     logits_new = call_logits(logits_fn, x_new, pred_key, stochastic)
     is_adv = jnp.argmax(logits_new, axis=-1) != labels
     distance_new = lp_norm(x_new - x0, norm)
     better = is_adv & (distance_new < state.best_norm)
-    return barrier(FABState(
+    return barrier(
+      FABState(
         x=bwhere(is_adv, x0 + (x_new - x0) * beta, x_new),
         best=bwhere(better, x_new, state.best),
-        best_norm=jnp.where(better, distance_new, state.best_norm), key=key))
+        best_norm=jnp.where(better, distance_new, state.best_norm),
+        key=key,
+      )
+    )
 
   return step
 
 
-def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               eps, norm: str = "linf", steps: int = 100, targeted: bool = True,
-               targets: jax.Array | None = None, restarts: int = 1, alpha_max: float = 0.1,
-               eta: float = 1.05, beta: float = 0.9, stochastic: bool = False,
-               valid: jax.Array | None = None, stop_when_within_eps: bool = False,
-               driver: str = "auto", chunk: int = 10) -> FABResult:
+def fab_attack(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  steps: int = 100,
+  targeted: bool = True,
+  targets: jax.Array | None = None,
+  restarts: int = 1,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
+  stochastic: bool = False,
+  valid: jax.Array | None = None,
+  stop_when_within_eps: bool = False,
+  driver: str = "auto",
+  chunk: int = 10,
+) -> FABResult:
   """One FAB run (all restarts) against fixed ``targets`` (targeted) or untargeted.
 
   ``stop_when_within_eps`` ends the run once every valid example has an adversarial
@@ -273,8 +313,16 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   logits_fn = driver_lib.as_partial(logits_fn)
   eps_b = per_example(eps, images)
   eps_vec = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), labels.shape)
-  step = Partial(_step_rule(norm, targeted, stochastic), logits_fn, images, labels, targets,
-                 jnp.float32(alpha_max), jnp.float32(eta), jnp.float32(beta))
+  step = Partial(
+    _step_rule(norm, targeted, stochastic),
+    logits_fn,
+    images,
+    labels,
+    targets,
+    jnp.float32(alpha_max),
+    jnp.float32(eta),
+    jnp.float32(beta),
+  )
   done = None
   if stop_when_within_eps:
     done = lambda s: nothing_left(s.best_norm > eps_vec, valid)
@@ -294,9 +342,9 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
       else:
         u = normal_each(start_keys, images.shape[1:])
       x = jnp.clip(images + 0.5 * eps_b * normalize(u, norm), 0.0, 1.0)
-    state = FABState(x=x, best=images,
-                     best_norm=jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32),
-                     key=run_key)
+    state = FABState(
+      x=x, best=images, best_norm=jnp.full(labels.shape, _NO_ADVERSARIAL, jnp.float32), key=run_key
+    )
     state = run_steps(step, state, steps, driver=driver, chunk=chunk, done=done)
     take = (state.best_norm < best_norm) & (best_norm > eps_vec)
     best = bwhere(take, state.best, best)
@@ -304,11 +352,25 @@ def fab_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: j
   return FABResult(jax.lax.stop_gradient(best), best_norm > eps_vec, best_norm)
 
 
-def fab(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-        eps, norm: str = "linf", steps: int = 100, targeted: bool = True,
-        n_target_classes: int = 9, restarts: int = 1, alpha_max: float = 0.1,
-        eta: float = 1.05, beta: float = 0.9, stochastic: bool = False,
-        driver: str = "auto", chunk: int = 10) -> jax.Array:
+def fab(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  steps: int = 100,
+  targeted: bool = True,
+  n_target_classes: int = 9,
+  restarts: int = 1,
+  alpha_max: float = 0.1,
+  eta: float = 1.05,
+  beta: float = 0.9,
+  stochastic: bool = False,
+  driver: str = "auto",
+  chunk: int = 10,
+) -> jax.Array:
   """FAB / FAB-T (L-inf or L2). Stable public entry point.
 
   Args:
@@ -322,8 +384,18 @@ def fab(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   """
   images = jnp.asarray(images, jnp.float32)
   logits_fn = driver_lib.as_partial(logits_fn)
-  kwargs = dict(eps=eps, norm=norm, steps=steps, restarts=restarts, alpha_max=alpha_max,
-                eta=eta, beta=beta, stochastic=stochastic, driver=driver, chunk=chunk)
+  kwargs = dict(
+    eps=eps,
+    norm=norm,
+    steps=steps,
+    restarts=restarts,
+    alpha_max=alpha_max,
+    eta=eta,
+    beta=beta,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+  )
   if not targeted:
     result = fab_attack(logits_fn, images, labels, key, targeted=False, **kwargs)
     return bwhere(result.robust, images, result.adversarial)
@@ -332,8 +404,15 @@ def fab(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   ranked = ranked_targets(clean, n_targets)
   adversarial, robust = images, jnp.ones(images.shape[:1], bool)
   for j in range(n_targets):
-    result = fab_attack(logits_fn, images, labels, jax.random.fold_in(key, j), targeted=True,
-                        targets=ranked[:, j], **kwargs)
+    result = fab_attack(
+      logits_fn,
+      images,
+      labels,
+      jax.random.fold_in(key, j),
+      targeted=True,
+      targets=ranked[:, j],
+      **kwargs,
+    )
     broken = robust & ~result.robust
     adversarial = bwhere(broken, result.adversarial, adversarial)
     robust = robust & result.robust

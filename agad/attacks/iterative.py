@@ -40,10 +40,10 @@ RANDOM_STARTS = ("uniform", "normal", "none")
 
 
 class PGDState(NamedTuple):
-  x: jax.Array    # [B, H, W, C] current iterate
+  x: jax.Array  # [B, H, W, C] current iterate
   key: jax.Array  # PRNG key for randomised models
-  x_best: Any = None   # [B, H, W, C] last adversarial iterate (track_best only)
-  broken: Any = None   # [B] bool: some iterate was adversarial (track_best only)
+  x_best: Any = None  # [B, H, W, C] last adversarial iterate (track_best only)
+  broken: Any = None  # [B] bool: some iterate was adversarial (track_best only)
 
 
 def per_example(value: jax.Array | float, x: jax.Array) -> jax.Array:
@@ -75,8 +75,9 @@ def project(x: jax.Array, x0: jax.Array, eps: jax.Array | float, norm: str = "li
   return jnp.clip(x0 + delta, 0.0, 1.0)
 
 
-def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
-             random_start: str = "uniform") -> PGDState:
+def pgd_init(
+  key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf", random_start: str = "uniform"
+) -> PGDState:
   """Starting point: x0, x0 + U(-eps, eps) (L2: uniform in the ball) or x0 + 0.001 N(0, 1).
 
   ``key``: one PRNG key (the start is drawn for the whole batch at once, as the training
@@ -95,7 +96,8 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
     each = lambda fn, keys, shape: jax.vmap(lambda k: fn(k, shape))(keys)
     normal = lambda keys, shape: each(lambda k, s: jax.random.normal(k, s, x0.dtype), keys, shape)
     uniform = lambda keys, shape, lo=0.0, hi=1.0: each(
-        lambda k, s: jax.random.uniform(k, s, x0.dtype, lo, hi), keys, shape)
+      lambda k, s: jax.random.uniform(k, s, x0.dtype, lo, hi), keys, shape
+    )
     sample_shape = x0.shape[1:]
   else:
     start_key, key = jax.random.split(key)
@@ -103,7 +105,8 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
     start_keys, direction_keys, l2_keys = start_key, k1, k2
     normal = lambda k, shape: jax.random.normal(k, (x0.shape[0],) + shape, x0.dtype)
     uniform = lambda k, shape, lo=0.0, hi=1.0: jax.random.uniform(
-        k, (x0.shape[0],) + shape, x0.dtype, lo, hi)
+      k, (x0.shape[0],) + shape, x0.dtype, lo, hi
+    )
     sample_shape = x0.shape[1:]
   eps_b = per_example(eps, x0)
   if random_start == "none":
@@ -124,8 +127,9 @@ def pgd_init(key: jax.Array, x0: jax.Array, *, eps, norm: str = "linf",
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
   # TRADES' 0.001 N(0,1) start is clipped to [0, 1] only (it is far inside the ball).
-  return PGDState(x=project(x, x0, eps, norm) if random_start != "normal" else jnp.clip(x, 0.0, 1.0),
-                  key=key)
+  return PGDState(
+    x=project(x, x0, eps, norm) if random_start != "normal" else jnp.clip(x, 0.0, 1.0), key=key
+  )
 
 
 def _grad_and_best(loss_fn, state, sub, stochastic: bool, track: bool):
@@ -141,8 +145,7 @@ def _grad_and_best(loss_fn, state, sub, stochastic: bool, track: bool):
 
   grad, success = jax.grad(total, has_aux=True)(state.x)
   mask = success.reshape((-1,) + (1,) * (state.x.ndim - 1))
-  return grad, {"x_best": jnp.where(mask, state.x, state.x_best),
-                "broken": state.broken | success}
+  return grad, {"x_best": jnp.where(mask, state.x, state.x_best), "broken": state.broken | success}
 
 
 def init_best(state):
@@ -177,9 +180,18 @@ def _step_rule(norm: str, targeted: bool, stochastic: bool, track: bool = False)
   return step
 
 
-def pgd_step(loss_fn, x0, eps, step_size, state: PGDState, *, norm: str = "linf",
-             targeted: bool = False, stochastic: bool = False,
-             track_best: bool = False) -> PGDState:
+def pgd_step(
+  loss_fn,
+  x0,
+  eps,
+  step_size,
+  state: PGDState,
+  *,
+  norm: str = "linf",
+  targeted: bool = False,
+  stochastic: bool = False,
+  track_best: bool = False,
+) -> PGDState:
   """One PGD step (see module docstring). With ``track_best`` the loss returns
   ``(loss [B], success [B] bool)`` and ``state`` carries ``x_best``/``broken``
   (see :func:`init_best`)."""
@@ -193,10 +205,22 @@ def _with_success(loss_fn, success_fn, x, key=None):
   return loss_fn(x, key), success_fn(x, key)
 
 
-def pgd_general(loss_fn: Callable, images: jax.Array, key: jax.Array, *, eps, step_size,
-                steps: int, norm: str = "linf", random_start: str = "uniform",
-                targeted: bool = False, stochastic: bool = False, driver: str = "auto",
-                chunk: int = 10, success_fn: Callable | None = None) -> jax.Array:
+def pgd_general(
+  loss_fn: Callable,
+  images: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  step_size,
+  steps: int,
+  norm: str = "linf",
+  random_start: str = "uniform",
+  targeted: bool = False,
+  stochastic: bool = False,
+  driver: str = "auto",
+  chunk: int = 10,
+  success_fn: Callable | None = None,
+) -> jax.Array:
   """PGD maximising (or, if ``targeted``, minimising) a per-example ``loss_fn(x) -> [B]``.
 
   Args:
@@ -214,28 +238,64 @@ def pgd_general(loss_fn: Callable, images: jax.Array, key: jax.Array, *, eps, st
   loss_fn = driver_lib.as_partial(loss_fn)
   if success_fn is not None:
     loss_fn = Partial(_with_success, loss_fn, driver_lib.as_partial(success_fn))
-  return _run_pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
-                  random_start=random_start, targeted=targeted, stochastic=stochastic,
-                  driver=driver, chunk=chunk, track=success_fn is not None)
+  return _run_pgd(
+    loss_fn,
+    images,
+    key,
+    eps=eps,
+    step_size=step_size,
+    steps=steps,
+    norm=norm,
+    random_start=random_start,
+    targeted=targeted,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+    track=success_fn is not None,
+  )
 
 
-def _run_pgd(loss_fn: Partial, images, key, *, eps, step_size, steps, norm, random_start,
-             targeted, stochastic, driver, chunk, track: bool) -> jax.Array:
+def _run_pgd(
+  loss_fn: Partial,
+  images,
+  key,
+  *,
+  eps,
+  step_size,
+  steps,
+  norm,
+  random_start,
+  targeted,
+  stochastic,
+  driver,
+  chunk,
+  track: bool,
+) -> jax.Array:
   """PGD on ``loss_fn`` (returning ``(loss, success)`` when ``track``)."""
   images = jnp.asarray(images, jnp.float32)
   state = pgd_init(key, images, eps=eps, norm=norm, random_start=random_start)
   if track:
     state = init_best(state)
-  step = Partial(_step_rule(norm, targeted, stochastic, track), loss_fn, images,
-                 jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
+  step = Partial(
+    _step_rule(norm, targeted, stochastic, track),
+    loss_fn,
+    images,
+    jnp.asarray(eps, jnp.float32),
+    jnp.asarray(step_size, jnp.float32),
+  )
   state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
   x = _finish_best(loss_fn, state, state.key, stochastic) if track else state.x
   return jax.lax.stop_gradient(x)
 
 
 @functools.lru_cache(maxsize=None)
-def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothing: float,
-                success: str | None = None) -> Callable:
+def _named_loss(
+  loss: Any,
+  stochastic: bool,
+  kappa: float | None,
+  label_smoothing: float,
+  success: str | None = None,
+) -> Callable:
   """``(logits_fn, labels, probs_ref, x[, key]) -> [B]`` for a loss name or callable;
   with ``success`` (``"untargeted"`` or ``"targeted"``) it returns ``(loss [B],
   adversarial [B] bool)``: prediction != labels (targeted: == labels)."""
@@ -252,8 +312,11 @@ def _named_loss(loss: Any, stochastic: bool, kappa: float | None, label_smoothin
 
   def fn(logits_fn, labels, probs_ref, x, key=None):
     logits = logits_fn(x, key) if stochastic else logits_fn(x)
-    value = (losses.kl_divergence(probs_ref, logits) if per_example is None
-             else per_example(logits, labels))
+    value = (
+      losses.kl_divergence(probs_ref, logits)
+      if per_example is None
+      else per_example(logits, labels)
+    )
     if success is None:
       return value
     hit = jnp.argmax(logits, -1) == labels
@@ -272,8 +335,18 @@ def _checked(images, labels) -> tuple[jax.Array, jax.Array]:
   return images, labels
 
 
-def _classifier_loss(logits_fn, images, labels, key, *, loss, stochastic, kappa,
-                     label_smoothing, success: str | None = None) -> Partial:
+def _classifier_loss(
+  logits_fn,
+  images,
+  labels,
+  key,
+  *,
+  loss,
+  stochastic,
+  kappa,
+  label_smoothing,
+  success: str | None = None,
+) -> Partial:
   """``x -> [B]`` (``(x, key) -> [B]``) for a named loss on a classifier, as a Partial
   (``x -> (loss, adversarial)`` with ``success``, see :func:`_named_loss`)."""
   logits_fn = driver_lib.as_partial(logits_fn)
@@ -281,15 +354,31 @@ def _classifier_loss(logits_fn, images, labels, key, *, loss, stochastic, kappa,
   if loss == "kl":
     clean = logits_fn(images, key) if stochastic else logits_fn(images)
     probs_ref = jax.lax.stop_gradient(jax.nn.softmax(clean.astype(jnp.float32), axis=-1))
-  return Partial(_named_loss(loss, stochastic, kappa, label_smoothing, success), logits_fn,
-                 labels, probs_ref)
+  return Partial(
+    _named_loss(loss, stochastic, kappa, label_smoothing, success), logits_fn, labels, probs_ref
+  )
 
 
-def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-        eps, step_size, steps: int, norm: str = "linf", random_start: str = "uniform",
-        loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
-        kappa: float | None = None, label_smoothing: float = 0.0, driver: str = "auto",
-        chunk: int = 10, track_best: bool = False) -> jax.Array:
+def pgd(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  step_size,
+  steps: int,
+  norm: str = "linf",
+  random_start: str = "uniform",
+  loss: str | Callable = "ce",
+  targeted: bool = False,
+  stochastic: bool = False,
+  kappa: float | None = None,
+  label_smoothing: float = 0.0,
+  driver: str = "auto",
+  chunk: int = 10,
+  track_best: bool = False,
+) -> jax.Array:
   """PGD on a classifier. Stable public entry point.
 
   Args:
@@ -317,33 +406,91 @@ def pgd(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   images, labels = _checked(images, labels)
   success = ("targeted" if targeted else "untargeted") if track_best else None
   batch_key = jax.random.fold_in(key[0], key.shape[0]) if jnp.ndim(key) == 1 else key
-  loss_fn = _classifier_loss(logits_fn, images, labels, batch_key, loss=loss,
-                             stochastic=stochastic,
-                             kappa=kappa, label_smoothing=label_smoothing, success=success)
-  return _run_pgd(loss_fn, images, key, eps=eps, step_size=step_size, steps=steps, norm=norm,
-                  random_start=random_start, targeted=targeted, stochastic=stochastic,
-                  driver=driver, chunk=chunk, track=track_best)
+  loss_fn = _classifier_loss(
+    logits_fn,
+    images,
+    labels,
+    batch_key,
+    loss=loss,
+    stochastic=stochastic,
+    kappa=kappa,
+    label_smoothing=label_smoothing,
+    success=success,
+  )
+  return _run_pgd(
+    loss_fn,
+    images,
+    key,
+    eps=eps,
+    step_size=step_size,
+    steps=steps,
+    norm=norm,
+    random_start=random_start,
+    targeted=targeted,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+    track=track_best,
+  )
 
 
-def fgsm(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
-         norm: str = "linf", loss: str | Callable = "ce", **kwargs) -> jax.Array:
+def fgsm(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  loss: str | Callable = "ce",
+  **kwargs,
+) -> jax.Array:
   """FGSM (Goodfellow et al. 2015): one step of size eps from the clean image."""
-  return pgd(logits_fn, images, labels, key, eps=eps, step_size=eps, steps=1, norm=norm,
-             random_start="none", loss=loss, **kwargs)
+  return pgd(
+    logits_fn,
+    images,
+    labels,
+    key,
+    eps=eps,
+    step_size=eps,
+    steps=1,
+    norm=norm,
+    random_start="none",
+    loss=loss,
+    **kwargs,
+  )
 
 
-def bim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
-        step_size, steps: int, **kwargs) -> jax.Array:
+def bim(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  step_size,
+  steps: int,
+  **kwargs,
+) -> jax.Array:
   """BIM / I-FGSM (Kurakin et al. 2017): PGD from the clean image (no random start)."""
-  return pgd(logits_fn, images, labels, key, eps=eps, step_size=step_size, steps=steps,
-             random_start="none", **kwargs)
+  return pgd(
+    logits_fn,
+    images,
+    labels,
+    key,
+    eps=eps,
+    step_size=step_size,
+    steps=steps,
+    random_start="none",
+    **kwargs,
+  )
 
 
 class MIMState(NamedTuple):
-  x: jax.Array         # [B, H, W, C] current iterate
+  x: jax.Array  # [B, H, W, C] current iterate
   velocity: jax.Array  # [B, H, W, C] accumulated L1-normalised gradient
   key: jax.Array
-  x_best: Any = None   # as PGDState (track_best only)
+  x_best: Any = None  # as PGDState (track_best only)
   broken: Any = None
 
 
@@ -368,11 +515,25 @@ def _mim_rule(norm: str, targeted: bool, stochastic: bool, track: bool = False) 
   return step
 
 
-def mim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *, eps,
-        steps: int = 10, step_size=None, decay: float = 1.0, norm: str = "linf",
-        loss: str | Callable = "ce", targeted: bool = False, stochastic: bool = False,
-        kappa: float | None = None, driver: str = "auto", chunk: int = 10,
-        track_best: bool = False) -> jax.Array:
+def mim(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  steps: int = 10,
+  step_size=None,
+  decay: float = 1.0,
+  norm: str = "linf",
+  loss: str | Callable = "ce",
+  targeted: bool = False,
+  stochastic: bool = False,
+  kappa: float | None = None,
+  driver: str = "auto",
+  chunk: int = 10,
+  track_best: bool = False,
+) -> jax.Array:
   """Momentum iterative method (Dong et al. 2018), from the clean image.
 
   ``step_size`` defaults to ``eps / steps`` and ``decay`` (mu) to 1.0, the paper's
@@ -383,16 +544,30 @@ def mim(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Arra
   images, labels = _checked(images, labels)
   success = ("targeted" if targeted else "untargeted") if track_best else None
   batch_key = jax.random.fold_in(key[0], key.shape[0]) if jnp.ndim(key) == 1 else key
-  loss_fn = _classifier_loss(logits_fn, images, labels, batch_key, loss=loss,
-                             stochastic=stochastic,
-                             kappa=kappa, label_smoothing=0.0, success=success)
+  loss_fn = _classifier_loss(
+    logits_fn,
+    images,
+    labels,
+    batch_key,
+    loss=loss,
+    stochastic=stochastic,
+    kappa=kappa,
+    label_smoothing=0.0,
+    success=success,
+  )
   eps = jnp.asarray(eps, jnp.float32)
   size = eps / steps if step_size is None else jnp.asarray(step_size, jnp.float32)
   state = MIMState(x=images, velocity=jnp.zeros_like(images), key=key)
   if track_best:
     state = init_best(state)
-  step = Partial(_mim_rule(norm, targeted, stochastic, track_best), loss_fn, images, eps, size,
-                 jnp.asarray(decay, jnp.float32))
+  step = Partial(
+    _mim_rule(norm, targeted, stochastic, track_best),
+    loss_fn,
+    images,
+    eps,
+    size,
+    jnp.asarray(decay, jnp.float32),
+  )
   state = driver_lib.iterate(step, state, steps, driver=driver, chunk=chunk)
   x = _finish_best(loss_fn, state, state.key, stochastic) if track_best else state.x
   return jax.lax.stop_gradient(x)

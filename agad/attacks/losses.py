@@ -38,8 +38,9 @@ def rows(table: jax.Array, index: jax.Array, weights: jax.Array | float = 1.0) -
   return jnp.dot(onehot, table, precision=jax.lax.Precision.HIGHEST)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0,
-                  smoothing: str = "all") -> jax.Array:
+def cross_entropy(
+  logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0, smoothing: str = "all"
+) -> jax.Array:
   """Cross-entropy ``[B]`` with optional label smoothing ``s``.
 
   ``smoothing="all"`` is PyTorch's ``CrossEntropyLoss(label_smoothing=s)``: the target
@@ -58,7 +59,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
   elif label_smoothing:
     if num_classes < 2:
       raise ValueError("label smoothing over the other classes needs at least 2 classes")
-    onehot = onehot * (1.0 - label_smoothing) + (1.0 - onehot) * (label_smoothing / (num_classes - 1))
+    onehot = onehot * (1.0 - label_smoothing) + (1.0 - onehot) * (
+      label_smoothing / (num_classes - 1)
+    )
   return -jnp.sum(onehot * log_probs, axis=-1)
 
 

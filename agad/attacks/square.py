@@ -51,23 +51,36 @@ from jax.tree_util import Partial
 from agad.attacks import driver as driver_lib
 from agad.attacks import losses
 from agad.attacks.iterative import per_example
-from agad.attacks.batching import (barrier, batch_key, bwhere, call_logits, count_trace,
-                                 example_keys, fold_in_each, lp_norm, normalize, nothing_left,
-                                 rademacher_each, run_steps, split_each, uniform_each)
+from agad.attacks.batching import (
+  barrier,
+  batch_key,
+  bwhere,
+  call_logits,
+  count_trace,
+  example_keys,
+  fold_in_each,
+  lp_norm,
+  normalize,
+  nothing_left,
+  rademacher_each,
+  run_steps,
+  split_each,
+  uniform_each,
+)
+
 # meta_pseudo_gaussian_pert and square_p are re-exported (tests, tools/parity_autoattack.py).
-from agad.attacks.square_patterns import (_l2_patterns, l2_start_tiles, meta_pseudo_gaussian_pert,
-                                          square_p, square_sizes)
+from agad.attacks.square_patterns import _l2_patterns, l2_start_tiles, square_sizes
 
 NORMS = ("linf", "l2")
 SQUARE_LOSSES = ("margin", "ce")
 
 
 class SquareState(NamedTuple):
-  x_best: jax.Array      # [B, H, W, C]
-  margin: jax.Array      # [B] margin of x_best (<= 0: misclassified)
-  loss: jax.Array        # [B] loss of x_best (the accept criterion)
-  queries: jax.Array     # [B] int32 queries used
-  it: jax.Array          # [] int32 query index
+  x_best: jax.Array  # [B, H, W, C]
+  margin: jax.Array  # [B] margin of x_best (<= 0: misclassified)
+  loss: jax.Array  # [B] loss of x_best (the accept criterion)
+  queries: jax.Array  # [B] int32 queries used
+  it: jax.Array  # [] int32 query index
   key: jax.Array
 
 
@@ -102,13 +115,19 @@ def _init_rule(loss: str, stochastic: bool, norm: str = "linf") -> Callable:
       sign_keys, flip_keys = split_each(stripe_keys)
       signs = rademacher_each(sign_keys, (tiles.shape[0], channels))
       flip = (uniform_each(flip_keys, (tiles.shape[0],)) < 0.5).astype(jnp.float32)
-      delta = (jnp.einsum("thw,btc->bhwc", tiles * plain, signs * (1.0 - flip[..., None])) +
-               jnp.einsum("thw,btc->bhwc", tiles * flipped, signs * flip[..., None]))
+      delta = jnp.einsum(
+        "thw,btc->bhwc", tiles * plain, signs * (1.0 - flip[..., None])
+      ) + jnp.einsum("thw,btc->bhwc", tiles * flipped, signs * flip[..., None])
       x = jnp.clip(x0 + per_example(eps, x0) * normalize(delta, "l2"), 0.0, 1.0)
     margin, value = margin_and_loss(logits_fn, labels, x, loss_key)
-    return SquareState(x_best=x, margin=margin, loss=value,
-                       queries=jnp.ones((batch,), jnp.int32), it=jnp.zeros((), jnp.int32),
-                       key=key)
+    return SquareState(
+      x_best=x,
+      margin=margin,
+      loss=value,
+      queries=jnp.ones((batch,), jnp.int32),
+      it=jnp.zeros((), jnp.int32),
+      key=key,
+    )
 
   return jax.jit(init)
 
@@ -141,20 +160,24 @@ def _accept(state: SquareState, x_new, margin, value, key) -> SquareState:
   active = state.margin > 0.0
   lower = value < state.loss
   accept = active & (lower | (margin <= 0.0))
-  return barrier(SquareState(
+  return barrier(
+    SquareState(
       x_best=bwhere(accept, x_new, state.x_best),
       margin=jnp.where(accept, margin, state.margin),
       loss=jnp.where(active & lower, value, state.loss),
-      queries=state.queries + active.astype(jnp.int32), it=state.it + 1, key=key))
+      queries=state.queries + active.astype(jnp.int32),
+      it=state.it + 1,
+      key=key,
+    )
+  )
 
 
-def _window(top: jax.Array, left: jax.Array, side: jax.Array, height: int,
-            width: int) -> jax.Array:
+def _window(top: jax.Array, left: jax.Array, side: jax.Array, height: int, width: int) -> jax.Array:
   """``[B, H, W, 1]`` bool: the ``side x side`` square at ``(top, left)`` ``[B]``."""
   rows = jnp.arange(height)[None, :]
   cols = jnp.arange(width)[None, :]
-  in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)     # [B, H]
-  in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)   # [B, W]
+  in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)  # [B, H]
+  in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)  # [B, W]
   return (in_rows[:, :, None] & in_cols[:, None, :])[..., None]
 
 
@@ -169,9 +192,9 @@ def _step_rule(loss: str, stochastic: bool) -> Callable:
     it = jnp.minimum(state.it, sizes.shape[0] - 1)
     side = jax.lax.dynamic_index_in_dim(sizes, it, keepdims=False)
     room = jnp.stack([height - side, width - side]).astype(jnp.float32)
-    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)     # [B, 2]
+    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)  # [B, 2]
     corner = jnp.floor(draw * room[None, :]).astype(jnp.int32)
-    window = _window(corner[:, 0], corner[:, 1], side, height, width)   # [B, H, W, 1]
+    window = _window(corner[:, 0], corner[:, 1], side, height, width)  # [B, H, W, 1]
     channel_signs = jax.lax.dynamic_index_in_dim(signs, it, keepdims=False)
     channel_signs = channel_signs.astype(jnp.float32)[:, None, None, :]  # [B, 1, 1, C]
     eps_b = per_example(eps, x0)
@@ -188,22 +211,23 @@ def _step_rule(loss: str, stochastic: bool) -> Callable:
 def _step_rule_l2(loss: str, stochastic: bool) -> Callable:
   margin_and_loss = _margin_and_loss_rule(loss, stochastic)
 
-  def step(logits_fn, x0, labels, eps, sizes, pattern_index, patterns, uniforms, signs,
-           state: SquareState) -> SquareState:
+  def step(
+    logits_fn, x0, labels, eps, sizes, pattern_index, patterns, uniforms, signs, state: SquareState
+  ) -> SquareState:
     count_trace("square-l2", state.x_best)
     batch, height, width, channels = x0.shape
     key, loss_key = jax.random.split(state.key) if stochastic else (state.key, state.key)
     it = jnp.minimum(state.it, sizes.shape[0] - 1)
     side = jax.lax.dynamic_index_in_dim(sizes, it, keepdims=False)
     pattern = jax.lax.dynamic_index_in_dim(
-        patterns, jax.lax.dynamic_index_in_dim(pattern_index, it, keepdims=False),
-        keepdims=False)                                                  # [S, S], zero-padded
-    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)   # [B, 5]
+      patterns, jax.lax.dynamic_index_in_dim(pattern_index, it, keepdims=False), keepdims=False
+    )  # [S, S], zero-padded
+    draw = jax.lax.dynamic_index_in_dim(uniforms, it, keepdims=False)  # [B, 5]
     room = jnp.stack([height - side, width - side] * 2).astype(jnp.float32)
     corner = jnp.floor(draw[:, :4] * room[None, :]).astype(jnp.int32)
     top, left = corner[:, 0], corner[:, 1]
-    window = _window(top, left, side, height, width)                     # W1, gets new mass
-    cleared = _window(corner[:, 2], corner[:, 3], side, height, width)   # W2, zeroed
+    window = _window(top, left, side, height, width)  # W1, gets new mass
+    cleared = _window(corner[:, 2], corner[:, 3], side, height, width)  # W2, zeroed
 
     delta = state.x_best - x0
     sq = jnp.square(delta)
@@ -214,19 +238,22 @@ def _step_rule_l2(loss: str, stochastic: bool) -> Callable:
 
     # pert(s) (or its transpose) at (top, left): placed[b, i, j] = P[i - top, j - left].
     flip = (draw[:, 4] > 0.5)[:, None, None]
-    oriented = jnp.where(flip, pattern.T[None], pattern[None])          # [B, S, S]
+    oriented = jnp.where(flip, pattern.T[None], pattern[None])  # [B, S, S]
     span = jnp.arange(pattern.shape[0])
     rows = (jnp.arange(height)[None, :, None] - top[:, None, None]) == span  # [B, H, S]
     cols = (jnp.arange(width)[None, :, None] - left[:, None, None]) == span  # [B, W, S]
-    placed = jnp.einsum("bik,bkl,bjl->bij", rows.astype(jnp.float32), oriented,
-                        cols.astype(jnp.float32))
+    placed = jnp.einsum(
+      "bik,bkl,bjl->bij", rows.astype(jnp.float32), oriented, cols.astype(jnp.float32)
+    )
     channel_signs = jax.lax.dynamic_index_in_dim(signs, it, keepdims=False).astype(jnp.float32)
     fresh = placed[..., None] * channel_signs[:, None, None, :]
     fresh = fresh + jnp.where(window, delta, 0.0) / (1e-12 + norm_window[:, None, None, :])
     norm_fresh = jnp.sqrt(window_sum(jnp.square(fresh), window))
     eps_vec = jnp.broadcast_to(eps, (batch,))
-    target = jnp.sqrt(jnp.maximum(jnp.square(eps_vec) - jnp.square(norm_image), 0.0)[:, None]
-                      / channels + jnp.square(norm_union))               # [B, C]
+    target = jnp.sqrt(
+      jnp.maximum(jnp.square(eps_vec) - jnp.square(norm_image), 0.0)[:, None] / channels
+      + jnp.square(norm_union)
+    )  # [B, C]
     fresh = fresh / (1e-12 + norm_fresh[:, None, None, :]) * target[:, None, None, :]
     delta = jnp.where(window, fresh, jnp.where(cleared, 0.0, delta))
     x_new = jnp.clip(x0 + per_example(eps, x0) * normalize(delta, "l2"), 0.0, 1.0)
@@ -239,16 +266,29 @@ def _step_rule_l2(loss: str, stochastic: bool) -> Callable:
 
 class SquareResult(NamedTuple):
   adversarial: jax.Array  # [B, H, W, C] best point found
-  robust: jax.Array       # [B] bool: margin still > 0
-  queries: jax.Array      # [B] int32
+  robust: jax.Array  # [B] bool: margin still > 0
+  queries: jax.Array  # [B] int32
 
 
-def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-                  eps, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,
-                  restarts: int = 1, rescale_schedule: bool = False, loss: str = "margin",
-                  stochastic: bool = False, valid: jax.Array | None = None,
-                  driver: str = "auto", chunk: int = 20,
-                  check_every: int = 100) -> SquareResult:
+def square_attack(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  n_queries: int = 5000,
+  p_init: float = 0.8,
+  restarts: int = 1,
+  rescale_schedule: bool = False,
+  loss: str = "margin",
+  stochastic: bool = False,
+  valid: jax.Array | None = None,
+  driver: str = "auto",
+  chunk: int = 20,
+  check_every: int = 100,
+) -> SquareResult:
   """Square Attack with per-example results; stops once no valid example is left.
 
   ``key``: one key or ``[B]`` per-example keys (``agad.attacks.batching.example_keys``);
@@ -264,8 +304,7 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
     raise ValueError(f"labels shape {labels.shape} does not match batch {images.shape[0]}")
   logits_fn = driver_lib.as_partial(logits_fn)
   eps = jnp.asarray(eps, jnp.float32)
-  sizes = square_sizes(images.shape[1], images.shape[2], n_queries, p_init, rescale_schedule,
-                       norm)
+  sizes = square_sizes(images.shape[1], images.shape[2], n_queries, p_init, rescale_schedule, norm)
   if norm == "l2":
     patterns, pattern_index = (jnp.asarray(a) for a in _l2_patterns(sizes))
   sizes = jnp.asarray(sizes)
@@ -282,28 +321,56 @@ def square_attack(logits_fn: Callable, images: jax.Array, labels: jax.Array, key
     if not done(state):
       if norm == "linf":
         uniforms, signs = _draw(draw_keys, n_queries, images.shape[-1])
-        step = Partial(_step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes,
-                       uniforms, signs)
+        step = Partial(
+          _step_rule(loss, stochastic), logits_fn, images, labels, eps, sizes, uniforms, signs
+        )
       else:
         uniforms, signs = _draw_l2(draw_keys, n_queries, images.shape[-1])
-        step = Partial(_step_rule_l2(loss, stochastic), logits_fn, images, labels, eps, sizes,
-                       pattern_index, patterns, uniforms, signs)
-      state = run_steps(step, state, n_queries, driver=driver, chunk=chunk, done=done,
-                               check_every=check_every)
+        step = Partial(
+          _step_rule_l2(loss, stochastic),
+          logits_fn,
+          images,
+          labels,
+          eps,
+          sizes,
+          pattern_index,
+          patterns,
+          uniforms,
+          signs,
+        )
+      state = run_steps(
+        step, state, n_queries, driver=driver, chunk=chunk, done=done, check_every=check_every
+      )
     result = SquareResult(state.x_best, state.margin > 0.0, state.queries)
     if best is None:
       best = result
     else:
       newly = best.robust & ~result.robust
-      best = SquareResult(bwhere(newly, result.adversarial, best.adversarial),
-                          best.robust & result.robust, best.queries + result.queries)
+      best = SquareResult(
+        bwhere(newly, result.adversarial, best.adversarial),
+        best.robust & result.robust,
+        best.queries + result.queries,
+      )
   return SquareResult(jax.lax.stop_gradient(best.adversarial), best.robust, best.queries)
 
 
-def square(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-           eps, norm: str = "linf", n_queries: int = 5000, p_init: float = 0.8,
-           restarts: int = 1, rescale_schedule: bool = False, loss: str = "margin",
-           stochastic: bool = False, driver: str = "auto", chunk: int = 20) -> jax.Array:
+def square(
+  logits_fn: Callable,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  eps,
+  norm: str = "linf",
+  n_queries: int = 5000,
+  p_init: float = 0.8,
+  restarts: int = 1,
+  rescale_schedule: bool = False,
+  loss: str = "margin",
+  stochastic: bool = False,
+  driver: str = "auto",
+  chunk: int = 20,
+) -> jax.Array:
   """Square Attack (L-inf or L2). Stable public entry point.
 
   Args:
@@ -316,7 +383,19 @@ def square(logits_fn: Callable, images: jax.Array, labels: jax.Array, key: jax.A
     ``[B, H, W, C]`` best point per example (misclassified where the attack succeeded),
     inside the eps-ball and [0, 1].
   """
-  return square_attack(logits_fn, images, labels, key, eps=eps, norm=norm, n_queries=n_queries,
-                       p_init=p_init, restarts=restarts, rescale_schedule=rescale_schedule,
-                       loss=loss, stochastic=stochastic, driver=driver,
-                       chunk=chunk).adversarial
+  return square_attack(
+    logits_fn,
+    images,
+    labels,
+    key,
+    eps=eps,
+    norm=norm,
+    n_queries=n_queries,
+    p_init=p_init,
+    restarts=restarts,
+    rescale_schedule=rescale_schedule,
+    loss=loss,
+    stochastic=stochastic,
+    driver=driver,
+    chunk=chunk,
+  ).adversarial

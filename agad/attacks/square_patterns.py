@@ -17,16 +17,23 @@ NORMS = ("linf", "l2")
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_p(iteration: int, p_init: float = 0.8, n_queries: int = 5000,
-             rescale_schedule: bool = False) -> float:
+def square_p(
+  iteration: int, p_init: float = 0.8, n_queries: int = 5000, rescale_schedule: bool = False
+) -> float:
   """The fraction p of the image a square covers at 0-based query ``iteration``."""
   it = int(iteration / n_queries * 10000) if rescale_schedule else iteration
   halvings = sum(it > threshold for threshold in _HALVINGS)
-  return p_init / 2 ** halvings
+  return p_init / 2**halvings
 
 
-def square_sizes(height: int, width: int, n_queries: int, p_init: float = 0.8,
-                 rescale_schedule: bool = False, norm: str = "linf") -> np.ndarray:
+def square_sizes(
+  height: int,
+  width: int,
+  n_queries: int,
+  p_init: float = 0.8,
+  rescale_schedule: bool = False,
+  norm: str = "linf",
+) -> np.ndarray:
   """Square side for every query ``[n_queries]`` int32 (Python ``round``, as the reference).
 
   L-inf: ``max(round(sqrt(p H W)), 1)``; L2: ``max(round(sqrt(p H W)), 3)``, plus one if
@@ -56,10 +63,11 @@ def _pert_rectangle(rows: int, cols: int) -> np.ndarray:
   """
   n_rings = max(rows // 2, cols // 2) + 1
   tail = np.cumsum((1.0 / np.arange(1, n_rings + 1) ** 2)[::-1])[::-1]  # tail[m] = sum_{k>=m}
-  dist = np.maximum(np.abs(np.arange(rows)[:, None] - rows // 2),
-                    np.abs(np.arange(cols)[None, :] - cols // 2))
+  dist = np.maximum(
+    np.abs(np.arange(rows)[:, None] - rows // 2), np.abs(np.arange(cols)[None, :] - cols // 2)
+  )
   values = tail[dist] if rows and cols else np.zeros((rows, cols))
-  return values / max(np.sqrt(np.sum(values ** 2)), 1e-300)
+  return values / max(np.sqrt(np.sum(values**2)), 1e-300)
 
 
 def meta_pseudo_gaussian_pert(side: int) -> np.ndarray:
@@ -72,12 +80,12 @@ def meta_pseudo_gaussian_pert(side: int) -> np.ndarray:
   top = _pert_rectangle(side // 2, side)
   bottom = -_pert_rectangle(side - side // 2, side)
   pattern = np.concatenate([top, bottom], axis=0)
-  return pattern / np.sqrt(np.sum(pattern ** 2))
+  return pattern / np.sqrt(np.sum(pattern**2))
 
 
 def _l2_patterns(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Patterns of every distinct side, zero-padded: ``[U, S, S]`` float32, index ``[Q]``."""
-  distinct = sorted(set(int(v) for v in sizes)) or [1]   # [1]: no queries at all
+  distinct = sorted(set(int(v) for v in sizes)) or [1]  # [1]: no queries at all
   largest = max(distinct)
   table = np.zeros((len(distinct), largest, largest), np.float32)
   for i, side in enumerate(distinct):
@@ -105,9 +113,8 @@ def l2_start_tiles(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.
       if rows <= 0 or cols <= 0:
         continue
       mask = np.zeros((height, width), bool)
-      mask[top:top + rows, left:left + cols] = True
+      mask[top : top + rows, left : left + cols] = True
       masks.append(mask)
-      plain[top:top + rows, left:left + cols] = pattern[:rows, :cols]
-      flipped[top:top + rows, left:left + cols] = pattern.T[:rows, :cols]
-  return (np.stack(masks).astype(np.float32), plain.astype(np.float32),
-          flipped.astype(np.float32))
+      plain[top : top + rows, left : left + cols] = pattern[:rows, :cols]
+      flipped[top : top + rows, left : left + cols] = pattern.T[:rows, :cols]
+  return (np.stack(masks).astype(np.float32), plain.astype(np.float32), flipped.astype(np.float32))

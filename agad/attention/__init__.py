@@ -11,15 +11,54 @@ imported here; it needs matplotlib only for its figures).
 Bottom layer: imports agad.models, agad.objectives.base and agad.attacks only.
 """
 
-from agad.attention.functional import (NORMALIZE, REDUCES, SHIFT_METRICS, asc, attention_shift, cam,
-                                 channel_attention, class_logit_grads, grad_cam,
-                                 grad_cam_from_grads, normalize_maps, top_mask, upsample)
-from agad.attention.model import (DEFAULT_KINDS, KINDS, TapGrad, cam_weights, maps,
-                                  maps_and_logits, site_head, supports_cam, tap_grad)
+from agad.attention.functional import (
+  NORMALIZE,
+  REDUCES,
+  SHIFT_METRICS,
+  asc,
+  attention_shift,
+  cam,
+  channel_attention,
+  class_logit_grads,
+  grad_cam,
+  grad_cam_from_grads,
+  normalize_maps,
+  top_mask,
+  upsample,
+)
+from agad.attention.model import (
+  DEFAULT_KINDS,
+  KINDS,
+  TapGrad,
+  cam_weights,
+  maps,
+  maps_and_logits,
+  site_head,
+  supports_cam,
+  tap_grad,
+)
 
 __all__ = [
-    "DEFAULT_KINDS", "KINDS", "NORMALIZE", "REDUCES", "SHIFT_METRICS", "TapGrad", "asc",
-    "attention_shift", "cam", "cam_weights", "channel_attention", "class_logit_grads",
-    "grad_cam", "grad_cam_from_grads", "maps", "maps_and_logits", "normalize_maps",
-    "site_head", "supports_cam", "tap_grad", "top_mask", "upsample",
+  "DEFAULT_KINDS",
+  "KINDS",
+  "NORMALIZE",
+  "REDUCES",
+  "SHIFT_METRICS",
+  "TapGrad",
+  "asc",
+  "attention_shift",
+  "cam",
+  "cam_weights",
+  "channel_attention",
+  "class_logit_grads",
+  "grad_cam",
+  "grad_cam_from_grads",
+  "maps",
+  "maps_and_logits",
+  "normalize_maps",
+  "site_head",
+  "supports_cam",
+  "tap_grad",
+  "top_mask",
+  "upsample",
 ]

@@ -47,16 +47,19 @@ def _float(x: Array) -> Array:
 def _check_features(features: Array, who: str) -> Array:
   features = jnp.asarray(features)
   if features.ndim != 4:
-    raise ValueError(f"{who}: features must be NHWC [B, H, W, C], got shape {features.shape}; "
-                     "add the batch axis with features[None]")
+    raise ValueError(
+      f"{who}: features must be NHWC [B, H, W, C], got shape {features.shape}; "
+      "add the batch axis with features[None]"
+    )
   return features
 
 
 def _check_maps(maps: Array, who: str) -> Array:
   maps = _float(maps)
   if maps.ndim != 3:
-    raise ValueError(f"{who}: maps must be [B, H, W], got shape {maps.shape}; add the batch "
-                     "axis with maps[None]")
+    raise ValueError(
+      f"{who}: maps must be [B, H, W], got shape {maps.shape}; add the batch axis with maps[None]"
+    )
   return maps
 
 
@@ -100,8 +103,9 @@ def normalize_maps(maps: Array, method: str | None = "minmax", *, eps: float = E
   raise ValueError(f"normalize={method!r} is not one of {NORMALIZE}")
 
 
-def channel_attention(features: Array, *, reduce: str = "mean",
-                      normalize: str | None = None) -> Array:
+def channel_attention(
+  features: Array, *, reduce: str = "mean", normalize: str | None = None
+) -> Array:
   """Activation-based attention ``[B, H, W, C] -> [B, H, W]``, reduced over channels.
 
   ``reduce``: ``"mean"`` ``mean_c A``, ``"sum"`` ``sum_c A``, ``"abs_mean"``
@@ -125,13 +129,21 @@ def channel_attention(features: Array, *, reduce: str = "mean",
 def _classes(classes: Array, batch: int, who: str) -> Array:
   classes = jnp.asarray(classes)
   if classes.shape != (batch,):
-    raise ValueError(f"{who}: classes must be [B] = [{batch}] ints (one class per example), "
-                     f"got shape {classes.shape}")
+    raise ValueError(
+      f"{who}: classes must be [B] = [{batch}] ints (one class per example), "
+      f"got shape {classes.shape}"
+    )
   return classes.astype(jnp.int32)
 
 
-def cam(features: Array, class_weights: Array, classes: Array, *, relu: bool = False,
-        normalize: str | None = None) -> Array:
+def cam(
+  features: Array,
+  class_weights: Array,
+  classes: Array,
+  *,
+  relu: bool = False,
+  normalize: str | None = None,
+) -> Array:
   """Class activation map (Zhou et al. 2016; AGAIN Eq. 1): ``[B, H, W]``.
 
   ``M[b] = sum_c W[c, k_b] A[b, :, :, c]`` for features ``A`` ``[B, H, W, C]`` of a
@@ -142,9 +154,11 @@ def cam(features: Array, class_weights: Array, classes: Array, *, relu: bool = F
   a = _float(_check_features(features, "cam"))
   w = _float(class_weights)
   if w.ndim != 2 or w.shape[0] != a.shape[-1]:
-    raise ValueError(f"cam: class_weights must be [C, K] with C = {a.shape[-1]} feature "
-                     f"channels, got shape {w.shape}; pass the classifier kernel, not its "
-                     "transpose")
+    raise ValueError(
+      f"cam: class_weights must be [C, K] with C = {a.shape[-1]} feature "
+      f"channels, got shape {w.shape}; pass the classifier kernel, not its "
+      "transpose"
+    )
   k = _classes(classes, a.shape[0], "cam")
   wk = jnp.take(w, k, axis=1).T  # [B, C]
   m = jnp.einsum("bhwc,bc->bhw", a, wk)
@@ -153,8 +167,9 @@ def cam(features: Array, class_weights: Array, classes: Array, *, relu: bool = F
   return normalize_maps(m, normalize)
 
 
-def grad_cam_from_grads(features: Array, grads: Array, *, relu: bool = True,
-                        normalize: str | None = None) -> Array:
+def grad_cam_from_grads(
+  features: Array, grads: Array, *, relu: bool = True, normalize: str | None = None
+) -> Array:
   """Grad-CAM from features and the gradient of each example's class logit w.r.t. them.
 
   ``alpha[b, c] = mean_hw grads[b, :, :, c]``, ``M[b] = relu(sum_c alpha[b, c] A[b, :, :, c])``
@@ -171,8 +186,9 @@ def grad_cam_from_grads(features: Array, grads: Array, *, relu: bool = True,
   return normalize_maps(m, normalize)
 
 
-def class_logit_grads(head_fn: Callable[[Array], Array], features: Array,
-                      classes: Array | None = None) -> tuple[Array, Array, Array]:
+def class_logit_grads(
+  head_fn: Callable[[Array], Array], features: Array, classes: Array | None = None
+) -> tuple[Array, Array, Array]:
   """``(logits [B, K], classes [B], d z[b, k_b] / d A[b] [B, H, W, C])`` in one head pass.
 
   The gradient of ``sum_b z[b, k_b]`` (a VJP with a one-hot cotangent), which is each
@@ -183,8 +199,10 @@ def class_logit_grads(head_fn: Callable[[Array], Array], features: Array,
   a = _check_features(features, "grad_cam")
   logits, vjp = jax.vjp(head_fn, a)
   if logits.ndim != 2 or logits.shape[0] != a.shape[0]:
-    raise ValueError(f"grad_cam: head_fn must map features {a.shape} to logits [B, K] with "
-                     f"B = {a.shape[0]}, got shape {logits.shape}")
+    raise ValueError(
+      f"grad_cam: head_fn must map features {a.shape} to logits [B, K] with "
+      f"B = {a.shape[0]}, got shape {logits.shape}"
+    )
   if classes is None:
     k = jnp.argmax(jax.lax.stop_gradient(logits), -1).astype(jnp.int32)
   else:
@@ -193,8 +211,14 @@ def class_logit_grads(head_fn: Callable[[Array], Array], features: Array,
   return logits, k, grads
 
 
-def grad_cam(head_fn: Callable[[Array], Array], features: Array, classes: Array, *,
-             relu: bool = True, normalize: str | None = None) -> Array:
+def grad_cam(
+  head_fn: Callable[[Array], Array],
+  features: Array,
+  classes: Array,
+  *,
+  relu: bool = True,
+  normalize: str | None = None,
+) -> Array:
   """Grad-CAM (Selvaraju et al. 2017) of ``head_fn`` at ``features``: ``[B, H, W]``.
 
   ``head_fn``: features ``[B, H, W, C]`` -> logits ``[B, K]``, any differentiable function
@@ -247,8 +271,14 @@ def top_mask(maps: Array, top_frac: float = 0.2) -> Array:
   return mask.reshape(b, h, w)
 
 
-def attention_shift(maps_clean: Array, maps_adv: Array, *, metric: str = "l1",
-                    top_frac: float = 0.2, normalize: str | None = "minmax") -> Array:
+def attention_shift(
+  maps_clean: Array,
+  maps_adv: Array,
+  *,
+  metric: str = "l1",
+  top_frac: float = 0.2,
+  normalize: str | None = "minmax",
+) -> Array:
   """How far attention moves from clean to adversarial maps: ``[B, H, W] x 2 -> [B]``.
 
   Both maps are first normalised per example (``normalize``, default min-max to [0, 1]):
@@ -260,8 +290,10 @@ def attention_shift(maps_clean: Array, maps_adv: Array, *, metric: str = "l1",
   a = _check_maps(maps_clean, "attention_shift")
   b = _check_maps(maps_adv, "attention_shift")
   if a.shape != b.shape:
-    raise ValueError(f"attention_shift: clean maps {a.shape} and adversarial maps {b.shape} "
-                     "differ; upsample one of them first")
+    raise ValueError(
+      f"attention_shift: clean maps {a.shape} and adversarial maps {b.shape} "
+      "differ; upsample one of them first"
+    )
   if metric not in SHIFT_METRICS:
     raise ValueError(f"metric={metric!r} is not one of {SHIFT_METRICS}")
   a, b = normalize_maps(a, normalize), normalize_maps(b, normalize)

@@ -38,24 +38,26 @@ from agad.objectives import base
 Array = Any
 PyTree = Any
 
-KINDS = ("grad_cam", "cam", "channel_mean", "channel_sum", "channel_abs_mean",
-         "channel_sq_mean")
+KINDS = ("grad_cam", "cam", "channel_mean", "channel_sum", "channel_abs_mean", "channel_sq_mean")
 DEFAULT_KINDS = ("grad_cam", "cam", "channel_mean")
 _SKIP = ("params", "perturbations", "intermediates")
 
 
 class TapGrad(NamedTuple):
   """One pass of :func:`tap_grad`."""
-  logits: Array    # [B, K] float32
-  classes: Array   # [B] int32, the class explained per example
+
+  logits: Array  # [B, K] float32
+  classes: Array  # [B] int32, the class explained per example
   features: Array  # [B, H, W, C] the site's value A
-  grads: Array     # [B, H, W, C] d z[b, classes[b]] / d A
+  grads: Array  # [B, H, W, C] d z[b, classes[b]] / d A
 
 
 def _split(variables: PyTree) -> tuple[PyTree, dict]:
   if "params" not in variables:
-    raise ValueError(f"variables must hold 'params' (and 'batch_stats' if the model has "
-                     f"BatchNorm), got collections {sorted(variables)}")
+    raise ValueError(
+      f"variables must hold 'params' (and 'batch_stats' if the model has "
+      f"BatchNorm), got collections {sorted(variables)}"
+    )
   state = {k: v for k, v in variables.items() if k not in _SKIP}
   return variables["params"], state
 
@@ -63,8 +65,10 @@ def _split(variables: PyTree) -> tuple[PyTree, dict]:
 def _images(images: Array) -> Array:
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
-    raise ValueError(f"images must be [B, H, W, C] in [0, 1], got shape {images.shape}; add "
-                     "the batch axis with images[None]")
+    raise ValueError(
+      f"images must be [B, H, W, C] in [0, 1], got shape {images.shape}; add "
+      "the batch axis with images[None]"
+    )
   return images
 
 
@@ -73,8 +77,9 @@ def resolve(model: nn.Module, site: str, input_shape: Sequence[int]) -> str:
   return sites_lib.resolve_site(model, site, tuple(input_shape))
 
 
-def _site_entry(model: nn.Module, variables: PyTree, images: Array,
-                site: str) -> tuple[tuple[str, ...], jax.ShapeDtypeStruct]:
+def _site_entry(
+  model: nn.Module, variables: PyTree, images: Array, site: str
+) -> tuple[tuple[str, ...], jax.ShapeDtypeStruct]:
   """The path of ``site`` in the model's collections and its value's shape/dtype (abstract)."""
   params, state = _split(variables)
 
@@ -87,17 +92,28 @@ def _site_entry(model: nn.Module, variables: PyTree, images: Array,
   for path, value in traverse_util.flatten_dict(tree).items():
     if path[-1] == site:
       return path[:-1] + (site,), (value[-1] if isinstance(value, tuple) else value)
-  raise ValueError(f"site {site!r} was not reached by the forward pass; sites: "
-                   f"{', '.join(sites_lib.site_names(model, images.shape[1:]))}")
+  raise ValueError(
+    f"site {site!r} was not reached by the forward pass; sites: "
+    f"{', '.join(sites_lib.site_names(model, images.shape[1:]))}"
+  )
 
 
 def _perturbation(path: tuple[str, ...], delta: Array) -> dict:
   return traverse_util.unflatten_dict({path: delta})
 
 
-def tap_grad(model: nn.Module, variables: PyTree, images: Array, classes: Array | None = None,
-             *, site: str = "features", mode: str = "eval", labels: Array | None = None,
-             norm_ctx: Any = None, rng: Array | None = None) -> TapGrad:
+def tap_grad(
+  model: nn.Module,
+  variables: PyTree,
+  images: Array,
+  classes: Array | None = None,
+  *,
+  site: str = "features",
+  mode: str = "eval",
+  labels: Array | None = None,
+  norm_ctx: Any = None,
+  rng: Array | None = None,
+) -> TapGrad:
   """Logits, the site's value ``A`` and ``d z[b, k_b] / d A`` in one forward pass + one VJP.
 
   Args:
@@ -117,9 +133,17 @@ def tap_grad(model: nn.Module, variables: PyTree, images: Array, classes: Array 
   path, spec = _site_entry(model, variables, images, site)
 
   def run(delta):
-    out = base.forward(model, params, {**state, "perturbations": _perturbation(path, delta)},
-                       images, mode=mode, labels=labels, norm_ctx=norm_ctx, taps=(site,),
-                       rng=rng)
+    out = base.forward(
+      model,
+      params,
+      {**state, "perturbations": _perturbation(path, delta)},
+      images,
+      mode=mode,
+      labels=labels,
+      norm_ctx=norm_ctx,
+      taps=(site,),
+      rng=rng,
+    )
     return out.logits, out.taps[site]
 
   logits, vjp, features = jax.vjp(run, jnp.zeros(spec.shape, spec.dtype), has_aux=True)
@@ -131,8 +155,16 @@ def tap_grad(model: nn.Module, variables: PyTree, images: Array, classes: Array 
   return TapGrad(logits, k, features, grads)
 
 
-def site_head(model: nn.Module, variables: PyTree, images: Array, *, site: str = "features",
-              mode: str = "eval", labels: Array | None = None, norm_ctx: Any = None):
+def site_head(
+  model: nn.Module,
+  variables: PyTree,
+  images: Array,
+  *,
+  site: str = "features",
+  mode: str = "eval",
+  labels: Array | None = None,
+  norm_ctx: Any = None,
+):
   """``(A0, head_fn)``: the site's value on ``images`` and the rest of the model after it.
 
   ``head_fn(a) -> logits [B, K]`` runs the model with the site perturbed by
@@ -145,19 +177,28 @@ def site_head(model: nn.Module, variables: PyTree, images: Array, *, site: str =
   site = resolve(model, site, images.shape[1:])
   params, state = _split(variables)
   path, _ = _site_entry(model, variables, images, site)
-  a0 = base.forward(model, params, state, images, mode=mode, labels=labels, norm_ctx=norm_ctx,
-                    taps=(site,)).taps[site]
+  a0 = base.forward(
+    model, params, state, images, mode=mode, labels=labels, norm_ctx=norm_ctx, taps=(site,)
+  ).taps[site]
 
   def head_fn(a):
     delta = a - jax.lax.stop_gradient(a0)
-    return base.forward(model, params, {**state, "perturbations": _perturbation(path, delta)},
-                        images, mode=mode, labels=labels, norm_ctx=norm_ctx).logits
+    return base.forward(
+      model,
+      params,
+      {**state, "perturbations": _perturbation(path, delta)},
+      images,
+      mode=mode,
+      labels=labels,
+      norm_ctx=norm_ctx,
+    ).logits
 
   return a0, head_fn
 
 
-def cam_weights(model: nn.Module, variables: PyTree, input_shape: Sequence[int], *,
-                site: str = "features") -> Array:
+def cam_weights(
+  model: nn.Module, variables: PyTree, input_shape: Sequence[int], *, site: str = "features"
+) -> Array:
   """The classifier kernel ``W [C, K]`` if ``site`` is followed by GAP + a linear classifier.
 
   True for ``features`` of the residual backbones (ResNet, PreAct, WRN, TinyBNNet): GAP
@@ -176,8 +217,10 @@ def cam_weights(model: nn.Module, variables: PyTree, input_shape: Sequence[int],
   elif "classifier" not in params or "kernel" not in params["classifier"]:
     why = "the model has no 'classifier' Dense layer"
   elif any(k.startswith("fc") for k in params):
-    why = f"hidden Dense layers ({', '.join(sorted(k for k in params if k.startswith('fc')))}) " \
-          "sit between the pooling and the classifier"
+    why = (
+      f"hidden Dense layers ({', '.join(sorted(k for k in params if k.startswith('fc')))}) "
+      "sit between the pooling and the classifier"
+    )
   elif "embedding" in plugins:
     why = "a plug-in at 'embedding' sits between the pooling and the classifier"
   else:
@@ -186,16 +229,21 @@ def cam_weights(model: nn.Module, variables: PyTree, input_shape: Sequence[int],
     w = params["classifier"]["kernel"]
     c = feat.shape[-1]
     if emb.shape != (1, c) or w.shape[0] != c:
-      why = (f"features {feat.shape[1:]} are not globally average-pooled into the "
-             f"classifier (embedding {emb.shape[1:]}, classifier kernel {w.shape})")
+      why = (
+        f"features {feat.shape[1:]} are not globally average-pooled into the "
+        f"classifier (embedding {emb.shape[1:]}, classifier kernel {w.shape})"
+      )
   if why:
-    raise ValueError(f"cam needs a site followed by GAP + a linear classifier, but in "
-                     f"{name} {why}; use kind 'grad_cam' (any site) instead")
+    raise ValueError(
+      f"cam needs a site followed by GAP + a linear classifier, but in "
+      f"{name} {why}; use kind 'grad_cam' (any site) instead"
+    )
   return params["classifier"]["kernel"]
 
 
-def supports_cam(model: nn.Module, variables: PyTree, input_shape: Sequence[int], *,
-                 site: str = "features") -> bool:
+def supports_cam(
+  model: nn.Module, variables: PyTree, input_shape: Sequence[int], *, site: str = "features"
+) -> bool:
   """Whether :func:`cam_weights` (and so kind ``"cam"``) applies at ``site``."""
   try:
     cam_weights(model, variables, input_shape, site=site)
@@ -212,9 +260,17 @@ def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
   return kinds
 
 
-def maps(model: nn.Module, variables: PyTree, images: Array, classes: Array | None = None, *,
-         site: str = "features", kinds: Sequence[str] = DEFAULT_KINDS, mode: str = "eval",
-         normalize: str | None = None) -> dict[str, Array]:
+def maps(
+  model: nn.Module,
+  variables: PyTree,
+  images: Array,
+  classes: Array | None = None,
+  *,
+  site: str = "features",
+  kinds: Sequence[str] = DEFAULT_KINDS,
+  mode: str = "eval",
+  normalize: str | None = None,
+) -> dict[str, Array]:
   """Attention maps of ``model`` at ``site``: ``{kind: [B, h, w] float32}``.
 
   Args:
@@ -230,14 +286,22 @@ def maps(model: nn.Module, variables: PyTree, images: Array, classes: Array | No
     mode: BN mode (module docstring): eval-mode maps do not depend on the batch.
     normalize: applied to every map (:func:`agad.attention.normalize_maps`).
   """
-  return maps_and_logits(model, variables, images, classes, site=site, kinds=kinds, mode=mode,
-                         normalize=normalize)[0]
+  return maps_and_logits(
+    model, variables, images, classes, site=site, kinds=kinds, mode=mode, normalize=normalize
+  )[0]
 
 
-def maps_and_logits(model: nn.Module, variables: PyTree, images: Array,
-                    classes: Array | None = None, *, site: str = "features",
-                    kinds: Sequence[str] = DEFAULT_KINDS, mode: str = "eval",
-                    normalize: str | None = None) -> tuple[dict[str, Array], Array]:
+def maps_and_logits(
+  model: nn.Module,
+  variables: PyTree,
+  images: Array,
+  classes: Array | None = None,
+  *,
+  site: str = "features",
+  kinds: Sequence[str] = DEFAULT_KINDS,
+  mode: str = "eval",
+  normalize: str | None = None,
+) -> tuple[dict[str, Array], Array]:
   """:func:`maps` and the logits ``[B, K]`` of the same forward pass."""
   kinds = _check_kinds(kinds)
   images = _images(images)
@@ -250,8 +314,11 @@ def maps_and_logits(model: nn.Module, variables: PyTree, images: Array,
     params, state = _split(variables)
     out = base.forward(model, params, state, images, mode=mode, taps=(site,))
     features, logits = out.taps[site], out.logits
-    k = (jnp.argmax(logits, -1).astype(jnp.int32) if classes is None
-         else maps_lib._classes(classes, images.shape[0], "maps"))
+    k = (
+      jnp.argmax(logits, -1).astype(jnp.int32)
+      if classes is None
+      else maps_lib._classes(classes, images.shape[0], "maps")
+    )
   result = {}
   for kind in kinds:
     if kind == "grad_cam":
@@ -259,6 +326,6 @@ def maps_and_logits(model: nn.Module, variables: PyTree, images: Array,
     elif kind == "cam":
       m = maps_lib.cam(features, w, k)
     else:
-      m = maps_lib.channel_attention(features, reduce=kind[len("channel_"):])
+      m = maps_lib.channel_attention(features, reduce=kind[len("channel_") :])
     result[kind] = maps_lib.normalize_maps(m, normalize)
   return result, logits

@@ -48,8 +48,14 @@ BEST_METRICS = ("val/robust_accuracy", "val/clean_accuracy")
 
 from ._damage import COMMIT_MARKER, ITEMS, _listdir, _unreadable_arrays, damage  # noqa: F401
 from ._multiprocess import this_process_only  # noqa: F401
-from ._write_errors import (WRITE_ERRNOS, WorkdirWriteError, _QUIET, _quiet_closed_event_loops,  # noqa: F401
-                            _short, write_failure)
+from ._write_errors import (
+  WRITE_ERRNOS,
+  WorkdirWriteError,
+  _QUIET,
+  _quiet_closed_event_loops,  # noqa: F401
+  _short,
+  write_failure,
+)
 
 
 def best_metric_for(config: Any) -> str:
@@ -73,28 +79,49 @@ class Checkpointer:
   ``wait`` first check that the previous step was committed.
   """
 
-  def __init__(self, directory: str, *, keep: int = 2, best_metric: str = BEST_METRIC,
-               async_save: bool = True, create: bool = True, local: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 2,
+    best_metric: str = BEST_METRIC,
+    async_save: bool = True,
+    create: bool = True,
+    local: bool = False,
+  ):
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
-    self._pending: int | None = None   # a step handed to orbax, not yet checked committed
+    self._pending: int | None = None  # a step handed to orbax, not yet checked committed
     py_logging.getLogger("absl").addFilter(_QUIET)  # a logger keeps one copy of a filter
-    policy = policies.AnyPreservationPolicy([
+    policy = policies.AnyPreservationPolicy(
+      [
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
+        policies.BestN(
+          get_metric_fn=lambda m: m[best_metric],
+          reverse=False,
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        ),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=async_save,
-        best_fn=lambda m: m[best_metric], best_mode="max",
-        keep_checkpoints_without_metrics=True, create=create,
-        # The step's temporary folder is made in the caller's thread: made in the background,
-        # a failed mkdir (read-only or full disk) left orbax's writer threads waiting 300 s
-        # for it, and the process hung that long after the error (measured, orbax 0.12.8).
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-        multiprocessing_options=this_process_only() if local else ocp.options.MultiprocessingOptions())
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "meta"))
+      preservation_policy=policy,
+      enable_async_checkpointing=async_save,
+      best_fn=lambda m: m[best_metric],
+      best_mode="max",
+      keep_checkpoints_without_metrics=True,
+      create=create,
+      # The step's temporary folder is made in the caller's thread: made in the background,
+      # a failed mkdir (read-only or full disk) left orbax's writer threads waiting 300 s
+      # for it, and the process hung that long after the error (measured, orbax 0.12.8).
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      multiprocessing_options=this_process_only()
+      if local
+      else ocp.options.MultiprocessingOptions(),
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data", "meta")
+    )
     self._async = async_save
 
   def latest_step(self) -> int | None:
@@ -129,11 +156,15 @@ class Checkpointer:
       metrics = None
     try:
       self._manager.save(
-          step,
-          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(meta)),
-          metrics=metrics, force=True)
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+        force=True,
+      )
     except Exception as e:  # noqa: BLE001  (only write failures are translated)
       self._raise_if_write_failure(step, e)
       raise
@@ -152,8 +183,10 @@ class Checkpointer:
     if step is not None and (reason := damage(self.directory, step)) is not None:
       # Orbax can log a failed finalisation without raising it; the folder is the truth.
       raise WorkdirWriteError(
-          f"checkpoint step {step} was not committed to {self.directory} ({reason}); "
-          f"{self._last_intact_note(step)}", path=self.directory)
+        f"checkpoint step {step} was not committed to {self.directory} ({reason}); "
+        f"{self._last_intact_note(step)}",
+        path=self.directory,
+      )
 
   def _raise_if_write_failure(self, step: int | None, error: BaseException) -> None:
     failure = write_failure(error)
@@ -163,8 +196,10 @@ class Checkpointer:
     code, reason = failure
     what = f"checkpoint step {step}" if step is not None else "a checkpoint"
     raise WorkdirWriteError(
-        f"cannot write {what} to {self.directory} ({reason}); {self._last_intact_note(step)}",
-        code=code, path=self.directory) from None
+      f"cannot write {what} to {self.directory} ({reason}); {self._last_intact_note(step)}",
+      code=code,
+      path=self.directory,
+    ) from None
 
   def _last_intact_note(self, failed: int | None) -> str:
     """Names the newest intact step on disk: the one a re-run resumes from."""
@@ -178,13 +213,18 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
     """Restores ``(state, data_state, meta)``; ``abstract_state`` carries shardings."""
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore(),
-                                      meta=ocp.args.JsonRestore()))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return restored["state"], dict(restored["data"]), dict(restored["meta"])
 
-  def restore_latest(self, abstract_state: Any, *, accept: Callable[[int, dict], None] | None = None
-                     ) -> tuple[int, Any, dict, dict] | None:
+  def restore_latest(
+    self, abstract_state: Any, *, accept: Callable[[int, dict], None] | None = None
+  ) -> tuple[int, Any, dict, dict] | None:
     """Restores the newest intact step: ``(step, state, data_state, meta)``, or None if none saved.
 
     Steps newer than it that are damaged (``damage`` with ``read_arrays``, or their
@@ -217,13 +257,19 @@ class Checkpointer:
       damaged[step] = reason
     if damaged and found is None:
       raise ValueError(
-          f"no intact checkpoint in {self.directory}; damaged steps: " +
-          "; ".join(f"{s} ({r})" for s, r in damaged.items()) +
-          ". Move them aside to start afresh, or use a new --workdir.")
+        f"no intact checkpoint in {self.directory}; damaged steps: "
+        + "; ".join(f"{s} ({r})" for s, r in damaged.items())
+        + ". Move them aside to start afresh, or use a new --workdir."
+      )
     for step, reason in damaged.items():
       kept = self.set_aside(step)
-      logging.warning("checkpoint step %d is damaged (%s); resuming from step %d "
-                      "(the damaged one is kept in %s)", step, reason, found[0], kept)
+      logging.warning(
+        "checkpoint step %d is damaged (%s); resuming from step %d (the damaged one is kept in %s)",
+        step,
+        reason,
+        found[0],
+        kept,
+      )
     return found
 
   def set_aside(self, step: int) -> str:
@@ -296,7 +342,9 @@ def _read_state(directory: str, step: int) -> dict:
   devices reads on 1 (orbax refuses a target-less restore across topologies).
   """
   path = os.path.join(os.path.abspath(directory), str(step), "state")
-  handler = ocp.StandardCheckpointHandler(multiprocessing_options=this_process_only())  # item metadata
+  handler = ocp.StandardCheckpointHandler(
+    multiprocessing_options=this_process_only()
+  )  # item metadata
   try:
     tree = handler.metadata(epath.Path(path))
   finally:
@@ -306,8 +354,13 @@ def _read_state(directory: str, step: int) -> dict:
     return checkpointer.restore(path, target)
 
 
-def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
-            read: Callable[[int], Any] | None = None) -> tuple[int, Any]:
+def _select(
+  directory: str,
+  step: Any,
+  best_metric: str | None,
+  verify: bool,
+  read: Callable[[int], Any] | None = None,
+) -> tuple[int, Any]:
   """``resolve_step``'s rule; also returns ``read(step)`` of the chosen step (None if no ``read``).
 
   ``"latest"`` / ``"best"`` try the candidates newest (best) first and take the first
@@ -322,12 +375,16 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
       with open(config_path) as f:
         best_metric = best_metric_for(json.load(f))
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints in {directory}; train first with python -m launch.train")
+    raise FileNotFoundError(
+      f"no checkpoints in {directory}; train first with python -m launch.train"
+    )
   ckpt = Checkpointer(directory, best_metric=best_metric, create=False, local=True)
   try:
     steps = ckpt.all_steps()
     if not steps:
-      raise FileNotFoundError(f"no checkpoints in {directory}; train first with python -m launch.train")
+      raise FileNotFoundError(
+        f"no checkpoints in {directory}; train first with python -m launch.train"
+      )
     damaged = {s: r for s in steps if (r := damage(directory, s)) is not None}
     looks_intact = [s for s in steps if s not in damaged]
     if step in (None, "latest"):
@@ -345,9 +402,11 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
         candidates = looks_intact  # the only checkpoint (an imported one has no metrics)
       if not candidates:
         extra = f" (damaged: {_describe(damaged)})" if damaged else ""
-        raise ValueError(f"no intact checkpoint in {directory} has validation metrics{extra} (a run "
-                         "without a validation split has no 'best'): pass --step=latest "
-                         "(step='latest' from Python)")
+        raise ValueError(
+          f"no intact checkpoint in {directory} has validation metrics{extra} (a run "
+          "without a validation split has no 'best'): pass --step=latest "
+          "(step='latest' from Python)"
+        )
     else:
       requested = int(step)
       if requested not in steps:
@@ -368,15 +427,17 @@ def _select(directory: str, step: Any, best_metric: str | None, verify: bool,
         damaged[s] = f"restore failed: {_short(e)}"
     if step not in (None, "latest", "best") and int(step) in damaged:
       intact = [s for s in steps if s not in damaged]
-      raise ValueError(f"checkpoint step {int(step)} in {directory} is damaged "
-                       f"({damaged[int(step)]}); steps that look intact: {intact}")
+      raise ValueError(
+        f"checkpoint step {int(step)} in {directory} is damaged "
+        f"({damaged[int(step)]}); steps that look intact: {intact}"
+      )
     if chosen is None:
       raise ValueError(f"no intact checkpoint in {directory}; damaged steps: {_describe(damaged)}")
     skipped = {s: r for s, r in damaged.items() if step == "best" or s > chosen}
     if skipped:
       intact = [s for s in steps if s not in damaged]
       if len(skipped) == 1:
-        (bad, reason), = skipped.items()
+        ((bad, reason),) = skipped.items()
         what = f"checkpoint step {bad} is damaged ({reason})"
       else:
         what = f"checkpoint steps {sorted(skipped)} are damaged ({_describe(skipped)})"
@@ -390,8 +451,9 @@ def _describe(damaged: dict[int, str]) -> str:
   return "; ".join(f"step {s}: {r}" for s, r in sorted(damaged.items()))
 
 
-def resolve_step(directory: str, step: Any, *, best_metric: str | None = None,
-                 verify: bool = True) -> int:
+def resolve_step(
+  directory: str, step: Any, *, best_metric: str | None = None, verify: bool = True
+) -> int:
   """'latest' | 'best' | int -> an intact saved step number in a checkpoint directory.
 
   ``best_metric`` (default: read from the run's ``config.json`` next to ``directory``)

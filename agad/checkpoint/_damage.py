@@ -9,7 +9,7 @@ import tensorstore as ts
 
 from ._write_errors import _short
 
-COMMIT_MARKER = "commit_success.txt"   # written by orbax once a step is fully committed
+COMMIT_MARKER = "commit_success.txt"  # written by orbax once a step is fully committed
 ITEMS = ("state", "data", "meta")
 
 
@@ -49,7 +49,7 @@ def _unreadable_arrays(state_dir: str, batch: int = 64) -> str | None:
     if not keys:
       return "state/ holds no arrays"
     for start in range(0, len(keys), batch):
-      for future in [store.read(k) for k in keys[start:start + batch]]:
+      for future in [store.read(k) for k in keys[start : start + batch]]:
         if future.result().state != "value":
           return "an array file is missing"
   except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError with its status)

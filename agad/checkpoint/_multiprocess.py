@@ -11,5 +11,6 @@ def this_process_only() -> ocp.options.MultiprocessingOptions:
   ``read_state``, ``resolve_step``): no barrier with the other processes, which may not
   be reading at all. A training run's saves and restores stay collective."""
   me = jax.process_index()
-  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                            barrier_sync_key_prefix=f"agad_read_p{me}")
+  return ocp.options.MultiprocessingOptions(
+    primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"agad_read_p{me}"
+  )

@@ -10,12 +10,21 @@ import sys
 
 
 # errno values that mean "this folder cannot be written", whatever the file.
-WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+WRITE_ERRNOS = {
+  errno.ENOSPC: "disk full",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EROFS: "read-only file system",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
+  errno.EFBIG: "file too large",
+}
 # The same conditions as tensorstore words them (it raises ValueError with the OS message).
-_WRITE_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-                   "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+_WRITE_MESSAGES = {
+  "No space left on device": errno.ENOSPC,
+  "Disk quota exceeded": errno.EDQUOT,
+  "Read-only file system": errno.EROFS,
+  "Permission denied": errno.EACCES,
+}
 
 
 class WorkdirWriteError(OSError):
@@ -66,9 +75,14 @@ class _QuietWriteFailures(py_logging.Filter):
     # After a failed background write, orbax's last writer thread finds its executor (or
     # the interpreter) shut down ("cannot schedule new futures after [interpreter]
     # shutdown"): a consequence of the failure already reported, not a second error.
-    if error is not None and "orbax" in record.pathname and (
-        write_failure(error) or (isinstance(error, RuntimeError)
-                                 and "cannot schedule new futures after" in str(error))):
+    if (
+      error is not None
+      and "orbax" in record.pathname
+      and (
+        write_failure(error)
+        or (isinstance(error, RuntimeError) and "cannot schedule new futures after" in str(error))
+      )
+    ):
       record.exc_info, record.exc_text = None, None
     return True
 
@@ -90,9 +104,12 @@ def _quiet_closed_event_loops() -> None:
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    if not (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+    ):
       previous(unraisable)
+
   hook.agad_quiet = True
   sys.unraisablehook = hook
 

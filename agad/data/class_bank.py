@@ -46,6 +46,7 @@ class ClassBank:
     allow_empty: whether classes with no example were accepted (static); see
       `sample_by_class` for what drawing one returns.
   """
+
   images: jax.Array
   starts: jax.Array
   counts: jax.Array
@@ -64,9 +65,15 @@ class ClassBank:
     return self.images.shape[0]
 
   @classmethod
-  def from_source(cls, source: RandomAccessSource, num_classes: int, *, augment: str,
-                  allow_empty: bool = False,
-                  sharding: jax.sharding.Sharding | None = None) -> ClassBank:
+  def from_source(
+    cls,
+    source: RandomAccessSource,
+    num_classes: int,
+    *,
+    augment: str,
+    allow_empty: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
+  ) -> ClassBank:
     """Reads every example of `source` (a training split, possibly a SubsetSource).
 
     Args:
@@ -82,54 +89,70 @@ class ClassBank:
       ClassBank holding N = len(source) images (H * W * C bytes each on device).
     """
     if augment not in AUGMENTATIONS:
-      raise ValueError(f'unknown augment={augment!r}; valid: {sorted(AUGMENTATIONS)} '
-                       '(pass DatasetSplits.info.augment).')
+      raise ValueError(
+        f"unknown augment={augment!r}; valid: {sorted(AUGMENTATIONS)} "
+        "(pass DatasetSplits.info.augment)."
+      )
     if num_classes < 1:
-      raise ValueError(f'num_classes={num_classes} must be >= 1; pass '
-                       'DatasetSplits.info.num_classes.')
+      raise ValueError(
+        f"num_classes={num_classes} must be >= 1; pass DatasetSplits.info.num_classes."
+      )
     if len(source) == 0:
-      raise ValueError('cannot build a ClassBank from an empty source; check max_train '
-                       'and val_size.')
+      raise ValueError(
+        "cannot build a ClassBank from an empty source; check max_train and val_size."
+      )
     images, labels = [], []
     for start in range(0, len(source), _READ_CHUNK):
       batch = read_batch(source, np.arange(start, min(start + _READ_CHUNK, len(source))))
-      images.append(np.asarray(batch['image']))
-      labels.append(np.asarray(batch['label']))
+      images.append(np.asarray(batch["image"]))
+      labels.append(np.asarray(batch["label"]))
     images, labels = np.concatenate(images), np.concatenate(labels)
     if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f'source images must be uint8 [H, W, C], got {images.dtype} '
-                       f'{images.shape[1:]}; store them as sources.ArraySource does.')
+      raise ValueError(
+        f"source images must be uint8 [H, W, C], got {images.dtype} "
+        f"{images.shape[1:]}; store them as sources.ArraySource does."
+      )
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-      raise ValueError(f'label {int(labels[bad][0])} (example {int(np.flatnonzero(bad)[0])}'
-                       f') is outside [0, num_classes={num_classes}); pass the dataset\'s '
-                       'info.num_classes.')
+      raise ValueError(
+        f"label {int(labels[bad][0])} (example {int(np.flatnonzero(bad)[0])}"
+        f") is outside [0, num_classes={num_classes}); pass the dataset's "
+        "info.num_classes."
+      )
     counts = np.bincount(labels, minlength=num_classes)
     empty = np.flatnonzero(counts == 0)
     if empty.size and not allow_empty:
-      raise ValueError(f'class {int(empty[0])} has no example in the source (empty '
-                       f'classes: {empty.tolist()[:20]}{" ..." if empty.size > 20 else ""}'
-                       f' of {num_classes}); use a larger max_train, or pass '
-                       'allow_empty=True and mask the draws of empty classes.')
-    order = np.argsort(labels, kind='stable')
+      raise ValueError(
+        f"class {int(empty[0])} has no example in the source (empty "
+        f"classes: {empty.tolist()[:20]}{' ...' if empty.size > 20 else ''}"
+        f" of {num_classes}); use a larger max_train, or pass "
+        "allow_empty=True and mask the draws of empty classes."
+      )
+    order = np.argsort(labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    put = (jnp.asarray if sharding is None
-           else lambda x: jax.device_put(x, sharding))
-    return cls(images=put(images[order]), starts=put(starts.astype(np.int32)),
-               counts=put(counts.astype(np.int32)), num_classes=num_classes,
-               augment=augment, allow_empty=allow_empty)
+    put = jnp.asarray if sharding is None else lambda x: jax.device_put(x, sharding)
+    return cls(
+      images=put(images[order]),
+      starts=put(starts.astype(np.int32)),
+      counts=put(counts.astype(np.int32)),
+      num_classes=num_classes,
+      augment=augment,
+      allow_empty=allow_empty,
+    )
 
 
 def uint8_to_float(images: jax.Array) -> jax.Array:
   """uint8 [...] -> float32 [...] in [0, 1], bitwise equal to the pipeline's batches."""
   if images.dtype != jnp.uint8:
-    raise ValueError(f'images must be uint8, got {images.dtype}; the pipeline only '
-                     'converts uint8 images.')
+    raise ValueError(
+      f"images must be uint8, got {images.dtype}; the pipeline only converts uint8 images."
+    )
   return jnp.asarray(_UINT8_TO_FLOAT)[images]
 
 
-def augment_jax_with(images: jax.Array, offsets: jax.Array, flips: jax.Array,
-                     padding: int) -> jax.Array:
+def augment_jax_with(
+  images: jax.Array, offsets: jax.Array, flips: jax.Array, padding: int
+) -> jax.Array:
   """JAX twin of `pipeline.pad_crop_flip`: zero-pads, crops at `offsets`, mirrors.
 
   Bitwise equal to `pad_crop_flip(images, offsets, flips, padding)` (pure data movement).
@@ -155,14 +178,15 @@ def augment_jax_with(images: jax.Array, offsets: jax.Array, flips: jax.Array,
   return jax.vmap(crop)(padded, offsets, jnp.asarray(flips, bool))
 
 
-def augmentation_params(key: jax.Array, batch_size: int,
-                        kind: str) -> tuple[jax.Array, jax.Array] | None:
+def augmentation_params(
+  key: jax.Array, batch_size: int, kind: str
+) -> tuple[jax.Array, jax.Array] | None:
   """Random crop offsets int32 [b, 2] in [0, 2 * padding] and flips bool [b] (p = 1/2).
 
   The parameterisation of the pipeline's `train_iterator`; None for kind 'none'.
   """
   if kind not in AUGMENTATIONS:
-    raise ValueError(f'unknown augmentation kind={kind!r}; valid: {sorted(AUGMENTATIONS)}.')
+    raise ValueError(f"unknown augmentation kind={kind!r}; valid: {sorted(AUGMENTATIONS)}.")
   padding = AUGMENTATIONS[kind]
   if padding is None:
     return None
@@ -210,18 +234,15 @@ def sample_by_class(bank: ClassBank, classes: jax.Array, key: jax.Array) -> dict
   """
   classes = jnp.asarray(classes, jnp.int32)
   if classes.ndim != 1:
-    raise ValueError(f'classes must be int [B], got shape {classes.shape}; vmap over '
-                     'extra axes.')
+    raise ValueError(f"classes must be int [B], got shape {classes.shape}; vmap over extra axes.")
   k_index, k_augment = jax.random.split(key)
   counts, starts = bank.counts[classes], bank.starts[classes]
   # randint with per-example bounds: uniform on [0, count) (and 0 for an empty class).
-  within = jax.random.randint(k_index, classes.shape, 0, jnp.maximum(counts, 1),
-                              jnp.int32)
+  within = jax.random.randint(k_index, classes.shape, 0, jnp.maximum(counts, 1), jnp.int32)
   rows = jnp.minimum(starts + within, bank.num_examples - 1)
   images = augment_jax(bank.images[rows], k_augment, bank.augment)
   present = counts > 0
   images = uint8_to_float(images)
   if bank.allow_empty:
     images = jnp.where(present[:, None, None, None], images, 0.0)
-  return {'image': images, 'label': classes, 'mask': present.astype(jnp.float32)}
-
+  return {"image": images, "label": classes, "mask": present.astype(jnp.float32)}

@@ -19,11 +19,32 @@ from __future__ import annotations
 
 import os
 
-__path__.extend(p for p in os.environ.get("AGAD_DEFENSES_PATH", "").split(os.pathsep)
-                if p and p not in __path__)
+__path__.extend(
+  p for p in os.environ.get("AGAD_DEFENSES_PATH", "").split(os.pathsep) if p and p not in __path__
+)
 
-from agad.defenses._registry import (add_defaults, apply_recipes, build_objective, defaults, find,  # noqa: E402
-                                     names, norm_for, norm_hook_for, parse, plugins_for, sources,
-                                     spec_names, use_recorded, with_plugin_overrides)
-from agad.defenses._build import (DTYPES, INPUT_NORMS, Restored, build_model,  # noqa: E402,F401
-                                  load_config, restore, use_recorded_defenses)
+from agad.defenses._registry import (
+  add_defaults,
+  apply_recipes,
+  build_objective,
+  defaults,
+  find,  # noqa: E402
+  names,
+  norm_for,
+  norm_hook_for,
+  parse,
+  plugins_for,
+  sources,
+  spec_names,
+  use_recorded,
+  with_plugin_overrides,
+)
+from agad.defenses._build import (
+  DTYPES,
+  INPUT_NORMS,
+  Restored,
+  build_model,  # noqa: E402,F401
+  load_config,
+  restore,
+  use_recorded_defenses,
+)

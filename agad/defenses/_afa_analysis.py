@@ -29,8 +29,18 @@ def spearman(a, b) -> float:
   return float(scipy.stats.spearmanr(a, b).statistic)
 
 
-def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, steps: int = 20,
-                         step_ratio: float = 2.5, norm: str = "linf") -> dict:
+def fusion_weight_vs_eps(
+  model,
+  variables,
+  images,
+  labels,
+  key,
+  *,
+  eps_values,
+  steps: int = 20,
+  step_ratio: float = 2.5,
+  norm: str = "linf",
+) -> dict:
   """The paper's Fig. 6 data: W1 = 1 - W0 of the deployed model against attack strength.
 
   For every ``eps`` in ``eps_values`` (0 = clean), PGD-``steps`` on CE through the
@@ -46,25 +56,42 @@ def fusion_weight_vs_eps(model, variables, images, labels, key, *, eps_values, s
   for i, eps in enumerate(eps_values):
     x = images
     if eps > 0:
-      x = pgd_lib.pgd(logits_fn, images, labels, jax.random.fold_in(key, i), eps=float(eps),
-                      step_size=step_ratio * float(eps) / steps, steps=steps, norm=norm)
+      x = pgd_lib.pgd(
+        logits_fn,
+        images,
+        labels,
+        jax.random.fold_in(key, i),
+        eps=float(eps),
+        step_size=step_ratio * float(eps) / steps,
+        steps=steps,
+        norm=norm,
+      )
     out = base.forward(model, params, model_state, x, mode="eval")
     w1.append(1.0 - np.asarray(w0_per_example(out)))
   w1 = np.stack(w1)
   eps_rep = np.repeat(np.asarray(eps_values, np.float64), w1.shape[1])
   rho = spearman(eps_rep, w1.reshape(-1))
-  return {"eps": np.asarray(eps_values, np.float64), "w1": w1, "w1_mean": w1.mean(axis=1),
-          "spearman": rho,
-          # The Objective.analysis fields (launch.evaluate --preset=ladder plots them).
-          "name": "fusion_weight", "xlabel": "eps (PGD-%d)" % steps,
-          "ylabel": "W1 = 1 - W0 (weight of the robust branch)",
-          "x": np.asarray(eps_values, np.float64), "y": w1, "summary": {"spearman_eps_w1": rho}}
+  return {
+    "eps": np.asarray(eps_values, np.float64),
+    "w1": w1,
+    "w1_mean": w1.mean(axis=1),
+    "spearman": rho,
+    # The Objective.analysis fields (launch.evaluate --preset=ladder plots them).
+    "name": "fusion_weight",
+    "xlabel": "eps (PGD-%d)" % steps,
+    "ylabel": "W1 = 1 - W0 (weight of the robust branch)",
+    "x": np.asarray(eps_values, np.float64),
+    "y": w1,
+    "summary": {"spearman_eps_w1": rho},
+  }
 
 
 def analysis(model, variables):
   """``Objective.analysis`` of AFA stage II: :func:`fusion_weight_vs_eps`."""
+
   def fn(images, labels, key, eps_values):
     return fusion_weight_vs_eps(model, variables, images, labels, key, eps_values=eps_values)
+
   return fn
 
 
@@ -78,8 +105,19 @@ def default_mixes(num_branches: int, weights=(0.75, 0.5, 0.25)) -> dict[str, np.
   return mixes
 
 
-def fixed_mix_sweep(model, variables, images, labels, key, *, mixes, eps_values, steps: int = 20,
-                    step_ratio: float = 2.5, norm: str = "linf") -> dict:
+def fixed_mix_sweep(
+  model,
+  variables,
+  images,
+  labels,
+  key,
+  *,
+  mixes,
+  eps_values,
+  steps: int = 20,
+  step_ratio: float = 2.5,
+  norm: str = "linf",
+) -> dict:
   """Accuracy of a stage-I run under FIXED branch routings, clean and under white-box PGD.
 
   Stage II can only help if the best fixed routing differs between clean and attacked
@@ -107,9 +145,22 @@ def fixed_mix_sweep(model, variables, images, labels, key, *, mixes, eps_values,
     for i, eps in enumerate(eps_values):
       x = images
       if eps > 0:
-        x = pgd_lib.pgd(logits_fn, images, labels, jax.random.fold_in(key, i), eps=float(eps),
-                        step_size=step_ratio * float(eps) / steps, steps=steps, norm=norm)
+        x = pgd_lib.pgd(
+          logits_fn,
+          images,
+          labels,
+          jax.random.fold_in(key, i),
+          eps=float(eps),
+          step_size=step_ratio * float(eps) / steps,
+          steps=steps,
+          norm=norm,
+        )
       correct[m, i] = np.asarray(jnp.argmax(logits_fn(x), -1) == labels)
   accuracy = correct.mean(axis=-1)
-  return {"names": names, "eps": np.asarray(eps_values, np.float64), "correct": correct,
-          "accuracy": accuracy, "best_fixed": accuracy.max(axis=0)}
+  return {
+    "names": names,
+    "eps": np.asarray(eps_values, np.float64),
+    "correct": correct,
+    "accuracy": accuracy,
+    "best_fixed": accuracy.max(axis=0),
+  }

@@ -60,16 +60,22 @@ def kept_branches(num_branches: int, keep: Sequence[int]) -> tuple[int, int]:
   The first index is the branch W0 weights (the paper: BN_0), the second BN_{K-1}.
   """
   if len(keep) != 2:
-    raise ValueError(f"AFA keep={tuple(keep)!r} must name two branches, e.g. (0, -1) = BN_0 and BN_K-1")
+    raise ValueError(
+      f"AFA keep={tuple(keep)!r} must name two branches, e.g. (0, -1) = BN_0 and BN_K-1"
+    )
   out = []
   for k in keep:
     k = int(k)
     if not -num_branches <= k < num_branches:
-      raise ValueError(f"AFA keep index {k} is outside the {num_branches} stage-I branches; "
-                       f"use an index in [-{num_branches}, {num_branches - 1}]")
+      raise ValueError(
+        f"AFA keep index {k} is outside the {num_branches} stage-I branches; "
+        f"use an index in [-{num_branches}, {num_branches - 1}]"
+      )
     out.append(k % num_branches)
   if out[0] == out[1]:
-    raise ValueError(f"AFA keep={tuple(keep)!r} names branch {out[0]} twice; keep two different branches")
+    raise ValueError(
+      f"AFA keep={tuple(keep)!r} names branch {out[0]} twice; keep two different branches"
+    )
   return out[0], out[1]
 
 
@@ -87,12 +93,21 @@ class WeightGenerator(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     if x.ndim != 4:
-      raise ValueError(f"the AFA weight generator reads [B, H, W, C] features, got shape {x.shape}; "
-                       "AFANorm can only replace the norm layers of convolutional stages")
+      raise ValueError(
+        f"the AFA weight generator reads [B, H, W, C] features, got shape {x.shape}; "
+        "AFANorm can only replace the norm layers of convolutional stages"
+      )
     h = x
     for i in range(2):
-      h = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=x.dtype,
-                  kernel_init=self.conv_init or TORCH_CONV_DEFAULT, name=f"conv{i}")(h)
+      h = nn.Conv(
+        self.width,
+        (3, 3),
+        padding=1,
+        use_bias=False,
+        dtype=x.dtype,
+        kernel_init=self.conv_init or TORCH_CONV_DEFAULT,
+        name=f"conv{i}",
+      )(h)
       h = nn.relu(BatchNorm(name=f"bn{i}")(h, train=train))
     h = h.astype(jnp.float32).mean(axis=(1, 2))
     init = torch_linear_uniform(h.shape[-1])
@@ -117,7 +132,7 @@ class AFANorm(nn.Module):
   wg_width: int = 16
   wg_out: str = "scalar"
   freeze_stats: bool = True
-  own_wg: bool = True   # False: W0 comes from the stage's AFAStageHook (norm_ctx['w0'])
+  own_wg: bool = True  # False: W0 comes from the stage's AFAStageHook (norm_ctx['w0'])
 
   @nn.compact
   def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
@@ -127,28 +142,35 @@ class AFANorm(nn.Module):
     ctx = dict(norm_ctx or {})
     unknown = set(ctx) - {"w0", "branch"}
     if unknown:
-      raise ValueError(f"AFANorm norm_ctx keys {sorted(unknown)} are unknown: pass None (the weight "
-                       "generator), {'w0': w} or {'branch': k}")
+      raise ValueError(
+        f"AFANorm norm_ctx keys {sorted(unknown)} are unknown: pass None (the weight "
+        "generator), {'w0': w} or {'branch': k}"
+      )
     bn_train = train and not self.freeze_stats
     branches = {lo: BatchNorm(name=f"branch{lo}"), hi: BatchNorm(name=f"branch{hi}")}
     init = self.is_initializing()
     w0 = None
     if not self.own_wg and "w0" not in ctx and "branch" not in ctx:
-      raise ValueError("this AFANorm has no weight generator of its own (wg_per='stage'): the "
-                       "backbone's norm hook (AFAStageHook) must hand it norm_ctx['w0']; build the "
-                       "model with agad.defenses.build_model, or pass {'w0': w} / {'branch': k}")
+      raise ValueError(
+        "this AFANorm has no weight generator of its own (wg_per='stage'): the "
+        "backbone's norm hook (AFAStageHook) must hand it norm_ctx['w0']; build the "
+        "model with agad.defenses.build_model, or pass {'w0': w} / {'branch': k}"
+      )
     if self.own_wg and "w0" not in ctx and ("branch" not in ctx or init):
       conv_init = getattr(self.parent, "conv_init", None)
-      logit = WeightGenerator(self.wg_width, 1 if self.wg_out == "scalar" else x.shape[-1],
-                              conv_init, name="wg")(x, train=train)
-      w0 = jax.nn.sigmoid(logit)                                   # [B, 1] or [B, C]
+      logit = WeightGenerator(
+        self.wg_width, 1 if self.wg_out == "scalar" else x.shape[-1], conv_init, name="wg"
+      )(x, train=train)
+      w0 = jax.nn.sigmoid(logit)  # [B, 1] or [B, C]
       self.sow("aux", W0_NAME, w0)
       self.sow("aux", LOGIT_NAME, logit)
     if "branch" in ctx:
       k = int(ctx["branch"]) % self.num_branches
       if k not in branches:
-        raise ValueError(f"AFANorm keeps branches {lo} and {hi} only, norm_ctx asked for branch "
-                         f"{ctx['branch']}; route to one of them or use the stage-I model")
+        raise ValueError(
+          f"AFANorm keeps branches {lo} and {hi} only, norm_ctx asked for branch "
+          f"{ctx['branch']}; route to one of them or use the stage-I model"
+        )
       if init:
         for bn in branches.values():
           bn(x, train=bn_train)
@@ -156,8 +178,9 @@ class AFANorm(nn.Module):
     if "w0" in ctx:
       w0 = jnp.asarray(ctx["w0"], jnp.float32)
       if w0.ndim > 2 or (w0.ndim >= 1 and w0.shape[0] != x.shape[0]):
-        raise ValueError(f"norm_ctx['w0'] has shape {w0.shape}; pass a scalar, [B] or [B, C] "
-                         f"with B = {x.shape[0]}")
+        raise ValueError(
+          f"norm_ctx['w0'] has shape {w0.shape}; pass a scalar, [B] or [B, C] with B = {x.shape[0]}"
+        )
       w0 = jnp.broadcast_to(w0, (x.shape[0],)) if w0.ndim == 0 else w0
       w0 = w0[:, None] if w0.ndim == 1 else w0
     w = w0.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + w0.shape[-1:]).astype(jnp.float32)
@@ -186,7 +209,7 @@ class AFAStageHook(nn.Module):
       return norm_ctx
     conv_init = getattr(self.parent, "conv_init", None)
     logit = WeightGenerator(self.wg_width, 1, conv_init, name="wg")(x, train=train)
-    w0 = jax.nn.sigmoid(logit)                                     # [B, 1]
+    w0 = jax.nn.sigmoid(logit)  # [B, 1]
     self.sow("aux", W0_NAME, w0)
     self.sow("aux", LOGIT_NAME, logit)
     return norm_ctx if override else {**ctx, "w0": w0[:, 0]}
@@ -205,8 +228,10 @@ def sown(aux: Any, name: str = W0_NAME) -> list[jax.Array]:
 def per_example_mean(arrays: Sequence[jax.Array]) -> jax.Array:
   """Mean over layers and channels of sown ``[B, n]`` arrays -> ``[B]``."""
   if not arrays:
-    raise ValueError("no AFA weights were sown: the model has no AFANorm layer (is the objective "
-                     "afa_stage2, and was the pass run with norm_ctx=None?)")
+    raise ValueError(
+      "no AFA weights were sown: the model has no AFANorm layer (is the objective "
+      "afa_stage2, and was the pass run with norm_ctx=None?)"
+    )
   total = sum(jnp.sum(a.astype(jnp.float32), axis=-1) for a in arrays)
   return total / sum(a.shape[-1] for a in arrays)
 

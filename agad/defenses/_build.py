@@ -39,8 +39,13 @@ def build_model(config: Any, info: Any):
   spec = config.objective.name
   mean = model_cfg.get("mean") or info.mean
   std = model_cfg.get("std") or info.std
-  kwargs = dict(num_classes=info.num_classes, mean=mean, std=std, dtype=DTYPES[model_cfg.dtype],
-                norm=norm_for(spec, config))
+  kwargs = dict(
+    num_classes=info.num_classes,
+    mean=mean,
+    std=std,
+    dtype=DTYPES[model_cfg.dtype],
+    norm=norm_for(spec, config),
+  )
   hook = norm_hook_for(spec, config)
   if hook is not None:
     kwargs["norm_hook"] = hook
@@ -87,9 +92,9 @@ def use_recorded_defenses(workdir: str) -> list[str]:
 
 class Restored(NamedTuple):
   config: ml_collections.ConfigDict
-  info: Any         # the dataset's DatasetInfo (classes, shape, normalisation)
+  info: Any  # the dataset's DatasetInfo (classes, shape, normalisation)
   model: Any
-  variables: dict   # {'params': ..., 'batch_stats': ...} ready for model.apply
+  variables: dict  # {'params': ..., 'batch_stats': ...} ready for model.apply
   step: int
 
 

@@ -33,6 +33,7 @@ class CASPlugin(nn.Module):
   is unchanged, the predicted-label mask's gradient is that of the soft mask
   ``softmax(aux_logits) @ W``, so an attacker also sees how the prediction would move it.
   """
+
   num_classes: int
   straight_through: bool = False
   st_temperature: float = 1.0  # the soft mask is softmax(aux_logits / T) @ W
@@ -41,7 +42,9 @@ class CASPlugin(nn.Module):
   ADAPTIVE_FIELDS = ("straight_through", "st_temperature")
 
   @nn.compact
-  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, features: jax.Array, *, train: bool, labels: jax.Array | None = None
+  ) -> jax.Array:
     channels = features.shape[-1]
     init = torch_linear_uniform(channels)
     kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
@@ -60,8 +63,9 @@ class CASPlugin(nn.Module):
     return features * mask.astype(features.dtype)
 
 
-def straight_through_mask(mask: jax.Array, logits: jax.Array, kernel: jax.Array,
-                          temperature: float = 1.0) -> jax.Array:
+def straight_through_mask(
+  mask: jax.Array, logits: jax.Array, kernel: jax.Array, temperature: float = 1.0
+) -> jax.Array:
   """``mask [B, C]``'s value with the gradient of ``softmax(logits / T) @ W`` (BPDA).
 
   At T = 1 a confident head's softmax is nearly one-hot and passes almost no gradient; a
@@ -87,9 +91,11 @@ def per_example_fn(defense: str, aux_name: str) -> Callable:
   def per_example(logits: jax.Array, aux: dict, labels: jax.Array, weight: float) -> jax.Array:
     heads = aux_logits(aux, aux_name)
     if not heads:
-      raise ValueError(f"the {defense} objective found no '{aux_name}' in the model's 'aux' collection: "
-                       "build the model with agad.defenses.build_model(config, info) (or "
-                       "plugins=agad.defenses.plugins_for(spec, config, num_classes))")
+      raise ValueError(
+        f"the {defense} objective found no '{aux_name}' in the model's 'aux' collection: "
+        "build the model with agad.defenses.build_model(config, info) (or "
+        "plugins=agad.defenses.plugins_for(spec, config, num_classes))"
+      )
     main = attack_losses.cross_entropy(logits, labels)
     extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
     return main + weight * extra
@@ -109,19 +115,30 @@ def adversarial_loss(model, per_example: Callable, aux_name: str, weight: float)
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     labels = batch["label"]
-    out = base.forward(model, params, without_aux(model_state), adv, mode="train", labels=labels,
-                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    out = base.forward(
+      model,
+      params,
+      without_aux(model_state),
+      adv,
+      mode="train",
+      labels=labels,
+      taps=base.ALL_TAPS,
+      rng=base.pass_key(key, 0),
+    )
     value = jnp.mean(per_example(out.logits, out.aux, labels, weight))
     heads = aux_logits(out.aux, aux_name)
-    metrics = {"adv_accuracy": base.accuracy(out.logits, labels),
-               "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+    metrics = {
+      "adv_accuracy": base.accuracy(out.logits, labels),
+      "aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads),
+    }
     return value, base.LossAux({**model_state, **out.model_state}, aux_state, metrics, {"adv": out})
 
   return loss
 
 
-def heads_transform(inner: base.Objective, name: str, aux_name: str, weight: float,
-                    adaptive_loss: Callable) -> base.Objective:
+def heads_transform(
+  inner: base.Objective, name: str, aux_name: str, weight: float, adaptive_loss: Callable
+) -> base.Objective:
   """``<inner>+<name>`` of a CAS-family defense: ``inner``'s loss + ``weight * mean_k
   CE(aux_k(x'), y)`` over the heads sown as ``aux_name`` in its ``"adv"`` pass (metric
   ``<name>_aux_accuracy``), ``inner``'s attack, the family's adaptive losses."""
@@ -129,14 +146,20 @@ def heads_transform(inner: base.Objective, name: str, aux_name: str, weight: flo
   def terms(params, passes, batch, key, step):
     del params, key, step
     if "adv" not in passes:
-      raise ValueError(f"+{name} needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
+      raise ValueError(
+        f"+{name} needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}"
+      )
     heads = aux_logits(passes["adv"].aux, aux_name)
     if not heads:
-      raise ValueError(f"+{name} found no '{aux_name}' in the adversarial pass of {inner.name}: "
-                       "build the model with agad.defenses.build_model(config, info)")
+      raise ValueError(
+        f"+{name} found no '{aux_name}' in the adversarial pass of {inner.name}: "
+        "build the model with agad.defenses.build_model(config, info)"
+      )
     labels = batch["label"]
     extra = sum(attack_losses.cross_entropy(h, labels) for h in heads) / len(heads)
-    return weight * jnp.mean(extra), {f"{name}_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)}
+    return weight * jnp.mean(extra), {
+      f"{name}_aux_accuracy": sum(base.accuracy(h, labels) for h in heads) / len(heads)
+    }
 
   combined = base.add_terms(inner, name, terms)
   return combined._replace(adaptive_loss=adaptive_loss)
@@ -159,12 +182,16 @@ def adaptive_factory(per_example: Callable, weight: float):
     model_state = without_aux({k: v for k, v in variables.items() if k != "params"})
 
     def combined(temperature):
-      n = net if temperature is None else registry.with_plugin_overrides(
-          net, straight_through=True, st_temperature=temperature)
+      n = (
+        net
+        if temperature is None
+        else registry.with_plugin_overrides(net, straight_through=True, st_temperature=temperature)
+      )
 
       def fn(x, labels):
         out = base.forward(n, params, model_state, x, mode="eval", labels=labels)
         return per_example(out.logits, out.aux, labels, weight)
+
       return fn
 
     return {name: combined(t) for name, t in ADAPTIVE_VARIANTS.items()}

@@ -42,7 +42,7 @@ from absl import logging
 PACKAGES = ("agad.defenses", "agad.objectives")
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
 _IN_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the agad package
-_RECORDED: dict[str, str] = {}       # name -> the file a run recorded (see use_recorded)
+_RECORDED: dict[str, str] = {}  # name -> the file a run recorded (see use_recorded)
 
 
 def _import(package: str, name: str):
@@ -56,8 +56,9 @@ def _import(package: str, name: str):
 
 
 def _is_component(module) -> bool:
-  return module is not None and (callable(getattr(module, "objective", None))
-                                 or callable(getattr(module, "transform", None)))
+  return module is not None and (
+    callable(getattr(module, "objective", None)) or callable(getattr(module, "transform", None))
+  )
 
 
 def names() -> dict[str, list[str]]:
@@ -88,12 +89,17 @@ def _unknown(name: str) -> str:
   """The message for a name no package has: the closest known names, the known ones, and
   where an out-of-tree defense must be (the folder a run recorded, when there is one)."""
   n = names()
-  close = difflib.get_close_matches(str(name), sorted(set(n["objectives"]) | set(n["transforms"])), n=2)
+  close = difflib.get_close_matches(
+    str(name), sorted(set(n["objectives"]) | set(n["transforms"])), n=2
+  )
   hint = f" (did you mean {' or '.join(close)}?)" if close else ""
   recorded = _RECORDED.get(name)
-  where = (f"; the run was trained with {name} from {recorded}, which is gone: put the folder that "
-           f"now holds {name}.py in AGAD_DEFENSES_PATH" if recorded else
-           f"; a defense outside agad/defenses: put the folder holding {name}.py in AGAD_DEFENSES_PATH")
+  where = (
+    f"; the run was trained with {name} from {recorded}, which is gone: put the folder that "
+    f"now holds {name}.py in AGAD_DEFENSES_PATH"
+    if recorded
+    else f"; a defense outside agad/defenses: put the folder holding {name}.py in AGAD_DEFENSES_PATH"
+  )
   return f"unknown objective or defense {name!r}{hint}; known {_known()}{where}"
 
 
@@ -120,8 +126,11 @@ def sources(spec: str | Iterable[str]) -> dict[str, dict]:
   out = {}
   for name in spec_names(spec):
     path = os.path.abspath(find(name).__file__)
-    out[name] = {"file": path, "sha256": _sha256(path),
-                 "out_of_tree": os.path.commonpath([path, _IN_TREE]) != _IN_TREE}
+    out[name] = {
+      "file": path,
+      "sha256": _sha256(path),
+      "out_of_tree": os.path.commonpath([path, _IN_TREE]) != _IN_TREE,
+    }
   return out
 
 
@@ -130,6 +139,7 @@ def use_recorded(recorded: dict) -> list[str]:
   not found now back on ``agad.defenses``' path; returns the folders added. A module whose
   source changed since it was recorded is used with a warning naming both hashes."""
   import agad.defenses as package  # the package imports this module: its path, at call time
+
   added = []
   for name, info in (recorded or {}).items():
     if not isinstance(info, dict) or not info.get("out_of_tree") or not _NAME.fullmatch(str(name)):
@@ -146,8 +156,13 @@ def use_recorded(recorded: dict) -> list[str]:
       logging.info("defense %s: the run record's %s (AGAD_DEFENSES_PATH is not needed)", name, path)
     found = os.path.abspath(find(name).__file__)
     if info.get("sha256") and os.path.isfile(found) and _sha256(found) != info["sha256"]:
-      logging.warning("defense %s: %s changed since the run was trained (sha256 %s... then, %s... now)",
-                      name, found, str(info["sha256"])[:12], _sha256(found)[:12])
+      logging.warning(
+        "defense %s: %s changed since the run was trained (sha256 %s... then, %s... now)",
+        name,
+        found,
+        str(info["sha256"])[:12],
+        _sha256(found)[:12],
+      )
   return added
 
 
@@ -165,11 +180,15 @@ def parse(spec: str) -> tuple[str, list[str]]:
     raise ValueError(f"empty objective spec {spec!r}; expected e.g. 'pgd_at' or 'trades+awp'")
   head, transforms = parts[0], parts[1:]
   if not callable(getattr(find(head), "objective", None)):
-    raise ValueError(f"{head!r} in {spec!r} is a transform, not an objective: put it after a "
-                     f"base objective (e.g. 'pgd_at+{head}'); known {_known()}")
+    raise ValueError(
+      f"{head!r} in {spec!r} is a transform, not an objective: put it after a "
+      f"base objective (e.g. 'pgd_at+{head}'); known {_known()}"
+    )
   for t in transforms:
     if not callable(getattr(find(t), "transform", None)):
-      raise ValueError(f"{t!r} in {spec!r} cannot follow '+' (it has no transform); known {_known()}")
+      raise ValueError(
+        f"{t!r} in {spec!r} cannot follow '+' (it has no transform); known {_known()}"
+      )
   return head, transforms
 
 
@@ -219,8 +238,10 @@ def plugins_for(spec: str | Iterable[str], config: Any, num_classes: int) -> dic
       continue
     for site, factory in dict(builder(config, num_classes)).items():
       if site in merged:
-        raise ValueError(f"plug-in site {site!r} is requested by both {owner[site]!r} and {name!r} "
-                         f"in {spec!r}; move one of them to another site in its config")
+        raise ValueError(
+          f"plug-in site {site!r} is requested by both {owner[site]!r} and {name!r} "
+          f"in {spec!r}; move one of them to another site in its config"
+        )
       merged[site], owner[site] = factory, name
   return merged
 
@@ -260,10 +281,14 @@ def with_plugin_overrides(net, **overrides):
       continue
     allowed = getattr(factory.func, "ADAPTIVE_FIELDS", ())
     if set(overrides) <= set(allowed):
-      plugins[site] = functools.partial(factory.func, *factory.args, **{**factory.keywords, **overrides})
+      plugins[site] = functools.partial(
+        factory.func, *factory.args, **{**factory.keywords, **overrides}
+      )
       found = True
   if not found:
-    raise ValueError(f"no plug-in of this model accepts the attack-time overrides {sorted(overrides)} "
-                     f"(plug-ins: { {s: getattr(f, 'func', f) for s, f in (net.plugins or {}).items()} }); "
-                     "a plug-in class lists them in ADAPTIVE_FIELDS")
+    raise ValueError(
+      f"no plug-in of this model accepts the attack-time overrides {sorted(overrides)} "
+      f"(plug-ins: { {s: getattr(f, 'func', f) for s, f in (net.plugins or {}).items()} }); "
+      "a plug-in class lists them in ADAPTIVE_FIELDS"
+    )
   return net.clone(plugins=plugins)

@@ -19,9 +19,25 @@ from agad.attacks import losses as attack_losses
 from agad.defenses import _registry as registry
 from agad.defenses._afa_norm import WG_OUTS
 from agad.objectives.defaults import bn_pass_order
-from agad.validation import (BOOL, NON_NEGATIVE, POSITIVE, STEP, Rule, check, choice_rule, flatten,
-                             int_rule, is_int, is_real, is_seq, need, num_rule, optional, type_rule,
-                             unknown_field)
+from agad.validation import (
+  BOOL,
+  NON_NEGATIVE,
+  POSITIVE,
+  STEP,
+  Rule,
+  check,
+  choice_rule,
+  flatten,
+  int_rule,
+  is_int,
+  is_real,
+  is_seq,
+  need,
+  num_rule,
+  optional,
+  type_rule,
+  unknown_field,
+)
 
 GRAMMAR = "OBJECTIVE[+TRANSFORM...], e.g. 'pgd_at' or 'trades+awp'"
 
@@ -46,7 +62,9 @@ def _bn_order_ok(v) -> bool:
 
 def _ratios_ok(v) -> bool:
   try:
-    return isinstance(v, str) and bool(v.strip()) and bool(registry.find("afa_stage2").parse_ratios(v))
+    return (
+      isinstance(v, str) and bool(v.strip()) and bool(registry.find("afa_stage2").parse_ratios(v))
+    )
   except ValueError:
     return False
 
@@ -56,43 +74,79 @@ def field_rules() -> dict[str, Rule]:
   afa, stage2, atat, alp = (registry.find(n) for n in ("afa", "afa_stage2", "atat", "alp"))
   sites = "a tuple of site names, e.g. ('features',)"
   return {
-      "attack_bn": optional(choice_rule(("eval", "batch")), "config.attack.bn"),
-      "random_start": optional(choice_rule(("uniform", "normal", "none")), "config.attack.random_start"),
-      "bn_updates": Rule(_bn_order_ok, "comma-separated passes naming 'clean' and 'adv', e.g. 'clean,adv,clean'"),
-      "steps": optional(int_rule(1), "config.attack.steps"),
-      "step_size": optional(POSITIVE, "config.attack.step_size"),
-      "again.step_size": num_rule(0, what=" (0 = config.attack.step_size)"),
-      **{k: NON_NEGATIVE for k in ("beta", "weight", "gamma", "lam_at", "lam_lp", "lam_sep", "lam_rec",
-                                   "attention_weight", "bml_weight", "mart_beta", "margin", "lam_norm")},
-      **{k: POSITIVE for k in ("proxy_lr", "mixup_alpha", "tau", "adaptive_tau_backward", "hff_eps",
-                               "eps_max")},
-      "warmup_steps": int_rule(0),
-      "label_smoothing": num_rule(0, 1, hi_open=True),
-      "smoothing": choice_rule(attack_losses.SMOOTHING),
-      "alpha": num_rule(0, 1),
-      "width": int_rule(1), "wg_width": int_rule(1),
-      "num_branches": int_rule(2),
-      "base": choice_rule(afa.BASES), "clean_in_branch": choice_rule(afa.CLEAN_MODES),
-      "loss_reduction": choice_rule(afa.REDUCTIONS),
-      "wg_per": choice_rule(stage2.WG_PERS), "wg_out": choice_rule(WG_OUTS),
-      "keep": Rule(lambda v: is_seq(v) and len(v) == 2 and all(is_int(k) for k in v),
-                   "two branch indices, e.g. (0, -1)"),
-      "ladder": Rule(lambda v: is_seq(v) and all(is_real(f) for f in v),
-                     "num_branches fractions of attack.eps, from 0, increasing, e.g. (0, 0.125, 0.25, 0.5, 1)"),
-      "adaptive_ratios": Rule(_ratios_ok, "comma-separated 'CE:BCE' weight pairs >= 0, e.g. '10:1,1:10'"),
-      "variant": choice_rule(atat.VARIANTS), "cam_norm": choice_rule(atat.CAM_NORMS),
-      "cam_scale": choice_rule(atat.CAM_SCALES), "student_start": choice_rule(atat.STARTS),
-      "student_relu": choice_rule(atat.STUDENT_RELU),
-      "target": choice_rule(alp.TARGETS),
-      "schedule": choice_rule(("none",), what=" (the paper's gradual schedule is not implemented)"),
-      "site": Rule(lambda v: isinstance(v, str) and bool(v), "one site name, e.g. 'features'"),
-      "sites": Rule(lambda v: _sites_ok(v, empty=False), "a non-empty " + sites[2:]),
-      "again.sites": Rule(lambda v: _sites_ok(v, empty=True), sites + "; () = the model's default sites"),
-      "atat.sites": Rule(lambda v: _sites_ok(v, empty=True),
-                         sites + "; () only with variant='code_cifar10' or 'logit_mse'"),
-      "teacher.workdir": Rule(lambda v: isinstance(v, str), "the teacher's training workdir"),
-      "teacher.step": STEP,
-      **{k: BOOL for k in ("hff", "rec_bn_relu", "mart_term", "freeze_stats", "independent_mixing")},
+    "attack_bn": optional(choice_rule(("eval", "batch")), "config.attack.bn"),
+    "random_start": optional(
+      choice_rule(("uniform", "normal", "none")), "config.attack.random_start"
+    ),
+    "bn_updates": Rule(
+      _bn_order_ok, "comma-separated passes naming 'clean' and 'adv', e.g. 'clean,adv,clean'"
+    ),
+    "steps": optional(int_rule(1), "config.attack.steps"),
+    "step_size": optional(POSITIVE, "config.attack.step_size"),
+    "again.step_size": num_rule(0, what=" (0 = config.attack.step_size)"),
+    **{
+      k: NON_NEGATIVE
+      for k in (
+        "beta",
+        "weight",
+        "gamma",
+        "lam_at",
+        "lam_lp",
+        "lam_sep",
+        "lam_rec",
+        "attention_weight",
+        "bml_weight",
+        "mart_beta",
+        "margin",
+        "lam_norm",
+      )
+    },
+    **{
+      k: POSITIVE
+      for k in ("proxy_lr", "mixup_alpha", "tau", "adaptive_tau_backward", "hff_eps", "eps_max")
+    },
+    "warmup_steps": int_rule(0),
+    "label_smoothing": num_rule(0, 1, hi_open=True),
+    "smoothing": choice_rule(attack_losses.SMOOTHING),
+    "alpha": num_rule(0, 1),
+    "width": int_rule(1),
+    "wg_width": int_rule(1),
+    "num_branches": int_rule(2),
+    "base": choice_rule(afa.BASES),
+    "clean_in_branch": choice_rule(afa.CLEAN_MODES),
+    "loss_reduction": choice_rule(afa.REDUCTIONS),
+    "wg_per": choice_rule(stage2.WG_PERS),
+    "wg_out": choice_rule(WG_OUTS),
+    "keep": Rule(
+      lambda v: is_seq(v) and len(v) == 2 and all(is_int(k) for k in v),
+      "two branch indices, e.g. (0, -1)",
+    ),
+    "ladder": Rule(
+      lambda v: is_seq(v) and all(is_real(f) for f in v),
+      "num_branches fractions of attack.eps, from 0, increasing, e.g. (0, 0.125, 0.25, 0.5, 1)",
+    ),
+    "adaptive_ratios": Rule(
+      _ratios_ok, "comma-separated 'CE:BCE' weight pairs >= 0, e.g. '10:1,1:10'"
+    ),
+    "variant": choice_rule(atat.VARIANTS),
+    "cam_norm": choice_rule(atat.CAM_NORMS),
+    "cam_scale": choice_rule(atat.CAM_SCALES),
+    "student_start": choice_rule(atat.STARTS),
+    "student_relu": choice_rule(atat.STUDENT_RELU),
+    "target": choice_rule(alp.TARGETS),
+    "schedule": choice_rule(("none",), what=" (the paper's gradual schedule is not implemented)"),
+    "site": Rule(lambda v: isinstance(v, str) and bool(v), "one site name, e.g. 'features'"),
+    "sites": Rule(lambda v: _sites_ok(v, empty=False), "a non-empty " + sites[2:]),
+    "again.sites": Rule(
+      lambda v: _sites_ok(v, empty=True), sites + "; () = the model's default sites"
+    ),
+    "atat.sites": Rule(
+      lambda v: _sites_ok(v, empty=True),
+      sites + "; () only with variant='code_cifar10' or 'logit_mse'",
+    ),
+    "teacher.workdir": Rule(lambda v: isinstance(v, str), "the teacher's training workdir"),
+    "teacher.step": STEP,
+    **{k: BOOL for k in ("hff", "rec_bn_relu", "mart_term", "freeze_stats", "independent_mixing")},
   }
 
 
@@ -115,20 +169,35 @@ def check_spec(spec: Any) -> list[str]:
 def _cross_field(name: str, merged: dict) -> None:
   if name == "afa":
     k, ladder = merged["num_branches"], [float(f) for f in merged["ladder"]]
-    need(len(ladder) == k and ladder[0] == 0 and all(b > a for a, b in zip(ladder, ladder[1:])),
-         "objective.afa.ladder", merged["ladder"],
-         f"num_branches={k} fractions of attack.eps, from 0, increasing, e.g. (0, 0.125, 0.25, 0.5, 1)")
+    need(
+      len(ladder) == k and ladder[0] == 0 and all(b > a for a, b in zip(ladder, ladder[1:])),
+      "objective.afa.ladder",
+      merged["ladder"],
+      f"num_branches={k} fractions of attack.eps, from 0, increasing, e.g. (0, 0.125, 0.25, 0.5, 1)",
+    )
   if name == "afa_stage2":
     k, keep = merged["num_branches"], merged["keep"]
-    need(all(-k <= i < k for i in keep) and len({i % k for i in keep}) == 2, "objective.afa_stage2.keep",
-         keep, f"two different branch indices in [-{k}, {k}) (num_branches={k}), e.g. (0, -1)")
-    need(merged["wg_per"] == "layer" or merged["wg_out"] == "scalar", "objective.afa_stage2.wg_out",
-         merged["wg_out"], "scalar with wg_per='stage' (channel needs wg_per='layer')")
+    need(
+      all(-k <= i < k for i in keep) and len({i % k for i in keep}) == 2,
+      "objective.afa_stage2.keep",
+      keep,
+      f"two different branch indices in [-{k}, {k}) (num_branches={k}), e.g. (0, -1)",
+    )
+    need(
+      merged["wg_per"] == "layer" or merged["wg_out"] == "scalar",
+      "objective.afa_stage2.wg_out",
+      merged["wg_out"],
+      "scalar with wg_per='stage' (channel needs wg_per='layer')",
+    )
   if name == "atat":
     losses = registry.find("atat").LOSSES
-    need(losses.get(merged["variant"]) == "logit_mse" or bool(merged["sites"]), "objective.atat.sites",
-         merged["sites"], f"a non-empty tuple of site names, e.g. ('features',): variant "
-         f"{merged['variant']!r} transfers Grad-CAM maps")
+    need(
+      losses.get(merged["variant"]) == "logit_mse" or bool(merged["sites"]),
+      "objective.atat.sites",
+      merged["sites"],
+      f"a non-empty tuple of site names, e.g. ('features',): variant "
+      f"{merged['variant']!r} transfers Grad-CAM maps",
+    )
 
 
 def check_objective(config: Any) -> list[str]:
@@ -144,10 +213,19 @@ def check_objective(config: Any) -> list[str]:
     try:
       registry.find(key)
     except ValueError:
-      need(False, f"objective.{key}", value, "no such objective or defense (fields: name, <name>.* "
-           f"for a name of the spec); {known_names()}")
-    need(isinstance(value, (dict, ml_collections.ConfigDict)), f"objective.{key}", value,
-         "a sub-config of the objective's fields (config.objective.<name>.<field>)")
+      need(
+        False,
+        f"objective.{key}",
+        value,
+        "no such objective or defense (fields: name, <name>.* "
+        f"for a name of the spec); {known_names()}",
+      )
+    need(
+      isinstance(value, (dict, ml_collections.ConfigDict)),
+      f"objective.{key}",
+      value,
+      "a sub-config of the objective's fields (config.objective.<name>.<field>)",
+    )
   for name in names:
     defaults = flatten(registry.defaults(name))
     given = flatten(objective.get(name) or {})

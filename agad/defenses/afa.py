@@ -103,14 +103,23 @@ CLEAN_MODES = ("batch", "train")
 REDUCTIONS = ("sum", "mean")
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.num_branches = 5          # K BN branches (paper: K = 5, Table 4 ablates 2/3/5/9).
-DEFAULTS.ladder = (0.0, 0.125, 0.25, 0.5, 1.0)  # xi_k / attack.eps: {0,1,2,4,8}/255 at 8/255 (Tab. 1).
-DEFAULTS.base = "pgd_at"           # L_a: pgd_at | trades | mart (paper: also IAT, not offered).
-DEFAULTS.beta = 6.0                # TRADES/MART beta inside L_a (their official 6).
+DEFAULTS.num_branches = 5  # K BN branches (paper: K = 5, Table 4 ablates 2/3/5/9).
+DEFAULTS.ladder = (
+  0.0,
+  0.125,
+  0.25,
+  0.5,
+  1.0,
+)  # xi_k / attack.eps: {0,1,2,4,8}/255 at 8/255 (Tab. 1).
+DEFAULTS.base = "pgd_at"  # L_a: pgd_at | trades | mart (paper: also IAT, not offered).
+DEFAULTS.beta = 6.0  # TRADES/MART beta inside L_a (their official 6).
 DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: the base's.
-DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-example routing is exact).
+DEFAULTS.attack_bn = "eval"  # BN mode of the ladder attack (eval: per-example routing is exact).
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
-DEFAULTS.loss_reduction = "sum"    # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
+DEFAULTS.loss_reduction = (
+  "sum"  # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
+)
+
 
 def norm(config: Any):
   """Stage I's norm factory: ``MultiBranchBatchNorm`` with K branches."""
@@ -126,11 +135,15 @@ def ladder_radii(config: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
   ladder = np.asarray(cfg.ladder, np.float64)
   k = int(cfg.num_branches)
   if k < 2 or ladder.shape != (k,):
-    raise ValueError(f"objective.afa.ladder={tuple(cfg.ladder)} must have num_branches={k} >= 2 "
-                     "entries (fractions of attack.eps), e.g. (0, 0.125, 0.25, 0.5, 1)")
+    raise ValueError(
+      f"objective.afa.ladder={tuple(cfg.ladder)} must have num_branches={k} >= 2 "
+      "entries (fractions of attack.eps), e.g. (0, 0.125, 0.25, 0.5, 1)"
+    )
   if ladder[0] != 0 or np.any(np.diff(ladder) <= 0):
-    raise ValueError(f"objective.afa.ladder={tuple(cfg.ladder)} must start at 0 (the clean branch) "
-                     "and increase strictly")
+    raise ValueError(
+      f"objective.afa.ladder={tuple(cfg.ladder)} must start at 0 (the clean branch) "
+      "and increase strictly"
+    )
   return ladder * float(config.attack.eps), ladder * float(config.attack.step_size)
 
 
@@ -139,8 +152,19 @@ def branch_key(key: jax.Array, k: int) -> jax.Array:
   return jax.random.fold_in(key, k)
 
 
-def ladder_attack(attack: TrainingAttack, params, model_state, images, labels, key, *,
-                  eps, step_size, loss: str = "ce", step=None) -> jax.Array:
+def ladder_attack(
+  attack: TrainingAttack,
+  params,
+  model_state,
+  images,
+  labels,
+  key,
+  *,
+  eps,
+  step_size,
+  loss: str = "ce",
+  step=None,
+) -> jax.Array:
   """The K-1 attacks of stage I as one PGD over the stacked batch.
 
   Args:
@@ -158,13 +182,17 @@ def ladder_attack(attack: TrainingAttack, params, model_state, images, labels, k
   """
   num_branches = len(eps)
   b = images.shape[0]
-  branch = np.repeat(np.arange(1, num_branches), b)                    # [(K-1) B]
-  eps_b, step_b = attack.radius(step, eps=jnp.asarray(np.asarray(eps, np.float32)[branch]),
-                                step_size=jnp.asarray(np.asarray(step_size, np.float32)[branch]))
+  branch = np.repeat(np.arange(1, num_branches), b)  # [(K-1) B]
+  eps_b, step_b = attack.radius(
+    step,
+    eps=jnp.asarray(np.asarray(eps, np.float32)[branch]),
+    step_size=jnp.asarray(np.asarray(step_size, np.float32)[branch]),
+  )
   x0 = jnp.concatenate([images] * (num_branches - 1))
   y = jnp.concatenate([labels] * (num_branches - 1))
-  logits_fn = attack.logits_fn(params, model_state,
-                               norm_ctx={"mix": jax.nn.one_hot(branch, num_branches)})
+  logits_fn = attack.logits_fn(
+    params, model_state, norm_ctx={"mix": jax.nn.one_hot(branch, num_branches)}
+  )
   if loss == "ce":
     loss_fn = lambda x: attack_losses.cross_entropy(logits_fn(x), y)
   elif loss == "kl":
@@ -172,13 +200,21 @@ def ladder_attack(attack: TrainingAttack, params, model_state, images, labels, k
     loss_fn = lambda x: attack_losses.kl_divergence(ref, logits_fn(x))
   else:
     raise ValueError(f"ladder attack loss {loss!r} is not 'ce' or 'kl'")
-  starts = [pgd_lib.pgd_init(branch_key(key, k), images, eps=eps_b[(k - 1) * b:k * b],
-                             norm=attack.norm, random_start=attack.random_start).x
-            for k in range(1, num_branches)]
+  starts = [
+    pgd_lib.pgd_init(
+      branch_key(key, k),
+      images,
+      eps=eps_b[(k - 1) * b : k * b],
+      norm=attack.norm,
+      random_start=attack.random_start,
+    ).x
+    for k in range(1, num_branches)
+  ]
   state = pgd_lib.PGDState(x=jnp.concatenate(starts), key=key)
   norm_name = attack.norm
   step_fn = driver_lib.as_partial(
-      lambda s: pgd_lib.pgd_step(loss_fn, x0, eps_b, step_b, s, norm=norm_name))
+    lambda s: pgd_lib.pgd_step(loss_fn, x0, eps_b, step_b, s, norm=norm_name)
+  )
   state = driver_lib.iterate(step_fn, state, attack.steps, driver=attack.driver)
   return jax.lax.stop_gradient(state.x)
 
@@ -198,9 +234,13 @@ def _stage1_config(config: Any) -> ml_collections.ConfigDict:
   if cfg.base not in BASES:
     raise ValueError(f"objective.afa.base={cfg.base!r} is not one of {BASES}")
   if cfg.clean_in_branch not in CLEAN_MODES:
-    raise ValueError(f"objective.afa.clean_in_branch={cfg.clean_in_branch!r} is not one of {CLEAN_MODES}")
+    raise ValueError(
+      f"objective.afa.clean_in_branch={cfg.clean_in_branch!r} is not one of {CLEAN_MODES}"
+    )
   if cfg.loss_reduction not in REDUCTIONS:
-    raise ValueError(f"objective.afa.loss_reduction={cfg.loss_reduction!r} is not one of {REDUCTIONS}")
+    raise ValueError(
+      f"objective.afa.loss_reduction={cfg.loss_reduction!r} is not one of {REDUCTIONS}"
+    )
   return cfg
 
 
@@ -212,22 +252,40 @@ def afa_stage1(model, config: Any) -> base.Objective:
   k_total = len(eps)
   paired = cfg.base in ("trades", "mart")
   random_start = cfg.random_start or ("normal" if paired else None)
-  attack = TrainingAttack(model, config, {"random_start": random_start,
-                                                   "attack_bn": cfg.attack_bn})
+  attack = TrainingAttack(model, config, {"random_start": random_start, "attack_bn": cfg.attack_bn})
   attack_loss = "kl" if cfg.base == "trades" else "ce"
   pair_loss = _pair_loss(cfg.base, float(cfg.beta))
 
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
-    return ladder_attack(attack, params, model_state, batch["image"], batch["label"], key,
-                         eps=eps, step_size=step_size, loss=attack_loss, step=step)
+    return ladder_attack(
+      attack,
+      params,
+      model_state,
+      batch["image"],
+      batch["label"],
+      key,
+      eps=eps,
+      step_size=step_size,
+      loss=attack_loss,
+      step=step,
+    )
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     x, y = batch["image"], batch["label"]
     b = x.shape[0]
-    clean = base.forward(model, params, model_state, x, mode="train", labels=y,
-                         norm_ctx={"branch": 0}, taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    clean = base.forward(
+      model,
+      params,
+      model_state,
+      x,
+      mode="train",
+      labels=y,
+      norm_ctx={"branch": 0},
+      taps=base.ALL_TAPS,
+      rng=base.pass_key(key, 0),
+    )
     model_state = clean.model_state
     loss_clean = base.cross_entropy_mean(clean.logits, y)
     total = loss_clean
@@ -238,13 +296,30 @@ def afa_stage1(model, config: Any) -> base.Objective:
       ctx = {"branch": k}
       logits_clean_k = None
       if paired:
-        out = base.forward(model, params, model_state, x, mode=cfg.clean_in_branch, labels=y,
-                           norm_ctx=ctx, rng=base.pass_key(key, index))
+        out = base.forward(
+          model,
+          params,
+          model_state,
+          x,
+          mode=cfg.clean_in_branch,
+          labels=y,
+          norm_ctx=ctx,
+          rng=base.pass_key(key, index),
+        )
         index += 1
         model_state = out.model_state
         logits_clean_k = out.logits
-      out = base.forward(model, params, model_state, adv[(k - 1) * b:k * b], mode="train",
-                         labels=y, norm_ctx=ctx, taps=base.ALL_TAPS, rng=base.pass_key(key, index))
+      out = base.forward(
+        model,
+        params,
+        model_state,
+        adv[(k - 1) * b : k * b],
+        mode="train",
+        labels=y,
+        norm_ctx=ctx,
+        taps=base.ALL_TAPS,
+        rng=base.pass_key(key, index),
+      )
       index += 1
       model_state = out.model_state
       term = pair_loss(logits_clean_k, out.logits, y)
@@ -258,10 +333,12 @@ def afa_stage1(model, config: Any) -> base.Objective:
     metrics["adv_accuracy"] = metrics[f"adv_accuracy_{k_total - 1}"]
     return total, base.LossAux(model_state, aux_state, metrics, passes)
 
-  update = ("clean -> BN_0, x'_k -> BN_k (one train-mode pass per branch)"
-            + (f"; f_k(x) in {cfg.clean_in_branch} mode" if paired else ""))
-  return base.Objective("afa", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update=update))
+  update = "clean -> BN_0, x'_k -> BN_k (one train-mode pass per branch)" + (
+    f"; f_k(x) in {cfg.clean_in_branch} mode" if paired else ""
+  )
+  return base.Objective(
+    "afa", base.no_aux_state, generate, loss, base.BNPolicy(attack=attack.bn, update=update)
+  )
 
 
 def objective(model, config) -> base.Objective:

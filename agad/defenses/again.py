@@ -75,7 +75,7 @@ from agad.defenses._cas_family import CASPlugin
 from agad.models.layers import torch_linear_uniform
 from agad.objectives import base, defaults
 
-AUX_NAME = "again_logits"          # the aux head's logits, sown per site
+AUX_NAME = "again_logits"  # the aux head's logits, sown per site
 OTHER_LABELS_NAME = "again_other"  # y' of a training pass, sown per site (tests, inspection)
 
 # The paper's placement: one ASE "in the second last layer of the model" (Fig. 2 caption;
@@ -86,8 +86,19 @@ OTHER_LABELS_NAME = "again_other"  # y' of a training pass, sown per site (tests
 # moves that ONE site over Layer1..Layer4; its "Layer4" row (clean 87.88, PGD-20 54.43,
 # PGD-100 53.13, C&W 55.80) is Table 2's AGAIN-PGD-AT row, i.e. the paper's ResNet-18
 # results use the single layer4 site.
-PAPER_SITES = {name: ("features",) for name in (
-    "resnet18", "resnet34", "resnet50", "preact_resnet18", "wrn34_10", "wrn28_10", "wrn16_8", "tiny_bn")}
+PAPER_SITES = {
+  name: ("features",)
+  for name in (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "preact_resnet18",
+    "wrn34_10",
+    "wrn28_10",
+    "wrn16_8",
+    "tiny_bn",
+  )
+}
 
 # The released code's placement (WRN-34-10 only, wideresnet_AGAIN_woHFF.py): two sites, the
 # input of the last unit's conv branch of the last stage after that unit's BN-ReLU, and
@@ -95,14 +106,14 @@ PAPER_SITES = {name: ("features",) for name in (
 # unit's residual branch output (after its last BN, before the addition): the closest
 # "conv branch only" point they have.
 CODE_SITES = {
-    "wrn34_10": ("stage3.unit[-1].branch", "features"),
-    "wrn28_10": ("stage3.unit[-1].branch", "features"),
-    "wrn16_8": ("stage3.unit[-1].branch", "features"),
-    "preact_resnet18": ("stage4.unit[-1].branch", "features"),
-    "resnet18": ("stage4.unit[-1].branch", "features"),
-    "resnet34": ("stage4.unit[-1].branch", "features"),
-    "resnet50": ("stage4.unit[-1].branch", "features"),
-    "tiny_bn": ("stage1.unit[-1].branch", "features"),
+  "wrn34_10": ("stage3.unit[-1].branch", "features"),
+  "wrn28_10": ("stage3.unit[-1].branch", "features"),
+  "wrn16_8": ("stage3.unit[-1].branch", "features"),
+  "preact_resnet18": ("stage4.unit[-1].branch", "features"),
+  "resnet18": ("stage4.unit[-1].branch", "features"),
+  "resnet34": ("stage4.unit[-1].branch", "features"),
+  "resnet50": ("stage4.unit[-1].branch", "features"),
+  "tiny_bn": ("stage1.unit[-1].branch", "features"),
 }
 
 # ``objective.again.sites = ("paper",)`` / ``("code",)`` (or the bare string): the
@@ -111,28 +122,28 @@ SITE_PRESETS = {"paper": PAPER_SITES, "code": CODE_SITES}
 
 # Per-backbone default sites (``config.model.name``), overridden by objective.again.sites.
 DEFAULT_SITES = {
-    # As coded for WRN-34-10 (the only released model): CODE_SITES.
-    "wrn34_10": CODE_SITES["wrn34_10"],
-    "wrn28_10": CODE_SITES["wrn28_10"],
-    "wrn16_8": CODE_SITES["wrn16_8"],
-    # The code's placement on the pre-activation ResNet-18 (its last stage is stage 4).
-    "preact_resnet18": CODE_SITES["preact_resnet18"],
-    # The paper's ResNet-18 (no code released): its one site in the second last layer,
-    # after layer4 (PAPER_SITES; Table 5 "Layer4" = Table 2 AGAIN-PGD-AT). The code's two
-    # sites: objective.again.sites=("code",).
-    "resnet18": PAPER_SITES["resnet18"],
-    "resnet34": PAPER_SITES["resnet34"],
-    "resnet50": PAPER_SITES["resnet50"],
-    # Not in the paper. SmallCNN, like the WRN placement, two sites in the last conv stage:
-    # after its last conv-ReLU (8x8x64, before pool 2) and after pool 2 (4x4x64, before
-    # flattening). ("stage1", "features") was worse on the Fashion-MNIST table recipe (seed
-    # 0, validation at epoch 1: clean 61.1 / worst 9.3 vs 73.3 / 43.7; docs/results/again.md).
-    # VGG-16: after its 4th and 5th stage.
-    "smallcnn": ("stage2.pre_pool", "features"),
-    "smallcnn_bn": ("stage2.pre_pool", "features"),
-    "vgg16": ("stage4", "features"),
-    # Test backbone (one residual unit): the WRN placement.
-    "tiny_bn": CODE_SITES["tiny_bn"],
+  # As coded for WRN-34-10 (the only released model): CODE_SITES.
+  "wrn34_10": CODE_SITES["wrn34_10"],
+  "wrn28_10": CODE_SITES["wrn28_10"],
+  "wrn16_8": CODE_SITES["wrn16_8"],
+  # The code's placement on the pre-activation ResNet-18 (its last stage is stage 4).
+  "preact_resnet18": CODE_SITES["preact_resnet18"],
+  # The paper's ResNet-18 (no code released): its one site in the second last layer,
+  # after layer4 (PAPER_SITES; Table 5 "Layer4" = Table 2 AGAIN-PGD-AT). The code's two
+  # sites: objective.again.sites=("code",).
+  "resnet18": PAPER_SITES["resnet18"],
+  "resnet34": PAPER_SITES["resnet34"],
+  "resnet50": PAPER_SITES["resnet50"],
+  # Not in the paper. SmallCNN, like the WRN placement, two sites in the last conv stage:
+  # after its last conv-ReLU (8x8x64, before pool 2) and after pool 2 (4x4x64, before
+  # flattening). ("stage1", "features") was worse on the Fashion-MNIST table recipe (seed
+  # 0, validation at epoch 1: clean 61.1 / worst 9.3 vs 73.3 / 43.7; docs/results/again.md).
+  # VGG-16: after its 4th and 5th stage.
+  "smallcnn": ("stage2.pre_pool", "features"),
+  "smallcnn_bn": ("stage2.pre_pool", "features"),
+  "vgg16": ("stage4", "features"),
+  # Test backbone (one residual unit): the WRN placement.
+  "tiny_bn": CODE_SITES["tiny_bn"],
 }
 
 # AGAIN (Yin et al. CVPR 2023; InsLin/AGAIN @911f238, AGAIN_with_AWP/).
@@ -167,8 +178,9 @@ DEFAULTS.hff_eps = 1e-5
 DEFAULTS.schedule = "none"
 
 
-def ase_weights(class_weights: jax.Array, labels: jax.Array, other_labels: jax.Array, *,
-                alpha: float = 0.6) -> jax.Array:
+def ase_weights(
+  class_weights: jax.Array, labels: jax.Array, other_labels: jax.Array, *, alpha: float = 0.6
+) -> jax.Array:
   """The ASE training mask ``[B, C] = alpha W[labels] + (1 - alpha) W[other_labels]``.
 
   Stable public API (external checks call it). ``class_weights [C, K]`` (the aux head's
@@ -181,8 +193,9 @@ def ase_weights(class_weights: jax.Array, labels: jax.Array, other_labels: jax.A
   rows = class_weights.T  # [K, C]
   # One-hot products, not gathers: the gather's gradient (a scatter-add) came out NaN for
   # valid labels in some XLA:CPU compilations of the train step (docs/results/numerics.md).
-  coefficients = (alpha * jax.nn.one_hot(labels, rows.shape[0], dtype=rows.dtype)
-                  + (1.0 - alpha) * jax.nn.one_hot(other_labels, rows.shape[0], dtype=rows.dtype))
+  coefficients = alpha * jax.nn.one_hot(labels, rows.shape[0], dtype=rows.dtype) + (
+    1.0 - alpha
+  ) * jax.nn.one_hot(other_labels, rows.shape[0], dtype=rows.dtype)
   return jnp.dot(coefficients, rows, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -201,8 +214,9 @@ def adain(content: jax.Array, style: jax.Array, eps: float = 1e-5) -> jax.Array:
   return sigma_s * (content - mu_c) / sigma_c + mu_s
 
 
-def hybrid_feature_fusion(features: jax.Array, permutation: jax.Array, gammas: jax.Array, *,
-                          eps: float = 1e-5) -> jax.Array:
+def hybrid_feature_fusion(
+  features: jax.Array, permutation: jax.Array, gammas: jax.Array, *, eps: float = 1e-5
+) -> jax.Array:
   """Hybrid feature fusion (paper Sec. 4.2, Eqs. 5-6) of ``features A [B, H, W, C]``.
 
   ``A' = A[permutation]`` (the shuffled batch, the style data), ``A1 = AdaIN(A, A')``,
@@ -217,16 +231,18 @@ def hybrid_feature_fusion(features: jax.Array, permutation: jax.Array, gammas: j
   ``AdaIN(A, A')``. Gradients flow through every statistic (the paper detaches nothing).
   """
   if features.ndim < 3:
-    raise ValueError(f"hybrid feature fusion needs spatial axes [B, H, W, C]; got shape {features.shape} "
-                     "(a pooled site): put the ASE plug-in at a feature map or set objective.again.hff=False")
+    raise ValueError(
+      f"hybrid feature fusion needs spatial axes [B, H, W, C]; got shape {features.shape} "
+      "(a pooled site): put the ASE plug-in at a feature map or set objective.again.hff=False"
+    )
   a = features
   a_style = jnp.take(a, permutation, axis=0, mode="clip")  # a permutation: in range
   a1 = adain(a, a_style, eps)
   a2 = adain(a_style, a, eps)
   stats = [_moments(t, eps) for t in (a, a_style, a1, a2)]
   g = gammas.astype(a.dtype).reshape((a.shape[0],) + (1,) * (a.ndim - 2) + (4,))
-  mu_hat = sum(g[..., i:i + 1] * stats[i][0] for i in range(4))
-  sigma_hat = sum(g[..., i:i + 1] * stats[i][1] for i in range(4))
+  mu_hat = sum(g[..., i : i + 1] * stats[i][0] for i in range(4))
+  sigma_hat = sum(g[..., i : i + 1] * stats[i][1] for i in range(4))
   mu, sigma = stats[0]
   return sigma_hat * (a - mu) / sigma + mu_hat
 
@@ -240,24 +256,30 @@ class ASEPlugin(CASPlugin):
   objective passes ``base.pass_key``); ``hff=True`` applies hybrid feature fusion (rng
   too) before ASE in training passes.
   """
+
   alpha: float = 0.6
   hff: bool = False
   hff_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, features: jax.Array, *, train: bool, labels: jax.Array | None = None
+  ) -> jax.Array:
     mixing = train and labels is not None
     if (mixing or (train and self.hff)) and not self.has_rng(base.PLUGIN_RNG):
-      raise ValueError(f"ASEPlugin (alpha={self.alpha}, hff={self.hff}) draws y' = y[perm] in a training "
-                       f"pass and needs the '{base.PLUGIN_RNG}' rng: pass rng=base.pass_key(key, i) to "
-                       f"base.forward (or rngs={{'{base.PLUGIN_RNG}': key}} to model.apply)")
+      raise ValueError(
+        f"ASEPlugin (alpha={self.alpha}, hff={self.hff}) draws y' = y[perm] in a training "
+        f"pass and needs the '{base.PLUGIN_RNG}' rng: pass rng=base.pass_key(key, i) to "
+        f"base.forward (or rngs={{'{base.PLUGIN_RNG}': key}} to model.apply)"
+      )
     if train and (mixing or self.hff):
       k_labels, k_perm, k_gamma = jax.random.split(self.make_rng(base.PLUGIN_RNG), 3)
     if train and self.hff:
       batch = features.shape[0]
       gammas = jax.random.dirichlet(k_gamma, jnp.ones((4,), jnp.float32), (batch,))
-      features = hybrid_feature_fusion(features, jax.random.permutation(k_perm, batch), gammas,
-                                       eps=self.hff_eps)
+      features = hybrid_feature_fusion(
+        features, jax.random.permutation(k_perm, batch), gammas, eps=self.hff_eps
+      )
     channels = features.shape[-1]
     init = torch_linear_uniform(channels)
     kernel = self.param("kernel", init, (channels, self.num_classes), jnp.float32)
@@ -266,7 +288,9 @@ class ASEPlugin(CASPlugin):
     logits = pooled @ kernel + bias
     self.sow("aux", AUX_NAME, logits)
     if mixing:
-      other = jnp.take(labels, jax.random.permutation(k_labels, labels.shape[0]), axis=0, mode="clip")
+      other = jnp.take(
+        labels, jax.random.permutation(k_labels, labels.shape[0]), axis=0, mode="clip"
+      )
       self.sow("aux", OTHER_LABELS_NAME, other)
       mask = ase_weights(kernel, labels, other, alpha=self.alpha)
     else:
@@ -285,13 +309,18 @@ def _config(config) -> ml_collections.ConfigDict:
   cfg = defaults.objective_config(config, "again", DEFAULTS)
   if cfg.schedule != "none":
     raise NotImplementedError(
-        f"objective.again.schedule={cfg.schedule!r}: the paper's gradual probability of using AGAIN "
-        "instead of plain AT (Sec. 4.3) is specified only in its unpublished appendix and is absent "
-        "from the official code; use schedule='none'")
+      f"objective.again.schedule={cfg.schedule!r}: the paper's gradual probability of using AGAIN "
+      "instead of plain AT (Sec. 4.3) is specified only in its unpublished appendix and is absent "
+      "from the official code; use schedule='none'"
+    )
   if float(cfg.step_size) < 0:
-    raise ValueError(f"objective.again.step_size={cfg.step_size} must be > 0, or 0 for config.attack.step_size")
+    raise ValueError(
+      f"objective.again.step_size={cfg.step_size} must be > 0, or 0 for config.attack.step_size"
+    )
   if not 0.0 <= float(cfg.alpha) <= 1.0:
-    raise ValueError(f"objective.again.alpha={cfg.alpha} must be in [0, 1] (paper: [0.5, 1], default 0.6)")
+    raise ValueError(
+      f"objective.again.alpha={cfg.alpha} must be in [0, 1] (paper: [0.5, 1], default 0.6)"
+    )
   model = config.get("model") if hasattr(config, "get") else None
   preset = _preset(cfg.sites)
   if preset and model is not None:
@@ -309,9 +338,11 @@ def _preset(sites) -> str | None:
 def _preset_sites(preset: str, model_name: str) -> tuple[str, ...]:
   table = SITE_PRESETS[preset]
   if model_name not in table:
-    raise ValueError(f"objective.again.sites=('{preset}',): that placement is defined for {sorted(table)}, "
-                     f"not for model {model_name!r}; name the sites instead, e.g. "
-                     "--config.objective.again.sites='(\"features\",)'")
+    raise ValueError(
+      f"objective.again.sites=('{preset}',): that placement is defined for {sorted(table)}, "
+      f"not for model {model_name!r}; name the sites instead, e.g. "
+      "--config.objective.again.sites='(\"features\",)'"
+    )
   return table[model_name]
 
 
@@ -327,17 +358,24 @@ def sites_for(config: Any) -> tuple[str, ...]:
   if sites:
     return (sites,) if isinstance(sites, str) else tuple(sites)
   if name not in DEFAULT_SITES:
-    raise ValueError(f"AGAIN has no default sites for model {name!r} (defaults exist for "
-                     f"{sorted(DEFAULT_SITES)}); set --config.objective.again.sites='(\"site\", ...)' "
-                     f"or a preset, one of {sorted(SITE_PRESETS)}")
+    raise ValueError(
+      f"AGAIN has no default sites for model {name!r} (defaults exist for "
+      f"{sorted(DEFAULT_SITES)}); set --config.objective.again.sites='(\"site\", ...)' "
+      f"or a preset, one of {sorted(SITE_PRESETS)}"
+    )
   return DEFAULT_SITES[name]
 
 
 def plugins(config: Any, num_classes: int) -> dict:
   """``{site: ASEPlugin factory}`` for :func:`sites_for` (aliases resolved by build_model)."""
   cfg = _config(config)
-  factory = functools.partial(ASEPlugin, num_classes=num_classes, alpha=float(cfg.alpha),
-                              hff=bool(cfg.hff), hff_eps=float(cfg.hff_eps))
+  factory = functools.partial(
+    ASEPlugin,
+    num_classes=num_classes,
+    alpha=float(cfg.alpha),
+    hff=bool(cfg.hff),
+    hff_eps=float(cfg.hff_eps),
+  )
   return {site: factory for site in sites_for(config)}
 
 
@@ -364,9 +402,14 @@ def again(model, config) -> base.Objective:
     fn = combined_fn(params, model_state, batch["label"], k_plugins)
     return attack.general(fn, batch["image"], k_attack, step=step, step_size=step_size)
 
-  return base.Objective("again", base.no_aux_state, generate,
-                        family.adversarial_loss(model, again_per_example, AUX_NAME, weight),
-                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
+  return base.Objective(
+    "again",
+    base.no_aux_state,
+    generate,
+    family.adversarial_loss(model, again_per_example, AUX_NAME, weight),
+    base.BNPolicy(attack=attack.bn, update="adversarial"),
+    _adaptive(weight),
+  )
 
 
 def transform(inner: base.Objective, model, config) -> base.Objective:

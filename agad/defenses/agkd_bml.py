@@ -67,7 +67,6 @@ untruncated; the scale-invariant margin attacks are C&W and AutoAttack's DLR).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,25 +82,41 @@ FEATURES, EMBEDDING = "features", "embedding"  # the code's `feature` and `x4`
 
 DEFAULTS = ml_collections.ConfigDict()
 DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
-DEFAULTS.teacher.workdir = ""      # argument.py --nat_root: a finished `standard` run, label smoothing 0.5 (required).
-DEFAULTS.teacher.step = "latest"   # argument.py --nat_file ckpt_latest.t7 (= init.step's default: same weights).
-DEFAULTS.label_smoothing = 0.5     # main.py config['lb_smooth'] = 0.5 (paper Sec. 4.1, after Feature Scattering).
-DEFAULTS.smoothing = "others"      # utils.py softmax_crossentropy_labelsmooth: 1 - s on y, s/(K-1) elsewhere.
-DEFAULTS.mart_term = True          # argument.py --mart (store_true, default True); paper Eq. 9: off (False).
-DEFAULTS.mart_beta = 6.0           # utils.py mart_loss(beta=6.0).
-DEFAULTS.attention_weight = 1.0    # main.py: loss + loss_distillation_1 + loss_distillation_2 (paper Eq. 9: 1).
-DEFAULTS.bml_weight = 2.0          # main.py config['lam1'] = 2 (paper lambda_1 = 2), on triplet + norm.
-DEFAULTS.margin = 0.03             # main.py config['margin_A_Ap_B'] (paper m = 0.03).
-DEFAULTS.lam_norm = 0.001          # main.py config['lam2'] (paper lambda_2 = 0.001; x bml_weight = 0.002).
-DEFAULTS.steps = None              # None: config.attack.steps. Code: num_steps_PGD = num_steps_MC = 10;
-                                   # paper: 2 (AGKD-BML) or 7 (AGKD-BML-7).
-DEFAULTS.step_size = None          # None: config.attack.step_size. Code: 2/255*2 in [-1, 1] = 2/255 in [0, 1].
-                                   # eps is config.attack.eps (code 8/255*2 in [-1, 1] = 8/255 in [0, 1]).
-DEFAULTS.random_start = "uniform"  # main.py Attacks: random_start True, U(-eps, eps). None: config.attack.
-DEFAULTS.attack_bn = "eval"        # main.py: basic_net.eval() in both attacks. None: config.attack.bn.
-DEFAULTS.bn = "code"               # train-pass BN: code (DataParallel: per-chunk statistics, running
-                                   # averages from chunk 0; main.py:326) | mixed (the whole 3B batch).
-DEFAULTS.chunks = 8                # bn = code: devices of the DataParallel run (argument.py:16, 8 GPUs).
+DEFAULTS.teacher.workdir = (
+  ""  # argument.py --nat_root: a finished `standard` run, label smoothing 0.5 (required).
+)
+DEFAULTS.teacher.step = (
+  "latest"  # argument.py --nat_file ckpt_latest.t7 (= init.step's default: same weights).
+)
+DEFAULTS.label_smoothing = (
+  0.5  # main.py config['lb_smooth'] = 0.5 (paper Sec. 4.1, after Feature Scattering).
+)
+DEFAULTS.smoothing = (
+  "others"  # utils.py softmax_crossentropy_labelsmooth: 1 - s on y, s/(K-1) elsewhere.
+)
+DEFAULTS.mart_term = (
+  True  # argument.py --mart (store_true, default True); paper Eq. 9: off (False).
+)
+DEFAULTS.mart_beta = 6.0  # utils.py mart_loss(beta=6.0).
+DEFAULTS.attention_weight = (
+  1.0  # main.py: loss + loss_distillation_1 + loss_distillation_2 (paper Eq. 9: 1).
+)
+DEFAULTS.bml_weight = 2.0  # main.py config['lam1'] = 2 (paper lambda_1 = 2), on triplet + norm.
+DEFAULTS.margin = 0.03  # main.py config['margin_A_Ap_B'] (paper m = 0.03).
+DEFAULTS.lam_norm = 0.001  # main.py config['lam2'] (paper lambda_2 = 0.001; x bml_weight = 0.002).
+DEFAULTS.steps = None  # None: config.attack.steps. Code: num_steps_PGD = num_steps_MC = 10;
+# paper: 2 (AGKD-BML) or 7 (AGKD-BML-7).
+DEFAULTS.step_size = (
+  None  # None: config.attack.step_size. Code: 2/255*2 in [-1, 1] = 2/255 in [0, 1].
+)
+# eps is config.attack.eps (code 8/255*2 in [-1, 1] = 8/255 in [0, 1]).
+DEFAULTS.random_start = (
+  "uniform"  # main.py Attacks: random_start True, U(-eps, eps). None: config.attack.
+)
+DEFAULTS.attack_bn = "eval"  # main.py: basic_net.eval() in both attacks. None: config.attack.bn.
+DEFAULTS.bn = "code"  # train-pass BN: code (DataParallel: per-chunk statistics, running
+# averages from chunk 0; main.py:326) | mixed (the whole 3B batch).
+DEFAULTS.chunks = 8  # bn = code: devices of the DataParallel run (argument.py:16, 8 GPUs).
 BN_CHOICES = ("code", "mixed")
 
 
@@ -120,8 +135,9 @@ def chunk_sizes(n: int, chunks: int) -> tuple[int, ...]:
   return tuple(min(size, n - start) for start in range(0, n, size))
 
 
-def data_parallel_forward(model, params, model_state, x, *, chunks: int, labels=None, taps=(),
-                          rng=None) -> base.ModelOutput:
+def data_parallel_forward(
+  model, params, model_state, x, *, chunks: int, labels=None, taps=(), rng=None
+) -> base.ModelOutput:
   """A train-mode pass as ``torch.nn.DataParallel`` runs it on ``chunks`` devices.
 
   The rows of ``x [N, ...]`` are split as :func:`chunk_sizes` says. Each chunk is
@@ -140,19 +156,26 @@ def data_parallel_forward(model, params, model_state, x, *, chunks: int, labels=
   def one(xc, lc):
     return base.forward(model, params, model_state, xc, mode="train", labels=lc, taps=taps, rng=rng)
 
-  stack = lambda a: a[:full * size].reshape(full, size, *a.shape[1:])
+  stack = lambda a: a[: full * size].reshape(full, size, *a.shape[1:])
   merge = lambda a: a.reshape(full * size, *a.shape[2:])
   if labels is None:
     out = jax.vmap(lambda xc: one(xc, None))(stack(x))
   else:
     out = jax.vmap(one)(stack(x), stack(labels))
-  logits, aux, found = merge(out.logits), jax.tree.map(merge, out.aux), jax.tree.map(merge, out.taps)
+  logits, aux, found = (
+    merge(out.logits),
+    jax.tree.map(merge, out.aux),
+    jax.tree.map(merge, out.taps),
+  )
   state = jax.tree.map(lambda a: a[0], out.model_state)
   if full * size < n:
-    rest = one(x[full * size:], None if labels is None else labels[full * size:])
+    rest = one(x[full * size :], None if labels is None else labels[full * size :])
     cat = lambda a, b: jnp.concatenate([a, b])
-    logits, aux, found = (cat(logits, rest.logits), jax.tree.map(cat, aux, rest.aux),
-                          jax.tree.map(cat, found, rest.taps))
+    logits, aux, found = (
+      cat(logits, rest.logits),
+      jax.tree.map(cat, aux, rest.aux),
+      jax.tree.map(cat, found, rest.taps),
+    )
   return base.ModelOutput(logits, state, aux, found)
 
 
@@ -163,9 +186,13 @@ def most_confusing_labels(logits: jax.Array, labels: jax.Array) -> jax.Array:
   (the code writes -1e4), so the result never equals ``labels``. Stable public API.
   """
   if logits.shape[-1] < 2:
-    raise ValueError(f"most_confusing_labels needs K >= 2 classes, got logits of shape {logits.shape}")
+    raise ValueError(
+      f"most_confusing_labels needs K >= 2 classes, got logits of shape {logits.shape}"
+    )
   true = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-  return jnp.argmax(jnp.where(true, -jnp.inf, logits.astype(jnp.float32)), axis=-1).astype(jnp.int32)
+  return jnp.argmax(jnp.where(true, -jnp.inf, logits.astype(jnp.float32)), axis=-1).astype(
+    jnp.int32
+  )
 
 
 def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -180,8 +207,14 @@ def angular_distance(a: jax.Array, b: jax.Array) -> jax.Array:
   return 1.0 - jnp.abs(cos)
 
 
-def bml_triplet_loss(anchor: jax.Array, positive: jax.Array, negative: jax.Array, *,
-                     margin: float = 0.03, lam_norm: float = 0.001) -> jax.Array:
+def bml_triplet_loss(
+  anchor: jax.Array,
+  positive: jax.Array,
+  negative: jax.Array,
+  *,
+  margin: float = 0.03,
+  lam_norm: float = 0.001,
+) -> jax.Array:
   """The code's ``triplet_loss(a, p, n, margin, lam2)`` (utils.py; paper Eq. 6-7), scalar:
 
       mean_b max(0, margin + d(a_b, p_b) - d(a_b, n_b))
@@ -193,10 +226,15 @@ def bml_triplet_loss(anchor: jax.Array, positive: jax.Array, negative: jax.Array
   """
   for name, e in (("anchor", anchor), ("positive", positive), ("negative", negative)):
     if e.ndim != 2 or e.shape != anchor.shape:
-      raise ValueError(f"bml_triplet_loss: {name} has shape {e.shape}; all three must be [B, D] "
-                       f"embeddings of one shape (anchor {anchor.shape}): pass the 'embedding' tap")
-  trip = jnp.mean(jnp.maximum(0.0, margin + angular_distance(anchor, positive)
-                              - angular_distance(anchor, negative)))
+      raise ValueError(
+        f"bml_triplet_loss: {name} has shape {e.shape}; all three must be [B, D] "
+        f"embeddings of one shape (anchor {anchor.shape}): pass the 'embedding' tap"
+      )
+  trip = jnp.mean(
+    jnp.maximum(
+      0.0, margin + angular_distance(anchor, positive) - angular_distance(anchor, negative)
+    )
+  )
   sq = lambda e: jnp.mean(jnp.square(e.astype(jnp.float32)))
   return trip + lam_norm * (sq(anchor) + sq(positive) + sq(negative))
 
@@ -206,8 +244,10 @@ def attention_map(features: jax.Array) -> jax.Array:
   per-example minimum, divided by its per-example maximum after that. An all-constant map
   (maximum 0 after the shift) is all zeros here, NaN in the code."""
   if features.ndim != 4:
-    raise ValueError(f"attention maps need [B, H, W, C] features, got shape {features.shape}: "
-                     "use the 'features' tap (the last feature map)")
+    raise ValueError(
+      f"attention maps need [B, H, W, C] features, got shape {features.shape}: "
+      "use the 'features' tap (the last feature map)"
+    )
   m = jnp.sum(features.astype(jnp.float32), axis=-1)
   m = m - jnp.min(m, axis=(1, 2), keepdims=True)
   top = jnp.max(m, axis=(1, 2), keepdims=True)
@@ -222,14 +262,17 @@ def attention_l1(student_features: jax.Array, teacher_features: jax.Array) -> ja
   gradient-stopped. Stable public API.
   """
   if student_features.shape[:3] != teacher_features.shape[:3]:
-    raise ValueError(f"attention_l1: student features {student_features.shape} and teacher features "
-                     f"{teacher_features.shape} differ in [B, H, W]: use a teacher of the same model")
+    raise ValueError(
+      f"attention_l1: student features {student_features.shape} and teacher features "
+      f"{teacher_features.shape} differ in [B, H, W]: use a teacher of the same model"
+    )
   teacher = attention_map(jax.lax.stop_gradient(teacher_features))
   return jnp.mean(jnp.abs(attention_map(student_features) - teacher))
 
 
-def mart_term(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
-              beta: float = 6.0) -> jax.Array:
+def mart_term(
+  logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *, beta: float = 6.0
+) -> jax.Array:
   """utils.py ``mart_loss(logits, logits_adv, y, kl, beta=6.0)``, scalar: MART without its CE,
 
       mean_b -log(1.0001 - p'_{b, y_hat} + 1e-12)
@@ -253,18 +296,28 @@ def mart_term(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array,
 def _config(config) -> ml_collections.ConfigDict:
   cfg = defaults.objective_config(config, NAME, DEFAULTS)
   if not 0.0 <= float(cfg.label_smoothing) < 1.0:
-    raise ValueError(f"objective.agkd_bml.label_smoothing = {cfg.label_smoothing!r} must lie in [0, 1) "
-                     "(official 0.5)")
+    raise ValueError(
+      f"objective.agkd_bml.label_smoothing = {cfg.label_smoothing!r} must lie in [0, 1) "
+      "(official 0.5)"
+    )
   if cfg.smoothing not in attack_losses.SMOOTHING:
-    raise ValueError(f"objective.agkd_bml.smoothing = {cfg.smoothing!r} must be one of "
-                     f"{attack_losses.SMOOTHING} (official 'others')")
+    raise ValueError(
+      f"objective.agkd_bml.smoothing = {cfg.smoothing!r} must be one of "
+      f"{attack_losses.SMOOTHING} (official 'others')"
+    )
   if cfg.steps is not None and int(cfg.steps) < 1:
-    raise ValueError(f"objective.agkd_bml.steps = {cfg.steps!r} must be >= 1 or None (code 10, paper 2 or 7)")
+    raise ValueError(
+      f"objective.agkd_bml.steps = {cfg.steps!r} must be >= 1 or None (code 10, paper 2 or 7)"
+    )
   if cfg.bn not in BN_CHOICES:
-    raise ValueError(f"objective.agkd_bml.bn = {cfg.bn!r} must be one of {BN_CHOICES} (code: the DataParallel "
-                     "chunks; mixed: one batch)")
+    raise ValueError(
+      f"objective.agkd_bml.bn = {cfg.bn!r} must be one of {BN_CHOICES} (code: the DataParallel "
+      "chunks; mixed: one batch)"
+    )
   if isinstance(cfg.chunks, bool) or not isinstance(cfg.chunks, int) or cfg.chunks < 1:
-    raise ValueError(f"objective.agkd_bml.chunks = {cfg.chunks!r} must be an int >= 1 (the code's 8 GPUs: 8)")
+    raise ValueError(
+      f"objective.agkd_bml.chunks = {cfg.chunks!r} must be an int >= 1 (the code's 8 GPUs: 8)"
+    )
   return cfg
 
 
@@ -274,15 +327,26 @@ def _frozen_fn(cfg, config, slot: TeacherSlot):
   def frozen(splits):
     workdir = cfg.teacher.workdir
     teacher_cfg = teacher_config(
-        workdir, config, defense="AGKD-BML", field=f"config.objective.{NAME}.teacher.workdir",
-        empty_hint=("a finished natural run (e.g. launch.train ...:MODEL,standard "
-                    "--config.objective.standard.label_smoothing=0.5 "
-                    "--config.objective.standard.smoothing=others)"),
-        start_note="the code starts the student from its teacher (--nat_init)")
+      workdir,
+      config,
+      defense="AGKD-BML",
+      field=f"config.objective.{NAME}.teacher.workdir",
+      empty_hint=(
+        "a finished natural run (e.g. launch.train ...:MODEL,standard "
+        "--config.objective.standard.label_smoothing=0.5 "
+        "--config.objective.standard.smoothing=others)"
+      ),
+      start_note="the code starts the student from its teacher (--nat_init)",
+    )
     std = teacher_cfg.get("objective", {}).get("standard", {})
     if teacher_cfg.objective.name != "standard" or float(std.get("label_smoothing", 0.0)) != 0.5:
-      logging.warning("AGKD-BML teacher %s is %r with label smoothing %s (the code's: standard, 0.5 over "
-                      "the others)", workdir, teacher_cfg.objective.name, std.get("label_smoothing"))
+      logging.warning(
+        "AGKD-BML teacher %s is %r with label smoothing %s (the code's: standard, 0.5 over "
+        "the others)",
+        workdir,
+        teacher_cfg.objective.name,
+        std.get("label_smoothing"),
+      )
     tree, record = slot.frozen(splits)
     bank = ClassBank.from_source(splits.train, splits.info.num_classes, augment=splits.info.augment)
     return {**tree, "bank": bank}, {**record, "bank": {"examples": int(bank.num_examples)}}
@@ -300,19 +364,24 @@ def agkd_bml(model, config) -> base.Objective:
   step_size = None if cfg.step_size is None else float(cfg.step_size)
   slot = TeacherSlot(cfg.teacher.workdir, cfg.teacher.step)
   ls, smoothing = float(cfg.label_smoothing), cfg.smoothing
-  bn_update = (f"chunk 0 of [x_a; x; x_n'] in {int(cfg.chunks)} (each chunk normalised by its own statistics)"
-               if cfg.bn == "code" else "[x_a; x; x_n'] (one train-mode pass)")
+  bn_update = (
+    f"chunk 0 of [x_a; x; x_n'] in {int(cfg.chunks)} (each chunk normalised by its own statistics)"
+    if cfg.bn == "code"
+    else "[x_a; x; x_n'] (one train-mode pass)"
+  )
 
   def generate(params, model_state, aux_state, batch, key, step):
     x, y = batch["image"], batch["label"]
     k_a, k_n, k_b = jax.random.split(key, 3)
     clean = base.forward(model, params, model_state, x, mode="eval").logits
     y_mc = most_confusing_labels(clean, y)
-    x_a = attack(params, model_state, x, y_mc, k_a, loss="ce", targeted=True, step=step,
-                 step_size=step_size)
+    x_a = attack(
+      params, model_state, x, y_mc, k_a, loss="ce", targeted=True, step=step, step_size=step_size
+    )
     x_n = sample_by_class(aux_state[base.FROZEN]["bank"], y_mc, k_n)["image"]
-    x_n_adv = attack(params, model_state, x_n, y, k_b, loss="ce", targeted=True, step=step,
-                     step_size=step_size)
+    x_n_adv = attack(
+      params, model_state, x_n, y, k_b, loss="ce", targeted=True, step=step, step_size=step_size
+    )
     return {"y_mc": y_mc, "x_a": x_a, "x_n": x_n, "x_n_adv": x_n_adv}
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
@@ -321,37 +390,83 @@ def agkd_bml(model, config) -> base.Objective:
     frozen = aux_state[base.FROZEN]
     x3, y3 = jnp.concatenate([adv["x_a"], x, adv["x_n_adv"]]), jnp.concatenate([y, y, adv["y_mc"]])
     if cfg.bn == "code":
-      out = data_parallel_forward(model, params, model_state, x3, chunks=int(cfg.chunks), labels=y3,
-                                  taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+      out = data_parallel_forward(
+        model,
+        params,
+        model_state,
+        x3,
+        chunks=int(cfg.chunks),
+        labels=y3,
+        taps=base.ALL_TAPS,
+        rng=base.pass_key(key, 0),
+      )
     else:
-      out = base.forward(model, params, model_state, x3, mode="train", labels=y3, taps=base.ALL_TAPS,
-                         rng=base.pass_key(key, 0))
+      out = base.forward(
+        model,
+        params,
+        model_state,
+        x3,
+        mode="train",
+        labels=y3,
+        taps=base.ALL_TAPS,
+        rng=base.pass_key(key, 0),
+      )
     a, c, neg = (base.slice_output(out, i * n, (i + 1) * n) for i in range(3))
-    t_feats = slot.apply(frozen["teacher"], jnp.concatenate([x, adv["x_n"]]), taps=(FEATURES,)).taps[FEATURES]
+    t_feats = slot.apply(
+      frozen["teacher"], jnp.concatenate([x, adv["x_n"]]), taps=(FEATURES,)
+    ).taps[FEATURES]
     t_feats = jax.lax.stop_gradient(t_feats)
     ce = base.cross_entropy_mean(a.logits, y, ls, smoothing)
-    mart = (mart_term(c.logits, a.logits, y, beta=float(cfg.mart_beta)) if cfg.mart_term
-            else jnp.zeros((), jnp.float32))
-    att = (attention_l1(a.taps[FEATURES], t_feats[:n]) + attention_l1(neg.taps[FEATURES], t_feats[n:]))
-    bml = bml_triplet_loss(a.taps[EMBEDDING], c.taps[EMBEDDING], neg.taps[EMBEDDING],
-                           margin=float(cfg.margin), lam_norm=float(cfg.lam_norm))
+    mart = (
+      mart_term(c.logits, a.logits, y, beta=float(cfg.mart_beta))
+      if cfg.mart_term
+      else jnp.zeros((), jnp.float32)
+    )
+    att = attention_l1(a.taps[FEATURES], t_feats[:n]) + attention_l1(
+      neg.taps[FEATURES], t_feats[n:]
+    )
+    bml = bml_triplet_loss(
+      a.taps[EMBEDDING],
+      c.taps[EMBEDDING],
+      neg.taps[EMBEDDING],
+      margin=float(cfg.margin),
+      lam_norm=float(cfg.lam_norm),
+    )
     value = ce + mart + float(cfg.attention_weight) * att + float(cfg.bml_weight) * bml
-    metrics = {"adv_accuracy": base.accuracy(a.logits, y), "accuracy": base.accuracy(c.logits, y),
-               "agkd_ce": ce, "agkd_mart": mart, "agkd_attention_l1": att, "agkd_bml": bml,
-               "agkd_mc_target_hit": base.accuracy(a.logits, adv["y_mc"]),
-               "agkd_neg_adv_target_hit": base.accuracy(neg.logits, y)}
-    return value, base.LossAux(out.model_state, aux_state, metrics, {"adv": a, "clean": c, "neg_adv": neg})
+    metrics = {
+      "adv_accuracy": base.accuracy(a.logits, y),
+      "accuracy": base.accuracy(c.logits, y),
+      "agkd_ce": ce,
+      "agkd_mart": mart,
+      "agkd_attention_l1": att,
+      "agkd_bml": bml,
+      "agkd_mc_target_hit": base.accuracy(a.logits, adv["y_mc"]),
+      "agkd_neg_adv_target_hit": base.accuracy(neg.logits, y),
+    }
+    return value, base.LossAux(
+      out.model_state, aux_state, metrics, {"adv": a, "clean": c, "neg_adv": neg}
+    )
 
-  return base.Objective(NAME, base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update=bn_update),
-                        adaptive_loss=_adaptive, frozen=_frozen_fn(cfg, config, slot))
+  return base.Objective(
+    NAME,
+    base.no_aux_state,
+    generate,
+    loss,
+    base.BNPolicy(attack=attack.bn, update=bn_update),
+    adaptive_loss=_adaptive,
+    frozen=_frozen_fn(cfg, config, slot),
+  )
 
 
 def _adaptive(net, variables):
   """``{"mc": x -> -CE(f(x), argmax_{j != y} f(x)_j)}`` per example, eval mode: the
   training's forward attack (towards the most confusing class) as an evaluation attack."""
   params = variables["params"]
-  state = {k: v for k, v in variables.items() if k not in ("params", "aux", "intermediates", "perturbations")}
+  state = {
+    k: v
+    for k, v in variables.items()
+    if k not in ("params", "aux", "intermediates", "perturbations")
+  }
 
   def towards_mc(x, labels):
     logits = base.forward(net, params, state, x, mode="eval").logits
@@ -372,7 +487,7 @@ def recipe(c, *, dataset: str, model: str, spec: str, smoke: bool) -> None:
     c.num_epochs = 200
   c.optim.boundaries = (100, 150)
   c.optim.weight_decay = 2e-4
-  c.model.input_norm = "dataset"   # main.py:286, 292 Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
+  c.model.input_norm = "dataset"  # main.py:286, 292 Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
   c.model.mean = (0.5, 0.5, 0.5)
   c.model.std = (0.5, 0.5, 0.5)
 

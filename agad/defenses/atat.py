@@ -95,62 +95,106 @@ from agad.objectives import base, defaults
 NAME = "atat"
 VARIANTS = ("paper", "code_cifar10", "code_cifar100", "logit_mse", "cam_mse")
 CODE_VARIANTS = ("code_cifar10", "code_cifar100")
-LOSSES = {"paper": "paper", "code_cifar10": "logit_mse", "logit_mse": "logit_mse",
-          "code_cifar100": "cam_mse", "cam_mse": "cam_mse"}  # variant -> the loss it optimises
+LOSSES = {
+  "paper": "paper",
+  "code_cifar10": "logit_mse",
+  "logit_mse": "logit_mse",
+  "code_cifar100": "cam_mse",
+  "cam_mse": "cam_mse",
+}  # variant -> the loss it optimises
 CAM_NORMS = ("auto", "minmax", "none")
 CAM_SCALES = ("auto", "per_example", "code")
 STARTS = ("auto", "code", "teacher")
 STUDENT_RELU = ("auto", "yes", "no")
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.variant = "paper"         # paper (Eq. 5-7) | code_cifar10 / code_cifar100 (the official files) |
-                                   # logit_mse / cam_mse (their losses, student from the teacher, per-example maps).
+DEFAULTS.variant = "paper"  # paper (Eq. 5-7) | code_cifar10 / code_cifar100 (the official files) |
+# logit_mse / cam_mse (their losses, student from the teacher, per-example maps).
 DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
-DEFAULTS.teacher.workdir = ""      # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
-DEFAULTS.teacher.step = "latest"   # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
-DEFAULTS.sites = ("features",)     # paper Eq. 5 sum over layers J, "the topmost convolution layer" (Sec. 3.2);
-                                   # code: the final BN-ReLU map (model.py:85-88 `unit_last`) = agad's `features`.
-DEFAULTS.lam_at = 1.0              # paper lambda_1, unstated (ablation weights 1/0, Sec. 4.3); code_cifar100:
-                                   # loss_gp1 + loss_gp2 with weight 1 (cifar100/model1.py:131).
-DEFAULTS.lam_lp = 1.0              # paper lambda_2, unstated; code_cifar10: loss_lp1 + loss_lp2, written weight 0.5
-                                   # cancelled by Reduction.MEAN (cifar10/model.py:139-142): effective 1.
-DEFAULTS.cam_norm = "auto"         # auto: minmax for paper (per example), none otherwise (the code's raw maps).
-DEFAULTS.cam_scale = "auto"        # auto: code for code_*, per_example otherwise. per_example: d z[b, y_b]/dA;
-                                   # code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot)) (cifar100/model1.py:103-107),
-                                   # N = B teacher, 2B student.
-DEFAULTS.student_relu = "auto"     # auto: no for code_cifar100 (its student map enters the loss before ReLU,
-                                   # cifar100/model1.py:112-116), yes otherwise (Eq. 3). The teacher's is always ReLU'd.
-DEFAULTS.student_start = "auto"    # auto: code for code_*, teacher otherwise. code: random init, lr schedule from the
-                                   # teacher's restored step (train_tsf.py:109-110); teacher: init.workdir = the teacher.
-DEFAULTS.steps = 7                 # config.json num_steps 7 (paper Sec. 4.1: 7 steps); None: config.attack.steps.
-DEFAULTS.step_size = None          # None: config.attack.step_size (CIFAR 2/255 = config.json step_size 2.0 on 0-255).
-                                   # eps is config.attack.eps (config.json epsilon 8.0 = 8/255).
-DEFAULTS.random_start = "uniform"  # config.json random_start true: x + U(-eps, eps) (pgd_attack.py:46-48).
-DEFAULTS.attack_bn = "batch"       # code: the train-mode graph (batch statistics; its moving averages also
-                                   # update during the attack, which agad does not do). "eval": running averages.
+DEFAULTS.teacher.workdir = (
+  ""  # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
+)
+DEFAULTS.teacher.step = "latest"  # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
+DEFAULTS.sites = (
+  "features",
+)  # paper Eq. 5 sum over layers J, "the topmost convolution layer" (Sec. 3.2);
+# code: the final BN-ReLU map (model.py:85-88 `unit_last`) = agad's `features`.
+DEFAULTS.lam_at = 1.0  # paper lambda_1, unstated (ablation weights 1/0, Sec. 4.3); code_cifar100:
+# loss_gp1 + loss_gp2 with weight 1 (cifar100/model1.py:131).
+DEFAULTS.lam_lp = (
+  1.0  # paper lambda_2, unstated; code_cifar10: loss_lp1 + loss_lp2, written weight 0.5
+)
+# cancelled by Reduction.MEAN (cifar10/model.py:139-142): effective 1.
+DEFAULTS.cam_norm = (
+  "auto"  # auto: minmax for paper (per example), none otherwise (the code's raw maps).
+)
+DEFAULTS.cam_scale = (
+  "auto"  # auto: code for code_*, per_example otherwise. per_example: d z[b, y_b]/dA;
+)
+# code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot)) (cifar100/model1.py:103-107),
+# N = B teacher, 2B student.
+DEFAULTS.student_relu = (
+  "auto"  # auto: no for code_cifar100 (its student map enters the loss before ReLU,
+)
+# cifar100/model1.py:112-116), yes otherwise (Eq. 3). The teacher's is always ReLU'd.
+DEFAULTS.student_start = (
+  "auto"  # auto: code for code_*, teacher otherwise. code: random init, lr schedule from the
+)
+# teacher's restored step (train_tsf.py:109-110); teacher: init.workdir = the teacher.
+DEFAULTS.steps = 7  # config.json num_steps 7 (paper Sec. 4.1: 7 steps); None: config.attack.steps.
+DEFAULTS.step_size = (
+  None  # None: config.attack.step_size (CIFAR 2/255 = config.json step_size 2.0 on 0-255).
+)
+# eps is config.attack.eps (config.json epsilon 8.0 = 8/255).
+DEFAULTS.random_start = (
+  "uniform"  # config.json random_start true: x + U(-eps, eps) (pgd_attack.py:46-48).
+)
+DEFAULTS.attack_bn = (
+  "batch"  # code: the train-mode graph (batch statistics; its moving averages also
+)
+# update during the attack, which agad does not do). "eval": running averages.
 
 
 def settings(cfg) -> dict:
   """The ``auto`` / None fields of ``objective.atat`` resolved for its variant:
   ``{"cam_norm", "cam_scale", "student_relu", "student_start"}``."""
   code = cfg.variant in CODE_VARIANTS
-  return {"cam_norm": cfg.cam_norm if cfg.cam_norm != "auto" else ("minmax" if cfg.variant == "paper" else "none"),
-          "cam_scale": cfg.cam_scale if cfg.cam_scale != "auto" else ("code" if code else "per_example"),
-          "student_relu": cfg.variant != "code_cifar100" if cfg.student_relu == "auto" else cfg.student_relu == "yes",
-          "student_start": cfg.student_start if cfg.student_start != "auto" else ("code" if code else "teacher")}
+  return {
+    "cam_norm": cfg.cam_norm
+    if cfg.cam_norm != "auto"
+    else ("minmax" if cfg.variant == "paper" else "none"),
+    "cam_scale": cfg.cam_scale if cfg.cam_scale != "auto" else ("code" if code else "per_example"),
+    "student_relu": cfg.variant != "code_cifar100"
+    if cfg.student_relu == "auto"
+    else cfg.student_relu == "yes",
+    "student_start": cfg.student_start
+    if cfg.student_start != "auto"
+    else ("code" if code else "teacher"),
+  }
 
 
 # ----------------------------------------------------------------- Grad-CAM in one pass
 
 
 def _split(variables: dict) -> tuple[Any, dict]:
-  return variables["params"], {k: v for k, v in variables.items()
-                               if k not in ("params", "perturbations", "intermediates")}
+  return variables["params"], {
+    k: v for k, v in variables.items() if k not in ("params", "perturbations", "intermediates")
+  }
 
 
-def grad_cam_pass(model, params, model_state, images: jax.Array, classes: jax.Array, *,
-                  sites: Sequence[str], mode: str, labels: jax.Array | None = None,
-                  rng: jax.Array | None = None, taps: Sequence[str] | bool = base.ALL_TAPS):
+def grad_cam_pass(
+  model,
+  params,
+  model_state,
+  images: jax.Array,
+  classes: jax.Array,
+  *,
+  sites: Sequence[str],
+  mode: str,
+  labels: jax.Array | None = None,
+  rng: jax.Array | None = None,
+  taps: Sequence[str] | bool = base.ALL_TAPS,
+):
   """One forward pass plus one VJP: ``(ModelOutput, {site: (A, dz/dA)})``.
 
   ``images [N, H, W, C]`` in [0, 1], ``classes [N]`` int (the logit explained per
@@ -171,16 +215,25 @@ def grad_cam_pass(model, params, model_state, images: jax.Array, classes: jax.Ar
     tree: dict = {}
     for (path, _), delta in zip(entries, deltas):
       _merge(tree, attention_model._perturbation(path, delta))
-    out = base.forward(model, params, {**model_state, "perturbations": tree}, images, mode=mode,
-                       labels=labels, taps=tap_names, rng=rng)
+    out = base.forward(
+      model,
+      params,
+      {**model_state, "perturbations": tree},
+      images,
+      mode=mode,
+      labels=labels,
+      taps=tap_names,
+      rng=rng,
+    )
     state = {k: v for k, v in out.model_state.items() if k != "perturbations"}
     return out.logits, out._replace(model_state=state)
 
   zeros = tuple(jnp.zeros(spec.shape, spec.dtype) for _, spec in entries)
   logits, vjp, out = jax.vjp(run, zeros, has_aux=True)
   if classes.shape != (images.shape[0],):
-    raise ValueError(f"grad_cam_pass: classes must be [N] = [{images.shape[0]}] ints, got shape "
-                     f"{classes.shape}")
+    raise ValueError(
+      f"grad_cam_pass: classes must be [N] = [{images.shape[0]}] ints, got shape {classes.shape}"
+    )
   (grads,) = vjp(jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype))
   return out, {s: (out.taps[s], g) for s, g in zip(resolved, grads)}
 
@@ -193,18 +246,34 @@ def _merge(into: dict, tree: dict) -> None:
       into[k] = v
 
 
-def site_maps(features_and_grads: dict, *, normalize: str | None, scale: float = 1.0,
-              relu: bool = True) -> dict:
+def site_maps(
+  features_and_grads: dict, *, normalize: str | None, scale: float = 1.0, relu: bool = True
+) -> dict:
   """``{site: [N, h, w]}`` Grad-CAM maps from :func:`grad_cam_pass`'s ``{site: (A, g)}``:
   ``relu(sum_c mean_hw(scale * g) A)`` (paper Eq. 3; without the ReLU if ``relu=False``),
   then ``normalize`` per example (:func:`agad.attention.normalize_maps`: ``"minmax"`` or None)."""
-  return {s: maps_lib.grad_cam_from_grads(a, scale * g, relu=relu, normalize=normalize)
-          for s, (a, g) in features_and_grads.items()}
+  return {
+    s: maps_lib.grad_cam_from_grads(a, scale * g, relu=relu, normalize=normalize)
+    for s, (a, g) in features_and_grads.items()
+  }
 
 
-def attention_maps(model, params, model_state, teacher_model, teacher_variables, x, adv, y, *,
-                   sites: Sequence[str], cam_norm: str, cam_scale: str, student_relu: bool,
-                   rng: jax.Array | None = None):
+def attention_maps(
+  model,
+  params,
+  model_state,
+  teacher_model,
+  teacher_variables,
+  x,
+  adv,
+  y,
+  *,
+  sites: Sequence[str],
+  cam_norm: str,
+  cam_scale: str,
+  student_relu: bool,
+  rng: jax.Array | None = None,
+):
   """``(student ModelOutput over [x; x'], teacher ModelOutput over x, student maps
   {site: [2B, h, w]}, teacher maps {site: [B, h, w]})``: the student's train-mode
   :func:`grad_cam_pass` over ``[x; x']`` and the teacher's eval-mode one over ``x``, both
@@ -214,12 +283,18 @@ def attention_maps(model, params, model_state, teacher_model, teacher_variables,
   n = y.shape[0]
   both, yy = jnp.concatenate([x, adv]), jnp.concatenate([y, y])
   t_params, t_state = _split(teacher_variables)
-  out, s_fg = grad_cam_pass(model, params, model_state, both, yy, sites=sites, mode="train", labels=yy, rng=rng)
-  t_out, t_fg = grad_cam_pass(teacher_model, t_params, t_state, x, y, sites=sites, mode="eval", labels=y, taps=())
+  out, s_fg = grad_cam_pass(
+    model, params, model_state, both, yy, sites=sites, mode="train", labels=yy, rng=rng
+  )
+  t_out, t_fg = grad_cam_pass(
+    teacher_model, t_params, t_state, x, y, sites=sites, mode="eval", labels=y, taps=()
+  )
   k = out.logits.shape[-1]
   code = cam_scale == "code"
   normalize = None if cam_norm == "none" else cam_norm
-  student = site_maps(s_fg, normalize=normalize, scale=1.0 / (2 * n * k) if code else 1.0, relu=student_relu)
+  student = site_maps(
+    s_fg, normalize=normalize, scale=1.0 / (2 * n * k) if code else 1.0, relu=student_relu
+  )
   teacher = site_maps(t_fg, normalize=normalize, scale=1.0 / (n * k) if code else 1.0, relu=True)
   return out, t_out, student, jax.lax.stop_gradient(teacher)
 
@@ -231,18 +306,27 @@ def l2_rows(a: jax.Array, b: jax.Array) -> jax.Array:
   """``||v(a_n) - v(b_n)||_2`` per example ``[N]`` for ``a, b [N, ...]``; gradient 0 (not
   NaN) where the two are equal."""
   if a.shape != b.shape:
-    raise ValueError(f"l2_rows: shapes {a.shape} and {b.shape} differ: compare maps of one site and "
-                     "logits of one model family")
+    raise ValueError(
+      f"l2_rows: shapes {a.shape} and {b.shape} differ: compare maps of one site and "
+      "logits of one model family"
+    )
   d = (a.astype(jnp.float32) - b.astype(jnp.float32)).reshape(a.shape[0], -1)
   sq = jnp.sum(d * d, axis=-1)
   pos = sq > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-def atat_loss(variant: str, logits: jax.Array, labels: jax.Array, *,
-              student_maps: dict | None = None, teacher_maps: dict | None = None,
-              teacher_logits: jax.Array | None = None, lam_at: float = 1.0,
-              lam_lp: float = 1.0) -> tuple[jax.Array, dict]:
+def atat_loss(
+  variant: str,
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  student_maps: dict | None = None,
+  teacher_maps: dict | None = None,
+  teacher_logits: jax.Array | None = None,
+  lam_at: float = 1.0,
+  lam_lp: float = 1.0,
+) -> tuple[jax.Array, dict]:
   """The ATAT objective of ``variant`` on precomputed passes: ``(scalar, metrics)``.
 
   logits: the student's ``[2B, K]`` over ``[x; x']``; labels ``[B]``.
@@ -270,8 +354,10 @@ def atat_loss(variant: str, logits: jax.Array, labels: jax.Array, *,
   att, lp = zero, zero
   if kind in ("paper", "cam_mse"):
     if not student_maps or set(student_maps) != set(teacher_maps or {}):
-      raise ValueError(f"atat_loss({variant!r}) needs student_maps and teacher_maps at the same sites, got "
-                       f"{sorted(student_maps or {})} and {sorted(teacher_maps or {})}")
+      raise ValueError(
+        f"atat_loss({variant!r}) needs student_maps and teacher_maps at the same sites, got "
+        f"{sorted(student_maps or {})} and {sorted(teacher_maps or {})}"
+      )
     for s, maps in student_maps.items():
       t = jax.lax.stop_gradient(teacher_maps[s]).astype(jnp.float32)
       s_clean, s_adv = maps[:n], maps[n:]
@@ -296,9 +382,11 @@ def atat_loss(variant: str, logits: jax.Array, labels: jax.Array, *,
 def _config(config) -> ml_collections.ConfigDict:
   cfg = defaults.objective_config(config, NAME, DEFAULTS)
   if cfg.variant not in VARIANTS:
-    raise ValueError(f"objective.atat.variant = {cfg.variant!r} is not one of {VARIANTS} "
-                     "(paper: Eq. 5-7; code_cifar10 / code_cifar100: the official files; logit_mse / "
-                     "cam_mse: their losses with the student from its teacher)")
+    raise ValueError(
+      f"objective.atat.variant = {cfg.variant!r} is not one of {VARIANTS} "
+      "(paper: Eq. 5-7; code_cifar10 / code_cifar100: the official files; logit_mse / "
+      "cam_mse: their losses with the student from its teacher)"
+    )
   if cfg.cam_norm not in CAM_NORMS:
     raise ValueError(f"objective.atat.cam_norm = {cfg.cam_norm!r} is not one of {CAM_NORMS}")
   if cfg.cam_scale not in CAM_SCALES:
@@ -306,11 +394,15 @@ def _config(config) -> ml_collections.ConfigDict:
   if cfg.student_start not in STARTS:
     raise ValueError(f"objective.atat.student_start = {cfg.student_start!r} is not one of {STARTS}")
   if cfg.student_relu not in STUDENT_RELU:
-    raise ValueError(f"objective.atat.student_relu = {cfg.student_relu!r} is not one of {STUDENT_RELU}")
+    raise ValueError(
+      f"objective.atat.student_relu = {cfg.student_relu!r} is not one of {STUDENT_RELU}"
+    )
   sites = (cfg.sites,) if isinstance(cfg.sites, str) else tuple(cfg.sites)
   if LOSSES[cfg.variant] != "logit_mse" and not sites:
-    raise ValueError(f"objective.atat.sites = {cfg.sites!r} is empty: variant {cfg.variant!r} transfers "
-                     "Grad-CAM maps; set e.g. sites=('features',)")
+    raise ValueError(
+      f"objective.atat.sites = {cfg.sites!r} is empty: variant {cfg.variant!r} transfers "
+      "Grad-CAM maps; set e.g. sites=('features',)"
+    )
   if cfg.steps is not None and int(cfg.steps) < 1:
     raise ValueError(f"objective.atat.steps = {cfg.steps!r} must be >= 1 or None (official 7)")
   for name in ("lam_at", "lam_lp"):
@@ -331,22 +423,33 @@ def _frozen_fn(cfg, config, slot: TeacherSlot):
     field = f"config.objective.{NAME}.teacher.workdir"
     if start == "code" and config.init.workdir:
       raise ValueError(
-          f"objective.atat.student_start resolves to 'code' (variant {cfg.variant!r}: the official "
-          f"train_tsf.py starts the student from random init and restores only the teacher) but "
-          f"init.workdir = {config.init.workdir!r}: drop --config.init.workdir, or set "
-          "--config.objective.atat.student_start=teacher (the paper's start; variants logit_mse / cam_mse)")
+        f"objective.atat.student_start resolves to 'code' (variant {cfg.variant!r}: the official "
+        f"train_tsf.py starts the student from random init and restores only the teacher) but "
+        f"init.workdir = {config.init.workdir!r}: drop --config.init.workdir, or set "
+        "--config.objective.atat.student_start=teacher (the paper's start; variants logit_mse / cam_mse)"
+      )
     teacher_cfg = teacher_config(
-        workdir, config, defense="ATAT", field=field,
-        empty_hint=("a finished natural run of the student's dataset and model (e.g. launch.train "
-                    f"--config=...:MODEL,standard), then --{field[len('config.'):]}=THAT_WORKDIR"
-                    + (" --config.init.workdir=THAT_WORKDIR" if start == "teacher" else "")),
-        start_note="the paper starts the student from its teacher (Sec. 3.2)",
-        from_teacher=start == "teacher")
+      workdir,
+      config,
+      defense="ATAT",
+      field=field,
+      empty_hint=(
+        "a finished natural run of the student's dataset and model (e.g. launch.train "
+        f"--config=...:MODEL,standard), then --{field[len('config.') :]}=THAT_WORKDIR"
+        + (" --config.init.workdir=THAT_WORKDIR" if start == "teacher" else "")
+      ),
+      start_note="the paper starts the student from its teacher (Sec. 3.2)",
+      from_teacher=start == "teacher",
+    )
     std = teacher_cfg.get("objective", {}).get("standard", {})
     if teacher_cfg.objective.name != "standard" or float(std.get("label_smoothing", 0.0)) != 0.0:
-      logging.warning("ATAT teacher %s is %r with label smoothing %s; the paper's and the code's teacher "
-                      "is naturally trained (standard, no smoothing)", workdir, teacher_cfg.objective.name,
-                      std.get("label_smoothing"))
+      logging.warning(
+        "ATAT teacher %s is %r with label smoothing %s; the paper's and the code's teacher "
+        "is naturally trained (standard, no smoothing)",
+        workdir,
+        teacher_cfg.objective.name,
+        std.get("label_smoothing"),
+      )
     tree, record = slot.frozen(splits)
     if start == "code":
       record = {**record, "schedule_start_step": int(record["teacher"]["step"])}
@@ -376,8 +479,16 @@ def atat(model, config) -> base.Objective:
 
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
-    return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step,
-                  step_size=step_size)
+    return attack(
+      params,
+      model_state,
+      batch["image"],
+      batch["label"],
+      key,
+      loss="ce",
+      step=step,
+      step_size=step_size,
+    )
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
@@ -387,25 +498,52 @@ def atat(model, config) -> base.Objective:
     rng = base.pass_key(key, 0)
     student_maps = teacher_maps = None
     if uses_maps:
-      out, t_out, student_maps, teacher_maps = attention_maps(model, params, model_state, slot.model, teacher,
-                                                              x, adv, y, sites=sites, rng=rng, **map_kw)
+      out, t_out, student_maps, teacher_maps = attention_maps(
+        model, params, model_state, slot.model, teacher, x, adv, y, sites=sites, rng=rng, **map_kw
+      )
     else:
       yy = jnp.concatenate([y, y])
-      out = base.forward(model, params, model_state, jnp.concatenate([x, adv]), mode="train", labels=yy,
-                         taps=base.ALL_TAPS, rng=rng)
+      out = base.forward(
+        model,
+        params,
+        model_state,
+        jnp.concatenate([x, adv]),
+        mode="train",
+        labels=yy,
+        taps=base.ALL_TAPS,
+        rng=rng,
+      )
       t_out = slot.apply(teacher, x, labels=y)
     t_logits = jax.lax.stop_gradient(t_out.logits)
-    value, metrics = atat_loss(variant, out.logits, y, student_maps=student_maps, teacher_maps=teacher_maps,
-                               teacher_logits=t_logits, lam_at=lam_at, lam_lp=lam_lp)
-    metrics.update({"accuracy": base.accuracy(out.logits[:n], y),
-                    "adv_accuracy": base.accuracy(out.logits[n:], y),
-                    "atat_teacher_accuracy": base.accuracy(t_logits, y)})
+    value, metrics = atat_loss(
+      variant,
+      out.logits,
+      y,
+      student_maps=student_maps,
+      teacher_maps=teacher_maps,
+      teacher_logits=t_logits,
+      lam_at=lam_at,
+      lam_lp=lam_lp,
+    )
+    metrics.update(
+      {
+        "accuracy": base.accuracy(out.logits[:n], y),
+        "adv_accuracy": base.accuracy(out.logits[n:], y),
+        "atat_teacher_accuracy": base.accuracy(t_logits, y),
+      }
+    )
     passes = {"clean": base.slice_output(out, 0, n), "adv": base.slice_output(out, n, 2 * n)}
     return value, base.LossAux(out.model_state, aux_state, metrics, passes)
 
-  return base.Objective(NAME, base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="clean+adversarial (one concatenated pass)"),
-                        adaptive_loss=None, frozen=_frozen_fn(cfg, config, slot))
+  return base.Objective(
+    NAME,
+    base.no_aux_state,
+    generate,
+    loss,
+    base.BNPolicy(attack=attack.bn, update="clean+adversarial (one concatenated pass)"),
+    adaptive_loss=None,
+    frozen=_frozen_fn(cfg, config, slot),
+  )
 
 
 def objective(model, config) -> base.Objective:

@@ -31,8 +31,15 @@ from typing import Any
 
 import ml_collections
 
-from agad.defenses._cas_family import (CAS_LOGITS, CASPlugin, adaptive_factory, adversarial_loss,
-                                       heads_transform, per_example_fn, without_aux)
+from agad.defenses._cas_family import (
+  CAS_LOGITS,
+  CASPlugin,
+  adaptive_factory,
+  adversarial_loss,
+  heads_transform,
+  per_example_fn,
+  without_aux,
+)
 from agad.defenses._cas_family import aux_logits  # noqa: F401  (CAS's heads, read from ``aux``)
 from agad.objectives import base, defaults
 
@@ -40,13 +47,17 @@ AUX_NAME = CAS_LOGITS
 
 # CAS (Bai et al. ICLR 2021; bymavis/CAS_ICLR2021 Standard_Adv_Training).
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.weight = 2.0                  # --beta: CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y); official 2.
+DEFAULTS.weight = 2.0  # --beta: CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y); official 2.
 # Plug-in sites (one aux head each). Official ResNet-18 puts CAS after each of the two
 # units of layer4 (("stage4.unit0", "stage4.unit1") here); agad's default is the final
 # feature map only. "stage4.unit[-1]" names the last unit of a stage for any depth.
 DEFAULTS.sites = ("features",)
-DEFAULTS.random_start = "uniform"      # reg_attack.py: random_start=True, U(-eps, eps). None: config.attack.
-DEFAULTS.attack_bn = "eval"            # attack with model(x, _eval=True): running stats, predicted-label masks.
+DEFAULTS.random_start = (
+  "uniform"  # reg_attack.py: random_start=True, U(-eps, eps). None: config.attack.
+)
+DEFAULTS.attack_bn = (
+  "eval"  # attack with model(x, _eval=True): running stats, predicted-label masks.
+)
 
 
 cas_per_example = per_example_fn("CAS", AUX_NAME)
@@ -70,9 +81,14 @@ def cas(model, config) -> base.Objective:
     loss_fn = combined_loss(model, params, model_state, batch["label"], attack.bn, weight)
     return attack.general(loss_fn, batch["image"], key, step=step)
 
-  return base.Objective("cas", base.no_aux_state, generate,
-                        adversarial_loss(model, cas_per_example, AUX_NAME, weight),
-                        base.BNPolicy(attack=attack.bn, update="adversarial"), _adaptive(weight))
+  return base.Objective(
+    "cas",
+    base.no_aux_state,
+    generate,
+    adversarial_loss(model, cas_per_example, AUX_NAME, weight),
+    base.BNPolicy(attack=attack.bn, update="adversarial"),
+    _adaptive(weight),
+  )
 
 
 def transform(inner: base.Objective, model, config) -> base.Objective:

@@ -98,20 +98,22 @@ from agad.models.layers import TORCH_CONV_DEFAULT, BatchNorm, dense_inits
 from agad.objectives import base, defaults
 from agad.objectives.pgd_at import pgd_at
 
-EPS = 1e-8   # gumbel_sigmoid.py: self.p_value, in every log and in tau + 1e-8
+EPS = 1e-8  # gumbel_sigmoid.py: self.p_value, in every log and in tau + 1e-8
 POS, NEG, REC, MASK_MEAN = "fsr_pos", "fsr_neg", "fsr_rec", "fsr_mask_mean"
 
 # FSR (Kim et al. CVPR 2023; wkim97/FSR @aa83b86).
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.lam_sep = 1.0            # train.py --lam_sep 1.0 (paper Sec. 4.1: lambda_sep = 1).
-DEFAULTS.lam_rec = 1.0            # train.py --lam_rec 1.0 (paper Sec. 4.1: lambda_rec = 1).
-DEFAULTS.tau = 0.1                # train.py --tau 0.1: Gumbel-sigmoid temperature (paper Sec. 4.1).
-DEFAULTS.site = "features"        # resnet_fsr.py: after layer4 (WRN: after the final BN-ReLU);
-                                  # VGG-16: "stage4" (vgg_fsr.py, before pool 4).
-DEFAULTS.width = 64               # Separation/Recalibration(num_channel=64): hidden conv width.
-DEFAULTS.rec_bn_relu = False      # code: R ends with a bare conv; paper Sec. 4.1: conv-BN-ReLU (True).
-DEFAULTS.random_start = "uniform"  # attacks/pgd.py perturb(x, y, True): U(-eps, eps). None: config.attack.
-DEFAULTS.attack_bn = "eval"       # net.eval() + is_eval=True in the attack: running stats, u = 0.5.
+DEFAULTS.lam_sep = 1.0  # train.py --lam_sep 1.0 (paper Sec. 4.1: lambda_sep = 1).
+DEFAULTS.lam_rec = 1.0  # train.py --lam_rec 1.0 (paper Sec. 4.1: lambda_rec = 1).
+DEFAULTS.tau = 0.1  # train.py --tau 0.1: Gumbel-sigmoid temperature (paper Sec. 4.1).
+DEFAULTS.site = "features"  # resnet_fsr.py: after layer4 (WRN: after the final BN-ReLU);
+# VGG-16: "stage4" (vgg_fsr.py, before pool 4).
+DEFAULTS.width = 64  # Separation/Recalibration(num_channel=64): hidden conv width.
+DEFAULTS.rec_bn_relu = False  # code: R ends with a bare conv; paper Sec. 4.1: conv-BN-ReLU (True).
+DEFAULTS.random_start = (
+  "uniform"  # attacks/pgd.py perturb(x, y, True): U(-eps, eps). None: config.attack.
+)
+DEFAULTS.attack_bn = "eval"  # net.eval() + is_eval=True in the attack: running stats, u = 0.5.
 # Not in the paper or code: the backward temperature of the "st" adaptive attack
 # (straight-through mask; forward value at tau). Pitfall 11 of seed_implementations.md.
 # "st_t0.5" and "st_t2" sweep it at 0.5 and 2 (ADAPTIVE_VARIANTS).
@@ -142,12 +144,15 @@ def fsr_mask(r: jax.Array, *, tau: float = 0.1, u: jax.Array | None = None) -> j
     u = jnp.full((2,) + r.shape, 0.5, jnp.float32)
   u = jnp.asarray(u, jnp.float32)
   if u.shape != (2,) + r.shape:
-    raise ValueError(f"fsr_mask: u has shape {u.shape}; it must be (2,) + r.shape = {(2,) + r.shape} "
-                     "(two uniform draws per element), or None for the deterministic eval mask")
+    raise ValueError(
+      f"fsr_mask: u has shape {u.shape}; it must be (2,) + r.shape = {(2,) + r.shape} "
+      "(two uniform draws per element), or None for the deterministic eval mask"
+    )
   p = jax.nn.sigmoid(r)
   g = -jnp.log(-jnp.log(u + EPS) + EPS)
-  z = jnp.stack([(jnp.log(p + EPS) + g[0]) / (tau + EPS),
-                 (jnp.log(1.0 - p + EPS) + g[1]) / (tau + EPS)])
+  z = jnp.stack(
+    [(jnp.log(p + EPS) + g[0]) / (tau + EPS), (jnp.log(1.0 - p + EPS) + g[1]) / (tau + EPS)]
+  )
   return jax.nn.softmax(z, axis=0)[0]
 
 
@@ -159,6 +164,7 @@ class FSRPlugin(nn.Module):
   attack-time switch, ``ADAPTIVE_FIELDS``): the mask's forward value is unchanged, its
   gradient is that of the mask at temperature ``tau_backward`` (straight-through).
   """
+
   num_classes: int
   tau: float = 0.1
   width: int = 64
@@ -167,22 +173,34 @@ class FSRPlugin(nn.Module):
 
   ADAPTIVE_FIELDS = ("tau_backward",)
 
-  def _net(self, prefix: str, x: jax.Array, out: int, *, train: bool, last_bn_relu: bool,
-           conv_init, dtype) -> jax.Array:
+  def _net(
+    self, prefix: str, x: jax.Array, out: int, *, train: bool, last_bn_relu: bool, conv_init, dtype
+  ) -> jax.Array:
     """Conv3x3(->w)-BN-ReLU, Conv3x3(w->w)-BN-ReLU, Conv3x3(w->out) [-BN-ReLU]; no biases."""
     for i, width in enumerate((self.width, self.width, out)):
-      x = nn.Conv(width, (3, 3), padding=1, use_bias=False, kernel_init=conv_init, dtype=dtype,
-                  name=f"{prefix}_conv{i}")(x)
+      x = nn.Conv(
+        width,
+        (3, 3),
+        padding=1,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        name=f"{prefix}_conv{i}",
+      )(x)
       if i < 2 or last_bn_relu:
         x = nn.relu(BatchNorm(name=f"{prefix}_bn{i}")(x, train=train))
     return x
 
   @nn.compact
-  def __call__(self, features: jax.Array, *, train: bool, labels: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, features: jax.Array, *, train: bool, labels: jax.Array | None = None
+  ) -> jax.Array:
     del labels
     if features.ndim != 4:
-      raise ValueError(f"FSRPlugin needs a [B, H, W, C] feature map, got shape {features.shape}: "
-                       "put it at a spatial site (objective.fsr.site, e.g. 'features' or 'stage4')")
+      raise ValueError(
+        f"FSRPlugin needs a [B, H, W, C] feature map, got shape {features.shape}: "
+        "put it at a spatial site (objective.fsr.site, e.g. 'features' or 'stage4')"
+      )
     channels = features.shape[-1]
     # The official modules share their backbone's init loop: read the parent's scheme.
     conv_init = getattr(self.parent, "conv_init", TORCH_CONV_DEFAULT)
@@ -217,8 +235,16 @@ def top_wrong_class(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.where(top2[:, 0] == labels, top2[:, 1], top2[:, 0])
 
 
-def fsr_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array, rec: jax.Array,
-                          labels: jax.Array, *, lam_sep: float = 1.0, lam_rec: float = 1.0) -> jax.Array:
+def fsr_terms_per_example(
+  logits: jax.Array,
+  pos: jax.Array,
+  neg: jax.Array,
+  rec: jax.Array,
+  labels: jax.Array,
+  *,
+  lam_sep: float = 1.0,
+  lam_rec: float = 1.0,
+) -> jax.Array:
   """``lam_sep [CE(pos, y) + CE(neg, y')] + lam_rec CE(rec, y)`` per example ``[B]``
   (``y'`` from ``logits``); every array ``[B, K]`` but ``labels [B]``."""
   ce = attack_losses.cross_entropy
@@ -226,8 +252,16 @@ def fsr_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array, rec
   return lam_sep * (ce(pos, labels) + ce(neg, wrong)) + lam_rec * ce(rec, labels)
 
 
-def adaptive_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array, rec: jax.Array,
-                               labels: jax.Array, *, lam_sep: float = 1.0, lam_rec: float = 1.0) -> jax.Array:
+def adaptive_terms_per_example(
+  logits: jax.Array,
+  pos: jax.Array,
+  neg: jax.Array,
+  rec: jax.Array,
+  labels: jax.Array,
+  *,
+  lam_sep: float = 1.0,
+  lam_rec: float = 1.0,
+) -> jax.Array:
   """The FSR terms as the adaptive attack ascends them, per example ``[B]``::
 
       lam_sep [CE(pos, y) - CE(neg, y')] + lam_rec CE(rec, y)        (y' from ``logits``)
@@ -249,8 +283,16 @@ def adaptive_terms_per_example(logits: jax.Array, pos: jax.Array, neg: jax.Array
   return lam_sep * (ce(pos, labels) - ce(neg, wrong)) + lam_rec * ce(rec, labels)
 
 
-def fsr_loss(logits: jax.Array, logits_pos: jax.Array, logits_neg: jax.Array, logits_rec: jax.Array,
-             labels: jax.Array, *, lam_sep: float = 1.0, lam_rec: float = 1.0) -> jax.Array:
+def fsr_loss(
+  logits: jax.Array,
+  logits_pos: jax.Array,
+  logits_neg: jax.Array,
+  logits_rec: jax.Array,
+  labels: jax.Array,
+  *,
+  lam_sep: float = 1.0,
+  lam_rec: float = 1.0,
+) -> jax.Array:
   """The scalar FSR minimises on adversarial inputs (train.py:139-165), batch means:
 
       CE(logits, y) + lam_sep [CE(logits_pos, y) + CE(logits_neg, y')] + lam_rec CE(logits_rec, y)
@@ -260,25 +302,33 @@ def fsr_loss(logits: jax.Array, logits_pos: jax.Array, logits_neg: jax.Array, lo
   Stable public API.
   """
   main = attack_losses.cross_entropy(logits, labels)
-  return jnp.mean(main + fsr_terms_per_example(logits, logits_pos, logits_neg, logits_rec, labels,
-                                               lam_sep=lam_sep, lam_rec=lam_rec))
+  return jnp.mean(
+    main
+    + fsr_terms_per_example(
+      logits, logits_pos, logits_neg, logits_rec, labels, lam_sep=lam_sep, lam_rec=lam_rec
+    )
+  )
 
 
 def fsr_heads(aux: dict) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
   """``[(pos, neg, rec), ...]``, one triple per FSR module found in an ``aux`` collection."""
   pos, neg, rec = (aux_logits(aux, name) for name in (POS, NEG, REC))
   if not pos or not (len(pos) == len(neg) == len(rec)):
-    raise ValueError(f"FSR found no '{POS}'/'{NEG}'/'{REC}' logits in the model's 'aux' collection "
-                     f"(got {len(pos)}/{len(neg)}/{len(rec)}): build the model with "
-                     "agad.defenses.build_model(config, info) so that the FSR plug-in is placed")
+    raise ValueError(
+      f"FSR found no '{POS}'/'{NEG}'/'{REC}' logits in the model's 'aux' collection "
+      f"(got {len(pos)}/{len(neg)}/{len(rec)}): build the model with "
+      "agad.defenses.build_model(config, info) so that the FSR plug-in is placed"
+    )
   return list(zip(pos, neg, rec))
 
 
 def _terms_from_aux(logits, aux, labels, lam_sep, lam_rec) -> jax.Array:
   """FSR terms per example ``[B]``, averaged over modules (paper Eq. 5)."""
   heads = fsr_heads(aux)
-  return sum(fsr_terms_per_example(logits, p, n, r, labels, lam_sep=lam_sep, lam_rec=lam_rec)
-             for p, n, r in heads) / len(heads)
+  return sum(
+    fsr_terms_per_example(logits, p, n, r, labels, lam_sep=lam_sep, lam_rec=lam_rec)
+    for p, n, r in heads
+  ) / len(heads)
 
 
 def _metrics(logits, aux, labels) -> dict:
@@ -287,12 +337,12 @@ def _metrics(logits, aux, labels) -> dict:
   ce = attack_losses.cross_entropy
   mean = lambda fn: sum(fn(*h) for h in heads) / len(heads)
   return {
-      "fsr_sep_loss": mean(lambda p, n, r: jnp.mean(ce(p, labels) + ce(n, wrong))),
-      "fsr_rec_loss": mean(lambda p, n, r: jnp.mean(ce(r, labels))),
-      "fsr_pos_accuracy": mean(lambda p, n, r: base.accuracy(p, labels)),
-      "fsr_neg_wrong_accuracy": mean(lambda p, n, r: base.accuracy(n, wrong)),
-      "fsr_rec_accuracy": mean(lambda p, n, r: base.accuracy(r, labels)),
-      "fsr_mask_mean": jnp.mean(jnp.stack([jnp.mean(m) for m in aux_logits(aux, MASK_MEAN)])),
+    "fsr_sep_loss": mean(lambda p, n, r: jnp.mean(ce(p, labels) + ce(n, wrong))),
+    "fsr_rec_loss": mean(lambda p, n, r: jnp.mean(ce(r, labels))),
+    "fsr_pos_accuracy": mean(lambda p, n, r: base.accuracy(p, labels)),
+    "fsr_neg_wrong_accuracy": mean(lambda p, n, r: base.accuracy(n, wrong)),
+    "fsr_rec_accuracy": mean(lambda p, n, r: base.accuracy(r, labels)),
+    "fsr_mask_mean": jnp.mean(jnp.stack([jnp.mean(m) for m in aux_logits(aux, MASK_MEAN)])),
   }
 
 
@@ -301,8 +351,9 @@ def _config(config) -> ml_collections.ConfigDict:
   if not float(cfg.tau) > 0:
     raise ValueError(f"objective.fsr.tau = {cfg.tau!r} must be > 0 (official 0.1)")
   if not (isinstance(cfg.site, str) and cfg.site):
-    raise ValueError(f"objective.fsr.site = {cfg.site!r} must be one site name, e.g. 'features' "
-                     "(VGG-16: 'stage4')")
+    raise ValueError(
+      f"objective.fsr.site = {cfg.site!r} must be one site name, e.g. 'features' (VGG-16: 'stage4')"
+    )
   if int(cfg.width) < 1:
     raise ValueError(f"objective.fsr.width = {cfg.width!r} must be a positive int (official 64)")
   return cfg
@@ -311,12 +362,23 @@ def _config(config) -> ml_collections.ConfigDict:
 def plugins(config: Any, num_classes: int) -> dict:
   """``{objective.fsr.site: FSRPlugin factory}``."""
   cfg = _config(config)
-  return {cfg.site: functools.partial(FSRPlugin, num_classes=num_classes, tau=float(cfg.tau),
-                                      width=int(cfg.width), rec_bn_relu=bool(cfg.rec_bn_relu))}
+  return {
+    cfg.site: functools.partial(
+      FSRPlugin,
+      num_classes=num_classes,
+      tau=float(cfg.tau),
+      width=int(cfg.width),
+      rec_bn_relu=bool(cfg.rec_bn_relu),
+    )
+  }
 
 
 def _state(variables: dict) -> dict:
-  return {k: v for k, v in variables.items() if k not in ("params", "aux", "intermediates", "perturbations")}
+  return {
+    k: v
+    for k, v in variables.items()
+    if k not in ("params", "aux", "intermediates", "perturbations")
+  }
 
 
 def _adaptive(cfg):
@@ -332,15 +394,20 @@ def _adaptive(cfg):
     def combined(x, labels):
       out = base.forward(net, params, state, x, mode="eval")
       heads = fsr_heads(out.aux)
-      terms = sum(adaptive_terms_per_example(out.logits, p, n, r, labels, lam_sep=lam_sep, lam_rec=lam_rec)
-                  for p, n, r in heads) / len(heads)
+      terms = sum(
+        adaptive_terms_per_example(out.logits, p, n, r, labels, lam_sep=lam_sep, lam_rec=lam_rec)
+        for p, n, r in heads
+      ) / len(heads)
       return attack_losses.cross_entropy(out.logits, labels) + terms
 
     def straight_through(tau_backward: float):
       st_net = _registry.with_plugin_overrides(net, tau_backward=tau_backward)
 
       def fn(x, labels):
-        return attack_losses.cross_entropy(base.forward(st_net, params, state, x, mode="eval").logits, labels)
+        return attack_losses.cross_entropy(
+          base.forward(st_net, params, state, x, mode="eval").logits, labels
+        )
+
       return fn
 
     variants = {}
@@ -348,7 +415,9 @@ def _adaptive(cfg):
       if tau_b is None:
         variants[name] = combined
       else:
-        variants[name] = straight_through(float(cfg.adaptive_tau_backward if tau_b == "default" else tau_b))
+        variants[name] = straight_through(
+          float(cfg.adaptive_tau_backward if tau_b == "default" else tau_b)
+        )
     return variants
 
   return adaptive_loss
@@ -364,7 +433,9 @@ def transform(inner: base.Objective, model, config) -> base.Objective:
   def terms(params, passes, batch, key, step):
     del params, key, step
     if "adv" not in passes:
-      raise ValueError(f"+fsr needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}")
+      raise ValueError(
+        f"+fsr needs an inner objective with an 'adv' pass; {inner.name} has {sorted(passes)}"
+      )
     out, labels = passes["adv"], batch["label"]
     value = jnp.mean(_terms_from_aux(out.logits, out.aux, labels, lam_sep, lam_rec))
     return value, _metrics(out.logits, out.aux, labels)
@@ -383,7 +454,8 @@ def fsr(model, config) -> base.Objective:
     return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
 
   inner = pgd_at(model, config)._replace(
-      generate=generate, bn_policy=base.BNPolicy(attack=attack.bn, update="adversarial"))
+    generate=generate, bn_policy=base.BNPolicy(attack=attack.bn, update="adversarial")
+  )
   return transform(inner, model, config)._replace(name="fsr")
 
 

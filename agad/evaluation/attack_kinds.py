@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
@@ -22,12 +21,24 @@ def _misclassified(logits_fn, labels, x):
   return jnp.argmax(logits_fn(x), -1) != labels
 
 
-def _pgd_like(logits_fn, x, y, key, kw, *, loss="ce", kappa=None, stochastic=False,
-              track_best=True):
-  return iterative.pgd(logits_fn, x, y, key, eps=kw["eps"], step_size=kw["step_size"],
-                       steps=kw["steps"], norm=kw.get("norm", "linf"),
-                       random_start=kw.get("random_start", "uniform"), loss=loss, kappa=kappa,
-                       stochastic=stochastic, track_best=track_best)
+def _pgd_like(
+  logits_fn, x, y, key, kw, *, loss="ce", kappa=None, stochastic=False, track_best=True
+):
+  return iterative.pgd(
+    logits_fn,
+    x,
+    y,
+    key,
+    eps=kw["eps"],
+    step_size=kw["step_size"],
+    steps=kw["steps"],
+    norm=kw.get("norm", "linf"),
+    random_start=kw.get("random_start", "uniform"),
+    loss=loss,
+    kappa=kappa,
+    stochastic=stochastic,
+    track_best=track_best,
+  )
 
 
 def _adaptive_loss_partial(adaptive_loss: Callable) -> Callable:
@@ -36,8 +47,9 @@ def _adaptive_loss_partial(adaptive_loss: Callable) -> Callable:
   return lambda labels: Partial(fn, labels)
 
 
-def batch_runner(spec, logits_fn, *, adaptive_loss=None, surrogate=None,
-                 stochastic: bool = False) -> Callable:
+def batch_runner(
+  spec, logits_fn, *, adaptive_loss=None, surrogate=None, stochastic: bool = False
+) -> Callable:
   """``(x, y, key) -> x_adv`` for the per-batch kinds; ``adaptive_loss`` is ``{variant: loss}``.
 
   ``stochastic``: ``logits_fn(x, key)`` is randomised; PGD-family attacks draw a fresh key
@@ -48,56 +60,102 @@ def batch_runner(spec, logits_fn, *, adaptive_loss=None, surrogate=None,
   kind = spec.kind
   norm = kw.get("norm", "linf")
   if kind == "fgsm":
-    return lambda x, y, k: iterative.fgsm(logits_fn, x, y, k, eps=kw["eps"], norm=norm,
-                                          stochastic=stochastic, track_best=True)
+    return lambda x, y, k: iterative.fgsm(
+      logits_fn, x, y, k, eps=kw["eps"], norm=norm, stochastic=stochastic, track_best=True
+    )
   if kind == "pgd":
-    return lambda x, y, k: _pgd_like(logits_fn, x, y, k, kw, loss=kw.get("loss", "ce"),
-                                     stochastic=stochastic)
+    return lambda x, y, k: _pgd_like(
+      logits_fn, x, y, k, kw, loss=kw.get("loss", "ce"), stochastic=stochastic
+    )
   if kind == "mim":
-    return lambda x, y, k: iterative.mim(logits_fn, x, y, k, eps=kw["eps"], steps=kw["steps"],
-                                         step_size=kw.get("step_size"), decay=kw.get("decay", 1.0),
-                                         norm=norm, stochastic=stochastic, track_best=True)
+    return lambda x, y, k: iterative.mim(
+      logits_fn,
+      x,
+      y,
+      k,
+      eps=kw["eps"],
+      steps=kw["steps"],
+      step_size=kw.get("step_size"),
+      decay=kw.get("decay", 1.0),
+      norm=norm,
+      stochastic=stochastic,
+      track_best=True,
+    )
   if kind == "cw":
-    return lambda x, y, k: _pgd_like(logits_fn, x, y, k, kw, loss="margin",
-                                     kappa=kw.get("kappa", 50.0), stochastic=stochastic)
+    return lambda x, y, k: _pgd_like(
+      logits_fn, x, y, k, kw, loss="margin", kappa=kw.get("kappa", 50.0), stochastic=stochastic
+    )
   if kind == "adaptive":
     if adaptive_loss is None:
       raise ValueError(f"attack {spec.name!r} needs the defense's adaptive loss; none was given")
     variant = kw.get("variant", "")
     if variant not in adaptive_loss:
-      has = ("a single adaptive loss (variant '')" if set(adaptive_loss) == {""}
-             else sorted(adaptive_loss))
-      raise ValueError(f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the "
-                       f"defense has {has}")
+      has = (
+        "a single adaptive loss (variant '')"
+        if set(adaptive_loss) == {""}
+        else sorted(adaptive_loss)
+      )
+      raise ValueError(
+        f"attack {spec.name!r} asks for adaptive-loss variant {variant!r}; the defense has {has}"
+      )
     make = _adaptive_loss_partial(adaptive_loss[variant])
     success = (lambda y: None) if stochastic else (lambda y: Partial(_misclassified, logits_fn, y))
     return lambda x, y, k: iterative.pgd_general(
-        make(y), x, k, eps=kw["eps"], step_size=kw["step_size"], steps=kw["steps"], norm=norm,
-        random_start=kw.get("random_start", "uniform"), success_fn=success(y))
+      make(y),
+      x,
+      k,
+      eps=kw["eps"],
+      step_size=kw["step_size"],
+      steps=kw["steps"],
+      norm=norm,
+      random_start=kw.get("random_start", "uniform"),
+      success_fn=success(y),
+    )
   if kind == "transfer":
     if surrogate is None:
       raise ValueError(f"attack {spec.name!r} needs a surrogate logits_fn (--surrogate=WORKDIR)")
     # The surrogate's iterates: choosing among them by the target's output would query it.
-    return lambda x, y, k: _pgd_like(surrogate, x, y, k, kw, loss=kw.get("loss", "ce"),
-                                     track_best=False)
+    return lambda x, y, k: _pgd_like(
+      surrogate, x, y, k, kw, loss=kw.get("loss", "ce"), track_best=False
+    )
   from agad import attacks as attacks_lib  # The AutoAttack components.
+
   if kind == "square":
-    return lambda x, y, k: attacks_lib.square(logits_fn, x, y, k, eps=kw["eps"],
-                                              n_queries=kw.get("queries", 5000),
-                                              p_init=kw.get("p_init", 0.8), norm=norm,
-                                              stochastic=stochastic)
+    return lambda x, y, k: attacks_lib.square(
+      logits_fn,
+      x,
+      y,
+      k,
+      eps=kw["eps"],
+      n_queries=kw.get("queries", 5000),
+      p_init=kw.get("p_init", 0.8),
+      norm=norm,
+      stochastic=stochastic,
+    )
   if kind == "apgd-ce":
-    return lambda x, y, k: attacks_lib.apgd(logits_fn, x, y, k, eps=kw["eps"], steps=kw.get("steps", 100),
-                                            loss="ce", norm=norm, stochastic=stochastic)
+    return lambda x, y, k: attacks_lib.apgd(
+      logits_fn,
+      x,
+      y,
+      k,
+      eps=kw["eps"],
+      steps=kw.get("steps", 100),
+      loss="ce",
+      norm=norm,
+      stochastic=stochastic,
+    )
   raise ValueError(f"unknown attack kind {kind!r} in {spec.name!r}")
 
 
-RAND_ON_DETERMINISTIC = ("version 'rand' (EOT) was asked for on a deterministic model: ran "
-                         "'standard' instead (EOT only averages a randomised model's noise)")
+RAND_ON_DETERMINISTIC = (
+  "version 'rand' (EOT) was asked for on a deterministic model: ran "
+  "'standard' instead (EOT only averages a randomised model's noise)"
+)
 
 
-def run_autoattack(spec, logits_fn, images, labels, key, *, batch_size: int,
-                   stochastic: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+def run_autoattack(
+  spec, logits_fn, images, labels, key, *, batch_size: int, stochastic: bool = False
+) -> tuple[np.ndarray, np.ndarray, dict]:
   """AutoAttack on one chunk: ``(robust [n], adversarial [n,H,W,C], stages)``.
 
   ``stages``: ``order``, ``times``, ``broken_by`` [n] and ``flags`` (AutoAttack's own
@@ -113,12 +171,26 @@ def run_autoattack(spec, logits_fn, images, labels, key, *, batch_size: int,
   extra = {k: kw[k] for k in ("steps", "square_queries") if k in kw}
   if "attacks" in kw:
     extra["attacks"] = list(kw["attacks"])
-  out = autoattack(logits_fn, images, labels, key, eps=kw["eps"], norm=kw.get("norm", "linf"),
-                   version=version, batch_size=batch_size, stochastic=stochastic, verbose=True,
-                   **extra)
-  stages = {"order": list(out["per_attack"]), "times": out["times"],
-            "broken_by": np.asarray(out["broken_by"]).astype(str),
-            "flags": notes + list(out["flags"]), "version_run": version}
+  out = autoattack(
+    logits_fn,
+    images,
+    labels,
+    key,
+    eps=kw["eps"],
+    norm=kw.get("norm", "linf"),
+    version=version,
+    batch_size=batch_size,
+    stochastic=stochastic,
+    verbose=True,
+    **extra,
+  )
+  stages = {
+    "order": list(out["per_attack"]),
+    "times": out["times"],
+    "broken_by": np.asarray(out["broken_by"]).astype(str),
+    "flags": notes + list(out["flags"]),
+    "version_run": version,
+  }
   return np.asarray(out["robust"]), np.asarray(out["adversarial"], np.float32), stages
 
 
@@ -135,21 +207,30 @@ def autoattack_stages(chunks: list[dict | None], starts: list[int]) -> dict:
     return {"per_attack_note": "per-stage results not cached for these chunks"}
   order = known[0]["order"]
   broken_by = np.concatenate([np.asarray(c["broken_by"]).astype(str) for c in known])
-  out = {"per_attack": {}, "per_attack_time_s": {
-      name: float(sum(c["times"].get(name, 0.0) for c in known)) for name in order}}
+  out = {
+    "per_attack": {},
+    "per_attack_time_s": {
+      name: float(sum(c["times"].get(name, 0.0) for c in known)) for name in order
+    },
+  }
   for s, name in enumerate(order):
-    gone = np.isin(broken_by, ["clean"] + order[:s + 1])
+    gone = np.isin(broken_by, ["clean"] + order[: s + 1])
     out["per_attack"][name] = float(1.0 - gone.mean())
   if len(known) < len(chunks):
-    out["per_attack_note"] = (f"per-stage figures over {int(broken_by.size)} examples of "
-                              f"{len(known)}/{len(chunks)} chunks (older cache entries lack them)")
+    out["per_attack_note"] = (
+      f"per-stage figures over {int(broken_by.size)} examples of "
+      f"{len(known)}/{len(chunks)} chunks (older cache entries lack them)"
+    )
   where: dict[str, list[int]] = {}  # flag -> first positions of the chunks that raised it
   for c, start in zip(chunks, starts):
     for flag in (c or {}).get("flags", []):
       where.setdefault(flag, []).append(int(start))
-  out["flags"] = [flag if len(at) == len(chunks) else
-                  f"{flag} (in the chunk{'s' if len(at) > 1 else ''} from example "
-                  f"{', '.join(map(str, at))})" for flag, at in where.items()]
+  out["flags"] = [
+    flag
+    if len(at) == len(chunks)
+    else f"{flag} (in the chunk{'s' if len(at) > 1 else ''} from example {', '.join(map(str, at))})"
+    for flag, at in where.items()
+  ]
   runs = {c.get("version_run") for c in known if c.get("version_run")}
   if runs:
     out["version_run"] = ",".join(sorted(runs))

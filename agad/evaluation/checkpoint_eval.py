@@ -41,10 +41,18 @@ def write_npz(path: str, arrays: dict) -> None:
   os.replace(tmp, path)
 
 
-def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
-             num_examples: int | None = None, surrogate: str | None = None,
-             output: str | None = None, chunk: int = 1000, eval_config=None,
-             log: Callable | None = print) -> tuple[dict, str]:
+def evaluate(
+  workdir: str,
+  *,
+  step: Any = "best",
+  preset: str | None = None,
+  num_examples: int | None = None,
+  surrogate: str | None = None,
+  output: str | None = None,
+  chunk: int = 1000,
+  eval_config=None,
+  log: Callable | None = print,
+) -> tuple[dict, str]:
   """Evaluates ``workdir``'s checkpoint; returns ``(report, path stem of the files)``.
 
   Args:
@@ -72,37 +80,69 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   adaptive_factory = loaded.objective().adaptive_loss
   adaptive = adaptive_factory(loaded.model, loaded.variables) if adaptive_factory else None
   surrogate_fn = api.load(surrogate, "best").logits_fn if surrogate else None
-  specs = presets.build_specs(eval_cfg, preset=preset,
-                              adaptive=tuple(adaptive_variants(adaptive) or ()),
-                              surrogate=surrogate_fn is not None)
+  specs = presets.build_specs(
+    eval_cfg,
+    preset=preset,
+    adaptive=tuple(adaptive_variants(adaptive) or ()),
+    surrogate=surrogate_fn is not None,
+  )
   out_dir = output or os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   model_hash = suite_lib.params_hash(loaded.variables)
   dtype, fingerprint = str(saved.model.get("dtype", "float32")), _fingerprint(saved, weights)
   log = log or (lambda *_: None)
-  log(f"evaluating {workdir} step {loaded.step} ({weights_note}, hash {model_hash}) on "
-      f"{len(test) if indices is None else len(indices)} test images at eps {float(eval_cfg.eps):.6g} "
-      f"({255 * float(eval_cfg.eps):.3g}/255): "
-      + ", ".join(s.name for s in specs))
+  log(
+    f"evaluating {workdir} step {loaded.step} ({weights_note}, hash {model_hash}) on "
+    f"{len(test) if indices is None else len(indices)} test images at eps {float(eval_cfg.eps):.6g} "
+    f"({255 * float(eval_cfg.eps):.3g}/255): " + ", ".join(s.name for s in specs)
+  )
   report = suite_lib.run_suite(
-      loaded.logits_fn, test, specs, eps=float(eval_cfg.eps), indices=indices,
-      batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed),
-      cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None, model_hash=model_hash,
-      adaptive_loss=adaptive, surrogate=surrogate_fn, log=log, chunk=chunk,
-      sweep_steps=int(eval_cfg.pgd_steps), dtype=dtype, fingerprint=fingerprint,
-      verify_logits_fn=_float32_logits_fn(loaded, dtype),
-      meta={"workdir": os.path.abspath(workdir), "step": loaded.step, "params": weights, "weights": weights_note,
-            "dataset": saved.data.name, "num_classes": int(loaded.info.num_classes), "split": "test", "model": saved.model.name,
-            "objective": saved.objective.name, "bn": "eval (running statistics)",
-            "preset": preset})
+    loaded.logits_fn,
+    test,
+    specs,
+    eps=float(eval_cfg.eps),
+    indices=indices,
+    batch_size=int(eval_cfg.batch_size),
+    seed=int(eval_cfg.seed),
+    cache_dir=os.path.join(out_dir, "cache") if eval_cfg.cache else None,
+    model_hash=model_hash,
+    adaptive_loss=adaptive,
+    surrogate=surrogate_fn,
+    log=log,
+    chunk=chunk,
+    sweep_steps=int(eval_cfg.pgd_steps),
+    dtype=dtype,
+    fingerprint=fingerprint,
+    verify_logits_fn=_float32_logits_fn(loaded, dtype),
+    meta={
+      "workdir": os.path.abspath(workdir),
+      "step": loaded.step,
+      "params": weights,
+      "weights": weights_note,
+      "dataset": saved.data.name,
+      "num_classes": int(loaded.info.num_classes),
+      "split": "test",
+      "model": saved.model.name,
+      "objective": saved.objective.name,
+      "bn": "eval (running statistics)",
+      "preset": preset,
+    },
+  )
   analysis = loaded.objective().analysis
   if preset == "ladder" and analysis is not None:
-    report["analysis"] = run_analysis(analysis(loaded.model, loaded.variables), test, indices,
-                                      eps_values=(0.0,) + tuple(f * float(eval_cfg.eps)
-                                                                for f in presets.ladder_factors(eval_cfg)),
-                                      batch_size=int(eval_cfg.batch_size), seed=int(eval_cfg.seed), log=log)
+    report["analysis"] = run_analysis(
+      analysis(loaded.model, loaded.variables),
+      test,
+      indices,
+      eps_values=(0.0,) + tuple(f * float(eval_cfg.eps) for f in presets.ladder_factors(eval_cfg)),
+      batch_size=int(eval_cfg.batch_size),
+      seed=int(eval_cfg.seed),
+      log=log,
+    )
   report["before_quoting"] = checks.conclusion_warnings(report)  # near chance, small n
-  stem = os.path.join(out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else ""))
+  stem = os.path.join(
+    out_dir, f"report_step{loaded.step}_{preset}" + (f"_n{len(indices)}" if indices else "")
+  )
   per_example = report.pop("per_example")
   report["per_example_file"] = os.path.basename(stem) + ".npz"
   if jax.process_index() == 0:  # a multi-process run: every process has the report, one writes
@@ -114,8 +154,9 @@ def evaluate(workdir: str, *, step: Any = "best", preset: str | None = None,
   return report, stem
 
 
-def run_analysis(fn, source, indices, *, eps_values, batch_size: int, seed: int,
-                 log: Callable | None = None) -> dict:
+def run_analysis(
+  fn, source, indices, *, eps_values, batch_size: int, seed: int, log: Callable | None = None
+) -> dict:
   """Runs an ``Objective.analysis`` function over the evaluated test images in batches
   (key ``fold_in(seed, batch index)``) and summarises it for the report: the per-eps mean
   and standard error of ``y`` and the function's ``summary`` (computed on every image)."""
@@ -123,27 +164,42 @@ def run_analysis(fn, source, indices, *, eps_values, batch_size: int, seed: int,
   key = jax.random.key(seed)
   parts = []
   for b, start in enumerate(range(0, len(idx), batch_size)):
-    rows = idx[start:start + batch_size]
+    rows = idx[start : start + batch_size]
     images = source.images[rows].astype(np.float32) / np.float32(255)
     parts.append(fn(images, source.labels[rows], jax.random.fold_in(key, b), eps_values))
-  y = np.concatenate([np.asarray(p["y"], np.float64) for p in parts], axis=1)   # [n, B]
+  y = np.concatenate([np.asarray(p["y"], np.float64) for p in parts], axis=1)  # [n, B]
   x = np.asarray(parts[0]["x"], np.float64)
   out = {k: parts[0][k] for k in ("name", "xlabel", "ylabel")}
-  out.update(x=x.tolist(), y_mean=y.mean(axis=1).tolist(),
-             y_stderr=(y.std(axis=1, ddof=1) / np.sqrt(y.shape[1])).tolist() if y.shape[1] > 1
-             else [0.0] * len(x), n=int(y.shape[1]),
-             summary={"spearman_x_y": float(scipy.stats.spearmanr(np.repeat(x, y.shape[1]),
-                                                                   y.reshape(-1)).statistic)})
+  out.update(
+    x=x.tolist(),
+    y_mean=y.mean(axis=1).tolist(),
+    y_stderr=(y.std(axis=1, ddof=1) / np.sqrt(y.shape[1])).tolist()
+    if y.shape[1] > 1
+    else [0.0] * len(x),
+    n=int(y.shape[1]),
+    summary={
+      "spearman_x_y": float(
+        scipy.stats.spearmanr(np.repeat(x, y.shape[1]), y.reshape(-1)).statistic
+      )
+    },
+  )
   if log:
-    log(f"analysis {out['name']}: mean " + ", ".join(f"{v:.4f} at eps {e:.4g}" for e, v in zip(x, out["y_mean"]))
-        + f"; rank correlation with eps {out['summary']['spearman_x_y']:.3f} (n={out['n']})")
+    log(
+      f"analysis {out['name']}: mean "
+      + ", ".join(f"{v:.4f} at eps {e:.4g}" for e, v in zip(x, out["y_mean"]))
+      + f"; rank correlation with eps {out['summary']['spearman_x_y']:.3f} (n={out['n']})"
+    )
   return out
 
 
 def _fingerprint(saved, weights) -> str:
   """The model definition and data the cache entries depend on (beyond the weights)."""
-  parts = {"model": saved.model.to_dict(), "data": saved.data.get("name"),
-           "objective": saved.objective.to_dict(), "params": weights}
+  parts = {
+    "model": saved.model.to_dict(),
+    "data": saved.data.get("name"),
+    "objective": saved.objective.to_dict(),
+    "params": weights,
+  }
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -18,23 +18,25 @@ from agad.evaluation.presets import PRESETS
 
 def eval_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.batch_size = 500          # Eval batch.
-  c.pgd_steps = 20            # PGD-k on the test set.
-  c.step_size = 2 / 255       # PGD step size.
-  c.eps = 8 / 255             # Evaluation radius.
-  c.restarts = 1              # PGD restarts (per-example worst case).
-  c.num_examples = ml_collections.FieldReference(None, field_type=int)  # First N test images (None = all).
-  c.params = "auto"           # auto (the weights validation selected on: ema when the run kept and
-                              # validated an EMA, else params) | params | ema.
-  c.preset = "pgd"            # pgd (clean + PGD-k) | table | table_aa | full | autoattack | ladder.
+  c.batch_size = 500  # Eval batch.
+  c.pgd_steps = 20  # PGD-k on the test set.
+  c.step_size = 2 / 255  # PGD step size.
+  c.eps = 8 / 255  # Evaluation radius.
+  c.restarts = 1  # PGD restarts (per-example worst case).
+  c.num_examples = ml_collections.FieldReference(
+    None, field_type=int
+  )  # First N test images (None = all).
+  c.params = "auto"  # auto (the weights validation selected on: ema when the run kept and
+  # validated an EMA, else params) | params | ema.
+  c.preset = "pgd"  # pgd (clean + PGD-k) | table | table_aa | full | autoattack | ladder.
   c.ladder = (0.125, 0.25, 0.5, 1.0)  # ladder preset: PGD-k at these factors of eps (AFA's
-                              # {1, 2, 4, 8}/255 at 8/255); increasing, in (0, 1], last 1.
-  c.aa_version = "standard"   # AutoAttack version: standard | plus | rand.
-  c.cw_kappa = 50.0           # C&W-inf: margin clipped at kappa (the papers' "C&W").
-  c.cw_steps = 30             # C&W-inf: PGD steps on the margin.
-  c.cw_step_size = 2 / 255    # C&W-inf: step size.
-  c.cache = True              # Cache per-example results under WORKDIR/eval/cache.
-  c.seed = 0                  # Attack randomness.
+  # {1, 2, 4, 8}/255 at 8/255); increasing, in (0, 1], last 1.
+  c.aa_version = "standard"  # AutoAttack version: standard | plus | rand.
+  c.cw_kappa = 50.0  # C&W-inf: margin clipped at kappa (the papers' "C&W").
+  c.cw_steps = 30  # C&W-inf: PGD steps on the margin.
+  c.cw_step_size = 2 / 255  # C&W-inf: step size.
+  c.cache = True  # Cache per-example results under WORKDIR/eval/cache.
+  c.seed = 0  # Attack randomness.
   return c
 
 
@@ -84,22 +86,30 @@ def eval_rules() -> dict:
   positive_int = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
   step = (lambda v: _is_real(v) and v > 0, "a step size > 0 (pixel units)")
   return {
-      "batch_size": positive_int,
-      "pgd_steps": positive_int,
-      "step_size": step,
-      "eps": (lambda v: _is_real(v) and 0 <= v <= 1, "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)"),
-      "restarts": positive_int,
-      "num_examples": (lambda v: v is None or (_is_int(v) and v >= 1), "None (all) or an integer >= 1"),
-      "params": (lambda v: v in ("auto", "params", "ema"), "auto | params | ema"),
-      "preset": (lambda v: isinstance(v, str) and v in PRESETS, " | ".join(PRESETS)),
-      "ladder": (_ladder_ok, "increasing factors of eval.eps in (0, 1] ending at 1, "
-                             "e.g. (0.125, 0.25, 0.5, 1.0)"),
-      "aa_version": (lambda v: v in ("standard", "plus", "rand"), "standard | plus | rand"),
-      "cw_kappa": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (the C&W margin)"),
-      "cw_steps": positive_int,
-      "cw_step_size": step,
-      "cache": (lambda v: isinstance(v, bool), "True | False"),
-      "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (a seed)"),
+    "batch_size": positive_int,
+    "pgd_steps": positive_int,
+    "step_size": step,
+    "eps": (
+      lambda v: _is_real(v) and 0 <= v <= 1,
+      "a radius in [0, 1] pixel units (e.g. 8/255 or 0.1)",
+    ),
+    "restarts": positive_int,
+    "num_examples": (
+      lambda v: v is None or (_is_int(v) and v >= 1),
+      "None (all) or an integer >= 1",
+    ),
+    "params": (lambda v: v in ("auto", "params", "ema"), "auto | params | ema"),
+    "preset": (lambda v: isinstance(v, str) and v in PRESETS, " | ".join(PRESETS)),
+    "ladder": (
+      _ladder_ok,
+      "increasing factors of eval.eps in (0, 1] ending at 1, e.g. (0.125, 0.25, 0.5, 1.0)",
+    ),
+    "aa_version": (lambda v: v in ("standard", "plus", "rand"), "standard | plus | rand"),
+    "cw_kappa": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0 (the C&W margin)"),
+    "cw_steps": positive_int,
+    "cw_step_size": step,
+    "cache": (lambda v: isinstance(v, bool), "True | False"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (a seed)"),
   }
 
 
@@ -110,8 +120,10 @@ def validate_eval_config(cfg) -> None:
   rules = eval_rules()
   for field in cfg.keys():
     if field not in rules:
-      raise ValueError(f"config.eval.{field}={cfg[field]!r} is invalid: no such field; fields of "
-                       f"config.eval: {', '.join(sorted(rules))}")
+      raise ValueError(
+        f"config.eval.{field}={cfg[field]!r} is invalid: no such field; fields of "
+        f"config.eval: {', '.join(sorted(rules))}"
+      )
     ok, accepted = rules[field]
     if not ok(cfg[field]):
       raise ValueError(f"config.eval.{field}={cfg[field]!r} is invalid: {accepted}")
@@ -132,6 +144,8 @@ def weights_to_evaluate(eval_cfg, config) -> tuple[str, str]:
   if choice not in ("params", "ema"):
     raise ValueError(f"eval.params={choice!r} is not one of auto | params | ema")
   if choice != selected:
-    return choice, (f"{choice}, but the checkpoint was selected on the {selected} weights' validation "
-                    "accuracy: 'best' may not be best for these weights")
+    return choice, (
+      f"{choice}, but the checkpoint was selected on the {selected} weights' validation "
+      "accuracy: 'best' may not be best for these weights"
+    )
   return choice, f"{choice} (the weights validation selected the checkpoint on)"

@@ -29,9 +29,17 @@ def adaptive_specs(variants, eps: float, step: float, k: int) -> list[AttackSpec
   ``adaptive-<variant>-pgd-k``; ``variants`` True means the single default one."""
   if variants is True:
     variants = ("",)
-  return [AttackSpec.make(f"adaptive-{v + '-' if v else ''}pgd-{k}", "adaptive", eps=eps,
-                          step_size=step, steps=k, **({"variant": v} if v else {}))
-          for v in (variants or ())]
+  return [
+    AttackSpec.make(
+      f"adaptive-{v + '-' if v else ''}pgd-{k}",
+      "adaptive",
+      eps=eps,
+      step_size=step,
+      steps=k,
+      **({"variant": v} if v else {}),
+    )
+    for v in (variants or ())
+  ]
 
 
 def ladder_factors(eval_cfg) -> tuple[float, ...]:
@@ -39,38 +47,73 @@ def ladder_factors(eval_cfg) -> tuple[float, ...]:
   return tuple(float(f) for f in eval_cfg.ladder)
 
 
-def build_specs(eval_cfg, *, preset: str, adaptive=False, surrogate: bool = False) -> list[AttackSpec]:
+def build_specs(
+  eval_cfg, *, preset: str, adaptive=False, surrogate: bool = False
+) -> list[AttackSpec]:
   """``adaptive``: False, True (one adaptive loss) or the defense's variant names."""
   if preset not in PRESETS:
     raise ValueError(f"eval preset {preset!r} is not one of {PRESETS}")
   eps, step, k = float(eval_cfg.eps), float(eval_cfg.step_size), int(eval_cfg.pgd_steps)
   pgd = lambda steps, e=eps, restarts=1, size=None: AttackSpec.make(
-      f"pgd-{steps}" + (f"x{restarts}" if restarts > 1 else "") + (f"@eps={e:.4g}" if e != eps else ""),
-      "pgd", eps=e, step_size=size if size is not None else step * e / eps, steps=steps,
-      restarts=restarts, loss="ce", random_start="uniform")
+    f"pgd-{steps}"
+    + (f"x{restarts}" if restarts > 1 else "")
+    + (f"@eps={e:.4g}" if e != eps else ""),
+    "pgd",
+    eps=e,
+    step_size=size if size is not None else step * e / eps,
+    steps=steps,
+    restarts=restarts,
+    loss="ce",
+    random_start="uniform",
+  )
   clean = AttackSpec.make("clean", "clean", eps=eps)
-  cw = AttackSpec.make(f"cw-{eval_cfg.cw_steps}", "cw", eps=eps, step_size=float(eval_cfg.cw_step_size),
-                       steps=int(eval_cfg.cw_steps), kappa=float(eval_cfg.cw_kappa))
+  cw = AttackSpec.make(
+    f"cw-{eval_cfg.cw_steps}",
+    "cw",
+    eps=eps,
+    step_size=float(eval_cfg.cw_step_size),
+    steps=int(eval_cfg.cw_steps),
+    kappa=float(eval_cfg.cw_kappa),
+  )
   # Every preset runs the defense's adaptive attacks: PGD alone can sit far above them.
   adaptive_spec = adaptive_specs(adaptive, eps, step, k)
   if preset == "pgd":
     return [clean, pgd(k, restarts=int(eval_cfg.restarts)), *adaptive_spec]
   if preset == "table":
     return [clean, pgd(k), cw, *adaptive_spec]
-  aa = AttackSpec.make(f"autoattack-{eval_cfg.aa_version}", "autoattack", eps=eps,
-                       version=str(eval_cfg.aa_version))
+  aa = AttackSpec.make(
+    f"autoattack-{eval_cfg.aa_version}", "autoattack", eps=eps, version=str(eval_cfg.aa_version)
+  )
   if preset == "autoattack":
     return [clean, *adaptive_spec, aa]
   if preset == "table_aa":
     return [clean, pgd(k), cw, *adaptive_spec, aa]
-  transfer = ([AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k)]
-              if surrogate else [])
+  transfer = (
+    [AttackSpec.make(f"transfer-pgd-{k}", "transfer", eps=eps, step_size=step, steps=k)]
+    if surrogate
+    else []
+  )
   if preset == "ladder":
     rungs = [pgd(k, e=f * eps) for f in ladder_factors(eval_cfg) if f != 1.0]
-    return [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), *rungs, cw, *adaptive_spec,
-            *transfer, aa]
-  specs = [clean, AttackSpec.make("fgsm", "fgsm", eps=eps), pgd(k), pgd(100), pgd(k, restarts=5),
-           AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0), cw]
+    return [
+      clean,
+      AttackSpec.make("fgsm", "fgsm", eps=eps),
+      pgd(k),
+      *rungs,
+      cw,
+      *adaptive_spec,
+      *transfer,
+      aa,
+    ]
+  specs = [
+    clean,
+    AttackSpec.make("fgsm", "fgsm", eps=eps),
+    pgd(k),
+    pgd(100),
+    pgd(k, restarts=5),
+    AttackSpec.make(f"mim-{k}", "mim", eps=eps, steps=k, decay=1.0),
+    cw,
+  ]
   specs += adaptive_spec + transfer
   specs.append(aa)
   # The eps sweep keeps step/eps fixed; eps = 0.5 must drive accuracy to ~0.

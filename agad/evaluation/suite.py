@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ class AttackSpec:
   a surrogate, evaluated on the target), square, apgd-ce, autoattack (version, and
   optionally steps, square_queries, attacks).
   """
+
   name: str
   kind: str
   settings: tuple = ()  # sorted (key, value) pairs, hashable and JSON-able
@@ -72,14 +73,33 @@ def _example_keys(key, index):
   return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index.astype(jnp.uint32))
 
 
-def cache_key(model_hash: str, spec: AttackSpec, indices: np.ndarray, seed: int, *,
-              fingerprint: str = "", dtype: str = "float32", stochastic: bool = False,
-              version: int = ATTACK_CODE_VERSION) -> str:
+def cache_key(
+  model_hash: str,
+  spec: AttackSpec,
+  indices: np.ndarray,
+  seed: int,
+  *,
+  fingerprint: str = "",
+  dtype: str = "float32",
+  stochastic: bool = False,
+  version: int = ATTACK_CODE_VERSION,
+) -> str:
   """The cache entry of one chunk: everything that determines its per-example result."""
-  payload = json.dumps({"model": model_hash, "fingerprint": fingerprint, "dtype": str(dtype),
-                        "stochastic": bool(stochastic), "attack_code": version,
-                        "name": spec.name, "kind": spec.kind, "settings": spec.kw, "seed": seed},
-                       sort_keys=True, default=str)
+  payload = json.dumps(
+    {
+      "model": model_hash,
+      "fingerprint": fingerprint,
+      "dtype": str(dtype),
+      "stochastic": bool(stochastic),
+      "attack_code": version,
+      "name": spec.name,
+      "kind": spec.kind,
+      "settings": spec.kw,
+      "seed": seed,
+    },
+    sort_keys=True,
+    default=str,
+  )
   h = hashlib.sha256(payload.encode())
   h.update(np.asarray(indices, np.int64).tobytes())
   return h.hexdigest()[:32]
@@ -121,20 +141,42 @@ class Suite:
       (sweeps at other radii are reported, never combined).
   """
 
-  def __init__(self, logits_fn, source, *, indices=None, batch_size: int = 500, seed: int = 0,
-               cache_dir: str | None = None, model_hash: str | None = None,
-               fingerprint: str = "", dtype: str = "float32",
-               adaptive_loss: Callable | Mapping | None = None, surrogate=None, chunk: int = 1000,
-               log: Callable | None = print, mesh=None, eps: float | None = None,
-               verify_logits_fn: Callable | None = None, stochastic: bool = False):
+  def __init__(
+    self,
+    logits_fn,
+    source,
+    *,
+    indices=None,
+    batch_size: int = 500,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    model_hash: str | None = None,
+    fingerprint: str = "",
+    dtype: str = "float32",
+    adaptive_loss: Callable | Mapping | None = None,
+    surrogate=None,
+    chunk: int = 1000,
+    log: Callable | None = print,
+    mesh=None,
+    eps: float | None = None,
+    verify_logits_fn: Callable | None = None,
+    stochastic: bool = False,
+  ):
     self.logits_fn = driver_lib.as_partial(logits_fn)
-    self.verify_logits_fn = (self.logits_fn if verify_logits_fn is None
-                             else driver_lib.as_partial(verify_logits_fn))
-    self.dtype, self.fingerprint, self.stochastic = str(dtype), str(fingerprint or ""), bool(stochastic)
-    self.verified_with = ("a separate float32 forward pass" if verify_logits_fn is not None
-                          or self.dtype == "float32" else
-                          f"a separate forward pass in the model's own {self.dtype} "
-                          "(no float32 verify_logits_fn given)")
+    self.verify_logits_fn = (
+      self.logits_fn if verify_logits_fn is None else driver_lib.as_partial(verify_logits_fn)
+    )
+    self.dtype, self.fingerprint, self.stochastic = (
+      str(dtype),
+      str(fingerprint or ""),
+      bool(stochastic),
+    )
+    self.verified_with = (
+      "a separate float32 forward pass"
+      if verify_logits_fn is not None or self.dtype == "float32"
+      else f"a separate forward pass in the model's own {self.dtype} "
+      "(no float32 verify_logits_fn given)"
+    )
     self.source = source
     self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
     self.batch_size, self.seed, self.chunk = batch_size, seed, max(chunk, batch_size)
@@ -155,8 +197,15 @@ class Suite:
     if not self.cache_dir:
       return None
     os.makedirs(self.cache_dir, exist_ok=True)
-    key = cache_key(self.model_hash, spec, chunk_indices, self.seed, fingerprint=self.fingerprint,
-                    dtype=self.dtype, stochastic=self.stochastic)
+    key = cache_key(
+      self.model_hash,
+      spec,
+      chunk_indices,
+      self.seed,
+      fingerprint=self.fingerprint,
+      dtype=self.dtype,
+      stochastic=self.stochastic,
+    )
     return os.path.join(self.cache_dir, key + ".npz")
 
   # ---------------------------------------------------------------- running
@@ -167,14 +216,26 @@ class Suite:
 
   def _run_chunk_batched(self, spec, chunk_indices, key) -> tuple[np.ndarray, np.ndarray]:
     """Per-example robust [n], and the adversarial images (clean where not broken)."""
-    runner = None if spec.kind == "clean" else attack_kinds.batch_runner(
-        spec, self.logits_fn, adaptive_loss=self.adaptive_loss, surrogate=self.surrogate,
-        stochastic=self.stochastic)
+    runner = (
+      None
+      if spec.kind == "clean"
+      else attack_kinds.batch_runner(
+        spec,
+        self.logits_fn,
+        adaptive_loss=self.adaptive_loss,
+        surrogate=self.surrogate,
+        stochastic=self.stochastic,
+      )
+    )
     restarts = spec.kw.get("restarts", 1)
     robust_all, adv_all = [], []
-    batches = data_lib.eval_batches(self.source, batch_size=self.batch_size,
-                                    multiple_of=self.mesh.devices.size, indices=chunk_indices,
-                                    full_batches=True)
+    batches = data_lib.eval_batches(
+      self.source,
+      batch_size=self.batch_size,
+      multiple_of=self.mesh.devices.size,
+      indices=chunk_indices,
+      full_batches=True,
+    )
     per_example = spec.kind in PER_EXAMPLE_KEY_KINDS and not self.stochastic
     offset = 0
     for b, batch in enumerate(batches):
@@ -185,7 +246,7 @@ class Suite:
       labels = batch["label"]
       # The evaluated examples' own indices (padding rows get indices no example has).
       index = np.arange(len(mask), dtype=np.int64) + _PADDING_INDEX
-      index[mask] = np.asarray(chunk_indices)[offset:offset + int(mask.sum())]
+      index[mask] = np.asarray(chunk_indices)[offset : offset + int(mask.sum())]
       offset += int(mask.sum())
       bkey = jax.random.fold_in(key, b)
       robust = self._predict(x, jax.random.fold_in(bkey, 1_000_003)) == labels
@@ -193,8 +254,11 @@ class Suite:
       for r in range(restarts if runner else 0):
         rkey = jax.random.fold_in(bkey, r)
         # fold_in(seed/restart key, example index): batch-, chunk- and device-independent.
-        attack_key = (_example_keys(jax.random.fold_in(jax.random.key(self.seed), r), index)
-                      if per_example else rkey)
+        attack_key = (
+          _example_keys(jax.random.fold_in(jax.random.key(self.seed), r), index)
+          if per_example
+          else rkey
+        )
         adv = runner(x, y, attack_key)
         ok = self._predict(adv, jax.random.fold_in(rkey, 1)) == labels
         newly = robust & ~ok
@@ -207,8 +271,15 @@ class Suite:
   def _run_chunk_autoattack(self, spec, chunk_indices, key):
     batch = data_lib.read_batch(self.source, chunk_indices)
     images = batch["image"].astype(np.float32) / np.float32(255)
-    return attack_kinds.run_autoattack(spec, self.logits_fn, images, batch["label"], key,
-                                  batch_size=self.batch_size, stochastic=self.stochastic)
+    return attack_kinds.run_autoattack(
+      spec,
+      self.logits_fn,
+      images,
+      batch["label"],
+      key,
+      batch_size=self.batch_size,
+      stochastic=self.stochastic,
+    )
 
   def _load(self, path, spec):
     with np.load(path) as f:
@@ -226,8 +297,10 @@ class Suite:
     stages, extra = None, {}
     if spec.kind == "autoattack":
       r, a, stages = self._run_chunk_autoattack(spec, chunk_indices, key)
-      extra = {"broken_by": stages["broken_by"],
-               "stages": json.dumps({k: stages[k] for k in ("order", "times", "flags", "version_run")})}
+      extra = {
+        "broken_by": stages["broken_by"],
+        "stages": json.dumps({k: stages[k] for k in ("order", "times", "flags", "version_run")}),
+      }
     else:
       r, a = self._run_chunk_batched(spec, chunk_indices, key)
     wall = time.time() - t0
@@ -245,7 +318,7 @@ class Suite:
     compute_s: list[float | None] = []  # per chunk: seconds it took when computed
     where: set[str] = set()  # per chunk: where it was computed
     for c, start in enumerate(range(0, len(self.indices), self.chunk)):
-      chunk_indices = self.indices[start:start + self.chunk]
+      chunk_indices = self.indices[start : start + self.chunk]
       path = self._cache_path(spec, chunk_indices)
       if path and os.path.exists(path):
         r, a, wall, at, chunk_stages = self._load(path, spec)
@@ -259,8 +332,10 @@ class Suite:
       stages.append(chunk_stages)
       starts.append(start)
       done = start + len(chunk_indices)
-      self.log(f"  {spec.name}: {done}/{len(self.indices)} accuracy so far "
-               f"{np.concatenate(robust).mean():.4f} ({time.time() - t0:.0f} s)")
+      self.log(
+        f"  {spec.name}: {done}/{len(self.indices)} accuracy so far "
+        f"{np.concatenate(robust).mean():.4f} ({time.time() - t0:.0f} s)"
+      )
     claimed = np.concatenate(robust)
     adv = np.concatenate(adv)
     robust, failures, verified = self._verify_row(spec, claimed, adv)
@@ -268,20 +343,28 @@ class Suite:
     if in_threat_model:
       for pos in verified:
         self.adversarial.setdefault(int(pos), adv[pos])
-    record = robustness.accuracy_record(robust, attack=spec.name, kind=spec.kind, **spec.kw,
-                                        wall_time_s=(sum(compute_s) if None not in compute_s
-                                                     else None),
-                                        this_run_s=time.time() - t0,
-                                        cached_chunks=cached_chunks,
-                                        computed_on=sorted(where))
+    record = robustness.accuracy_record(
+      robust,
+      attack=spec.name,
+      kind=spec.kind,
+      **spec.kw,
+      wall_time_s=(sum(compute_s) if None not in compute_s else None),
+      this_run_s=time.time() - t0,
+      cached_chunks=cached_chunks,
+      computed_on=sorted(where),
+    )
     record["unverified"] = failures["checked"] - len(verified)
     if record["unverified"]:
       record["claimed_accuracy"] = float(claimed.mean())
       record["verification_failures"] = {k: v for k, v in failures.items() if k != "checked" and v}
     if spec.kind == "autoattack":
       record.update(attack_kinds.autoattack_stages(stages, starts))
-    self.results[spec.name] = {"robust": robust, "record": record, "verification": failures,
-                               "in_threat_model": in_threat_model}
+    self.results[spec.name] = {
+      "robust": robust,
+      "record": record,
+      "verification": failures,
+      "in_threat_model": in_threat_model,
+    }
     return record
 
   def _verify_row(self, spec, claimed, adv):
@@ -290,10 +373,17 @@ class Suite:
     if not len(pos):
       return claimed, {"checked": 0, **{k: 0 for k in verification.FAILURES}}, pos
     clean = data_lib.read_batch(self.source, self.indices[pos])
-    masks = verification.check(self.verify_logits_fn, clean["image"].astype(np.float32) / np.float32(255),
-                               adv[pos], clean["label"], eps=spec.kw.get("eps"),
-                               norm=spec.kw.get("norm", "linf"), key=jax.random.key(self.seed),
-                               stochastic=self.stochastic, batch_size=self.batch_size)
+    masks = verification.check(
+      self.verify_logits_fn,
+      clean["image"].astype(np.float32) / np.float32(255),
+      adv[pos],
+      clean["label"],
+      eps=spec.kw.get("eps"),
+      norm=spec.kw.get("norm", "linf"),
+      key=jax.random.key(self.seed),
+      stochastic=self.stochastic,
+      batch_size=self.batch_size,
+    )
     robust = claimed.copy()
     robust[pos[~masks["ok"]]] = True
     return robust, verification.counts(masks), pos[masks["ok"]]
@@ -320,8 +410,11 @@ class Suite:
   def per_example(self) -> dict:
     """Arrays for paired comparisons (``agad.evaluation.compare``): ``indices`` [n],
     ``worst_case`` [n] and ``row/<name>`` [n] (robust after verification)."""
-    return {"indices": np.asarray(self.indices, np.int64), "worst_case": self.worst_case_robust()[0],
-            **{f"row/{name}": np.asarray(r["robust"], bool) for name, r in self.results.items()}}
+    return {
+      "indices": np.asarray(self.indices, np.int64),
+      "worst_case": self.worst_case_robust()[0],
+      **{f"row/{name}": np.asarray(r["robust"], bool) for name, r in self.results.items()},
+    }
 
   def verify(self, eps: float, norm: str = "linf") -> dict:
     """Re-checks the stored worst-case adversarials (``self.adversarial``) with
@@ -331,18 +424,36 @@ class Suite:
       return {"checked": 0, **{k: 0 for k in verification.FAILURES}}
     clean = data_lib.read_batch(self.source, self.indices[positions])
     adv = np.stack([self.adversarial[int(p)] for p in positions])
-    masks = verification.check(self.verify_logits_fn, clean["image"].astype(np.float32) / np.float32(255),
-                               adv, clean["label"], eps=eps, norm=norm,
-                               key=jax.random.key(self.seed), stochastic=self.stochastic,
-                               batch_size=self.batch_size)
+    masks = verification.check(
+      self.verify_logits_fn,
+      clean["image"].astype(np.float32) / np.float32(255),
+      adv,
+      clean["label"],
+      eps=eps,
+      norm=norm,
+      key=jax.random.key(self.seed),
+      stochastic=self.stochastic,
+      batch_size=self.batch_size,
+    )
     return verification.counts(masks)
 
 
-def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: str = "linf",
-              sweep_steps: int | None = None, meta: dict | None = None,
-              checks_cfg: dict | None = None, dtype: str = "float32",
-              verify_logits_fn: Callable | None = None, stochastic: bool = False,
-              fingerprint: str = "", **suite_kwargs) -> dict:
+def run_suite(
+  logits_fn,
+  source,
+  specs: list[AttackSpec],
+  *,
+  eps: float,
+  norm: str = "linf",
+  sweep_steps: int | None = None,
+  meta: dict | None = None,
+  checks_cfg: dict | None = None,
+  dtype: str = "float32",
+  verify_logits_fn: Callable | None = None,
+  stochastic: bool = False,
+  fingerprint: str = "",
+  **suite_kwargs,
+) -> dict:
   """Runs ``specs`` and the automatic checks; returns the report dict (its ``per_example``
   holds numpy arrays, :meth:`Suite.per_example`; ``checkpoint_eval.evaluate`` writes them to an .npz).
 
@@ -358,27 +469,51 @@ def run_suite(logits_fn, source, specs: list[AttackSpec], *, eps: float, norm: s
     fingerprint: the model/config identity for the cache key (see ``Suite``).
     suite_kwargs: the rest of ``Suite``'s arguments.
   """
-  suite = Suite(logits_fn, source, eps=eps, dtype=dtype, verify_logits_fn=verify_logits_fn,
-                stochastic=stochastic, fingerprint=fingerprint, **suite_kwargs)
+  suite = Suite(
+    logits_fn,
+    source,
+    eps=eps,
+    dtype=dtype,
+    verify_logits_fn=verify_logits_fn,
+    stochastic=stochastic,
+    fingerprint=fingerprint,
+    **suite_kwargs,
+  )
   t0 = time.time()
   records = [suite.run(spec) for spec in specs]
   verified = suite.verify(eps, norm)
   verified["rows"] = {name: r["verification"] for name, r in suite.results.items()}
   verified["with"], verified["slack"] = suite.verified_with, verification.SLACK
   report = {
-      **(meta or {}),
-      "n": int(len(suite.indices)), "eps": eps, "norm": norm, "model_hash": suite.model_hash,
-      "fingerprint": suite.fingerprint, "dtype": suite.dtype, "stochastic": suite.stochastic,
-      "attack_code_version": ATTACK_CODE_VERSION,
-      "records": records, "worst_case": suite.worst_case(), "verification": verified,
-      "wall_time_s": time.time() - t0, "sweep_steps": sweep_steps, "computed_here": suite.where,
-      "per_example": suite.per_example(),
+    **(meta or {}),
+    "n": int(len(suite.indices)),
+    "eps": eps,
+    "norm": norm,
+    "model_hash": suite.model_hash,
+    "fingerprint": suite.fingerprint,
+    "dtype": suite.dtype,
+    "stochastic": suite.stochastic,
+    "attack_code_version": ATTACK_CODE_VERSION,
+    "records": records,
+    "worst_case": suite.worst_case(),
+    "verification": verified,
+    "wall_time_s": time.time() - t0,
+    "sweep_steps": sweep_steps,
+    "computed_here": suite.where,
+    "per_example": suite.per_example(),
   }
   report["warnings"] = checks.report_warnings(report, **(checks_cfg or {}))
   report["not_applicable"] = checks.not_applicable(report)
-  report["warnings"] += checks.model_checks(suite.logits_fn, source, suite.indices[:min(len(suite.indices), 200)],
-                                            seed=suite.seed, stochastic=suite.stochastic)
+  report["warnings"] += checks.model_checks(
+    suite.logits_fn,
+    source,
+    suite.indices[: min(len(suite.indices), 200)],
+    seed=suite.seed,
+    stochastic=suite.stochastic,
+  )
   if "own" in suite.verified_with:
-    report["warnings"].append(f"stored adversarials were re-verified in {suite.dtype}, not float32: "
-                              "pass verify_logits_fn (a float32 forward pass)")
+    report["warnings"].append(
+      f"stored adversarials were re-verified in {suite.dtype}, not float32: "
+      "pass verify_logits_fn (a float32 forward pass)"
+    )
   return report

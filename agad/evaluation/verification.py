@@ -25,9 +25,18 @@ def _predict(logits_fn, x, key, stochastic: bool):
   return jnp.argmax(logits, -1)
 
 
-def check(logits_fn, clean: np.ndarray, adversarial: np.ndarray, labels: np.ndarray, *,
-          eps: float | None, norm: str = "linf", key=None, stochastic: bool = False,
-          batch_size: int = 500) -> dict[str, np.ndarray]:
+def check(
+  logits_fn,
+  clean: np.ndarray,
+  adversarial: np.ndarray,
+  labels: np.ndarray,
+  *,
+  eps: float | None,
+  norm: str = "linf",
+  key=None,
+  stochastic: bool = False,
+  batch_size: int = 500,
+) -> dict[str, np.ndarray]:
   """Per-example failure masks of stored adversarials.
 
   Args:
@@ -47,19 +56,24 @@ def check(logits_fn, clean: np.ndarray, adversarial: np.ndarray, labels: np.ndar
   size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
   if n == 0:
     size = np.zeros(0)
-  out = {"nonfinite": ~np.isfinite(flat).all(1) if n else np.zeros(0, bool),
-         "outside_ball": (np.zeros(n, bool) if eps is None
-                          else ~(np.nan_to_num(size, nan=np.inf) <= float(eps) + SLACK)),
-         "outside_box": ((flat < 0) | (flat > 1)).any(1) if n else np.zeros(0, bool)}
+  out = {
+    "nonfinite": ~np.isfinite(flat).all(1) if n else np.zeros(0, bool),
+    "outside_ball": (
+      np.zeros(n, bool) if eps is None else ~(np.nan_to_num(size, nan=np.inf) <= float(eps) + SLACK)
+    ),
+    "outside_box": ((flat < 0) | (flat > 1)).any(1) if n else np.zeros(0, bool),
+  }
   pred = np.zeros(n, np.int64)
   key = jax.random.key(0) if key is None else key
   for s in range(0, n, batch_size):
-    x = np.nan_to_num(adversarial[s:s + batch_size])
+    x = np.nan_to_num(adversarial[s : s + batch_size])
     # Padded to batch_size or a power of two (>= 8): a few compiled shapes, not one per count.
-    size = batch_size if n - s >= batch_size else min(batch_size, max(8, 1 << (len(x) - 1).bit_length()))
+    size = (
+      batch_size if n - s >= batch_size else min(batch_size, max(8, 1 << (len(x) - 1).bit_length()))
+    )
     padded = np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
     p = _predict(logits_fn, jnp.asarray(padded), jax.random.fold_in(key, s), stochastic)
-    pred[s:s + len(x)] = np.asarray(p)[:len(x)]
+    pred[s : s + len(x)] = np.asarray(p)[: len(x)]
   out["not_misclassified"] = pred == np.asarray(labels)
   out["ok"] = ~np.any([out[k] for k in FAILURES], axis=0) if n else np.zeros(0, bool)
   return out

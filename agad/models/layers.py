@@ -51,18 +51,18 @@ Array = Any
 
 # PyTorch's kaiming_normal_(mode='fan_out') as used by the reference ResNet/WRN/VGG code;
 # 'normal' is untruncated, like PyTorch's.
-KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # TRADES' SmallCNN uses kaiming_normal_ with the default fan_in mode: it has no BN, so the
 # init scale sets the activation scale.
-KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+KAIMING_FAN_IN = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 # PyTorch's nn.Conv2d default (kaiming_uniform_ with a = sqrt(5)): U(+-1/sqrt(fan_in)),
 # fan_in = kh * kw * Cin; kuangliu's ResNet/PreActResNet (MART, AWP, FSR code) keep it.
-TORCH_CONV_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+TORCH_CONV_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # How Dense layers start, per reference code (``Backbone.dense_init``):
 #   'torch'        PyTorch's nn.Linear default, kernel and bias U(+-1/sqrt(fan_in)) (kuangliu)
 #   'torch_weight' that kernel, zero bias (TRADES/AWP/AGAIN wideresnet.py)
 #   'normal_0.01'  kernel N(0, 0.01^2), zero bias (torchvision VGG; FSR's vgg_fsr)
-DENSE_INITS = ('torch', 'torch_weight', 'normal_0.01')
+DENSE_INITS = ("torch", "torch_weight", "normal_0.01")
 
 
 def torch_linear_uniform(fan_in: int) -> Callable:
@@ -84,7 +84,7 @@ def normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
 
 
 # Backbone.input_norm values: how prepare() normalises the [0, 1] pixels.
-INPUT_NORMS = ('dataset', 'per_image', 'none')
+INPUT_NORMS = ("dataset", "per_image", "none")
 # tf.image.per_image_standardization floors the std at 1/sqrt(N) (N = H*W*C values) on the
 # 0-255 pixels ATAT's code feeds it; on agad's [0, 1] pixels that floor is 1/(255 sqrt(N)).
 PER_IMAGE_PIXEL_SCALE = 255.0
@@ -109,8 +109,10 @@ def per_image_normalize(x: Array) -> Array:
 def check_input_norm(input_norm: str) -> str:
   """``input_norm`` if it is one of ``INPUT_NORMS``, else ValueError listing them."""
   if input_norm not in INPUT_NORMS:
-    raise ValueError(f'input_norm {input_norm!r} is not one of {INPUT_NORMS}: "dataset" '
-                     '(mean/std), "per_image" (each image standardised) or "none"')
+    raise ValueError(
+      f'input_norm {input_norm!r} is not one of {INPUT_NORMS}: "dataset" '
+      '(mean/std), "per_image" (each image standardised) or "none"'
+    )
   return input_norm
 
 
@@ -161,13 +163,13 @@ class MultiBranchBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool, norm_ctx: Mapping | None = None):
     ctx = norm_ctx or {}
-    branches = [BatchNorm(name=f'branch{k}') for k in range(self.num_branches)]
-    if 'mix' in ctx:
-      w = jnp.asarray(ctx['mix'])
+    branches = [BatchNorm(name=f"branch{k}") for k in range(self.num_branches)]
+    if "mix" in ctx:
+      w = jnp.asarray(ctx["mix"])
       w = w.reshape(w.shape[:1] + (1,) * (x.ndim - 1) + w.shape[1:])  # [B, 1, .., 1, K]
       out = sum(w[..., k] * bn(x, train=train) for k, bn in enumerate(branches))
       return out.astype(x.dtype)
-    k = ctx.get('branch', 0)
+    k = ctx.get("branch", 0)
     if self.is_initializing():
       # Every branch must own its variables even if init routes to one of them; flax
       # does not update running stats during init, so this has no other effect.
@@ -178,19 +180,28 @@ class MultiBranchBatchNorm(nn.Module):
 
 def dense_inits(scheme: str, fan_in: int) -> dict:
   """``kernel_init``/``bias_init`` of a Dense layer under one of ``DENSE_INITS``."""
-  if scheme == 'torch':
+  if scheme == "torch":
     init = torch_linear_uniform(fan_in)
     return dict(kernel_init=init, bias_init=init)
-  if scheme == 'torch_weight':
+  if scheme == "torch_weight":
     return dict(kernel_init=torch_linear_uniform(fan_in), bias_init=nn.initializers.zeros)
-  if scheme == 'normal_0.01':
+  if scheme == "normal_0.01":
     return dict(kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
-  raise ValueError(f'dense init {scheme!r} is not one of {DENSE_INITS}')
+  raise ValueError(f"dense init {scheme!r} is not one of {DENSE_INITS}")
 
 
-def conv(m: nn.Module, x: Array, features: int, kernel: int = 3, stride: int = 1, *,
-         name: str, bias: bool = False, padding: int | None = None,
-         init: Callable | None = None) -> Array:
+def conv(
+  m: nn.Module,
+  x: Array,
+  features: int,
+  kernel: int = 3,
+  stride: int = 1,
+  *,
+  name: str,
+  bias: bool = False,
+  padding: int | None = None,
+  init: Callable | None = None,
+) -> Array:
   """Square conv in ``m.dtype``: ``[B, H, W, Cin] -> [B, H', W', features]``.
 
   Padding defaults to ``kernel // 2`` on both sides (PyTorch's ``padding=1`` for 3x3);
@@ -199,11 +210,23 @@ def conv(m: nn.Module, x: Array, features: int, kernel: int = 3, stride: int = 1
   except under PyTorch's default conv init, where it is U(+-1/sqrt(fan_in)) too.
   """
   p = kernel // 2 if padding is None else padding
-  init = init or getattr(m, 'conv_init', KAIMING_FAN_OUT)
-  bias_init = (torch_linear_uniform(kernel * kernel * x.shape[-1]) if init is TORCH_CONV_DEFAULT
-               else nn.initializers.zeros)
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=p, use_bias=bias,
-                 kernel_init=init, bias_init=bias_init, dtype=m.dtype, name=name)(x)
+  init = init or getattr(m, "conv_init", KAIMING_FAN_OUT)
+  bias_init = (
+    torch_linear_uniform(kernel * kernel * x.shape[-1])
+    if init is TORCH_CONV_DEFAULT
+    else nn.initializers.zeros
+  )
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=stride,
+    padding=p,
+    use_bias=bias,
+    kernel_init=init,
+    bias_init=bias_init,
+    dtype=m.dtype,
+    name=name,
+  )(x)
 
 
 def norm_act(m: nn.Module, x: Array, name: str, *, train: bool, norm_ctx, relu: bool = True):
@@ -224,13 +247,13 @@ def site(m: nn.Module, name: str, x: Array, *, train: bool, labels: Array | None
     # auto-generated name; clone() rebinds it under a stable, site-derived name so
     # checkpoints do not depend on the plug-in's class. The discarded binding never
     # creates variables.
-    plugin = factory().clone(parent=m, name='plugin_' + name.replace('.', '_'))
+    plugin = factory().clone(parent=m, name="plugin_" + name.replace(".", "_"))
     x = plugin(x, train=train, labels=labels)
-  m.sow('intermediates', name, x)
+  m.sow("intermediates", name, x)
   # A partial 'perturbations' tree perturbs only the sites it names: flax's perturb raises
   # on a missing entry once the collection is present. While the collection is mutable
   # (init) perturb creates the zero entry as before.
-  if m.is_mutable_collection('perturbations') or m.has_variable('perturbations', name):
+  if m.is_mutable_collection("perturbations") or m.has_variable("perturbations", name):
     return m.perturb(name, x)
   return x
 
@@ -243,7 +266,7 @@ def find_tap(tree: Mapping, name: str):
   for path, value in traverse_util.flatten_dict(tree).items():
     if path[-1] == name:
       return value
-  raise KeyError(f'no tap named {name!r}')
+  raise KeyError(f"no tap named {name!r}")
 
 
 class Backbone(nn.Module):
@@ -270,24 +293,24 @@ class Backbone(nn.Module):
   dtype: Any = jnp.float32
   norm: Callable[..., nn.Module] = BatchNorm
   plugins: Mapping[str, Callable[[], nn.Module]] | None = None
-  input_norm: str = 'dataset'
+  input_norm: str = "dataset"
   norm_hook: Callable[[], nn.Module] | None = None
 
   # Plain class constants (not fields): each backbone's reference-code init.
   conv_init = staticmethod(KAIMING_FAN_OUT)
-  dense_init = 'torch'
+  dense_init = "torch"
 
   def __post_init__(self):
     if self.plugins is not None and not isinstance(self.plugins, FrozenDict):
-      object.__setattr__(self, 'plugins', FrozenDict(self.plugins))
+      object.__setattr__(self, "plugins", FrozenDict(self.plugins))
     check_input_norm(self.input_norm)
     super().__post_init__()
 
   def prepare(self, x: Array) -> Array:
     """Pixels ``[B, H, W, C]`` in [0, 1] -> input normalised per ``input_norm``, in ``dtype``."""
-    if self.input_norm == 'dataset':
+    if self.input_norm == "dataset":
       x = normalize(x, self.mean, self.std)
-    elif self.input_norm == 'per_image':
+    elif self.input_norm == "per_image":
       x = per_image_normalize(x)
     return x.astype(self.dtype)
 
@@ -296,11 +319,12 @@ class Backbone(nn.Module):
     ``norm_ctx`` unchanged without a hook). Call from the backbone's compact method."""
     if self.norm_hook is None:
       return norm_ctx
-    hook = self.norm_hook().clone(parent=self, name=f'norm_hook_{group}')
+    hook = self.norm_hook().clone(parent=self, name=f"norm_hook_{group}")
     return hook(x, train=train, norm_ctx=norm_ctx)
 
-  def residual_stages(self, x, unit: type['Unit'], widths: Sequence[int], *, train, labels,
-                      norm_ctx):
+  def residual_stages(
+    self, x, unit: type["Unit"], widths: Sequence[int], *, train, labels, norm_ctx
+  ):
     """Stages of residual units; the first unit of every stage after the first strides 2.
 
     Units are children named ``stage{s}_unit{i}`` (s 1-indexed, i 0-indexed) with their
@@ -311,19 +335,36 @@ class Backbone(nn.Module):
     clash with the unit child ``stage{s}_unit{i}``.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
-      ctx = self.norm_group(x, f'stage{s}', train=train, norm_ctx=norm_ctx)
+      ctx = self.norm_group(x, f"stage{s}", train=train, norm_ctx=norm_ctx)
       for i in range(n):
-        tap = f'stage{s}.unit{i}'
-        x = unit(features=width, stride=2 if s > 1 and i == 0 else 1, tap=tap,
-                 dtype=self.dtype, norm=self.norm, plugins=self.plugins, conv_init=self.conv_init,
-                 name=tap.replace('.', '_'))(x, train=train, labels=labels, norm_ctx=ctx)
+        tap = f"stage{s}.unit{i}"
+        x = unit(
+          features=width,
+          stride=2 if s > 1 and i == 0 else 1,
+          tap=tap,
+          dtype=self.dtype,
+          norm=self.norm,
+          plugins=self.plugins,
+          conv_init=self.conv_init,
+          name=tap.replace(".", "_"),
+        )(x, train=train, labels=labels, norm_ctx=ctx)
         x = site(self, tap, x, train=train, labels=labels)
-      x = site(self, f'stage{s}', x, train=train, labels=labels)
+      x = site(self, f"stage{s}", x, train=train, labels=labels)
     return x
 
-  def plain_stages(self, x, widths: Sequence[int], *, batch_norm: bool, padding=None,
-                   init: Callable | None = None, tap_before_pool: int = 0, train, labels,
-                   norm_ctx):
+  def plain_stages(
+    self,
+    x,
+    widths: Sequence[int],
+    *,
+    batch_norm: bool,
+    padding=None,
+    init: Callable | None = None,
+    tap_before_pool: int = 0,
+    train,
+    labels,
+    norm_ctx,
+  ):
     """VGG-style stages: ``stage_sizes[s]`` conv(-BN)-ReLU layers then a 2x2 max pool.
 
     Sites: ``stem`` after the first conv(-BN)-ReLU; ``stage{s}.pre_pool`` after the
@@ -334,37 +375,51 @@ class Backbone(nn.Module):
     a ``pre_pool`` site so that name means the same point in every plain backbone.
     """
     for s, (n, width) in enumerate(zip(self.stage_sizes, widths), start=1):
-      ctx = self.norm_group(x, f'stage{s}', train=train, norm_ctx=norm_ctx) if batch_norm else None
+      ctx = self.norm_group(x, f"stage{s}", train=train, norm_ctx=norm_ctx) if batch_norm else None
       for i in range(n):
-        x = conv(self, x, width, bias=True, padding=padding, init=init, name=f'stage{s}_conv{i}')
-        x = (norm_act(self, x, f'stage{s}_bn{i}', train=train, norm_ctx=ctx)
-             if batch_norm else nn.relu(x))
+        x = conv(self, x, width, bias=True, padding=padding, init=init, name=f"stage{s}_conv{i}")
+        x = (
+          norm_act(self, x, f"stage{s}_bn{i}", train=train, norm_ctx=ctx)
+          if batch_norm
+          else nn.relu(x)
+        )
         if s == 1 and i == 0:
-          x = site(self, 'stem', x, train=train, labels=labels)
-      x = site(self, f'stage{s}.pre_pool', x, train=train, labels=labels)
+          x = site(self, "stem", x, train=train, labels=labels)
+      x = site(self, f"stage{s}.pre_pool", x, train=train, labels=labels)
       if s == tap_before_pool:
-        x = max_pool_2x2(site(self, f'stage{s}', x, train=train, labels=labels))
+        x = max_pool_2x2(site(self, f"stage{s}", x, train=train, labels=labels))
       else:
-        x = site(self, f'stage{s}', max_pool_2x2(x), train=train, labels=labels)
+        x = site(self, f"stage{s}", max_pool_2x2(x), train=train, labels=labels)
     return x
 
-  def head(self, x, *, hidden: Sequence[int] = (), flatten: bool = False,
-           zero_classifier: bool = False, train, labels):
+  def head(
+    self,
+    x,
+    *,
+    hidden: Sequence[int] = (),
+    flatten: bool = False,
+    zero_classifier: bool = False,
+    train,
+    labels,
+  ):
     """``features`` site, GAP (or flatten), Dense-ReLU per ``hidden``, ``embedding`` site, logits.
 
     ``[B, H, W, C] -> [B, num_classes]`` float32. Dense layers start as ``dense_init``
     says; ``zero_classifier``: the classifier starts at zero (uniform output at init).
     """
-    x = site(self, 'features', x, train=train, labels=labels)
+    x = site(self, "features", x, train=train, labels=labels)
     x = x.reshape(x.shape[0], -1) if flatten else x.mean(axis=(1, 2))
     for j, width in enumerate(hidden):
       inits = dense_inits(self.dense_init, x.shape[-1])
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'fc{j}', **inits)(x))
-    x = site(self, 'embedding', x, train=train, labels=labels)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"fc{j}", **inits)(x))
+    x = site(self, "embedding", x, train=train, labels=labels)
     zeros = nn.initializers.zeros
-    inits = (dict(kernel_init=zeros, bias_init=zeros) if zero_classifier
-             else dense_inits(self.dense_init, x.shape[-1]))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier', **inits)(x)
+    inits = (
+      dict(kernel_init=zeros, bias_init=zeros)
+      if zero_classifier
+      else dense_inits(self.dense_init, x.shape[-1])
+    )
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier", **inits)(x)
     return logits.astype(jnp.float32)
 
 
@@ -393,8 +448,9 @@ class Unit(nn.Module):
     """
     if self.stride == 1 and x.shape[-1] == out:
       return x
-    y = conv(self, x if project_from is None else project_from, out, 1, self.stride,
-             name='shortcut_conv')
+    y = conv(
+      self, x if project_from is None else project_from, out, 1, self.stride, name="shortcut_conv"
+    )
     if batch_norm:
-      y = norm_act(self, y, 'shortcut_bn', train=train, norm_ctx=norm_ctx, relu=False)
+      y = norm_act(self, y, "shortcut_bn", train=train, norm_ctx=norm_ctx, relu=False)
     return y

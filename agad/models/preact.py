@@ -45,11 +45,11 @@ class PreActBlock(Unit):
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     n = dict(train=train, norm_ctx=norm_ctx)
-    a = norm_act(self, x, 'bn1', **n)
+    a = norm_act(self, x, "bn1", **n)
     shortcut = self.shortcut(x, self.features, batch_norm=False, project_from=a, **n)
-    y = site(self, f'{self.tap}.branch', a, train=train, labels=labels)
-    y = conv(self, y, self.features, stride=self.stride, name='conv1')
-    y = conv(self, norm_act(self, y, 'bn2', **n), self.features, name='conv2')
+    y = site(self, f"{self.tap}.branch", a, train=train, labels=labels)
+    y = conv(self, y, self.features, stride=self.stride, name="conv1")
+    y = conv(self, norm_act(self, y, "bn2", **n), self.features, name="conv2")
     return y + shortcut
 
 
@@ -58,12 +58,18 @@ class PreActNet(Backbone):
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
-    x = conv(self, self.prepare(x), self.stem_width, name='stem_conv')
-    x = site(self, 'stem', x, train=train, labels=labels)
-    x = self.residual_stages(x, PreActBlock, self.widths, train=train, labels=labels,
-                             norm_ctx=norm_ctx)
-    x = norm_act(self, x, 'final_bn', train=train,
-                 norm_ctx=self.norm_group(x, 'final', train=train, norm_ctx=norm_ctx))
+    x = conv(self, self.prepare(x), self.stem_width, name="stem_conv")
+    x = site(self, "stem", x, train=train, labels=labels)
+    x = self.residual_stages(
+      x, PreActBlock, self.widths, train=train, labels=labels, norm_ctx=norm_ctx
+    )
+    x = norm_act(
+      self,
+      x,
+      "final_bn",
+      train=train,
+      norm_ctx=self.norm_group(x, "final", train=train, norm_ctx=norm_ctx),
+    )
     return self.head(x, train=train, labels=labels)
 
 
@@ -87,12 +93,12 @@ class WideResNet(PreActNet):
   stem_width = 16
   # TRADES' wideresnet.py (also AWP's and AGAIN's): convs N(0, 2 / (k * k * Cout)), the
   # classifier's weight PyTorch's default and its bias zero.
-  dense_init = 'torch_weight'
+  dense_init = "torch_weight"
 
   @property
   def stage_sizes(self) -> Sequence[int]:
     if (self.depth - 4) % 6:
-      raise ValueError(f'WRN depth must be 6n + 4, got {self.depth}')
+      raise ValueError(f"WRN depth must be 6n + 4, got {self.depth}")
     return ((self.depth - 4) // 6,) * 3
 
   @property

@@ -14,26 +14,33 @@ from agad.models.vgg import VGG16
 
 _P = functools.partial
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    'smallcnn': SmallCNN,
-    'smallcnn_bn': SmallCNNBN,
-    'resnet18': _P(ResNet, stage_sizes=(2, 2, 2, 2)),
-    'resnet34': _P(ResNet, stage_sizes=(3, 4, 6, 3)),
-    'resnet50': _P(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),
-    'preact_resnet18': PreActResNet18,
-    'wrn34_10': _P(WideResNet, depth=34, widen_factor=10),
-    'wrn28_10': _P(WideResNet, depth=28, widen_factor=10),
-    'wrn16_8': _P(WideResNet, depth=16, widen_factor=8),
-    'vgg16': VGG16,
-    'tiny_bn': TinyBNNet,
+  "smallcnn": SmallCNN,
+  "smallcnn_bn": SmallCNNBN,
+  "resnet18": _P(ResNet, stage_sizes=(2, 2, 2, 2)),
+  "resnet34": _P(ResNet, stage_sizes=(3, 4, 6, 3)),
+  "resnet50": _P(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck),
+  "preact_resnet18": PreActResNet18,
+  "wrn34_10": _P(WideResNet, depth=34, widen_factor=10),
+  "wrn28_10": _P(WideResNet, depth=28, widen_factor=10),
+  "wrn16_8": _P(WideResNet, depth=16, widen_factor=8),
+  "vgg16": VGG16,
+  "tiny_bn": TinyBNNet,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                dtype=jnp.float32, plugins: Mapping[str, Callable[[], nn.Module]] | None = None,
-                norm: Callable[..., nn.Module] | None = None,
-                input_norm: str = 'dataset',
-                norm_hook: Callable[[], nn.Module] | None = None) -> nn.Module:
+def build_model(
+  name: str,
+  *,
+  num_classes: int,
+  mean: Sequence[float],
+  std: Sequence[float],
+  dtype=jnp.float32,
+  plugins: Mapping[str, Callable[[], nn.Module]] | None = None,
+  norm: Callable[..., nn.Module] | None = None,
+  input_norm: str = "dataset",
+  norm_hook: Callable[[], nn.Module] | None = None,
+) -> nn.Module:
   """The backbone ``name`` (one of MODEL_NAMES); ``norm=None`` means :class:`BatchNorm`.
 
   ``norm_hook``: the per-group ``norm_ctx`` hook (:class:`~agad.models.layers.Backbone`).
@@ -43,9 +50,16 @@ def build_model(name: str, *, num_classes: int, mean: Sequence[float], std: Sequ
   :func:`agad.models.resolve_plugins`.
   """
   if name not in _BUILDERS:
-    raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
   check_input_norm(input_norm)
   # Tuples of floats keep the module hashable whatever sequence type the config used.
-  return _BUILDERS[name](num_classes=num_classes, mean=tuple(map(float, mean)),
-                         std=tuple(map(float, std)), dtype=dtype, plugins=plugins,
-                         norm=norm or BatchNorm, input_norm=input_norm, norm_hook=norm_hook)
+  return _BUILDERS[name](
+    num_classes=num_classes,
+    mean=tuple(map(float, mean)),
+    std=tuple(map(float, std)),
+    dtype=dtype,
+    plugins=plugins,
+    norm=norm or BatchNorm,
+    input_norm=input_norm,
+    norm_hook=norm_hook,
+  )

@@ -41,9 +41,9 @@ class BasicBlock(Unit):
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     n = dict(train=train, norm_ctx=norm_ctx)
-    y = norm_act(self, conv(self, x, self.features, stride=self.stride, name='conv1'), 'bn1', **n)
-    y = norm_act(self, conv(self, y, self.features, name='conv2'), 'bn2', relu=False, **n)
-    y = site(self, f'{self.tap}.branch', y, train=train, labels=labels)
+    y = norm_act(self, conv(self, x, self.features, stride=self.stride, name="conv1"), "bn1", **n)
+    y = norm_act(self, conv(self, y, self.features, name="conv2"), "bn2", relu=False, **n)
+    y = site(self, f"{self.tap}.branch", y, train=train, labels=labels)
     return nn.relu(y + self.shortcut(x, self.features, batch_norm=True, **n))
 
 
@@ -56,10 +56,10 @@ class Bottleneck(Unit):
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
     n = dict(train=train, norm_ctx=norm_ctx)
     out = self.features * self.expansion
-    y = norm_act(self, conv(self, x, self.features, 1, name='conv1'), 'bn1', **n)
-    y = norm_act(self, conv(self, y, self.features, stride=self.stride, name='conv2'), 'bn2', **n)
-    y = norm_act(self, conv(self, y, out, 1, name='conv3'), 'bn3', relu=False, **n)
-    y = site(self, f'{self.tap}.branch', y, train=train, labels=labels)
+    y = norm_act(self, conv(self, x, self.features, 1, name="conv1"), "bn1", **n)
+    y = norm_act(self, conv(self, y, self.features, stride=self.stride, name="conv2"), "bn2", **n)
+    y = norm_act(self, conv(self, y, out, 1, name="conv3"), "bn3", relu=False, **n)
+    y = site(self, f"{self.tap}.branch", y, train=train, labels=labels)
     return nn.relu(y + self.shortcut(x, out, batch_norm=True, **n))
 
 
@@ -79,12 +79,18 @@ class ResNet(Backbone):
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
-    x = conv(self, self.prepare(x), self.widths[0], name='stem_conv')
-    x = norm_act(self, x, 'stem_bn', train=train,
-                 norm_ctx=self.norm_group(x, 'stem', train=train, norm_ctx=norm_ctx))
-    x = site(self, 'stem', x, train=train, labels=labels)
-    x = self.residual_stages(x, self.block, self.widths, train=train, labels=labels,
-                             norm_ctx=norm_ctx)
+    x = conv(self, self.prepare(x), self.widths[0], name="stem_conv")
+    x = norm_act(
+      self,
+      x,
+      "stem_bn",
+      train=train,
+      norm_ctx=self.norm_group(x, "stem", train=train, norm_ctx=norm_ctx),
+    )
+    x = site(self, "stem", x, train=train, labels=labels)
+    x = self.residual_stages(
+      x, self.block, self.widths, train=train, labels=labels, norm_ctx=norm_ctx
+    )
     return self.head(x, train=train, labels=labels)
 
 

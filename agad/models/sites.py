@@ -24,13 +24,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 # stage{s}.unit[{i}]{rest}: s 1-indexed, i a python-style index into the stage's units.
-_UNIT_ALIAS = re.compile(r'^stage(\d+)\.unit\[([+-]?\d+)\](.*)$')
+_UNIT_ALIAS = re.compile(r"^stage(\d+)\.unit\[([+-]?\d+)\](.*)$")
 
 
 def _default_shape(model: nn.Module) -> tuple[int, int, int]:
   # Site names do not depend on the input size; 32x32 is big enough for every backbone
   # here (VGG's five pools, SmallCNN's valid convs), the channels follow the mean.
-  return (32, 32, len(getattr(model, 'mean', (0.0,)) or (0.0,)))
+  return (32, 32, len(getattr(model, "mean", (0.0,)) or (0.0,)))
 
 
 def site_names(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[str, ...]:
@@ -48,9 +48,11 @@ def site_names(model: nn.Module, input_shape: Sequence[int] | None = None) -> tu
   """
   shape = _default_shape(model) if input_shape is None else tuple(int(d) for d in input_shape)
   if len(shape) != 3:
-    raise ValueError(f'input_shape {input_shape!r} must be one example\'s (H, W, C), '
-                     f'without the batch axis, e.g. (32, 32, 3)')
-  if getattr(model, 'plugins', None) is not None:
+    raise ValueError(
+      f"input_shape {input_shape!r} must be one example's (H, W, C), "
+      f"without the batch axis, e.g. (32, 32, 3)"
+    )
+  if getattr(model, "plugins", None) is not None:
     model = model.clone(plugins=None)
   try:
     hash(model)
@@ -66,7 +68,7 @@ def _site_names(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, ...]:
   def trace(x):
     variables = model.init(jax.random.key(0), x, train=False, mutable=True)
     # Read at trace time: the returned tree would come back key-sorted from eval_shape.
-    for path in traverse_util.flatten_dict(variables.get('intermediates', {})):
+    for path in traverse_util.flatten_dict(variables.get("intermediates", {})):
       if path[-1] not in names:
         names.append(path[-1])
 
@@ -76,14 +78,16 @@ def _site_names(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, ...]:
 
 def _hint(name: str, valid: Sequence[str]) -> str:
   close = difflib.get_close_matches(name, valid, n=3)
-  return f' (did you mean {", ".join(map(repr, close))}?)' if close else ''
+  return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 def _invalid(name: str, valid: Sequence[str], why: str) -> ValueError:
-  return ValueError(f'site {name!r} {why}{_hint(name, valid)}; valid site names: '
-                    f'{", ".join(valid)}; '
-                    'unit aliases: stage{s}.unit[i] / stage{s}.unit[i].branch with i in '
-                    '[-n, n) for a stage of n residual units')
+  return ValueError(
+    f"site {name!r} {why}{_hint(name, valid)}; valid site names: "
+    f"{', '.join(valid)}; "
+    "unit aliases: stage{s}.unit[i] / stage{s}.unit[i].branch with i in "
+    "[-n, n) for a stage of n residual units"
+  )
 
 
 def resolve_site(model: nn.Module, name: str, input_shape: Sequence[int] | None = None) -> str:
@@ -103,20 +107,24 @@ def resolve_site(model: nn.Module, name: str, input_shape: Sequence[int] | None 
     s, i, rest = int(match[1]), int(match[2]), match[3]
     sizes = tuple(model.stage_sizes)
     if not 1 <= s <= len(sizes):
-      raise _invalid(name, valid, f'has stage {s}, but the model has stages 1..{len(sizes)}')
+      raise _invalid(name, valid, f"has stage {s}, but the model has stages 1..{len(sizes)}")
     n = sizes[s - 1]
     if not -n <= i < n:
-      raise _invalid(name, valid, f'has unit index {i}, but stage {s} has {n} units '
-                     f'(index in [{-n}, {n}))')
-    resolved = f'stage{s}.unit{i % n}{rest}'
+      raise _invalid(
+        name, valid, f"has unit index {i}, but stage {s} has {n} units (index in [{-n}, {n}))"
+      )
+    resolved = f"stage{s}.unit{i % n}{rest}"
   if resolved not in valid:
-    why = 'is not a site of this model' + (f' (resolved to {resolved!r})' if match else '')
+    why = "is not a site of this model" + (f" (resolved to {resolved!r})" if match else "")
     raise _invalid(name, valid, why)
   return resolved
 
 
-def resolve_plugins(model: nn.Module, plugins: Mapping[str, Callable[[], nn.Module]] | None,
-                    input_shape: Sequence[int] | None = None) -> dict:
+def resolve_plugins(
+  model: nn.Module,
+  plugins: Mapping[str, Callable[[], nn.Module]] | None,
+  input_shape: Sequence[int] | None = None,
+) -> dict:
   """``plugins`` with every key resolved by :func:`resolve_site`; a new dict.
 
   Raises ValueError naming every key that is no site of ``model`` (with the valid
@@ -133,12 +141,15 @@ def resolve_plugins(model: nn.Module, plugins: Mapping[str, Callable[[], nn.Modu
       bad.append(key)
       continue
     if site in resolved:
-      raise ValueError(f'plug-in keys {resolved[site][0]!r} and {key!r} both name site '
-                       f'{site!r}; keep one of them')
+      raise ValueError(
+        f"plug-in keys {resolved[site][0]!r} and {key!r} both name site {site!r}; keep one of them"
+      )
     resolved[site] = (key, factory)
   if bad:
-    named = ', '.join(repr(key) + _hint(key, valid) for key in bad)
-    raise ValueError(f'plug-in site(s) {named} not found in '
-                     f'{type(model).__name__}; valid site names: {", ".join(valid)}; unit '
-                     'aliases: stage{s}.unit[i] / stage{s}.unit[i].branch')
+    named = ", ".join(repr(key) + _hint(key, valid) for key in bad)
+    raise ValueError(
+      f"plug-in site(s) {named} not found in "
+      f"{type(model).__name__}; valid site names: {', '.join(valid)}; unit "
+      "aliases: stage{s}.unit[i] / stage{s}.unit[i].branch"
+    )
   return {site: factory for site, (_, factory) in resolved.items()}

@@ -49,10 +49,19 @@ class SmallCNN(Backbone):
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
-    x = self.plain_stages(self.prepare(x), (32, 64), batch_norm=self.batch_norm, padding=0,
-                          init=KAIMING_FAN_IN, train=train, labels=labels, norm_ctx=norm_ctx)
-    return self.head(x, hidden=(200, 200), flatten=True, zero_classifier=True,
-                     train=train, labels=labels)
+    x = self.plain_stages(
+      self.prepare(x),
+      (32, 64),
+      batch_norm=self.batch_norm,
+      padding=0,
+      init=KAIMING_FAN_IN,
+      train=train,
+      labels=labels,
+      norm_ctx=norm_ctx,
+    )
+    return self.head(
+      x, hidden=(200, 200), flatten=True, zero_classifier=True, train=train, labels=labels
+    )
 
 
 class SmallCNNBN(SmallCNN):

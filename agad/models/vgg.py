@@ -34,10 +34,17 @@ class VGG16(Backbone):
   stage_sizes = (2, 2, 3, 3, 3)
   # vgg_fsr's _initialize_weights (torchvision's): convs Kaiming-normal fan_out with zero
   # bias (the Backbone default), Dense kernels N(0, 0.01^2) with zero bias.
-  dense_init = 'normal_0.01'
+  dense_init = "normal_0.01"
 
   @nn.compact
   def __call__(self, x, *, train: bool, labels=None, norm_ctx: Mapping | None = None):
-    x = self.plain_stages(self.prepare(x), (64, 128, 256, 512, 512), batch_norm=True,
-                          tap_before_pool=4, train=train, labels=labels, norm_ctx=norm_ctx)
+    x = self.plain_stages(
+      self.prepare(x),
+      (64, 128, 256, 512, 512),
+      batch_norm=True,
+      tap_before_pool=4,
+      train=train,
+      labels=labels,
+      norm_ctx=norm_ctx,
+    )
     return self.head(x, hidden=(512, 512), train=train, labels=labels)

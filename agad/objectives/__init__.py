@@ -6,8 +6,19 @@ Each base objective is one module (``standard``, ``pgd_at``, ``trades``, ``mart`
 them by name.
 """
 
-from agad.objectives.base import (FROZEN, BNPolicy, LossAux, ModelOutput, Objective, accuracy,
-                                  add_terms, cross_entropy_mean, forward, logits_fn_for, pass_key)
+from agad.objectives.base import (
+  FROZEN,
+  BNPolicy,
+  LossAux,
+  ModelOutput,
+  Objective,
+  accuracy,
+  add_terms,
+  cross_entropy_mean,
+  forward,
+  logits_fn_for,
+  pass_key,
+)
 from agad.objectives.defaults import objective_config
 from agad.objectives.training_attack import TrainingAttack
 from agad.objectives.standard import standard

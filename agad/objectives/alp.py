@@ -29,18 +29,24 @@ from agad.objectives import base, defaults
 TARGETS = ("least_likely", "random", "untargeted")
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.weight = 0.5                  # train_lp_weight: weight * mean((z(x) - z(x'))^2); README: 0.5.
-DEFAULTS.label_smoothing = 0.1         # model_lib.default_hparams(): label_smoothing=0.1 on [x; x'].
+DEFAULTS.weight = 0.5  # train_lp_weight: weight * mean((z(x) - z(x'))^2); README: 0.5.
+DEFAULTS.label_smoothing = 0.1  # model_lib.default_hparams(): label_smoothing=0.1 on [x; x'].
 # Training attack target: "least_likely" (pgdll_*: targeted PGD towards argmin of the
 # clean eval-mode logits, the official setting), "random" (pgdrnd_*) or "untargeted"
 # (pgd_*: the official code's untargeted option uses the *predicted* label).
 DEFAULTS.target = "least_likely"
-DEFAULTS.random_start = None           # official: U(-eps, eps), i.e. config.attack's usual "uniform".
-DEFAULTS.attack_bn = "eval"            # attack on model_fn(x, is_training=False).
+DEFAULTS.random_start = None  # official: U(-eps, eps), i.e. config.attack's usual "uniform".
+DEFAULTS.attack_bn = "eval"  # attack on model_fn(x, is_training=False).
 
 
-def alp_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
-             weight: float, label_smoothing: float = 0.1) -> jax.Array:
+def alp_loss(
+  logits_clean: jax.Array,
+  logits_adv: jax.Array,
+  labels: jax.Array,
+  *,
+  weight: float,
+  label_smoothing: float = 0.1,
+) -> jax.Array:
   """ALP's scalar: smoothed CE over ``[x; x']`` + ``weight * mean((z(x) - z(x'))^2)``."""
   logits = jnp.concatenate([logits_clean, logits_adv], axis=0).astype(jnp.float32)
   xent = base.cross_entropy_mean(logits, jnp.concatenate([labels, labels]), label_smoothing)
@@ -66,28 +72,50 @@ def alp(model, config) -> base.Objective:
     else:
       target = jnp.argmin(clean, -1) if target_kind == "least_likely" else jnp.argmax(clean, -1)
     target = jax.lax.stop_gradient(target)
-    return attack(params, model_state, images, target, k_attack, loss="ce",
-                  targeted=target_kind != "untargeted", step=step)
+    return attack(
+      params,
+      model_state,
+      images,
+      target,
+      k_attack,
+      loss="ce",
+      targeted=target_kind != "untargeted",
+      step=step,
+    )
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     labels = batch["label"]
     both = jnp.concatenate([batch["image"], adv], axis=0)
-    out = base.forward(model, params, model_state, both, mode="train",
-                       labels=jnp.concatenate([labels, labels]), taps=base.ALL_TAPS,
-                       rng=base.pass_key(key, 0))
+    out = base.forward(
+      model,
+      params,
+      model_state,
+      both,
+      mode="train",
+      labels=jnp.concatenate([labels, labels]),
+      taps=base.ALL_TAPS,
+      rng=base.pass_key(key, 0),
+    )
     logits_clean, logits_adv = jnp.split(out.logits, 2, axis=0)
     value = alp_loss(logits_clean, logits_adv, labels, weight=weight, label_smoothing=smoothing)
-    metrics = {"accuracy": base.accuracy(logits_clean, labels),
-               "adv_accuracy": base.accuracy(logits_adv, labels),
-               "loss_pairing": jnp.mean(jnp.square(logits_clean - logits_adv))}
+    metrics = {
+      "accuracy": base.accuracy(logits_clean, labels),
+      "adv_accuracy": base.accuracy(logits_adv, labels),
+      "loss_pairing": jnp.mean(jnp.square(logits_clean - logits_adv)),
+    }
     n = labels.shape[0]
     # One BN pass over [x; x']: its two halves are the "clean" and "adv" passes.
     passes = {"clean": base.slice_output(out, 0, n), "adv": base.slice_output(out, n, 2 * n)}
     return value, base.LossAux(out.model_state, aux_state, metrics, passes)
 
-  return base.Objective("alp", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="clean+adversarial (one concatenated pass)"))
+  return base.Objective(
+    "alp",
+    base.no_aux_state,
+    generate,
+    loss,
+    base.BNPolicy(attack=attack.bn, update="clean+adversarial (one concatenated pass)"),
+  )
 
 
 objective = alp

@@ -32,9 +32,13 @@ import ml_collections
 from agad.objectives import base, defaults
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.gamma = 0.005                 # relative weight-perturbation size per >=2-D tensor. TRADES-AWP: 0.005; AT-AWP: 0.01.
-DEFAULTS.proxy_lr = 0.1                # lr of the one proxy SGD step. TRADES-AWP: 0.1; AT-AWP: 0.01. (It cancels in
-                                       # v = gamma ||w|| diff / ||diff|| except through the 1e-20 guard.)
+DEFAULTS.gamma = (
+  0.005  # relative weight-perturbation size per >=2-D tensor. TRADES-AWP: 0.005; AT-AWP: 0.01.
+)
+DEFAULTS.proxy_lr = (
+  0.1  # lr of the one proxy SGD step. TRADES-AWP: 0.1; AT-AWP: 0.01. (It cancels in
+)
+# v = gamma ||w|| diff / ||diff|| except through the 1e-20 guard.)
 # No perturbation while step < warmup_steps (in optimizer steps). TRADES-AWP applies AWP
 # from epoch 10 of 1-indexed epochs (awp_warmup=10), i.e. set 9 * steps_per_epoch to
 # reproduce it; AT-AWP uses 0.
@@ -57,8 +61,20 @@ def weight_perturbation(params, proxy_params, gamma):
   return jax.tree.map(per_tensor, params, proxy_params)
 
 
-def awp_perturbation(loss_fn, params, model_state, aux_state, batch, adv, key, step, *,
-                     gamma: float, proxy_lr: float, warmup_steps: int = 0):
+def awp_perturbation(
+  loss_fn,
+  params,
+  model_state,
+  aux_state,
+  batch,
+  adv,
+  key,
+  step,
+  *,
+  gamma: float,
+  proxy_lr: float,
+  warmup_steps: int = 0,
+):
   """``(v, active)``: AWP's weight perturbation at ``w = stop_gradient(params)``.
 
   ``loss_fn`` is an objective's ``loss``; the proxy takes one SGD step of size
@@ -80,8 +96,15 @@ def awp_perturbation(loss_fn, params, model_state, aux_state, batch, adv, key, s
   return jax.lax.stop_gradient(v), active
 
 
-def awp(objective: base.Objective, model=None, config=None, *, gamma: float | None = None,
-        proxy_lr: float | None = None, warmup_steps: int | None = None) -> base.Objective:
+def awp(
+  objective: base.Objective,
+  model=None,
+  config=None,
+  *,
+  gamma: float | None = None,
+  proxy_lr: float | None = None,
+  warmup_steps: int | None = None,
+) -> base.Objective:
   """Wraps ``objective.loss`` with AWP; hyperparameters from ``config.objective.awp``.
 
   Keyword arguments override the config (for direct use: ``awp(trades(model, cfg), gamma=...)``).
@@ -94,15 +117,27 @@ def awp(objective: base.Objective, model=None, config=None, *, gamma: float | No
   inner = objective
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
-    v, active = awp_perturbation(inner.loss, params, model_state, aux_state, batch, adv, key, step,
-                                 gamma=gamma, proxy_lr=proxy_lr, warmup_steps=warmup_steps)
+    v, active = awp_perturbation(
+      inner.loss,
+      params,
+      model_state,
+      aux_state,
+      batch,
+      adv,
+      key,
+      step,
+      gamma=gamma,
+      proxy_lr=proxy_lr,
+      warmup_steps=warmup_steps,
+    )
     perturbed = jax.tree.map(jnp.add, params, v)
     value, aux = inner.loss(perturbed, model_state, aux_state, batch, adv, key, step)
     # The passes are the inner objective's, at w + v (what the update differentiates).
     return value, aux._replace(metrics=dict(aux.metrics, awp_active=active.astype(jnp.float32)))
 
   policy = inner.bn_policy._replace(
-      update=f"{inner.bn_policy.update}, at w+v; AWP proxy pass: batch statistics, not kept")
+    update=f"{inner.bn_policy.update}, at w+v; AWP proxy pass: batch statistics, not kept"
+  )
   return inner._replace(name=f"{inner.name}+awp", loss=loss, bn_policy=policy)
 
 

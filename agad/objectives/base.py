@@ -44,6 +44,7 @@ class BNPolicy(NamedTuple):
   update: which training forward passes update the running statistics, in words
     (e.g. ``"adversarial"``, ``"clean+adversarial (two passes)"``).
   """
+
   attack: str = "eval"
   update: str = "adversarial"
 
@@ -79,10 +80,11 @@ FROZEN = "frozen"  # aux_state key under which the step passes an objective's fr
 
 class LossAux(NamedTuple):
   """The auxiliary output of ``Objective.loss``."""
+
   model_state: PyTree
   aux_state: PyTree
   metrics: dict
-  passes: dict   # {pass name: ModelOutput}
+  passes: dict  # {pass name: ModelOutput}
 
 
 def adaptive_variants(adaptive_loss) -> dict[str, Callable] | None:
@@ -94,10 +96,10 @@ def adaptive_variants(adaptive_loss) -> dict[str, Callable] | None:
 
 
 class ModelOutput(NamedTuple):
-  logits: jax.Array   # [B, K] float32
+  logits: jax.Array  # [B, K] float32
   model_state: PyTree  # updated (train mode) or unchanged non-param collections
-  aux: dict            # the 'aux' collection sown by plug-ins (auxiliary logits)
-  taps: dict = {}      # {site name: value} requested with forward(..., taps=...)
+  aux: dict  # the 'aux' collection sown by plug-ins (auxiliary logits)
+  taps: dict = {}  # {site name: value} requested with forward(..., taps=...)
 
 
 BN_MODES = ("train", "eval", "batch")
@@ -109,7 +111,8 @@ def _collect_taps(intermediates: Any, taps) -> dict:
   """``{site: value}`` from a sown 'intermediates' tree (sites nest under units)."""
   found = {}
   for path, value in jax.tree_util.tree_flatten_with_path(
-      intermediates, is_leaf=lambda v: isinstance(v, tuple))[0]:
+    intermediates, is_leaf=lambda v: isinstance(v, tuple)
+  )[0]:
     name = getattr(path[-1], "key", None)
     found[name] = value[-1] if isinstance(value, tuple) else value
   if taps is ALL_TAPS:
@@ -120,9 +123,18 @@ def _collect_taps(intermediates: Any, taps) -> dict:
   return {t: found[t] for t in taps}
 
 
-def forward(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array, *,
-            mode: str, labels: jax.Array | None = None, norm_ctx: Any = None,
-            taps: Sequence[str] | bool = (), rng: jax.Array | None = None) -> ModelOutput:
+def forward(
+  model: nn.Module,
+  params: PyTree,
+  model_state: PyTree,
+  x: jax.Array,
+  *,
+  mode: str,
+  labels: jax.Array | None = None,
+  norm_ctx: Any = None,
+  taps: Sequence[str] | bool = (),
+  rng: jax.Array | None = None,
+) -> ModelOutput:
   """One forward pass with an explicit BatchNorm mode.
 
   mode: ``"train"`` batch statistics, running averages updated (returned);
@@ -141,8 +153,9 @@ def forward(model: nn.Module, params: PyTree, model_state: PyTree, x: jax.Array,
   if taps:
     mutable.append("intermediates")
   rngs = {PLUGIN_RNG: rng} if (rng is not None and train) else None
-  logits, updated = model.apply(variables, x, train=train, labels=labels, norm_ctx=norm_ctx,
-                                mutable=mutable, rngs=rngs)
+  logits, updated = model.apply(
+    variables, x, train=train, labels=labels, norm_ctx=norm_ctx, mutable=mutable, rngs=rngs
+  )
   updated = dict(updated)
   aux = updated.pop("aux", {})
   found = _collect_taps(updated.pop("intermediates", {}), taps) if taps else {}
@@ -186,18 +199,29 @@ def add_terms(inner: Objective, suffix: str, term_fn: TermFn) -> Objective:
 _TERM_SALT = 0x5445524D
 
 
-def logits_fn_for(model: nn.Module, params: PyTree, model_state: PyTree, *, mode: str = "eval",
-                  labels: jax.Array | None = None,
-                  norm_ctx: Any = None) -> Callable[[jax.Array], jax.Array]:
+def logits_fn_for(
+  model: nn.Module,
+  params: PyTree,
+  model_state: PyTree,
+  *,
+  mode: str = "eval",
+  labels: jax.Array | None = None,
+  norm_ctx: Any = None,
+) -> Callable[[jax.Array], jax.Array]:
   """A closure ``x -> logits`` for attacks inside a traced step (BN mode explicit)."""
-  return lambda x: forward(model, params, model_state, x, mode=mode, labels=labels,
-                           norm_ctx=norm_ctx).logits
+  return lambda x: (
+    forward(model, params, model_state, x, mode=mode, labels=labels, norm_ctx=norm_ctx).logits
+  )
 
 
-def cross_entropy_mean(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
-                       smoothing: str = "all") -> jax.Array:
-  return jnp.mean(attack_losses.cross_entropy(logits, labels, label_smoothing=label_smoothing,
-                                              smoothing=smoothing))
+def cross_entropy_mean(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0, smoothing: str = "all"
+) -> jax.Array:
+  return jnp.mean(
+    attack_losses.cross_entropy(
+      logits, labels, label_smoothing=label_smoothing, smoothing=smoothing
+    )
+  )
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -47,5 +47,7 @@ def bn_pass_order(spec: str) -> tuple[str, ...]:
   """``"clean,adv,clean"`` -> ``("clean", "adv", "clean")``, validated."""
   order = tuple(s.strip() for s in spec.split(",") if s.strip())
   if not order or set(order) - {"clean", "adv"} or "clean" not in order or "adv" not in order:
-    raise ValueError(f"bn_updates {spec!r} must list 'clean' and 'adv' passes, e.g. 'clean,adv,clean'")
+    raise ValueError(
+      f"bn_updates {spec!r} must list 'clean' and 'adv' passes, e.g. 'clean,adv,clean'"
+    )
   return order

@@ -30,12 +30,14 @@ from agad.objectives import base, defaults
 
 # No official code: agad's choices, after the ndb796 reimplementation.
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.mixup_alpha = 1.0             # lambda ~ Beta(alpha, alpha), one scalar per half per step (mixup).
+DEFAULTS.mixup_alpha = 1.0  # lambda ~ Beta(alpha, alpha), one scalar per half per step (mixup).
 # Independent (lambda, permutation) draws for the clean half and the adversarial half
 # (as the reimplementation). False: the same draw for both halves.
 DEFAULTS.independent_mixing = True
-DEFAULTS.random_start = None           # PGD from a uniform start (reimplementation), i.e. config.attack.
-DEFAULTS.attack_bn = "eval"            # the reimplementation attacks the train-mode model (its bug); agad: eval.
+DEFAULTS.random_start = None  # PGD from a uniform start (reimplementation), i.e. config.attack.
+DEFAULTS.attack_bn = (
+  "eval"  # the reimplementation attacks the train-mode model (its bug); agad: eval.
+)
 
 
 def mixup_batch(key: jax.Array, images: jax.Array, alpha: float):
@@ -73,20 +75,39 @@ def iat(model, config) -> base.Objective:
     if not independent:
       k_adv = k_clean
     halves, passes = {}, {}
-    for i, (kind, images, k) in enumerate((("clean", batch["image"], k_clean), ("adv", adv, k_adv))):
+    for i, (kind, images, k) in enumerate(
+      (("clean", batch["image"], k_clean), ("adv", adv, k_adv))
+    ):
       mixed, perm, lam = mixup_batch(k, images, alpha)
-      out = base.forward(model, params, model_state, mixed, mode="train", labels=labels,
-                         taps=base.ALL_TAPS, rng=base.pass_key(key, i))
+      out = base.forward(
+        model,
+        params,
+        model_state,
+        mixed,
+        mode="train",
+        labels=labels,
+        taps=base.ALL_TAPS,
+        rng=base.pass_key(key, i),
+      )
       model_state = out.model_state
       halves[kind] = (mixup_cross_entropy(out.logits, labels, perm, lam), lam)
       passes[f"{kind}_mixed"] = out
     value = 0.5 * (halves["clean"][0] + halves["adv"][0])
-    metrics = {"loss_clean_mix": halves["clean"][0], "loss_adv_mix": halves["adv"][0],
-               "lam_clean": halves["clean"][1], "lam_adv": halves["adv"][1]}
+    metrics = {
+      "loss_clean_mix": halves["clean"][0],
+      "loss_adv_mix": halves["adv"][0],
+      "lam_clean": halves["clean"][1],
+      "lam_adv": halves["adv"][1],
+    }
     return value, base.LossAux(model_state, aux_state, metrics, passes)
 
-  return base.Objective("iat", base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update="clean-mixed, adversarial-mixed (two passes)"))
+  return base.Objective(
+    "iat",
+    base.no_aux_state,
+    generate,
+    loss,
+    base.BNPolicy(attack=attack.bn, update="clean-mixed, adversarial-mixed (two passes)"),
+  )
 
 
 objective = iat

@@ -24,14 +24,17 @@ from agad.objectives import base
 from agad.objectives.trades import paired_objective
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.beta = 6.0                 # weight of the misclassification-aware KL term; official: 6.
-DEFAULTS.random_start = "normal"    # mart.py starts from x + 0.001 N(0, 1) (not uniform). None: config.attack.
-DEFAULTS.attack_bn = "eval"         # CE attack under model.eval(). None: config.attack.bn.
-DEFAULTS.bn_updates = "clean,adv"   # mart.py: model(x) then model(x_adv), both train mode.
+DEFAULTS.beta = 6.0  # weight of the misclassification-aware KL term; official: 6.
+DEFAULTS.random_start = (
+  "normal"  # mart.py starts from x + 0.001 N(0, 1) (not uniform). None: config.attack.
+)
+DEFAULTS.attack_bn = "eval"  # CE attack under model.eval(). None: config.attack.bn.
+DEFAULTS.bn_updates = "clean,adv"  # mart.py: model(x) then model(x_adv), both train mode.
 
 
-def mart_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
-              beta: float) -> jax.Array:
+def mart_loss(
+  logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *, beta: float
+) -> jax.Array:
   """The scalar MART minimises (``mart.py``, reductions and constants included).
 
   Stable public API (external checks call it). ``logits_* [B, K]``, ``labels [B]`` int.

@@ -27,8 +27,13 @@ def pgd_at(model, config: Any) -> base.Objective:
     del aux_state
     return attack(params, model_state, batch["image"], batch["label"], key, loss="ce", step=step)
 
-  return base.Objective("pgd_at", base.no_aux_state, generate, loss_on(model, "adv"),
-                        base.BNPolicy(attack=attack.bn, update="adversarial"))
+  return base.Objective(
+    "pgd_at",
+    base.no_aux_state,
+    generate,
+    loss_on(model, "adv"),
+    base.BNPolicy(attack=attack.bn, update="adversarial"),
+  )
 
 
 objective = pgd_at

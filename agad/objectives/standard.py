@@ -16,8 +16,8 @@ import ml_collections
 from agad.objectives import base, defaults
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.label_smoothing = 0.0   # s; 0 = plain CE (every base paper). AGKD-BML's teacher: 0.5.
-DEFAULTS.smoothing = "all"       # all (PyTorch: s/K on every class) | others (s/(K-1) on the others).
+DEFAULTS.label_smoothing = 0.0  # s; 0 = plain CE (every base paper). AGKD-BML's teacher: 0.5.
+DEFAULTS.smoothing = "all"  # all (PyTorch: s/K on every class) | others (s/(K-1) on the others).
 
 
 def loss_on(model, pass_name: str, *, label_smoothing: float = 0.0, smoothing: str = "all"):
@@ -25,18 +25,30 @@ def loss_on(model, pass_name: str, *, label_smoothing: float = 0.0, smoothing: s
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
-    out = base.forward(model, params, model_state, adv, mode="train", labels=batch["label"],
-                       taps=base.ALL_TAPS, rng=base.pass_key(key, 0))
+    out = base.forward(
+      model,
+      params,
+      model_state,
+      adv,
+      mode="train",
+      labels=batch["label"],
+      taps=base.ALL_TAPS,
+      rng=base.pass_key(key, 0),
+    )
     value = base.cross_entropy_mean(out.logits, batch["label"], label_smoothing, smoothing)
-    metrics = {"accuracy" if pass_name == "clean" else "adv_accuracy":
-               base.accuracy(out.logits, batch["label"])}
+    metrics = {
+      "accuracy" if pass_name == "clean" else "adv_accuracy": base.accuracy(
+        out.logits, batch["label"]
+      )
+    }
     return value, base.LossAux(out.model_state, aux_state, metrics, {pass_name: out})
 
   return loss
 
 
-def standard(model, config: Any = None, *, label_smoothing: float | None = None,
-             smoothing: str | None = None) -> base.Objective:
+def standard(
+  model, config: Any = None, *, label_smoothing: float | None = None, smoothing: str | None = None
+) -> base.Objective:
   """Clean empirical risk: mean CE on the clean batch, BN updated from clean images."""
   cfg = defaults.objective_config(config, "standard", DEFAULTS)
   label_smoothing = float(cfg.label_smoothing if label_smoothing is None else label_smoothing)
@@ -46,9 +58,13 @@ def standard(model, config: Any = None, *, label_smoothing: float | None = None,
     del params, model_state, aux_state, key, step
     return batch["image"]
 
-  return base.Objective("standard", base.no_aux_state, generate,
-                        loss_on(model, "clean", label_smoothing=label_smoothing, smoothing=smoothing),
-                        base.BNPolicy(attack="none", update="clean"))
+  return base.Objective(
+    "standard",
+    base.no_aux_state,
+    generate,
+    loss_on(model, "clean", label_smoothing=label_smoothing, smoothing=smoothing),
+    base.BNPolicy(attack="none", update="clean"),
+  )
 
 
 objective = standard

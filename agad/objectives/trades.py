@@ -26,9 +26,13 @@ import ml_collections
 from agad.objectives import base, defaults
 
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.beta = 6.0                 # weight of (1/B) sum KL(p_clean || p_adv); official CIFAR-10: 6.
-DEFAULTS.random_start = "normal"    # attack start x + 0.001 N(0, 1), as trades.py. None: config.attack.
-DEFAULTS.attack_bn = "eval"         # BN mode inside the KL attack (model.eval() in trades.py). None: config.attack.bn.
+DEFAULTS.beta = 6.0  # weight of (1/B) sum KL(p_clean || p_adv); official CIFAR-10: 6.
+DEFAULTS.random_start = (
+  "normal"  # attack start x + 0.001 N(0, 1), as trades.py. None: config.attack.
+)
+DEFAULTS.attack_bn = (
+  "eval"  # BN mode inside the KL attack (model.eval() in trades.py). None: config.attack.bn.
+)
 # Train-mode forward passes, in order, each updating the BN running statistics.
 # trades.py runs model(x) for CE, then model(x_adv) and model(x) again for the KL:
 # "clean,adv,clean". The gradient always flows through exactly one clean and one
@@ -49,8 +53,9 @@ def kl_clean_adv(logits_clean: jax.Array, logits_adv: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
-def trades_loss(logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
-                beta: float) -> jax.Array:
+def trades_loss(
+  logits_clean: jax.Array, logits_adv: jax.Array, labels: jax.Array, *, beta: float
+) -> jax.Array:
   """The scalar TRADES minimises: ``mean CE(clean, y) + beta * (1/B) sum KL(p_clean || p_adv)``.
 
   Stable public API (external checks call it). ``logits_* [B, K]``, ``labels [B]`` int.
@@ -77,17 +82,25 @@ def train_passes(model, params, model_state, batch, adv, order: tuple[str, ...],
   for i, kind in enumerate(order):
     first = kind not in passes
     p = params if first else jax.lax.stop_gradient(params)
-    out = base.forward(model, p, model_state, images[kind], mode="train", labels=batch["label"],
-                       taps=base.ALL_TAPS if first else (),
-                       rng=None if key is None else base.pass_key(key, i))
+    out = base.forward(
+      model,
+      p,
+      model_state,
+      images[kind],
+      mode="train",
+      labels=batch["label"],
+      taps=base.ALL_TAPS if first else (),
+      rng=None if key is None else base.pass_key(key, i),
+    )
     model_state = out.model_state
     if first:
       passes[kind] = out
   return passes, model_state
 
 
-def paired_objective(name: str, model, config, cfg_defaults, *, attack_loss: str,
-                     pair_loss) -> base.Objective:
+def paired_objective(
+  name: str, model, config, cfg_defaults, *, attack_loss: str, pair_loss
+) -> base.Objective:
   """An objective on clean and adversarial logits of the same batch (TRADES, MART).
 
   ``pair_loss(logits_clean, logits_adv, labels, cfg) -> (value, extra_metrics)``; the
@@ -100,19 +113,29 @@ def paired_objective(name: str, model, config, cfg_defaults, *, attack_loss: str
 
   def generate(params, model_state, aux_state, batch, key, step):
     del aux_state
-    return attack(params, model_state, batch["image"], batch["label"], key, loss=attack_loss, step=step)
+    return attack(
+      params, model_state, batch["image"], batch["label"], key, loss=attack_loss, step=step
+    )
 
   def loss(params, model_state, aux_state, batch, adv, key, step):
     del step
     passes, model_state = train_passes(model, params, model_state, batch, adv, order, key)
     logits_clean, logits_adv = passes["clean"].logits, passes["adv"].logits
     value, extra = pair_loss(logits_clean, logits_adv, batch["label"], cfg)
-    metrics = {"accuracy": base.accuracy(logits_clean, batch["label"]),
-               "adv_accuracy": base.accuracy(logits_adv, batch["label"]), **extra}
+    metrics = {
+      "accuracy": base.accuracy(logits_clean, batch["label"]),
+      "adv_accuracy": base.accuracy(logits_adv, batch["label"]),
+      **extra,
+    }
     return value, base.LossAux(model_state, aux_state, metrics, passes)
 
-  return base.Objective(name, base.no_aux_state, generate, loss,
-                        base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"))
+  return base.Objective(
+    name,
+    base.no_aux_state,
+    generate,
+    loss,
+    base.BNPolicy(attack=attack.bn, update=f"{cfg.bn_updates} (train-mode passes)"),
+  )
 
 
 def trades(model, config) -> base.Objective:
@@ -120,8 +143,10 @@ def trades(model, config) -> base.Objective:
 
   def pair_loss(logits_clean, logits_adv, labels, cfg):
     value = trades_loss(logits_clean, logits_adv, labels, beta=float(cfg.beta))
-    return value, {"loss_natural": base.cross_entropy_mean(logits_clean, labels),
-                   "loss_robust": jnp.mean(kl_clean_adv(logits_clean, logits_adv))}
+    return value, {
+      "loss_natural": base.cross_entropy_mean(logits_clean, labels),
+      "loss_robust": jnp.mean(kl_clean_adv(logits_clean, logits_adv)),
+    }
 
   return paired_objective("trades", model, config, DEFAULTS, attack_loss="kl", pair_loss=pair_loss)
 

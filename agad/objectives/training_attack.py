@@ -15,7 +15,11 @@ from agad.objectives import base
 
 def attack_setting(objective_cfg: Any, attack_cfg: Any, field: str, attack_field: str):
   """The objective's override of a ``config.attack`` field, or the attack's own value."""
-  value = objective_cfg.get(field) if hasattr(objective_cfg, "get") else getattr(objective_cfg, field, None)
+  value = (
+    objective_cfg.get(field)
+    if hasattr(objective_cfg, "get")
+    else getattr(objective_cfg, field, None)
+  )
   return getattr(attack_cfg, attack_field) if value is None else value
 
 
@@ -41,8 +45,10 @@ class TrainingAttack:
     self.driver = getattr(attack_cfg, "driver", "auto")
     self.eps_warmup_steps = int(getattr(attack_cfg, "eps_warmup_steps", 0) or 0)
     if self.bn not in ("eval", "batch"):
-      raise ValueError(f"training-attack BN mode {self.bn!r} must be 'eval' or 'batch' "
-                       "('train' would update running statistics during the attack)")
+      raise ValueError(
+        f"training-attack BN mode {self.bn!r} must be 'eval' or 'batch' "
+        "('train' would update running statistics during the attack)"
+      )
 
   def logits_fn(self, params, model_state, norm_ctx=None):
     return base.logits_fn_for(self.model, params, model_state, mode=self.bn, norm_ctx=norm_ctx)
@@ -60,23 +66,54 @@ class TrainingAttack:
     scale = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / self.eps_warmup_steps)
     return eps * scale, step_size * scale
 
-  def __call__(self, params, model_state, images, labels, key, *, loss="ce", targeted=False,
-               step=None, eps=None, step_size=None, norm_ctx=None):
+  def __call__(
+    self,
+    params,
+    model_state,
+    images,
+    labels,
+    key,
+    *,
+    loss="ce",
+    targeted=False,
+    step=None,
+    eps=None,
+    step_size=None,
+    norm_ctx=None,
+  ):
     """PGD on a named loss (``"ce"``, ``"kl"``, ...) through the objective's BN mode.
 
     ``eps``/``step_size`` (scalar or ``[B]``) and ``norm_ctx`` (e.g. AFA's BN-branch
     routing) override the objective's attack for this call.
     """
     eps, step_size = self.radius(step, eps=eps, step_size=step_size)
-    return pgd_lib.pgd(self.logits_fn(params, model_state, norm_ctx), images, labels, key,
-                       eps=eps, step_size=step_size, steps=self.steps, norm=self.norm,
-                       random_start=self.random_start, loss=loss, targeted=targeted,
-                       driver=self.driver)
+    return pgd_lib.pgd(
+      self.logits_fn(params, model_state, norm_ctx),
+      images,
+      labels,
+      key,
+      eps=eps,
+      step_size=step_size,
+      steps=self.steps,
+      norm=self.norm,
+      random_start=self.random_start,
+      loss=loss,
+      targeted=targeted,
+      driver=self.driver,
+    )
 
   def general(self, loss_fn, images, key, *, step=None, eps=None, step_size=None):
     """PGD maximising a per-example ``loss_fn(x) -> [B]`` (built by the caller, which
     also chooses its ``norm_ctx``); ``eps``/``step_size`` as in ``__call__``."""
     eps, step_size = self.radius(step, eps=eps, step_size=step_size)
-    return pgd_lib.pgd_general(loss_fn, images, key, eps=eps, step_size=step_size,
-                               steps=self.steps, norm=self.norm, random_start=self.random_start,
-                               driver=self.driver)
+    return pgd_lib.pgd_general(
+      loss_fn,
+      images,
+      key,
+      eps=eps,
+      step_size=step_size,
+      steps=self.steps,
+      norm=self.norm,
+      random_start=self.random_start,
+      driver=self.driver,
+    )

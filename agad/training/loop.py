@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -36,8 +35,18 @@ from agad.training.state import TrainState, init_train_state
 
 # Config fields that define the training trajectory: resuming with any of them
 # changed would silently mix two different runs.
-TRAJECTORY_FIELDS = ("seed", "batch_size", "num_epochs", "model", "objective", "attack",
-                     "data", "optim", "ema_decay", "init")
+TRAJECTORY_FIELDS = (
+  "seed",
+  "batch_size",
+  "num_epochs",
+  "model",
+  "objective",
+  "attack",
+  "data",
+  "optim",
+  "ema_decay",
+  "init",
+)
 
 
 def trajectory(config: Any) -> dict:
@@ -62,8 +71,11 @@ ADDED_FIELDS = {"optim.grad_clip": 0.0}
 def trajectory_diff(old: dict, new: dict) -> list[str]:
   a, b = _flatten(old), _flatten(new)
   a = {**{k: v for k, v in ADDED_FIELDS.items() if a and k.split(".")[0] in old}, **a}
-  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [
+    f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+    for k in sorted(set(a) | set(b))
+    if a.get(k) != b.get(k)
+  ]
 
 
 class NonFiniteError(FloatingPointError):
@@ -96,36 +108,51 @@ class Trainer:
       logging.info("frozen inputs of %s: %s", config.objective.name, self.frozen_record)
     # An objective may continue its teacher's step counter (ATAT's code): the lr schedule starts there.
     start_step = int(self.frozen_record.get("schedule_start_step", 0))
-    self.tx, self.schedule = builders.build_optimizer(config, self.exp, self.steps_per_epoch, start_step=start_step)
+    self.tx, self.schedule = builders.build_optimizer(
+      config, self.exp, self.steps_per_epoch, start_step=start_step
+    )
     if start_step and not float(self.schedule(0)) > 0:
-      raise ValueError(f"the objective starts the learning-rate schedule at step {start_step} (its teacher's "
-                       f"step), where optim.schedule={config.optim.schedule!r} gives lr {float(self.schedule(0))}: "
-                       "use optim.schedule='piecewise' or 'constant', or start the student from its teacher "
-                       "(e.g. objective.atat.student_start='teacher')")
+      raise ValueError(
+        f"the objective starts the learning-rate schedule at step {start_step} (its teacher's "
+        f"step), where optim.schedule={config.optim.schedule!r} gives lr {float(self.schedule(0))}: "
+        "use optim.schedule='piecewise' or 'constant', or start the student from its teacher "
+        "(e.g. objective.atat.student_start='teacher')"
+      )
     self.train_traces = 0  # Python-side trace counter: must stay 1 per process.
 
     batch_sharding = sharding.data_sharded(self.mesh)
     self.batch_sharding = batch_sharding
-    train_step = step_lib.make_train_step(self.exp.objective, self.tx, ema_decay=config.ema_decay,
-                                          schedule=self.schedule)
+    train_step = step_lib.make_train_step(
+      self.exp.objective, self.tx, ema_decay=config.ema_decay, schedule=self.schedule
+    )
 
     def counted_train_step(state, batch, frozen):
       self.train_traces += 1
       return train_step(state, batch, frozen)
 
-    self.train_step = jax.jit(counted_train_step, in_shardings=(replicated, batch_sharding, replicated),
-                              out_shardings=(replicated, replicated), donate_argnums=(0,))
+    self.train_step = jax.jit(
+      counted_train_step,
+      in_shardings=(replicated, batch_sharding, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=(0,),
+    )
     # Validation also attacks the objective's adaptive loss, if it has one (CAS family).
     self.adaptive_loss = self.exp.objective.adaptive_loss if config.validation.adaptive else None
-    eval_step = step_lib.make_eval_step(self.exp.model, config.validation.attack,
-                                        adaptive_loss=self.adaptive_loss)
-    self.eval_step = jax.jit(eval_step, in_shardings=(replicated, replicated, batch_sharding, replicated),
-                             out_shardings=batch_sharding)
+    eval_step = step_lib.make_eval_step(
+      self.exp.model, config.validation.attack, adaptive_loss=self.adaptive_loss
+    )
+    self.eval_step = jax.jit(
+      eval_step,
+      in_shardings=(replicated, replicated, batch_sharding, replicated),
+      out_shardings=batch_sharding,
+    )
     self.finite = jax.jit(step_lib.tree_all_finite)
     self.init_fn = jax.jit(
-        lambda key, batch: init_train_state(self.exp.model, self.exp.objective, self.tx, batch, key,
-                                            ema_decay=config.ema_decay),
-        out_shardings=replicated)
+      lambda key, batch: init_train_state(
+        self.exp.model, self.exp.objective, self.tx, batch, key, ema_decay=config.ema_decay
+      ),
+      out_shardings=replicated,
+    )
 
   # ------------------------------------------------------------------ state
   def _sample_batch(self) -> dict:
@@ -145,20 +172,31 @@ class Trainer:
     counts = {"clean": 0, "robust": 0, "robust_pgd": 0}
     n = 0
     key = jax.random.key(cfg.seed)
-    for i, batch in enumerate(data_lib.eval_batches(self.exp.splits.val, batch_size=cfg.batch_size,
-                                                    multiple_of=self.mesh.devices.size,
-                                                    full_batches=True)):
+    for i, batch in enumerate(
+      data_lib.eval_batches(
+        self.exp.splits.val,
+        batch_size=cfg.batch_size,
+        multiple_of=self.mesh.devices.size,
+        full_batches=True,
+      )
+    ):
       mask = batch.pop("mask")
       # Every host reads the whole validation batch (small) and gets the whole result.
-      out = self.eval_step(params, state.model_state,
-                           data_lib.shard_batch(batch, self.batch_sharding, whole=True),
-                           jax.random.fold_in(key, i))
+      out = self.eval_step(
+        params,
+        state.model_state,
+        data_lib.shard_batch(batch, self.batch_sharding, whole=True),
+        jax.random.fold_in(key, i),
+      )
       out = data_lib.to_host(out)
       for k in counts:
         counts[k] += int(np.sum(out[k] * mask))
       n += int(mask.sum())
-    result = {"val/clean_accuracy": counts["clean"] / max(n, 1),
-              "val/robust_accuracy": counts["robust"] / max(n, 1), "val/n": n}
+    result = {
+      "val/clean_accuracy": counts["clean"] / max(n, 1),
+      "val/robust_accuracy": counts["robust"] / max(n, 1),
+      "val/n": n,
+    }
     if self.adaptive_loss is not None:
       result["val/pgd_robust_accuracy"] = counts["robust_pgd"] / max(n, 1)
     return result
@@ -167,10 +205,12 @@ class Trainer:
   def run(self) -> TrainState:
     config = self.config
     os.makedirs(self.workdir, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                 keep=config.checkpoint.keep,
-                                 best_metric=ckpt_lib.best_metric_for(config),
-                                 async_save=config.checkpoint.async_save)
+    ckpt = ckpt_lib.Checkpointer(
+      os.path.join(self.workdir, "checkpoints"),
+      keep=config.checkpoint.keep,
+      best_metric=ckpt_lib.best_metric_for(config),
+      async_save=config.checkpoint.async_save,
+    )
     try:
       state = self._run(ckpt)
     except OSError as e:
@@ -181,8 +221,10 @@ class Trainer:
       # A full or read-only disk hits metrics.jsonl or the run record as well as checkpoints.
       code, reason = failure
       raise ckpt_lib.WorkdirWriteError(
-          f"cannot write to the workdir {self.workdir} ({reason}); "
-          f"{self._last_good(ckpt)}", code=code, path=self.workdir) from None
+        f"cannot write to the workdir {self.workdir} ({reason}); {self._last_good(ckpt)}",
+        code=code,
+        path=self.workdir,
+      ) from None
     except BaseException:
       ckpt.close(quiet=True)
       raise
@@ -202,19 +244,32 @@ class Trainer:
       for name in FINITE_METRICS:
         value = float(metrics[name]) if name in metrics else 0.0
         if not math.isfinite(value):
-          raise NonFiniteError(f"non-finite training {name} ({value}) at step {step}; "
-                               + self._last_good(ckpt) + " " + self._divergence_advice(ckpt))
+          raise NonFiniteError(
+            f"non-finite training {name} ({value}) at step {step}; "
+            + self._last_good(ckpt)
+            + " "
+            + self._divergence_advice(ckpt)
+          )
 
   def _divergence_advice(self, ckpt: ckpt_lib.Checkpointer) -> str:
     optim = self.config.optim
     lr, clip = float(optim.lr), float(optim.get("grad_clip", 0.0))
-    clip_flag = (f"a smaller --config.optim.grad_clip (now {clip:g})" if clip > 0
-                 else "--config.optim.grad_clip=1.0")
-    start = (f", from this run's last good weights with --config.init.workdir={self.workdir} "
-             f"--config.init.step={ckpt.latest_step()}" if ckpt.latest_step() is not None else "")
-    return (f"Train in a new --workdir (a resume refuses changed optim fields) with {clip_flag} "
-            f"and a lower --config.optim.lr (now {lr:g}, e.g. {lr / 10:g}){start}; "
-            "or check the data.")
+    clip_flag = (
+      f"a smaller --config.optim.grad_clip (now {clip:g})"
+      if clip > 0
+      else "--config.optim.grad_clip=1.0"
+    )
+    start = (
+      f", from this run's last good weights with --config.init.workdir={self.workdir} "
+      f"--config.init.step={ckpt.latest_step()}"
+      if ckpt.latest_step() is not None
+      else ""
+    )
+    return (
+      f"Train in a new --workdir (a resume refuses changed optim fields) with {clip_flag} "
+      f"and a lower --config.optim.lr (now {lr:g}, e.g. {lr / 10:g}){start}; "
+      "or check the data."
+    )
 
   def _run(self, ckpt: ckpt_lib.Checkpointer) -> TrainState:
     """Resume (or start), record the launch, then train: each step logged (every
@@ -224,16 +279,22 @@ class Trainer:
     fingerprint = trajectory(config)
     state = self.initial_state()
     iterator = data_lib.train_iterator(
-        self.exp.splits.train, global_batch_size=config.batch_size, seed=config.seed,
-        augment=self.exp.info.augment, process_index=jax.process_index(),
-        process_count=jax.process_count())
+      self.exp.splits.train,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      augment=self.exp.info.augment,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     state, start, finished = self._resume(ckpt, state, iterator, fingerprint)
     if finished:
       return state
     self._record_launch(start)
 
     writer = records.MetricsWriter(self.workdir)
-    prefetch = data_lib.prefetch_to_device(iterator, size=config.prefetch, sharding=self.batch_sharding)
+    prefetch = data_lib.prefetch_to_device(
+      iterator, size=config.prefetch, sharding=self.batch_sharding
+    )
     stop_at = self.total_steps
     if config.stop_after_steps:
       stop_at = min(stop_at, config.stop_after_steps)
@@ -241,9 +302,15 @@ class Trainer:
     epoch_metrics: dict = {}
     t_start = time.time()
     step = start
-    logging.info("training %s on %s: %d steps (%d per epoch), global batch %d on %d device(s)",
-                 config.objective.name, config.data.name, self.total_steps, self.steps_per_epoch,
-                 config.batch_size, self.mesh.devices.size)
+    logging.info(
+      "training %s on %s: %d steps (%d per epoch), global batch %d on %d device(s)",
+      config.objective.name,
+      config.data.name,
+      self.total_steps,
+      self.steps_per_epoch,
+      config.batch_size,
+      self.mesh.devices.size,
+    )
     try:
       while step < stop_at:
         batch = next(prefetch)
@@ -254,14 +321,18 @@ class Trainer:
         epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
         if step % config.log_every_steps == 0 or epoch_end or step == stop_at:
           self._log(step, stop_at, window, writer, ckpt)
-        save_now = (epoch_end or step == stop_at or
-                    (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0))
+        save_now = (
+          epoch_end
+          or step == stop_at
+          or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+        )
         if epoch_end:
           epoch_metrics = self._validate_and_log(step, state, writer)
         if save_now:
           self._check_finite(window.pending, ckpt)  # steps since the last log: none may be bad
-          self._save(ckpt, step, state, prefetch.get_state(), fingerprint,
-                     epoch_metrics if epoch_end else {})
+          self._save(
+            ckpt, step, state, prefetch.get_state(), fingerprint, epoch_metrics if epoch_end else {}
+          )
     finally:
       prefetch.close()
       writer.close()
@@ -278,23 +349,30 @@ class Trainer:
       diff += trajectory_diff({"frozen": meta.get("frozen", {})}, {"frozen": self.frozen_record})
       if diff:
         raise ValueError(
-            f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
-            f"checkpoint at step {step}:\n  " + "\n  ".join(diff) +
-            "\nUse a new --workdir, or restore the original values.")
+          f"refusing to resume {self.workdir}: the config (or its frozen inputs) changed since the "
+          f"checkpoint at step {step}:\n  "
+          + "\n  ".join(diff)
+          + "\nUse a new --workdir, or restore the original values."
+        )
 
     found = ckpt.restore_latest(ckpt_lib.abstract_like(state), accept=check_trajectory)
     if found is not None:
       latest, state, data_state, _ = found
       if latest >= self.total_steps:
-        logging.info("workdir %s already finished (step %d of %d); nothing to do.",
-                     self.workdir, latest, self.total_steps)
+        logging.info(
+          "workdir %s already finished (step %d of %d); nothing to do.",
+          self.workdir,
+          latest,
+          self.total_steps,
+        )
         return state, latest, True
       iterator.set_state(data_state)
       logging.info("resumed from step %d", latest)
       return state, latest, False
     if jax.process_index() == 0:  # one writer of the workdir's files (orbax: of checkpoints)
-      records.write_json(os.path.join(self.workdir, "config.json"),
-                         json.loads(self.config.to_json_best_effort()))
+      records.write_json(
+        os.path.join(self.workdir, "config.json"), json.loads(self.config.to_json_best_effort())
+      )
     return state, 0, False
 
   def _record_launch(self, start: int) -> None:
@@ -325,33 +403,57 @@ class Trainer:
     # Objectives that train on adversarial inputs only (CAS) report no clean accuracy.
     acc_key = "accuracy" if "accuracy" in scalars else "adv_accuracy"
     # The objective's and defense's own terms (TRADES' KL, a plug-in's penalty), by name.
-    terms = " ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())
-                     if k not in _LOGGED_APART | {acc_key})
-    logging.info("step %d/%d%s epoch %.2f loss %.4f %s %.3f%s lr %.4g | %.0f img/s, ETA %s",
-                 step, stop_at, f" (stops early; schedule {self.total_steps})"
-                 if stop_at < self.total_steps else "", step / self.steps_per_epoch,
-                 scalars["loss"], acc_key.replace("accuracy", "acc"),
-                 scalars.get(acc_key, float("nan")), f" | {terms} |" if terms else "",
-                 scalars.get("lr", float("nan")),
-                 rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
+    terms = " ".join(
+      f"{k} {v:.4g}" for k, v in sorted(scalars.items()) if k not in _LOGGED_APART | {acc_key}
+    )
+    logging.info(
+      "step %d/%d%s epoch %.2f loss %.4f %s %.3f%s lr %.4g | %.0f img/s, ETA %s",
+      step,
+      stop_at,
+      f" (stops early; schedule {self.total_steps})" if stop_at < self.total_steps else "",
+      step / self.steps_per_epoch,
+      scalars["loss"],
+      acc_key.replace("accuracy", "acc"),
+      scalars.get(acc_key, float("nan")),
+      f" | {terms} |" if terms else "",
+      scalars.get("lr", float("nan")),
+      rate,
+      time.strftime("%H:%M:%S", time.gmtime(eta)),
+    )
     window.start, window.steps = now, 0
 
   def _validate_and_log(self, step: int, state: TrainState, writer) -> dict:
     """The epoch's validation metrics (``val/*``), written and logged."""
     val = self.validate(state)
     writer.write(step, val)
-    logging.info("validation at step %d: clean %.4f robust %.4f%s (n=%d)", step,
-                 val["val/clean_accuracy"], val["val/robust_accuracy"],
-                 f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
-                 if "val/pgd_robust_accuracy" in val else "", val["val/n"])
+    logging.info(
+      "validation at step %d: clean %.4f robust %.4f%s (n=%d)",
+      step,
+      val["val/clean_accuracy"],
+      val["val/robust_accuracy"],
+      f" (PGD-CE alone {val['val/pgd_robust_accuracy']:.4f})"
+      if "val/pgd_robust_accuracy" in val
+      else "",
+      val["val/n"],
+    )
     return val
 
   def _save(self, ckpt, step, state, data_state, fingerprint, metrics) -> None:
     if not bool(self.finite(state)):
-      raise NonFiniteError(f"the train state has non-finite values at step {step}; not saving it. "
-                           + self._last_good(ckpt) + " " + self._divergence_advice(ckpt))
-    meta = {"step": step, "epoch": step / self.steps_per_epoch, "trajectory": fingerprint,
-            "metrics": metrics, "best_metric": ckpt.best_metric, "frozen": self.frozen_record}
+      raise NonFiniteError(
+        f"the train state has non-finite values at step {step}; not saving it. "
+        + self._last_good(ckpt)
+        + " "
+        + self._divergence_advice(ckpt)
+      )
+    meta = {
+      "step": step,
+      "epoch": step / self.steps_per_epoch,
+      "trajectory": fingerprint,
+      "metrics": metrics,
+      "best_metric": ckpt.best_metric,
+      "frozen": self.frozen_record,
+    }
     ckpt.save(step, state, data_state=data_state, meta=meta)
 
 
@@ -362,6 +464,7 @@ _LOGGED_APART = {"loss", "lr", "images_per_sec"}
 @dataclasses.dataclass
 class _LogWindow:
   """The steps since the last log line: ``(step, metrics)`` of each, and when it began."""
+
   pending: list = dataclasses.field(default_factory=list)
   start: float = dataclasses.field(default_factory=time.time)
   steps: int = 0

@@ -16,14 +16,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jax
 import optax
 from flax import traverse_util
 
 SCHEDULES = ("piecewise", "cosine", "constant")
 
 
-def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: float, *, start_step: int = 0) -> optax.Schedule:
+def make_schedule(
+  cfg: Any, steps_per_epoch: int, num_epochs: float, *, start_step: int = 0
+) -> optax.Schedule:
   """``cfg``: lr, schedule, warmup_epochs, boundaries (epochs), decay_factor. ``start_step > 0``:
   the schedule is read at ``start_step + step`` (a run that continues another run's step
   counter, as ATAT's official code does with its teacher's restored ``global_step``)."""
@@ -48,13 +49,21 @@ def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: float, *, start_st
 
 def _path_labels(params: Any, frozen_patterns: list[str]) -> Any:
   flat = traverse_util.flatten_dict(params, sep="/")
-  labels = {k: ("frozen" if any(re.search(p, k) for p in frozen_patterns) else "trainable")
-            for k in flat}
+  labels = {
+    k: ("frozen" if any(re.search(p, k) for p in frozen_patterns) else "trainable") for k in flat
+  }
   return traverse_util.unflatten_dict(labels, sep="/")
 
 
-def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *, frozen: list[str] | None = None,
-                   params: Any = None, start_step: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: Any,
+  steps_per_epoch: int,
+  num_epochs: float,
+  *,
+  frozen: list[str] | None = None,
+  params: Any = None,
+  start_step: int = 0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """[clip] + SGD(momentum, nesterov) + weight decay; parameters matching ``frozen`` regexes
   (on '/'-joined paths) get zero updates (``optax.multi_transform``) and are outside the clip's norm.
   ``start_step``: as in :func:`make_schedule`."""
@@ -63,14 +72,19 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: float, *, frozen:
     raise ValueError(f"optim.name {cfg.name!r} is not supported; use 'sgd'")
   clip = float(cfg.get("grad_clip", 0.0) or 0.0)
   if not clip >= 0:
-    raise ValueError(f"optim.grad_clip={cfg.grad_clip} must be >= 0 (0 = no clipping; e.g. 1.0 "
-                     "clips the gradient's global L2 norm to 1)")
-  tx = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
-                   optax.add_decayed_weights(cfg.weight_decay),
-                   optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    raise ValueError(
+      f"optim.grad_clip={cfg.grad_clip} must be >= 0 (0 = no clipping; e.g. 1.0 "
+      "clips the gradient's global L2 norm to 1)"
+    )
+  tx = optax.chain(
+    *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+  )
   if frozen:
     if params is None:
       raise ValueError("freezing parameters needs the parameter tree")
-    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
-                               _path_labels(params, frozen))
+    tx = optax.multi_transform(
+      {"trainable": tx, "frozen": optax.set_to_zero()}, _path_labels(params, frozen)
+    )
   return tx, schedule

@@ -15,8 +15,19 @@ import numpy as np
 
 from agad import defenses
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "ml-collections",
-            "absl-py", "tensorflow-datasets", "grain", "numpy")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "chex",
+  "ml-collections",
+  "absl-py",
+  "tensorflow-datasets",
+  "grain",
+  "numpy",
+)
 
 
 class MetricsWriter:
@@ -30,6 +41,7 @@ class MetricsWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
       try:
         from tensorboardX import SummaryWriter  # optional: no TensorBoard files without it
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # TensorBoard files are optional.
         self._tb = None
@@ -53,10 +65,16 @@ class MetricsWriter:
 def git_revision() -> str:
   here = os.path.dirname(os.path.abspath(__file__))
   try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                         timeout=5).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=5).stdout.strip()
+    rev = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=no"],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      timeout=5,
+    ).stdout.strip()
     return rev + ("+dirty" if dirty else "") if rev else "unknown"
   except (OSError, subprocess.SubprocessError):
     return "unknown"
@@ -76,15 +94,17 @@ def run_record(config: Any) -> dict:
   """What a launch ran with; ``defenses`` names each objective/defense module's file and
   SHA-256 (``agad.load`` finds an out-of-tree one from there)."""
   return {
-      "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-      "git_revision": git_revision(),
-      "python": platform.python_version(),
-      "packages": package_versions(),
-      "devices": [str(d) for d in jax.devices()],
-      "process_count": jax.process_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "defenses": defenses.sources(config.objective.name),
-      "config": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "git_revision": git_revision(),
+    "python": platform.python_version(),
+    "packages": package_versions(),
+    "devices": [str(d) for d in jax.devices()],
+    "process_count": jax.process_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "defenses": defenses.sources(config.objective.name),
+    "config": json.loads(config.to_json_best_effort())
+    if hasattr(config, "to_json_best_effort")
+    else dict(config),
   }
 
 

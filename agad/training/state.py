@@ -14,13 +14,13 @@ TRANSIENT_COLLECTIONS = ("params", "intermediates", "aux", "perturbations")
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar, number of optimizer updates done
+  step: jax.Array  # int32 scalar, number of optimizer updates done
   params: Any
-  model_state: Any         # non-parameter collections, e.g. {'batch_stats': ...}
+  model_state: Any  # non-parameter collections, e.g. {'batch_stats': ...}
   opt_state: Any
-  aux_state: Any           # objective / defense state (teacher params, ...)
-  ema_params: Any          # EMA of params ({} when disabled)
-  key: jax.Array           # typed PRNG key; per-step keys are fold_in(key, step)
+  aux_state: Any  # objective / defense state (teacher params, ...)
+  ema_params: Any  # EMA of params ({} when disabled)
+  key: jax.Array  # typed PRNG key; per-step keys are fold_in(key, step)
 
 
 def split_variables(variables: Any) -> tuple[Any, Any]:
@@ -31,14 +31,20 @@ def split_variables(variables: Any) -> tuple[Any, Any]:
   return params, model_state
 
 
-def init_train_state(model, objective, tx, sample_batch: dict, key: jax.Array, *,
-                     ema_decay: float) -> TrainState:
+def init_train_state(
+  model, objective, tx, sample_batch: dict, key: jax.Array, *, ema_decay: float
+) -> TrainState:
   """Pure initialiser (jit it with replicated out_shardings)."""
   k_model, k_aux, k_run = jax.random.split(key, 3)
   variables = model.init(k_model, sample_batch["image"], train=False, labels=sample_batch["label"])
   params, model_state = split_variables(variables)
   aux_state = objective.init(k_aux, {"params": params, **model_state}, sample_batch)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), aux_state=aux_state,
-                    ema_params=jax.tree.map(jnp.copy, params) if ema_decay > 0 else {},
-                    key=k_run)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    opt_state=tx.init(params),
+    aux_state=aux_state,
+    ema_params=jax.tree.map(jnp.copy, params) if ema_decay > 0 else {},
+    key=k_run,
+  )

@@ -13,8 +13,13 @@ from agad.objectives import base
 from agad.training.state import TrainState
 
 
-def make_train_step(objective: base.Objective, tx: optax.GradientTransformation, *,
-                    ema_decay: float, schedule: optax.Schedule | None = None) -> Callable:
+def make_train_step(
+  objective: base.Objective,
+  tx: optax.GradientTransformation,
+  *,
+  ema_decay: float,
+  schedule: optax.Schedule | None = None,
+) -> Callable:
   """``(state, batch, frozen=None) -> (state, metrics)``: attack with ``generate``, then one update.
 
   ``frozen``: the objective's host-loaded inputs (``Objective.frozen``), seen by
@@ -28,8 +33,9 @@ def make_train_step(objective: base.Objective, tx: optax.GradientTransformation,
     adv = objective.generate(state.params, state.model_state, aux_in, batch, k_gen, state.step)
     adv = jax.tree.map(jax.lax.stop_gradient, adv)
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, state.model_state, aux_in, batch, adv, k_loss,
-                                 state.step)
+    (loss, aux), grads = grad_fn(
+      state.params, state.model_state, aux_in, batch, adv, k_loss, state.step
+    )
     model_state, metrics = aux.model_state, aux.metrics
     aux_state = aux.aux_state
     if frozen is not None:
@@ -37,14 +43,22 @@ def make_train_step(objective: base.Objective, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+      ema = jax.tree.map(
+        lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
+      )
     else:
       ema = state.ema_params
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
-                              opt_state=opt_state, aux_state=aux_state, ema_params=ema)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      aux_state=aux_state,
+      ema_params=ema,
+    )
     return new_state, metrics
 
   return train_step
@@ -61,22 +75,31 @@ def make_eval_step(model, attack_cfg: Any, adaptive_loss: Callable | None = None
   alone), so checkpoint choice is not fooled by a defense that masks CE gradients.
   Padded rows are reported with ``mask`` by the caller.
   """
-  pgd_kw = dict(eps=attack_cfg.eps, step_size=attack_cfg.step_size, steps=attack_cfg.steps,
-                norm=attack_cfg.norm, random_start=attack_cfg.random_start, driver="unroll")
+  pgd_kw = dict(
+    eps=attack_cfg.eps,
+    step_size=attack_cfg.step_size,
+    steps=attack_cfg.steps,
+    norm=attack_cfg.norm,
+    random_start=attack_cfg.random_start,
+    driver="unroll",
+  )
 
   def eval_step(params, model_state, batch, key):
     logits_fn = base.logits_fn_for(model, params, model_state, mode="eval")
     images, labels = batch["image"], batch["label"]
     correct = lambda x: jnp.argmax(logits_fn(x), -1) == labels
     clean = correct(images)
-    robust_pgd = jnp.logical_and(clean, correct(pgd_lib.pgd(logits_fn, images, labels, key, **pgd_kw)))
+    robust_pgd = jnp.logical_and(
+      clean, correct(pgd_lib.pgd(logits_fn, images, labels, key, **pgd_kw))
+    )
     robust = robust_pgd
     if adaptive_loss is not None:
       variants = base.adaptive_variants(adaptive_loss(model, {"params": params, **model_state}))
       for i, name in enumerate(sorted(variants)):
         loss = variants[name]
-        adv = pgd_lib.pgd_general(lambda x, loss=loss: loss(x, labels), images,
-                                  jax.random.fold_in(key, i + 1), **pgd_kw)
+        adv = pgd_lib.pgd_general(
+          lambda x, loss=loss: loss(x, labels), images, jax.random.fold_in(key, i + 1), **pgd_kw
+        )
         robust = jnp.logical_and(robust, correct(adv))
     return {"clean": clean, "robust_pgd": robust_pgd, "robust": robust}
 
@@ -84,6 +107,7 @@ def make_eval_step(model, attack_cfg: Any, adaptive_loss: Callable | None = None
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
