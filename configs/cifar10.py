@@ -22,7 +22,8 @@ training): clean 91.99, PGD-20 71.02, AA 37.07; AGKD-BML-7: 86.25 / 57.30 / 50.5
 (10 steps + MART, as coded, WRN-28-10): AA 50.80.
 
 ATAT (Li et al., lizhuorong/Adversarial-Robustness-via-Attention-Transfer cifar10/config.json,
-train_tsf.py): ``:wrn34_10,atat`` (also in cifar100.py) is the code's recipe. Its network is
+train_tsf.py): ``:wrn34_10,atat`` (also in cifar100.py) is the code's recipe
+(``agad.defenses.atat.recipe``). Its network is
 Madry's WRN (5 units per stage, widths 16/160/320/640: WRN-34-10's layout; Madry's leaky
 ReLU 0.1 and avg-pool + zero-pad shortcuts differ from agad's ReLU and 1x1-conv shortcuts),
 per-image standardisation inside the model (``model.input_norm = per_image``), batch 32
@@ -60,27 +61,8 @@ def cifar_config(name: str, arg: str | None):
   c.model.input_norm = "none"
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
-  return common.apply_arg(c, arg)  # with the recipes of AGAIN, AGKD-BML, AFA stage II
-
-
-def atat_recipe(c, *, smoke: bool = False):
-  """lizhuorong/Adversarial-Robustness-via-Attention-Transfer cifar10/config.json
-  (training_batch_size 32, max_num_training_steps 400000, step_size_schedule
-  [[0, 0.1], [40000, 0.01], [60000, 0.001]], weight_decay 2e-4, momentum 0.9) and
-  model.py:43 (tf.image.per_image_standardization). The attack is this file's eps 8/255,
-  step 2/255, uniform start with ATAT's own 7 steps."""
-  c.batch_size = 32
-  c.model.input_norm = "per_image"
-  c.optim.weight_decay = 2e-4
-  if not smoke:
-    steps_per_epoch = (50_000 - c.data.val_size) // c.batch_size  # 1531
-    c.num_epochs = round(400_000 / steps_per_epoch)  # 261 epochs = 399,591 steps (an int field)
-    c.optim.boundaries = (40_000 / steps_per_epoch, 60_000 / steps_per_epoch)
-  return c
+  return common.apply_arg(c, arg)  # with the recipes of AGAIN, AGKD-BML, ATAT, AFA stage II
 
 
 def get_config(arg: str | None = None):
-  c = cifar_config("cifar10", arg)
-  if (c.model.name, c.objective.name) == ("wrn34_10", "atat"):
-    c = atat_recipe(c, smoke=common.parse_arg(arg).smoke)
-  return c
+  return cifar_config("cifar10", arg)

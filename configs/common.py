@@ -151,9 +151,8 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c, dataset=c.data.name, model=c.model.name, spec=c.objective.name, smoke=smoke
   )
   if defenses.spec_names(c.objective.name)[0] == "standard":
-    c.checkpoint.best_metric = (
-      "val/clean_accuracy"  # Standard training is chosen on clean accuracy.
-    )
+    # Standard training is chosen on clean accuracy.
+    c.checkpoint.best_metric = "val/clean_accuracy"
   defenses.add_defaults(c)
   if smoke:
     c.data.max_train = 384

@@ -8,9 +8,8 @@ def get_config(arg: str | None = None):
   c.data.name = "tiny_imagenet"
   c.data.val_size = 2000
   c.model.name = "wrn16_8"
-  c.model.input_norm = (
-    "none"  # Raw [0, 1], as the CIFAR/SVHN recipes (no released Tiny ImageNet code).
-  )
+  # Raw [0, 1], as the CIFAR/SVHN recipes (no released Tiny ImageNet code).
+  c.model.input_norm = "none"
   c.num_epochs = 100
   c.optim.boundaries = (75, 90)
   return common.apply_arg(c, arg)

@@ -64,6 +64,45 @@ def test_sharded_step_equals_single_device_step():
   assert int(s4.step) == 2
 
 
+@pytest.mark.parametrize("spec", ["again", "fsr"])
+def test_smallcnn_bn_defense_gradient_is_the_same_on_1_and_4_devices(spec):
+  """The loss gradient of a train step in the suite's cheap-compile mode: the
+  conv-BN-ReLU stage below SmallCNN-BN's first max pool got device-count-dependent (and
+  wrong) gradients when XLA recomputed the BN multiply-add differently for the max and for
+  its gradient's mask (docs/results/numerics.md)."""
+  from agad.training import builders
+
+  config = tiny_config(spec, "smallcnn_bn", **{"data.image_shape": (16, 16, 1), "batch_size": 8})
+  exp = builders.build_experiment(config)
+  objective = exp.objective
+  keys = jax.random.split(jax.random.key(0), 3)
+  batch = {
+    "image": jax.random.uniform(keys[0], (8, 16, 16, 1)),
+    "label": jax.random.randint(keys[1], (8,), 0, 10),
+  }
+  state = state_lib.init_train_state(
+    exp.model, objective, optax.sgd(0.1), batch, keys[2], ema_decay=0.0
+  )
+
+  def grads(state, batch):  # the loss at the clean batch (the attack changes nothing here)
+    def loss(params):
+      args = (state.model_state, state.aux_state, batch, batch["image"], state.key, state.step)
+      return objective.loss(params, *args)[0]
+
+    return jax.grad(loss)(state.params)
+
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    fn = jax.jit(grads, in_shardings=(rep, data), out_shardings=rep)
+    results.append(jax.device_get(fn(jax.device_put(state, rep), jax.device_put(batch, data))))
+  chex.assert_tree_all_finite(results)
+  # Not vacuous: gradient reaches the first stage (through the defense's heads).
+  assert np.abs(results[0]["stage1_conv0"]["kernel"]).max() > 1e-3
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-6)
+
+
 def test_train_step_compiles_once():
   _, objective, tx, state, batch = _setup("standard")
   fn = step_lib.make_train_step(objective, tx, ema_decay=0.0)

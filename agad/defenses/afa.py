@@ -102,23 +102,18 @@ BASES = ("pgd_at", "trades", "mart")
 CLEAN_MODES = ("batch", "train")
 REDUCTIONS = ("sum", "mean")
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.num_branches = 5  # K BN branches (paper: K = 5, Table 4 ablates 2/3/5/9).
-DEFAULTS.ladder = (
-  0.0,
-  0.125,
-  0.25,
-  0.5,
-  1.0,
-)  # xi_k / attack.eps: {0,1,2,4,8}/255 at 8/255 (Tab. 1).
-DEFAULTS.base = "pgd_at"  # L_a: pgd_at | trades | mart (paper: also IAT, not offered).
-DEFAULTS.beta = 6.0  # TRADES/MART beta inside L_a (their official 6).
+DEFAULTS.num_branches = 5          # K BN branches (paper: K = 5, Table 4 ablates 2/3/5/9).
+DEFAULTS.ladder = (0.0, 0.125, 0.25, 0.5, 1.0)  # xi_k / attack.eps: {0,1,2,4,8}/255 at 8/255 (Tab. 1).
+DEFAULTS.base = "pgd_at"           # L_a: pgd_at | trades | mart (paper: also IAT, not offered).
+DEFAULTS.beta = 6.0                # TRADES/MART beta inside L_a (their official 6).
 DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: the base's.
-DEFAULTS.attack_bn = "eval"  # BN mode of the ladder attack (eval: per-example routing is exact).
+DEFAULTS.attack_bn = "eval"        # BN mode of the ladder attack (eval: per-example routing is exact).
 DEFAULTS.clean_in_branch = "batch"  # TRADES/MART's f_k(x): batch (no stats update) | train.
-DEFAULTS.loss_reduction = (
-  "sum"  # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
-)
+DEFAULTS.loss_reduction = "sum"    # sum (Algorithm 1) | mean: (L_c + sum_k L_a) / K, the same step as one loss.
+# fmt: on
 
 
 def norm(config: Any):

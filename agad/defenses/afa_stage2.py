@@ -35,20 +35,19 @@ WG_PERS = ("stage", "layer")  # one weight generator per stage (default) | per B
 
 _STRENGTH_SALT = 0x41464132
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.num_branches = 5  # K of the stage-I run.
-DEFAULTS.keep = (0, -1)  # kept branches: BN_0 and BN_{K-1} (Fig. 4b); W0 weights the first.
-DEFAULTS.eps_max = 1.0  # xi_max / attack.eps; training strengths eps ~ U(0, xi_max).
-DEFAULTS.wg_width = 16  # WG conv/hidden width (not in the paper).
-DEFAULTS.wg_per = (
-  "stage"  # stage: one WG per stage on its input (plus stem/final norms) | layer: one per BN layer.
-)
+DEFAULTS.num_branches = 5   # K of the stage-I run.
+DEFAULTS.keep = (0, -1)     # kept branches: BN_0 and BN_{K-1} (Fig. 4b); W0 weights the first.
+DEFAULTS.eps_max = 1.0      # xi_max / attack.eps; training strengths eps ~ U(0, xi_max).
+DEFAULTS.wg_width = 16      # WG conv/hidden width (not in the paper).
+DEFAULTS.wg_per = "stage"   # stage: one WG per stage on its input (plus stem/final norms) | layer: one per BN layer.
 DEFAULTS.wg_out = "scalar"  # scalar W0 (Eq. 1) | channel (one per channel; wg_per=layer only).
 DEFAULTS.freeze_stats = True  # kept branches use running statistics, never updated.
 DEFAULTS.random_start = ml_collections.FieldReference(None, field_type=str)  # None: config.attack.
-DEFAULTS.adaptive_ratios = (
-  "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
-)
+DEFAULTS.adaptive_ratios = "10:1,5:1,2:1,1:1,1:2,1:5,1:10"  # CE:BCE of the adaptive attacks (Sec. 5.2).
+# fmt: on
 
 # Stage II trains the weight generators only: freeze every other parameter (regex on
 # '/'-joined paths, re.search) and let the WGs (absent from the stage-I run) keep their init.

@@ -147,6 +147,8 @@ DEFAULT_SITES = {
 }
 
 # AGAIN (Yin et al. CVPR 2023; InsLin/AGAIN @911f238, AGAIN_with_AWP/).
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
 # Eq. 4's alpha; mask alpha W[y] + (1 - alpha) W[y']. Paper Sec. 5.2.1 and code: 0.6.
 # 1.0 is CAS (bit for bit).
@@ -176,6 +178,7 @@ DEFAULTS.hff_eps = 1e-5
 # The paper's "gradual probability" of using AGAIN instead of plain AT (Sec. 4.3; its
 # algorithm is in an unpublished appendix; not in the code): "none" only.
 DEFAULTS.schedule = "none"
+# fmt: on
 
 
 def ase_weights(

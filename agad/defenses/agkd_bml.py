@@ -80,43 +80,30 @@ from agad.objectives import base, defaults
 NAME = "agkd_bml"
 FEATURES, EMBEDDING = "features", "embedding"  # the code's `feature` and `x4`
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
 DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
-DEFAULTS.teacher.workdir = (
-  ""  # argument.py --nat_root: a finished `standard` run, label smoothing 0.5 (required).
-)
-DEFAULTS.teacher.step = (
-  "latest"  # argument.py --nat_file ckpt_latest.t7 (= init.step's default: same weights).
-)
-DEFAULTS.label_smoothing = (
-  0.5  # main.py config['lb_smooth'] = 0.5 (paper Sec. 4.1, after Feature Scattering).
-)
-DEFAULTS.smoothing = (
-  "others"  # utils.py softmax_crossentropy_labelsmooth: 1 - s on y, s/(K-1) elsewhere.
-)
-DEFAULTS.mart_term = (
-  True  # argument.py --mart (store_true, default True); paper Eq. 9: off (False).
-)
-DEFAULTS.mart_beta = 6.0  # utils.py mart_loss(beta=6.0).
-DEFAULTS.attention_weight = (
-  1.0  # main.py: loss + loss_distillation_1 + loss_distillation_2 (paper Eq. 9: 1).
-)
-DEFAULTS.bml_weight = 2.0  # main.py config['lam1'] = 2 (paper lambda_1 = 2), on triplet + norm.
-DEFAULTS.margin = 0.03  # main.py config['margin_A_Ap_B'] (paper m = 0.03).
-DEFAULTS.lam_norm = 0.001  # main.py config['lam2'] (paper lambda_2 = 0.001; x bml_weight = 0.002).
-DEFAULTS.steps = None  # None: config.attack.steps. Code: num_steps_PGD = num_steps_MC = 10;
-# paper: 2 (AGKD-BML) or 7 (AGKD-BML-7).
-DEFAULTS.step_size = (
-  None  # None: config.attack.step_size. Code: 2/255*2 in [-1, 1] = 2/255 in [0, 1].
-)
-# eps is config.attack.eps (code 8/255*2 in [-1, 1] = 8/255 in [0, 1]).
-DEFAULTS.random_start = (
-  "uniform"  # main.py Attacks: random_start True, U(-eps, eps). None: config.attack.
-)
-DEFAULTS.attack_bn = "eval"  # main.py: basic_net.eval() in both attacks. None: config.attack.bn.
-DEFAULTS.bn = "code"  # train-pass BN: code (DataParallel: per-chunk statistics, running
-# averages from chunk 0; main.py:326) | mixed (the whole 3B batch).
-DEFAULTS.chunks = 8  # bn = code: devices of the DataParallel run (argument.py:16, 8 GPUs).
+DEFAULTS.teacher.workdir = ""      # argument.py --nat_root: a finished `standard` run, label smoothing 0.5 (required).
+DEFAULTS.teacher.step = "latest"   # argument.py --nat_file ckpt_latest.t7 (= init.step's default: same weights).
+DEFAULTS.label_smoothing = 0.5     # main.py config['lb_smooth'] = 0.5 (paper Sec. 4.1, after Feature Scattering).
+DEFAULTS.smoothing = "others"      # utils.py softmax_crossentropy_labelsmooth: 1 - s on y, s/(K-1) elsewhere.
+DEFAULTS.mart_term = True          # argument.py --mart (store_true, default True); paper Eq. 9: off (False).
+DEFAULTS.mart_beta = 6.0           # utils.py mart_loss(beta=6.0).
+DEFAULTS.attention_weight = 1.0    # main.py: loss + loss_distillation_1 + loss_distillation_2 (paper Eq. 9: 1).
+DEFAULTS.bml_weight = 2.0          # main.py config['lam1'] = 2 (paper lambda_1 = 2), on triplet + norm.
+DEFAULTS.margin = 0.03             # main.py config['margin_A_Ap_B'] (paper m = 0.03).
+DEFAULTS.lam_norm = 0.001          # main.py config['lam2'] (paper lambda_2 = 0.001; x bml_weight = 0.002).
+DEFAULTS.steps = None              # None: config.attack.steps. Code: num_steps_PGD = num_steps_MC = 10;
+                                   # paper: 2 (AGKD-BML) or 7 (AGKD-BML-7).
+DEFAULTS.step_size = None          # None: config.attack.step_size. Code: 2/255*2 in [-1, 1] = 2/255 in [0, 1].
+                                   # eps is config.attack.eps (code 8/255*2 in [-1, 1] = 8/255 in [0, 1]).
+DEFAULTS.random_start = "uniform"  # main.py Attacks: random_start True, U(-eps, eps). None: config.attack.
+DEFAULTS.attack_bn = "eval"        # main.py: basic_net.eval() in both attacks. None: config.attack.bn.
+DEFAULTS.bn = "code"               # train-pass BN: code (DataParallel: per-chunk statistics, running
+                                   # averages from chunk 0; main.py:326) | mixed (the whole 3B batch).
+DEFAULTS.chunks = 8                # bn = code: devices of the DataParallel run (argument.py:16, 8 GPUs).
+# fmt: on
 BN_CHOICES = ("code", "mixed")
 
 

@@ -107,52 +107,35 @@ CAM_SCALES = ("auto", "per_example", "code")
 STARTS = ("auto", "code", "teacher")
 STUDENT_RELU = ("auto", "yes", "no")
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.variant = "paper"  # paper (Eq. 5-7) | code_cifar10 / code_cifar100 (the official files) |
-# logit_mse / cam_mse (their losses, student from the teacher, per-example maps).
+DEFAULTS.variant = "paper"         # paper (Eq. 5-7) | code_cifar10 / code_cifar100 (the official files) |
+                                   # logit_mse / cam_mse (their losses, student from the teacher, per-example maps).
 DEFAULTS.teacher = ml_collections.ConfigDict()  # the frozen teacher run (TeacherSlot), fields below
-DEFAULTS.teacher.workdir = (
-  ""  # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
-)
-DEFAULTS.teacher.step = "latest"  # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
-DEFAULTS.sites = (
-  "features",
-)  # paper Eq. 5 sum over layers J, "the topmost convolution layer" (Sec. 3.2);
-# code: the final BN-ReLU map (model.py:85-88 `unit_last`) = agad's `features`.
-DEFAULTS.lam_at = 1.0  # paper lambda_1, unstated (ablation weights 1/0, Sec. 4.3); code_cifar100:
-# loss_gp1 + loss_gp2 with weight 1 (cifar100/model1.py:131).
-DEFAULTS.lam_lp = (
-  1.0  # paper lambda_2, unstated; code_cifar10: loss_lp1 + loss_lp2, written weight 0.5
-)
-# cancelled by Reduction.MEAN (cifar10/model.py:139-142): effective 1.
-DEFAULTS.cam_norm = (
-  "auto"  # auto: minmax for paper (per example), none otherwise (the code's raw maps).
-)
-DEFAULTS.cam_scale = (
-  "auto"  # auto: code for code_*, per_example otherwise. per_example: d z[b, y_b]/dA;
-)
-# code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot)) (cifar100/model1.py:103-107),
-# N = B teacher, 2B student.
-DEFAULTS.student_relu = (
-  "auto"  # auto: no for code_cifar100 (its student map enters the loss before ReLU,
-)
-# cifar100/model1.py:112-116), yes otherwise (Eq. 3). The teacher's is always ReLU'd.
-DEFAULTS.student_start = (
-  "auto"  # auto: code for code_*, teacher otherwise. code: random init, lr schedule from the
-)
-# teacher's restored step (train_tsf.py:109-110); teacher: init.workdir = the teacher.
-DEFAULTS.steps = 7  # config.json num_steps 7 (paper Sec. 4.1: 7 steps); None: config.attack.steps.
-DEFAULTS.step_size = (
-  None  # None: config.attack.step_size (CIFAR 2/255 = config.json step_size 2.0 on 0-255).
-)
-# eps is config.attack.eps (config.json epsilon 8.0 = 8/255).
-DEFAULTS.random_start = (
-  "uniform"  # config.json random_start true: x + U(-eps, eps) (pgd_attack.py:46-48).
-)
-DEFAULTS.attack_bn = (
-  "batch"  # code: the train-mode graph (batch statistics; its moving averages also
-)
-# update during the attack, which agad does not do). "eval": running averages.
+DEFAULTS.teacher.workdir = ""      # train_tsf.py:110 restores models/naturally_trained (a `standard` run; required).
+DEFAULTS.teacher.step = "latest"   # the code's checkpoint-70000 = Madry's final natural checkpoint (= init.step's default).
+DEFAULTS.sites = ("features",)     # paper Eq. 5 sum over layers J, "the topmost convolution layer" (Sec. 3.2);
+                                   # code: the final BN-ReLU map (model.py:85-88 `unit_last`) = agad's `features`.
+DEFAULTS.lam_at = 1.0              # paper lambda_1, unstated (ablation weights 1/0, Sec. 4.3); code_cifar100:
+                                   # loss_gp1 + loss_gp2 with weight 1 (cifar100/model1.py:131).
+DEFAULTS.lam_lp = 1.0              # paper lambda_2, unstated; code_cifar10: loss_lp1 + loss_lp2, written weight 0.5
+                                   # cancelled by Reduction.MEAN (cifar10/model.py:139-142): effective 1.
+DEFAULTS.cam_norm = "auto"         # auto: minmax for paper (per example), none otherwise (the code's raw maps).
+DEFAULTS.cam_scale = "auto"        # auto: code for code_*, per_example otherwise. per_example: d z[b, y_b]/dA;
+                                   # code: x 1/(N K) of tf.gradients(reduce_mean(z*onehot)) (cifar100/model1.py:103-107),
+                                   # N = B teacher, 2B student.
+DEFAULTS.student_relu = "auto"     # auto: no for code_cifar100 (its student map enters the loss before ReLU,
+                                   # cifar100/model1.py:112-116), yes otherwise (Eq. 3). The teacher's is always ReLU'd.
+DEFAULTS.student_start = "auto"    # auto: code for code_*, teacher otherwise. code: random init, lr schedule from the
+                                   # teacher's restored step (train_tsf.py:109-110); teacher: init.workdir = the teacher.
+DEFAULTS.steps = 7                 # config.json num_steps 7 (paper Sec. 4.1: 7 steps); None: config.attack.steps.
+DEFAULTS.step_size = None          # None: config.attack.step_size (CIFAR 2/255 = config.json step_size 2.0 on 0-255).
+                                   # eps is config.attack.eps (config.json epsilon 8.0 = 8/255).
+DEFAULTS.random_start = "uniform"  # config.json random_start true: x + U(-eps, eps) (pgd_attack.py:46-48).
+DEFAULTS.attack_bn = "batch"       # code: the train-mode graph (batch statistics; its moving averages also
+                                   # update during the attack, which agad does not do). "eval": running averages.
+# fmt: on
 
 
 def settings(cfg) -> dict:
@@ -544,6 +527,25 @@ def atat(model, config) -> base.Objective:
     adaptive_loss=None,
     frozen=_frozen_fn(cfg, config, slot),
   )
+
+
+def recipe(c, *, dataset: str, model: str, spec: str, smoke: bool) -> None:
+  """``wrn34_10,atat`` on CIFAR-10 and CIFAR-100: the code's recipe,
+  lizhuorong/Adversarial-Robustness-via-Attention-Transfer cifar10/config.json
+  (training_batch_size 32, max_num_training_steps 400000, step_size_schedule
+  [[0, 0.1], [40000, 0.01], [60000, 0.001]], weight_decay 2e-4, momentum 0.9) and
+  model.py:43 (tf.image.per_image_standardization); CIFAR-100 takes it too (the paper's "same
+  hyper-parameters as we did on CIFAR-10", Sec. 5). The attack is the CIFAR configs' eps
+  8/255, step 2/255, uniform start with ATAT's own 7 steps. ``smoke`` keeps its schedule."""
+  if dataset not in ("cifar10", "cifar100") or (model, spec) != ("wrn34_10", "atat"):
+    return
+  c.batch_size = 32
+  c.model.input_norm = "per_image"
+  c.optim.weight_decay = 2e-4
+  if not smoke:
+    steps_per_epoch = (50_000 - c.data.val_size) // c.batch_size  # 1531
+    c.num_epochs = round(400_000 / steps_per_epoch)  # 261 epochs = 399,591 steps (an int field)
+    c.optim.boundaries = (40_000 / steps_per_epoch, 60_000 / steps_per_epoch)
 
 
 def objective(model, config) -> base.Objective:

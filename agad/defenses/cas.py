@@ -46,18 +46,17 @@ from agad.objectives import base, defaults
 AUX_NAME = CAS_LOGITS
 
 # CAS (Bai et al. ICLR 2021; bymavis/CAS_ICLR2021 Standard_Adv_Training).
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.weight = 2.0  # --beta: CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y); official 2.
+DEFAULTS.weight = 2.0                  # --beta: CE(f(x'), y) + weight * mean_k CE(aux_k(x'), y); official 2.
 # Plug-in sites (one aux head each). Official ResNet-18 puts CAS after each of the two
 # units of layer4 (("stage4.unit0", "stage4.unit1") here); agad's default is the final
 # feature map only. "stage4.unit[-1]" names the last unit of a stage for any depth.
 DEFAULTS.sites = ("features",)
-DEFAULTS.random_start = (
-  "uniform"  # reg_attack.py: random_start=True, U(-eps, eps). None: config.attack.
-)
-DEFAULTS.attack_bn = (
-  "eval"  # attack with model(x, _eval=True): running stats, predicted-label masks.
-)
+DEFAULTS.random_start = "uniform"      # reg_attack.py: random_start=True, U(-eps, eps). None: config.attack.
+DEFAULTS.attack_bn = "eval"            # attack with model(x, _eval=True): running stats, predicted-label masks.
+# fmt: on
 
 
 cas_per_example = per_example_fn("CAS", AUX_NAME)

@@ -102,22 +102,23 @@ EPS = 1e-8  # gumbel_sigmoid.py: self.p_value, in every log and in tau + 1e-8
 POS, NEG, REC, MASK_MEAN = "fsr_pos", "fsr_neg", "fsr_rec", "fsr_mask_mean"
 
 # FSR (Kim et al. CVPR 2023; wkim97/FSR @aa83b86).
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.lam_sep = 1.0  # train.py --lam_sep 1.0 (paper Sec. 4.1: lambda_sep = 1).
-DEFAULTS.lam_rec = 1.0  # train.py --lam_rec 1.0 (paper Sec. 4.1: lambda_rec = 1).
-DEFAULTS.tau = 0.1  # train.py --tau 0.1: Gumbel-sigmoid temperature (paper Sec. 4.1).
-DEFAULTS.site = "features"  # resnet_fsr.py: after layer4 (WRN: after the final BN-ReLU);
-# VGG-16: "stage4" (vgg_fsr.py, before pool 4).
-DEFAULTS.width = 64  # Separation/Recalibration(num_channel=64): hidden conv width.
-DEFAULTS.rec_bn_relu = False  # code: R ends with a bare conv; paper Sec. 4.1: conv-BN-ReLU (True).
-DEFAULTS.random_start = (
-  "uniform"  # attacks/pgd.py perturb(x, y, True): U(-eps, eps). None: config.attack.
-)
-DEFAULTS.attack_bn = "eval"  # net.eval() + is_eval=True in the attack: running stats, u = 0.5.
+DEFAULTS.lam_sep = 1.0            # train.py --lam_sep 1.0 (paper Sec. 4.1: lambda_sep = 1).
+DEFAULTS.lam_rec = 1.0            # train.py --lam_rec 1.0 (paper Sec. 4.1: lambda_rec = 1).
+DEFAULTS.tau = 0.1                # train.py --tau 0.1: Gumbel-sigmoid temperature (paper Sec. 4.1).
+DEFAULTS.site = "features"        # resnet_fsr.py: after layer4 (WRN: after the final BN-ReLU);
+                                  # VGG-16: "stage4" (vgg_fsr.py, before pool 4).
+DEFAULTS.width = 64               # Separation/Recalibration(num_channel=64): hidden conv width.
+DEFAULTS.rec_bn_relu = False      # code: R ends with a bare conv; paper Sec. 4.1: conv-BN-ReLU (True).
+DEFAULTS.random_start = "uniform"  # attacks/pgd.py perturb(x, y, True): U(-eps, eps). None: config.attack.
+DEFAULTS.attack_bn = "eval"       # net.eval() + is_eval=True in the attack: running stats, u = 0.5.
 # Not in the paper or code: the backward temperature of the "st" adaptive attack
 # (straight-through mask; forward value at tau). Pitfall 11 of seed_implementations.md.
 # "st_t0.5" and "st_t2" sweep it at 0.5 and 2 (ADAPTIVE_VARIANTS).
 DEFAULTS.adaptive_tau_backward = 1.0
+# fmt: on
 
 # Adaptive variants: name -> the straight-through mask's backward temperature tau_b (None
 # for "": the deployed mask, main CE + the FSR terms as an attacker signs them; "default":

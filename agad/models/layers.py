@@ -122,9 +122,15 @@ def max_pool_2x2(x: Array) -> Array:
   Written as reshape + max because the gradient of ``nn.max_pool`` (a reduce-window) is
   slow on XLA:CPU. An odd trailing row/column is cropped, which is what a VALID 2x2
   pool (PyTorch's ``MaxPool2d(2)``) does anyway.
+
+  The input goes through an optimization barrier (values unchanged). The max's gradient marks
+  the window entries equal to the max; without the barrier XLA may recompute ``x``'s producers
+  (conv, BatchNorm, ReLU) separately for the max and for that equality test, and a multiply-add
+  contracted into an FMA in one of the two copies only breaks the equality: gradients lost, or
+  NaN (0 / 0) where no entry of a window matched (docs/results/numerics.md).
   """
   b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  x = jax.lax.optimization_barrier(x[:, : h // 2 * 2, : w // 2 * 2])
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 

@@ -28,15 +28,18 @@ from agad.objectives import base, defaults
 
 TARGETS = ("least_likely", "random", "untargeted")
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.weight = 0.5  # train_lp_weight: weight * mean((z(x) - z(x'))^2); README: 0.5.
-DEFAULTS.label_smoothing = 0.1  # model_lib.default_hparams(): label_smoothing=0.1 on [x; x'].
+DEFAULTS.weight = 0.5                  # train_lp_weight: weight * mean((z(x) - z(x'))^2); README: 0.5.
+DEFAULTS.label_smoothing = 0.1         # model_lib.default_hparams(): label_smoothing=0.1 on [x; x'].
 # Training attack target: "least_likely" (pgdll_*: targeted PGD towards argmin of the
 # clean eval-mode logits, the official setting), "random" (pgdrnd_*) or "untargeted"
 # (pgd_*: the official code's untargeted option uses the *predicted* label).
 DEFAULTS.target = "least_likely"
-DEFAULTS.random_start = None  # official: U(-eps, eps), i.e. config.attack's usual "uniform".
-DEFAULTS.attack_bn = "eval"  # attack on model_fn(x, is_training=False).
+DEFAULTS.random_start = None           # official: U(-eps, eps), i.e. config.attack's usual "uniform".
+DEFAULTS.attack_bn = "eval"            # attack on model_fn(x, is_training=False).
+# fmt: on
 
 
 def alp_loss(

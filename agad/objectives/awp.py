@@ -31,18 +31,17 @@ import ml_collections
 
 from agad.objectives import base, defaults
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.gamma = (
-  0.005  # relative weight-perturbation size per >=2-D tensor. TRADES-AWP: 0.005; AT-AWP: 0.01.
-)
-DEFAULTS.proxy_lr = (
-  0.1  # lr of the one proxy SGD step. TRADES-AWP: 0.1; AT-AWP: 0.01. (It cancels in
-)
-# v = gamma ||w|| diff / ||diff|| except through the 1e-20 guard.)
+DEFAULTS.gamma = 0.005                 # relative weight-perturbation size per >=2-D tensor. TRADES-AWP: 0.005; AT-AWP: 0.01.
+DEFAULTS.proxy_lr = 0.1                # lr of the one proxy SGD step. TRADES-AWP: 0.1; AT-AWP: 0.01. (It cancels in
+                                       # v = gamma ||w|| diff / ||diff|| except through the 1e-20 guard.)
 # No perturbation while step < warmup_steps (in optimizer steps). TRADES-AWP applies AWP
 # from epoch 10 of 1-indexed epochs (awp_warmup=10), i.e. set 9 * steps_per_epoch to
 # reproduce it; AT-AWP uses 0.
 DEFAULTS.warmup_steps = 0
+# fmt: on
 
 EPS = 1e-20
 _PROXY_KEY_SALT = 0x41575  # fresh randomness (mixup, noise) for the proxy pass

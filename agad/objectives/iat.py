@@ -29,15 +29,16 @@ from agad.attacks import losses as attack_losses
 from agad.objectives import base, defaults
 
 # No official code: agad's choices, after the ndb796 reimplementation.
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.mixup_alpha = 1.0  # lambda ~ Beta(alpha, alpha), one scalar per half per step (mixup).
+DEFAULTS.mixup_alpha = 1.0             # lambda ~ Beta(alpha, alpha), one scalar per half per step (mixup).
 # Independent (lambda, permutation) draws for the clean half and the adversarial half
 # (as the reimplementation). False: the same draw for both halves.
 DEFAULTS.independent_mixing = True
-DEFAULTS.random_start = None  # PGD from a uniform start (reimplementation), i.e. config.attack.
-DEFAULTS.attack_bn = (
-  "eval"  # the reimplementation attacks the train-mode model (its bug); agad: eval.
-)
+DEFAULTS.random_start = None           # PGD from a uniform start (reimplementation), i.e. config.attack.
+DEFAULTS.attack_bn = "eval"            # the reimplementation attacks the train-mode model (its bug); agad: eval.
+# fmt: on
 
 
 def mixup_batch(key: jax.Array, images: jax.Array, alpha: float):

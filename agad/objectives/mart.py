@@ -23,13 +23,14 @@ from agad.attacks import losses as attack_losses
 from agad.objectives import base
 from agad.objectives.trades import paired_objective
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.beta = 6.0  # weight of the misclassification-aware KL term; official: 6.
-DEFAULTS.random_start = (
-  "normal"  # mart.py starts from x + 0.001 N(0, 1) (not uniform). None: config.attack.
-)
-DEFAULTS.attack_bn = "eval"  # CE attack under model.eval(). None: config.attack.bn.
-DEFAULTS.bn_updates = "clean,adv"  # mart.py: model(x) then model(x_adv), both train mode.
+DEFAULTS.beta = 6.0                 # weight of the misclassification-aware KL term; official: 6.
+DEFAULTS.random_start = "normal"    # mart.py starts from x + 0.001 N(0, 1) (not uniform). None: config.attack.
+DEFAULTS.attack_bn = "eval"         # CE attack under model.eval(). None: config.attack.bn.
+DEFAULTS.bn_updates = "clean,adv"   # mart.py: model(x) then model(x_adv), both train mode.
+# fmt: on
 
 
 def mart_loss(

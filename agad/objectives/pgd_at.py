@@ -16,7 +16,10 @@ import ml_collections
 from agad.objectives import base, defaults
 from agad.objectives.standard import loss_on
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()  # Everything lives in config.attack.
+# fmt: on
 
 
 def pgd_at(model, config: Any) -> base.Objective:

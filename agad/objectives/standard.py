@@ -15,9 +15,12 @@ import ml_collections
 
 from agad.objectives import base, defaults
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.label_smoothing = 0.0  # s; 0 = plain CE (every base paper). AGKD-BML's teacher: 0.5.
-DEFAULTS.smoothing = "all"  # all (PyTorch: s/K on every class) | others (s/(K-1) on the others).
+DEFAULTS.label_smoothing = 0.0   # s; 0 = plain CE (every base paper). AGKD-BML's teacher: 0.5.
+DEFAULTS.smoothing = "all"       # all (PyTorch: s/K on every class) | others (s/(K-1) on the others).
+# fmt: on
 
 
 def loss_on(model, pass_name: str, *, label_smoothing: float = 0.0, smoothing: str = "all"):

@@ -25,20 +25,19 @@ import ml_collections
 
 from agad.objectives import base, defaults
 
+# Fields and their comments stay aligned (the defaults are their own documentation).
+# fmt: off
 DEFAULTS = ml_collections.ConfigDict()
-DEFAULTS.beta = 6.0  # weight of (1/B) sum KL(p_clean || p_adv); official CIFAR-10: 6.
-DEFAULTS.random_start = (
-  "normal"  # attack start x + 0.001 N(0, 1), as trades.py. None: config.attack.
-)
-DEFAULTS.attack_bn = (
-  "eval"  # BN mode inside the KL attack (model.eval() in trades.py). None: config.attack.bn.
-)
+DEFAULTS.beta = 6.0                 # weight of (1/B) sum KL(p_clean || p_adv); official CIFAR-10: 6.
+DEFAULTS.random_start = "normal"    # attack start x + 0.001 N(0, 1), as trades.py. None: config.attack.
+DEFAULTS.attack_bn = "eval"         # BN mode inside the KL attack (model.eval() in trades.py). None: config.attack.bn.
 # Train-mode forward passes, in order, each updating the BN running statistics.
 # trades.py runs model(x) for CE, then model(x_adv) and model(x) again for the KL:
 # "clean,adv,clean". The gradient always flows through exactly one clean and one
 # adversarial pass (the repeated clean pass is numerically identical). TRADES-AWP's
 # trainer uses "adv,clean,clean".
 DEFAULTS.bn_updates = "clean,adv,clean"
+# fmt: on
 
 
 def kl_clean_adv(logits_clean: jax.Array, logits_adv: jax.Array) -> jax.Array:
