@@ -3,10 +3,9 @@
 SmallCNN-BN + AGAIN (a plug-in defense) like one process with 4 devices; one of the two is
 SIGKILLed after the first checkpoint, the other stops by itself, and restarting both resumes.
 
-The children compile with XLA's optimisations on (as users run), not the suite's cheap-compile
-mode: under ``JAX_DISABLE_MOST_OPTIMIZATIONS`` the gradient of AGAIN's first stage depends on
-the device count (1 vs 4 devices in one process differ by ~1% after one step; measured), so
-the comparison would test that, not the multi-process path.
+The children compile in the suite's cheap-compile mode (``tests.smoke.launch_env``). That
+mode once made the gradient of SmallCNN-BN's first stage depend on the device count (the max
+pool's gradient; docs/results/numerics.md), which the comparison would have caught.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ TIMEOUT_S = 300  # any one launch (the suite's CPUs are shared)
 def _env(devices: int) -> dict:
   flags = os.environ.get("XLA_FLAGS", "")
   return smoke.launch_env(
-    JAX_DISABLE_MOST_OPTIMIZATIONS="0",
-    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   )
 
 
