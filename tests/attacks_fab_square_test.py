@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from agad.attacks import losses
+from agad.attacks import losses, square_patterns
 
 # Modules by path: agad.attacks re-exports the functions apgd, fab, square and
 # autoattack, which shadow the submodules of the same names as package attributes.
@@ -167,10 +167,10 @@ def test_fab_untargeted_runs():
 
 def test_square_schedule_matches_the_reference():
   # p halves after queries 10, 50, 200, 500, 1000, 2000, 4000 (0-based, "it > threshold").
-  assert square_lib.square_p(10) == 0.8 and square_lib.square_p(11) == 0.4
-  assert square_lib.square_p(4000) == 0.8 / 64 and square_lib.square_p(4001) == 0.8 / 128
+  assert square_patterns.square_p(10) == 0.8 and square_patterns.square_p(11) == 0.4
+  assert square_patterns.square_p(4000) == 0.8 / 64 and square_patterns.square_p(4001) == 0.8 / 128
   # Rescaled (not AutoAttack's default): query 6 of 100 counts as 600.
-  assert square_lib.square_p(6, n_queries=100, rescale_schedule=True) == 0.8 / 16
+  assert square_patterns.square_p(6, n_queries=100, rescale_schedule=True) == 0.8 / 16
   # 32x32 images: side = round(sqrt(p * 1024)), by hand: 28.6 -> 29, 20.2 -> 20, 14.3 -> 14,
   # 10.1 -> 10, 7.2 -> 7, 5.06 -> 5, 3.58 -> 4, 2.53 -> 3.
   sizes = square_lib.square_sizes(32, 32, 5000)

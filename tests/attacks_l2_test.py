@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from agad.attacks import losses
+from agad.attacks import losses, square_patterns
 
 # Modules by path: agad.attacks re-exports functions of the same names.
 runner_lib = importlib.import_module("agad.attacks.batching")
@@ -260,7 +260,7 @@ def _reference_eta(s, transpose=False):
 def test_meta_pseudo_gaussian_pert_matches_the_reference():
   for s in range(1, 14):
     np.testing.assert_allclose(
-      square_lib.meta_pseudo_gaussian_pert(s), _reference_eta(s), atol=1e-12, err_msg=str(s)
+      square_patterns.meta_pseudo_gaussian_pert(s), _reference_eta(s), atol=1e-12, err_msg=str(s)
     )
 
 
