@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -142,3 +143,12 @@ def reports(folder, preset: str) -> list[str]:
 def attacks(path: str) -> list[str]:
   """The attacks of a report, in order."""
   return [r["attack"] for r in json.load(open(path))["records"]]
+
+
+def load_tool(name: str):
+  """``tools/<name>.py``: a dev script (no package), loaded from its file."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up by name
+  spec.loader.exec_module(module)
+  return module

@@ -1,10 +1,8 @@
 """Training: sharded == single device, no recompiles, exact resume (also after SIGKILLs),
 divergence and config errors."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import chex
 import jax
@@ -19,6 +17,7 @@ from agad.objectives import pgd_at, standard
 from agad import sharding
 from agad.training import loop, state as state_lib, step as step_lib
 from tests.helpers import tiny_config
+from tests.smoke import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,23 +175,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
     assert np.array_equal(x, y)
 
 
-def _chaos_tool():
-  """``tools/chaos_train.py``: a dev script (no package), loaded from its file."""
-  spec = importlib.util.spec_from_file_location(
-    "chaos_train", os.path.join(REPO, "tools", "chaos_train.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up by name
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_sigkill_during_a_save_and_in_training_resumes_bitwise(tmp_path):
   """``launch.train`` (async saves, a checkpoint every 2 steps) SIGKILLed while a checkpoint is
   being written, restarted, SIGKILLed at a random moment of training, restarted to the end:
   the final TrainState (params, optimiser state, BN statistics, EMA, step, PRNG key), iterator
   state and kept steps equal an uninterrupted run's. tools/chaos_train.py does 20 kills."""
-  chaos = _chaos_tool()
+  chaos = load_tool("chaos_train")
   overrides = [
     "--config.data.name=synthetic",
     "--config.data.num_train=96",
