@@ -249,6 +249,7 @@ def test_apgd_stays_in_ball_and_box(norm, eps):
   assert float(size.max()) <= eps + 1e-5
 
 
+@pytest.mark.slow
 def test_apgd_breaks_a_non_robust_model_and_is_at_least_as_strong_as_pgd():
   from agad import attacks
 
@@ -283,6 +284,7 @@ def test_apgd_targeted_reaches_the_target_class():
   assert _accuracy(logits_fn, adv, y) == 0.0
 
 
+@pytest.mark.slow
 def test_apgd_restarts_only_improve_and_eot_runs_on_a_random_model():
   logits_fn = _mlp_model(2)
   x, y = _data(logits_fn, n=16, seed=9)

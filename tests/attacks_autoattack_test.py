@@ -132,6 +132,7 @@ def test_verification_rejects_candidates_outside_the_threat_model():
   assert not bool(ok[0])  # inside the ball but outside [0, 1]
 
 
+@pytest.mark.slow
 def test_standard_is_a_verified_worst_case_over_its_attacks():
   logits_fn = Partial(_mlp, *_weights(0))
   x = _images(32, 1)
@@ -218,6 +219,7 @@ def test_masked_gradients_defeat_apgd_but_not_square():
   assert any("Square lowered" in f for f in res["flags"])
 
 
+@pytest.mark.slow
 def test_one_compile_per_bucket_size_and_none_on_a_second_run():
   logits_fn = Partial(_bucket_model, *_weights(5, hidden=16))
   y_of = lambda x: np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
@@ -268,6 +270,7 @@ def _gradient_noise(w1, w2, c, x, key):
   return _mlp(w1, w2, x) + (c / 1e3) * jnp.sin(1e3 * flat @ r)
 
 
+@pytest.mark.slow
 def test_rand_version_uses_eot_on_a_stochastic_model():
   w1, w2 = _weights(3)
   x = _images(16, 2)
@@ -329,6 +332,7 @@ def _conv_model(kernel, w, x):
   return jax.nn.relu(h).reshape(x.shape[0], -1) @ w
 
 
+@pytest.mark.slow
 def test_same_key_same_result_whatever_the_batch_size_subset_or_device():
   # Per-example keys (fold_in of the example's index): an example's randomness, hence its
   # result on a deterministic model, depends on neither the batch size and bucket nor on
@@ -369,6 +373,7 @@ def test_same_key_same_result_whatever_the_batch_size_subset_or_device():
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.slow
 def test_pgd_with_per_example_keys_is_independent_of_the_batch(norm):
   iterative = importlib.import_module("agad.attacks.iterative")
   logits_fn = Partial(_mlp, *_weights(2))

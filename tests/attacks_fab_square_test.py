@@ -5,6 +5,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.tree_util import Partial
 
 from agad.attacks import losses, square_patterns
@@ -219,6 +220,7 @@ def test_square_breaks_a_non_robust_model():
   assert int(result.queries.max()) < 200
 
 
+@pytest.mark.slow
 def test_loop_driver_matches_host_driver():
   # The GPU/TPU path (jitted fori_loop blocks) must give the CPU path's results.
   logits_fn = _linear_model(4)

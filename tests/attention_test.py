@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from jax.test_util import check_grads
 
@@ -226,6 +227,7 @@ class PureMapsTest(chex.TestCase, parameterized.TestCase):
 
 
 class GradCamSecondOrderTest(parameterized.TestCase):
+  @pytest.mark.slow
   def test_check_grads_order_2_through_a_grad_cam_loss(self):
     # A 2-layer net: A = tanh(1x1 conv(x; w1)), z = mean_hw(softplus(A)) @ w2. The loss is
     # a Grad-CAM (attention-transfer style) loss, differentiated w.r.t. both layers.

@@ -899,6 +899,7 @@ def test_preflight_refuses_what_needs_the_model():
 # ------------------------------------------------------------------ end to end (4 subprocesses)
 
 
+@pytest.mark.slow
 def test_launch_scripts_print_one_fatal_line_and_write_nothing(workdir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)

@@ -56,6 +56,7 @@ def _with(config, **overrides):
 
 
 @pytest.mark.parametrize("base_name,reduction", [("pgd_at", "sum"), ("trades", "mean")])
+@pytest.mark.slow
 def test_stage_one_loss_is_the_per_branch_terms_recomputed(stage_one, base_name, reduction):
   """Algorithm 1: CE(f_0(x), y) + sum_{k>=1} L_a(branch k on x'_k); "mean" divides by K.
   Every term is recomputed from its own train-mode pass routed to branch k (batch

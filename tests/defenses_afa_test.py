@@ -387,6 +387,7 @@ def _fashion_mnist_smoke(objective, workdir, **overrides):
   return loop.Trainer(config, workdir)
 
 
+@pytest.mark.slow
 def test_stage_one_then_stage_two_fashion_mnist_smoke_through_the_trainer(tmp_path):
   """The two Fashion-MNIST commands (smoke): stage II keeps every frozen parameter and
   statistic bitwise, trains the WGs only, and agad.load(...).logits_fn is the eval-mode
@@ -457,6 +458,7 @@ def test_spearman_hand_values():
   assert _afa_analysis.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_fixed_mix_sweep_clean_rows_and_attacked_rows_by_hand():
   """Clean rows equal each routing's own argmax; attacked rows equal PGD through that
   routing with the documented key; best_fixed is the column maximum."""

@@ -502,6 +502,7 @@ def test_big_backbones_get_plugins_at_their_sites(dataset, model, preset, sites,
   reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
 )
 @pytest.mark.parametrize("spec", ["again", "mart+again", "again+awp"])
+@pytest.mark.slow
 def test_again_compositions_train_through_the_loop(tmp_path, spec):
   """Finite loss and gradient norm at every step (a NaN-filling gather once gave NaN
   gradients under XLA:CPU's YNN-off code path: the second CI pass runs this test there)."""

@@ -198,6 +198,7 @@ def _student(teacher_dir, **kw):
   return config
 
 
+@pytest.mark.slow
 def test_pipeline_labels_negatives_and_targeted_attacks(teachers, tmp_path):
   # No eps warm-up (the Fashion-MNIST smoke config ramps eps from 1/226 of its value).
   trainer = loop.Trainer(
@@ -320,6 +321,7 @@ def test_pipeline_labels_negatives_and_targeted_attacks(teachers, tmp_path):
   assert np.max(np.abs(mean(aux.model_state) - mean(aux_m.model_state))) > 1e-3
 
 
+@pytest.mark.slow
 def test_teacher_frozen_unchanged_not_checkpointed_and_resume_with_another_refused(
   teachers, tmp_path
 ):

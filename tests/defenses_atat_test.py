@@ -193,6 +193,7 @@ def test_grad_cam_pass_is_one_train_pass_and_the_toolkits_grad_cam_at_each_site(
 
 
 @pytest.mark.parametrize("name,variant", [("tiny_bn", "code_cifar100"), ("smallcnn", "paper")])
+@pytest.mark.slow
 def test_the_gradient_through_the_students_grad_cam_matches_finite_differences(name, variant):
   model, v, x = tiny_bn() if name == "tiny_bn" else smallcnn()
   n = x.shape[0] // 2
@@ -360,6 +361,7 @@ def _batch(trainer, n=8):
   }
 
 
+@pytest.mark.slow
 def test_each_variants_loss_equals_an_independent_recomputation(teachers, tmp_path):
   trainer = loop.Trainer(
     _student(teachers[0], **{"attack.eps_warmup_steps": 0}), str(tmp_path / "s")
@@ -444,6 +446,7 @@ def test_each_variants_loss_equals_an_independent_recomputation(teachers, tmp_pa
     assert set(aux.passes) == {"clean", "adv"} and aux.passes["adv"].logits.shape == (n, k)
 
 
+@pytest.mark.slow
 def test_teacher_frozen_unchanged_not_checkpointed_and_resume_with_another_refused(
   teachers, tmp_path
 ):
@@ -609,6 +612,7 @@ def _run(args):
   not os.path.exists(FMNIST),
   reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
 )
+@pytest.mark.slow
 def test_fashion_mnist_two_command_pipeline_starts(tmp_path):
   teacher, student = str(tmp_path / "atat_teacher"), str(tmp_path / "atat")
   out = _run(

@@ -334,6 +334,7 @@ def _terms(out, labels, lam_sep=1.0, lam_rec=1.0):
     ("mart", lambda p, y: mart_loss(p["clean"].logits, p["adv"].logits, y, beta=6.0)),
   ],
 )
+@pytest.mark.slow
 def test_transform_adds_exactly_the_terms_on_the_inner_adv_pass_without_a_pass(
   setup, inner, formula
 ):
@@ -513,6 +514,7 @@ def test_config_errors_name_the_value_and_a_misplaced_plugin_is_refused():
   reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
 )
 @pytest.mark.parametrize("spec", ["fsr", "trades+fsr", "mart+fsr"])
+@pytest.mark.slow
 def test_fsr_and_its_compositions_train_through_the_loop(tmp_path, spec):
   """Each composition trains (the ``launch.train`` CLI itself: tests/docs_commands_test.py)."""
   config, lines = train_tiny(tmp_path, spec)

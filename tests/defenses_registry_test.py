@@ -243,6 +243,7 @@ def test_adaptive_plugin_overrides_rebuild_declared_fields_only():
   not os.path.exists(FMNIST),
   reason="Debian package dataset-fashion-mnist not installed (launch/env.sh installs it)",
 )
+@pytest.mark.slow
 def test_an_out_of_tree_defense_trains_through_launch_train(tmp_path):
   """The whole contract: one file outside the repository, nothing edited, launch.train runs it."""
   folder = tmp_path / "defs"

@@ -65,6 +65,7 @@ def _kd_config(teacher_dir, **kw):
   return config
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_recorded_not_checkpointed_and_resume_checks_it(tmp_path, kd_module):
   teacher_dir, other_dir = str(tmp_path / "teacher"), str(tmp_path / "other")
   loop.Trainer(tiny_config("standard", num_epochs=1), teacher_dir).run()

@@ -265,6 +265,7 @@ def test_presets_markdown_and_plots(tmp_path):
   assert len(plots(report, str(tmp_path))) == 2
 
 
+@pytest.mark.slow
 def test_autoattack_stages_are_cached_and_aggregated_over_chunks(tmp_path):
   source, templates = _templates_source(n=32, seed=2)
   logits_fn = Partial(_nearest_template, templates)
@@ -556,6 +557,7 @@ def test_dtype_is_reported_and_verification_uses_verify_logits_fn():
   assert any("re-verified in bfloat16" in w for w in own["warnings"])
 
 
+@pytest.mark.slow
 def test_rand_runs_only_on_stochastic_models():
   source, templates = _templates_source(n=16, seed=5)
   spec = AttackSpec.make(
@@ -572,6 +574,7 @@ def test_rand_runs_only_on_stochastic_models():
   assert not any("deterministic model" in f for f in sto["flags"])
 
 
+@pytest.mark.slow
 def test_eps_zero_gives_clean_accuracy_for_every_attack():
   source, templates = _templates_source(n=16, seed=6)
   logits_fn = Partial(_nearest_template, templates)

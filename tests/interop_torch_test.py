@@ -363,6 +363,7 @@ def test_input_norm_values():
 
 
 @needs_data
+@pytest.mark.slow
 def test_import_evaluate_flags_finetune_export_smoke(tmp_path):
   """launch.import_torch writes a workdir that agad.load, launch.evaluate's and
   launch.attention's flag checks and --config.init.workdir (TRADES, one smoke step) take;

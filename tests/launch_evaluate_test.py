@@ -11,6 +11,7 @@ from tests.smoke import attacks, copy_workdir, needs_data, reports, run_chain, r
 
 
 @needs_data
+@pytest.mark.slow
 def test_evaluate_every_preset_then_compare(smoke_workdir, tmp_path):
   """launch.evaluate with every preset on the smoke checkpoint, in one process, on the first 2
   test images: the smoke model misclassifies both, so AutoAttack's stages have no point left

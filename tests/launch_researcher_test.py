@@ -196,6 +196,7 @@ def _eval_dir(tmp_path, run, files):
   return str(tmp_path / run)
 
 
+@pytest.mark.slow
 def test_launch_compare_finds_the_reports_that_exist(tmp_path):
   d = _eval_dir(
     tmp_path,

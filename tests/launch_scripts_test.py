@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import pytest
 
 from tests.docs_commands_test import documented_commands
 from tests.smoke import (
@@ -25,6 +26,7 @@ from tests.smoke import (
 
 @needs_data
 @needs_env_sh
+@pytest.mark.slow
 def test_main_job_sh_smoke(smoke_workdir, tmp_path):
   """``SMOKE=1 bash launch/main_job.sh DIR`` on a copy of the shared checkpoint (same config:
   launch.train finds the run finished and exits), then its evaluation (clean + PGD-3, 128
@@ -42,6 +44,7 @@ def test_main_job_sh_smoke(smoke_workdir, tmp_path):
 
 @needs_data
 @needs_env_sh
+@pytest.mark.slow
 def test_objectives_table_sh_smoke(smoke_workdir, tmp_path):
   """``SMOKE=1 OBJECTIVES=pgd_at NUM_EXAMPLES=2 bash launch/objectives_table.sh RUNS``: the
   row's workdir is a copy of the shared smoke checkpoint (same config: training exits at
@@ -62,6 +65,7 @@ def test_objectives_table_sh_smoke(smoke_workdir, tmp_path):
 
 
 @needs_env_sh
+@pytest.mark.slow
 def test_test_sh_runs_a_test():
   """``bash launch/test.sh PATH`` (env.sh, then pytest with the script's options, xdist
   workers included) on one quick test of this file: the whole suite from inside the suite
@@ -89,9 +93,22 @@ def test_test_sh_runs_a_test():
     if a.startswith("tests/") and a.split("::")[0].endswith(".py")
   }
   assert all(os.path.exists(os.path.join(REPO, f)) for f in named), named
+  # The two tiers: without a path the quick suite (not marked slow), --slow the rest; together
+  # the whole suite, each test in one of them.
+  tiers = {}
+  for flag in ([], ["--slow"]):
+    out = run_bash("launch/test.sh", flag + ["--collect-only", "-p", "no:cacheprovider"], env=env)
+    assert out.returncode == 0, tail(out)
+    tiers[bool(flag)] = {line for line in out.stdout.splitlines() if "::" in line}
+    total = int(re.search(r"/(\d+) tests collected", out.stdout).group(1))
+  quick, slow = tiers[False], tiers[True]
+  assert "tests/launch_scripts_test.py::test_test_sh_runs_a_test" in slow - quick
+  assert "tests/docs_commands_test.py::test_extraction_reads_every_form_of_command" in quick - slow
+  assert not quick & slow and len(quick | slow) == total, (len(quick), len(slow), total)
 
 
 @needs_data
+@pytest.mark.slow
 def test_numerics_sweep_trains_again_under_both_code_paths(tmp_path):
   """docs/results/numerics.md: ``.venv/bin/python tools/numerics_sweep.py`` with one spec,
   AGAIN, i.e. its documented ``launch.train --config=configs/fashion_mnist.py:smallcnn,again,smoke``

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import agad
+import pytest
 from agad.evaluation import AttackSpec, Suite
 from tests.smoke import REPO, SMOKE_CONFIG, copy_workdir, launch_env, needs_data
 
@@ -24,6 +25,7 @@ def _run(args, **kw):
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
   # launch.train --config=configs/fashion_mnist.py:smallcnn,pgd_at,smoke (the fixture's run).
   assert "validation at step" in open(smoke_workdir + ".log").read()
@@ -74,6 +76,7 @@ def test_train_then_evaluate_smoke(smoke_workdir, tmp_path):
   assert again.returncode == 0 and "already finished" in again.stderr
 
 
+@pytest.mark.slow
 def test_unknown_override_and_bad_arg_fail():
   out = _run(
     [

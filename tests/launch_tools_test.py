@@ -4,6 +4,7 @@ tests/docs_commands_test.py."""
 import os
 import subprocess
 import sys
+import pytest
 
 from tests.smoke import (
   REPO,
@@ -18,6 +19,7 @@ from tests.smoke import (
 
 
 @needs_data
+@pytest.mark.slow
 def test_benchmark_every_mode(smoke_workdir):
   """launch.benchmark's three modes in one process: train and eval on the smoke config
   (synthetic inputs, batch 8, one timed step), autoattack on the smoke checkpoint (2 images)."""
@@ -45,6 +47,7 @@ def test_benchmark_every_mode(smoke_workdir):
   assert "smallcnn pgd_at step" in aa and "2 images, eps 0.1" in aa
 
 
+@pytest.mark.slow
 def test_recipe_smoke_runs_one_recipe(tmp_path):
   """``python tools/recipe_smoke.py --only=cifar10:resnet18,fsr``: one step of one paper
   recipe (ResNet-18, FSR) on synthetic CIFAR-10-shaped data, batch 2; the tool runs the others
@@ -57,6 +60,7 @@ def test_recipe_smoke_runs_one_recipe(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_chaos_train_eval_mode_smoke(smoke_workdir, tmp_path):
   """``tools/chaos_train.py`` (docs/results/chaos.md): its eval mode, one SIGKILL inside an
   AutoAttack evaluation of a copy of the shared smoke checkpoint on 4 images, then the rerun

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.smoke import REPO, launch_env, needs_data, run_chain, run_tool, tail
 
@@ -20,6 +21,7 @@ def _free_port() -> int:
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_pipelines_distributed_and_afa_branches(tmp_path):
   """The documented training commands not run through launch.train elsewhere, 2 steps each of
   the smoke config, in one process: trades+awp with --distributed (a one-process SLURM

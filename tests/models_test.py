@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from flax.core import FrozenDict
 
@@ -153,6 +154,7 @@ class ArchitectureTest(parameterized.TestCase):
     np.testing.assert_allclose(k.std(), np.sqrt(2 / 576), rtol=0.05)
     self.assertEqual(float(jnp.abs(p["stage2_conv1"]["bias"]).max()), 0.0)
 
+  @pytest.mark.slow
   def test_backbone_inits_follow_their_reference_code(self):
     x = jnp.zeros((1, 32, 32, 3))
 

@@ -126,6 +126,7 @@ def _losses(workdir) -> dict:
   }
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_survive_a_sigkill(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   launches = []

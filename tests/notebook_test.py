@@ -53,6 +53,7 @@ def test_notebook_is_stripped():
 
 
 @needs_data
+@pytest.mark.slow
 def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
   import nbclient
   import nbformat
@@ -84,6 +85,7 @@ def test_notebook_runs_on_a_smoke_checkpoint(smoke_runs, monkeypatch):
 
 
 @needs_data
+@pytest.mark.slow
 def test_launch_attention_writes_figures_and_statistics(smoke_runs, tmp_path):
   # A private copy of the shared run, named pgd_at as the figures and statistics are
   # labelled by the workdir's name.

@@ -64,6 +64,7 @@ def test_sharded_step_equals_single_device_step():
 
 
 @pytest.mark.parametrize("spec", ["again", "fsr"])
+@pytest.mark.slow
 def test_smallcnn_bn_defense_gradient_is_the_same_on_1_and_4_devices(spec):
   """The loss gradient of a train step in the suite's cheap-compile mode: the
   conv-BN-ReLU stage below SmallCNN-BN's first max pool got device-count-dependent (and
@@ -159,6 +160,7 @@ def _final_params(workdir):
   return jax.device_get(agad.load(workdir, "latest").variables)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
   config = tiny_config()
   full = loop.Trainer(config, str(tmp_path / "full"))
@@ -175,6 +177,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
     assert np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_and_in_training_resumes_bitwise(tmp_path):
   """``launch.train`` (async saves, a checkpoint every 2 steps) SIGKILLed while a checkpoint is
   being written, restarted, SIGKILLed at a random moment of training, restarted to the end:
@@ -298,6 +301,7 @@ def test_indivisible_batch_is_a_clear_error():
 
 
 @pytest.mark.parametrize("spec", ["standard", "trades", "mart", "alp", "iat", "cas", "trades+awp"])
+@pytest.mark.slow
 def test_every_objective_trains_through_the_loop(tmp_path, spec):
   """A few steps of each objective via train_and_evaluate: finite loss, params move."""
   config = tiny_config(spec, num_epochs=1)
