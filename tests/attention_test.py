@@ -10,7 +10,9 @@ from absl.testing import absltest, parameterized
 from jax.test_util import check_grads
 
 from agad import attention as at
+from agad.defenses.agkd_bml import attention_map as agkd_attention_map
 from agad.models import build_model, max_pool_2x2
+from tests.helpers import assert_max_gradient_jitted_equals_eager
 
 RGB = dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 GRAY = dict(num_classes=10, mean=(0.3,), std=(0.35,))
@@ -59,6 +61,16 @@ def smallcnn(name="smallcnn", batch=4):
 
 
 class PureMapsTest(chex.TestCase, parameterized.TestCase):
+  @parameterized.named_parameters(
+    ("minmax", lambda f: at.normalize_maps(jnp.sum(f, -1), "minmax")),
+    ("max", lambda f: at.normalize_maps(jnp.sum(f, -1), "max")),
+    ("agkd_bml_attention_map", agkd_attention_map),
+  )
+  def test_map_normalisation_gradient_after_batch_norm_is_the_same_jitted_and_eager(self, head):
+    # Each takes a max (and a min) over a map of conv-BN-ReLU features, like max_pool_2x2,
+    # whose gradient this check caught (tests/helpers.py).
+    assert_max_gradient_jitted_equals_eager(head, (4, 8, 8))
+
   @parameterized.parameters(
     ("mean", [[1.5], [1.0]]),
     ("sum", [[3.0], [2.0]]),

@@ -86,3 +86,38 @@ def assert_close(actual, expected, **tol):
   import chex
 
   chex.assert_trees_all_close(actual, expected, **{**F32, **tol})
+
+
+def assert_max_gradient_jitted_equals_eager(head, out_shape, seed: int = 1):
+  """The gradient of ``sum(w * head(relu(BN(conv(x)))))`` with respect to x, the kernel and
+  BN's scale and bias is finite and equal jitted and op by op. ``head`` takes a max (or min)
+  over the features: the max's gradient is a mask "equals the max", and in the suite's
+  cheap-compile mode XLA once computed the BN multiply-add twice, with and without FMA, for
+  the max and for its mask (max_pool_2x2, docs/results/numerics.md): most of the gradient
+  was lost, or 0/0. Features ``[4, 8, 8, 8]``; ``out_shape`` is head's output shape."""
+  import chex
+  import jax
+  import jax.numpy as jnp
+
+  def f(x, kernel, scale, bias, w):
+    y = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
+    z = (y - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias
+    return jnp.sum(w * head(jax.nn.relu(z)))
+
+  ks = jax.random.split(jax.random.key(seed), 5)
+  args = (
+    jax.random.uniform(ks[0], (4, 10, 10, 3)),
+    jax.random.normal(ks[1], (3, 3, 3, 8)),
+    1.0 + 0.1 * jax.random.normal(ks[2], (8,)),
+    0.1 * jax.random.normal(ks[3], (8,)),
+    jax.random.normal(ks[4], out_shape),
+  )
+  grad = jax.grad(f, argnums=(0, 1, 2, 3))
+  jitted = jax.jit(grad)(*args)
+  with jax.disable_jit():  # op by op: the max and its mask see the same array
+    eager = grad(*args)
+  chex.assert_tree_all_finite(jitted)
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ from agad.models import (
   find_tap,
   max_pool_2x2,
 )
+from tests.helpers import assert_max_gradient_jitted_equals_eager
 
 RGB = dict(num_classes=10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
 PARAMS = {
@@ -217,28 +218,7 @@ class ArchitectureTest(parameterized.TestCase):
     # conv-BN-ReLU-pool as in SmallCNN-BN. In the suite's cheap-compile mode XLA computed the
     # BN multiply-add once with and once without FMA (for the max and for the gradient's
     # "equals the max" mask): the jitted gradient lost most windows' gradient (up to 87%).
-    def f(x, kernel, scale, bias, w):
-      y = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-      )
-      mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
-      z = (y - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias
-      return jnp.sum(w * max_pool_2x2(jax.nn.relu(z)))
-
-    ks = jax.random.split(jax.random.key(1), 5)
-    args = (
-      jax.random.uniform(ks[0], (4, 10, 10, 3)),
-      jax.random.normal(ks[1], (3, 3, 3, 8)),
-      1.0 + 0.1 * jax.random.normal(ks[2], (8,)),
-      0.1 * jax.random.normal(ks[3], (8,)),
-      jax.random.normal(ks[4], (4, 4, 4, 8)),
-    )
-    grad = jax.grad(f, argnums=(0, 1, 2, 3))
-    jitted = jax.jit(grad)(*args)
-    with jax.disable_jit():  # op by op: the max and its mask see the same array
-      eager = grad(*args)
-    chex.assert_tree_all_finite(jitted)
-    chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-5)
+    assert_max_gradient_jitted_equals_eager(max_pool_2x2, (4, 4, 4, 8))
 
 
 class TinyBNTest(absltest.TestCase):
