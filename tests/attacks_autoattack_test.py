@@ -404,3 +404,23 @@ def test_pgd_with_per_example_keys_is_independent_of_the_batch(norm):
       x + jax.random.uniform(start_key, x.shape, x.dtype, -1.0, 1.0) * 0.05, 0.0, 1.0
     )
     np.testing.assert_array_equal(np.asarray(one), np.asarray(expected))
+
+
+def test_verbose_square_reports_progress_within_its_round(capsys, monkeypatch):
+  # Square's one round runs thousands of queries: a verbose run logs its progress (at most
+  # every aa.PROGRESS_SECONDS, here every block) batch by batch, and a quiet run does not.
+  logits_fn = Partial(_mlp, *_weights(3))
+  x = _images(12, 14)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  monkeypatch.setattr(aa, "PROGRESS_SECONDS", 0.0)
+  kw = dict(eps=0.02, version="custom", attacks=["square"], square_queries=40, square_chunk=20)
+  kw.update(batch_size=8, min_bucket=4)
+  quiet = aa.autoattack(logits_fn, x, y, jax.random.key(2), **kw)
+  assert "queries" not in capsys.readouterr().out
+  loud = aa.autoattack(logits_fn, x, y, jax.random.key(2), verbose=True, **kw)
+  np.testing.assert_array_equal(loud["robust"], quiet["robust"])
+  assert 0 < loud["robust_accuracy"]  # some point survives: its batch runs every block
+  lines = [line for line in capsys.readouterr().out.splitlines() if "queries" in line]
+  for batch in (1, 2):  # each batch reports its first block (before any early exit)
+    assert f"[autoattack]   square batch {batch}/2: 20/40 queries, " in "\n".join(lines)
+  assert any("/2: 40/40 queries, " in line for line in lines)

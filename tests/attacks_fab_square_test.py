@@ -246,3 +246,31 @@ def test_loop_driver_matches_host_driver():
   }
   for name, run in runs.items():
     np.testing.assert_allclose(run("loop"), run("host"), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("driver", ["host", "loop"])
+def test_square_progress_reports_queries_and_survivors_without_changing_the_result(driver):
+  # Progress is reported after each compiled block: queries run so far (over both
+  # restarts), the total, and the valid examples still robust; the result is unchanged.
+  logits_fn = _linear_model(2)
+  x, y = _data(logits_fn, n=8, seed=4)
+  valid = jnp.arange(8) < 6  # two padding rows never count
+  kw = dict(eps=0.05, n_queries=20, restarts=2, valid=valid, driver=driver, chunk=5)
+  kw["check_every"] = 5
+  calls = []
+  reported = square_lib.square_attack(
+    logits_fn, x, y, jax.random.key(0), progress=lambda *a: calls.append(a), **kw
+  )
+  plain = square_lib.square_attack(logits_fn, x, y, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(reported.adversarial, plain.adversarial)
+  np.testing.assert_array_equal(reported.robust, plain.robust)
+  robust_valid = int(jnp.sum(reported.robust & valid))
+  robust_padding = int(jnp.sum(reported.robust & ~valid))
+  assert 0 < robust_valid < 6 and robust_padding == 2  # a case that can tell
+  # Some example survives both restarts, so neither stops early: every block is reported.
+  assert [c[0] for c in calls] == list(range(5, 45, 5))
+  assert all(total == 40 for _, total, _ in calls)
+  # The last count is the second restart's valid survivors (a superset of those of both
+  # restarts); counting the robust padding rows would add 2.
+  assert robust_valid <= calls[-1][2] < robust_valid + robust_padding
+  assert all(0 <= robust <= 6 for _, _, robust in calls)

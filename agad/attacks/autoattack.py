@@ -52,6 +52,10 @@ def _log(message: str) -> None:
   print(message, flush=True)
 
 
+# Within Square's one long round (5,000 queries), a progress line at most this often.
+PROGRESS_SECONDS = 60.0
+
+
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 NORMS = ("linf", "l2")
@@ -248,8 +252,9 @@ class _Run:
     self.adv_pred = clean_logits.argmax(-1).astype(np.int32) if n else np.zeros((0,), np.int32)
     return clean_logits
 
-  def attack(self, name: str, settings: dict, x, y, run_key, targets, valid_j, real):
-    """One attack on one padded batch: its candidate adversarials."""
+  def attack(self, name: str, settings: dict, x, y, run_key, targets, valid_j, real, progress=None):
+    """One attack on one padded batch: its candidate adversarials. ``progress``: Square's
+    progress callback (``square_attack``)."""
     common = dict(
       eps=self.eps32, norm=self.norm, stochastic=self.stochastic, valid=valid_j, driver=self.driver
     )
@@ -292,9 +297,28 @@ class _Run:
         p_init=settings["p_init"],
         restarts=settings["restarts"],
         chunk=self.square_chunk,
+        progress=progress,
         **common,
       )
     return result.adversarial
+
+  def square_progress(self, name: str, batch: int, n_batches: int, stage_start: float):
+    """A callback for ``square_attack`` that logs a line at most every PROGRESS_SECONDS."""
+    if not self.verbose:
+      return None
+    last = [time.time()]
+
+    def report(queries: int, total: int, robust: int) -> None:
+      now = time.time()
+      if now - last[0] < PROGRESS_SECONDS:
+        return
+      last[0] = now
+      _log(
+        f"[autoattack]   {name} batch {batch}/{n_batches}: {queries}/{total} queries, "
+        f"{robust} points of the batch still robust ({now - stage_start:.0f} s into the stage)"
+      )
+
+    return report
 
   def stage(self, stage: int, name: str, settings: dict, ranked) -> None:
     """Stage ``stage``: ``name`` on the points still robust, round by round (targets)."""
@@ -305,14 +329,20 @@ class _Run:
       if len(indices) == 0:
         break
       round_key = jax.random.fold_in(jax.random.fold_in(self.key, stage), round_index)
-      for start, real, padded, valid in self.batches(indices):
+      batches = list(self.batches(indices))
+      for batch, (start, real, padded, valid) in enumerate(batches, 1):
         x, y = jnp.asarray(self.images[padded]), jnp.asarray(self.labels[padded])
         # Per-example keys from the example's index in the evaluated set: a result does
         # not depend on the batch size, the bucket or the other examples of its batch.
         run_key = _index_keys(round_key, jnp.asarray(padded))
         batch_key = jax.random.fold_in(round_key, start)  # randomised models only
         targets = jnp.asarray(ranked[padded, round_index]) if ranked is not None else None
-        candidate = self.attack(name, settings, x, y, run_key, targets, jnp.asarray(valid), real)
+        progress = (
+          self.square_progress(name, batch, len(batches), stage_start) if name == "square" else None
+        )
+        candidate = self.attack(
+          name, settings, x, y, run_key, targets, jnp.asarray(valid), real, progress
+        )
         ok, pred = _verify(
           self.logits_fn,
           x,

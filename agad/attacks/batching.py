@@ -158,6 +158,7 @@ def run_steps(
   chunk: int = 10,
   done: Callable[[Any], bool] | None = None,
   check_every: int | None = None,
+  on_block: Callable[[int, Any], None] | None = None,
 ) -> Any:
   """Runs ``state = step(state)`` ``num_steps`` times, maybe stopping early.
 
@@ -165,8 +166,10 @@ def run_steps(
   ``agad.attacks.driver.iterate`` (one compile per chunk length); ``"loop"``: jitted
   ``fori_loop`` blocks of ``check_every`` steps (default: all of them). Between chunks
   or blocks, ``done(state)`` (a host check) may end the run; the attacks use it only
-  when nothing is left to attack, so it never changes a result. Under a trace
-  (``"unroll"``) no early exit is possible.
+  when nothing is left to attack, so it never changes a result. ``on_block(completed,
+  state)``, if given, runs on the host after each chunk or block (progress reports; it
+  must not change the state). Under a trace (``"unroll"``) neither early exit nor
+  ``on_block`` is possible.
   """
   resolved = driver_lib.resolve_driver(driver, state, step)
   if num_steps <= 0:
@@ -186,6 +189,8 @@ def run_steps(
     else:
       state = driver_lib.iterate(step, state, k, driver="host", chunk=k)
     completed += k
+    if on_block is not None:
+      on_block(completed, state)
     if done is not None and completed < num_steps and done(state):
       break
   return state

@@ -270,6 +270,11 @@ class SquareResult(NamedTuple):
   queries: jax.Array  # [B] int32
 
 
+def _report_progress(progress, offset, total, valid, completed, state) -> None:
+  alive = state.margin > 0.0 if valid is None else (state.margin > 0.0) & valid
+  progress(offset + completed, total, int(jnp.sum(alive)))
+
+
 def square_attack(
   logits_fn: Callable,
   images: jax.Array,
@@ -288,11 +293,15 @@ def square_attack(
   driver: str = "auto",
   chunk: int = 20,
   check_every: int = 100,
+  progress: Callable[[int, int, int], None] | None = None,
 ) -> SquareResult:
   """Square Attack with per-example results; stops once no valid example is left.
 
   ``key``: one key or ``[B]`` per-example keys (``agad.attacks.batching.example_keys``);
-  an example's start, squares and signs come from its key alone.
+  an example's start, squares and signs come from its key alone. ``progress(queries,
+  total, robust)``, if given, is called on the host after each compiled block of queries
+  with the queries run so far (over all restarts), ``restarts * n_queries`` and the number
+  of valid examples still robust in the current restart; it never changes a result.
   """
   if norm not in NORMS:
     raise ValueError(f"norm {norm!r} is not one of {NORMS}")
@@ -338,8 +347,20 @@ def square_attack(
           uniforms,
           signs,
         )
+      on_block = None
+      if progress is not None:
+        on_block = functools.partial(
+          _report_progress, progress, restart * n_queries, restarts * n_queries, valid
+        )
       state = run_steps(
-        step, state, n_queries, driver=driver, chunk=chunk, done=done, check_every=check_every
+        step,
+        state,
+        n_queries,
+        driver=driver,
+        chunk=chunk,
+        done=done,
+        check_every=check_every,
+        on_block=on_block,
       )
     result = SquareResult(state.x_best, state.margin > 0.0, state.queries)
     if best is None:
