@@ -424,3 +424,78 @@ def test_verbose_square_reports_progress_within_its_round(capsys, monkeypatch):
   for batch in (1, 2):  # each batch reports its first block (before any early exit)
     assert f"[autoattack]   square batch {batch}/2: 20/40 queries, " in "\n".join(lines)
   assert any("/2: 40/40 queries, " in line for line in lines)
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def _count_verify(monkeypatch, stop_at=None):
+  """Counts the batches AutoAttack verifies; raises ``_Interrupted`` at batch ``stop_at``
+  (before it is verified: as if the process died during that batch)."""
+  calls = []
+  verify = aa._verify
+
+  def counting(*args):
+    calls.append(1)
+    if stop_at is not None and len(calls) == stop_at:
+      raise _Interrupted
+    return verify(*args)
+
+  monkeypatch.setattr(aa, "_verify", counting)
+  return calls
+
+
+def test_an_interrupted_run_goes_on_from_its_progress_file_with_the_same_results(
+  tmp_path, monkeypatch
+):
+  # Each batch saves the per-example results and the position; a run that finds the file
+  # skips what was done and ends with exactly the uninterrupted run's results (per-example
+  # keys), wherever it was stopped: inside a round, in a later round, in a later stage.
+  logits_fn = Partial(_mlp, *_weights(4))
+  x = _images(24, 15)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  kw = dict(eps=0.03, steps=4, square_queries=30, version="custom", n_target_classes=3)
+  kw.update(attacks=["square", "apgd-t", "apgd-ce"], batch_size=8, min_bucket=8)
+  run = lambda **extra: aa.autoattack(logits_fn, x, y, jax.random.key(7), **kw, **extra)
+  calls = _count_verify(monkeypatch)
+  full = run()
+  n_full = len(calls)
+  assert full["resumed"] is None
+  # Square and APGD-T each break points: the results restored from the file matter.
+  assert {"square", "apgd-t", ""} <= set(full["broken_by"])
+  path = str(tmp_path / "progress.npz")
+  # Square's batch 2 of 3; APGD-T's first batch (the file holds Square's end), its round 1
+  # batch 2 of 3, its round 2 (the file holds round 1's end); the last APGD-CE batch.
+  for stop_at in (2, 4, 5, 7, n_full):
+    _count_verify(monkeypatch, stop_at)
+    with pytest.raises(_Interrupted):
+      run(resume_path=path)
+    calls = _count_verify(monkeypatch)
+    resumed = run(resume_path=path)
+    assert len(calls) == n_full - (stop_at - 1), stop_at  # the done batches are not rerun
+    assert resumed["resumed"]["earlier_s"] > 0
+    for field in ("robust", "adversarial", "adversarial_predictions", "broken_by"):
+      np.testing.assert_array_equal(resumed[field], full[field], err_msg=f"{stop_at} {field}")
+    assert resumed["per_attack"] == full["per_attack"]
+    assert list(resumed["times"]) == ["square", "apgd-t", "apgd-ce"]
+    assert not (tmp_path / "progress.npz").exists()  # removed at the end
+
+
+def test_a_progress_file_from_another_run_is_refused_with_the_fix(tmp_path, monkeypatch):
+  logits_fn = Partial(_mlp, *_weights(4))
+  x = _images(16, 16)
+  y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+  kw = dict(steps=2, version="custom", attacks=["apgd-ce"], batch_size=8, min_bucket=8)
+  path = str(tmp_path / "progress.npz")
+  _count_verify(monkeypatch, stop_at=2)
+  with pytest.raises(_Interrupted):
+    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.03, resume_path=path, **kw)
+  _count_verify(monkeypatch)
+  with pytest.raises(ValueError, match="other images, labels, key or settings.*delete the file"):
+    aa.autoattack(logits_fn, x, y, jax.random.key(0), eps=0.05, resume_path=path, **kw)
+  with pytest.raises(ValueError, match="other images"):
+    aa.autoattack(logits_fn, x, y, jax.random.key(1), eps=0.03, resume_path=path, **kw)
+  other = Partial(_mlp, *_weights(5))
+  with pytest.raises(ValueError, match="another model: [1-9][0-9]* of 16 clean predictions"):
+    aa.autoattack(other, x, y, jax.random.key(0), eps=0.03, resume_path=path, **kw)

@@ -6,6 +6,7 @@ The SIGKILL version on a real checkpoint (``launch.evaluate --preset=autoattack`
 """
 
 import glob
+import importlib
 import os
 
 import chex
@@ -44,6 +45,16 @@ def _result(report):
   strip = lambda r: {k: v for k, v in r.items() if k not in RUN_FIELDS}
   rest = {k: v for k, v in report.items() if k not in ("records", "per_example", "wall_time_s")}
   return [strip(r) for r in report["records"]], rest, report["per_example"]
+
+
+def _assert_same_result(report, reference):
+  (records, rest, arrays), (ref_records, ref_rest, ref_arrays) = (
+    _result(report),
+    _result(reference),
+  )
+  assert records == ref_records
+  assert rest == ref_rest
+  chex.assert_trees_all_equal(arrays, ref_arrays)
 
 
 EPS = 0.16  # leaves ~20% of the examples robust
@@ -86,11 +97,36 @@ def test_autoattack_cut_off_mid_chunk_resumes_from_the_cache_to_the_same_report(
 
   resumed = run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
   assert [r["cached_chunks"] for r in resumed["records"]] == [3, 1]  # only the lost work redone
-  (records, rest, arrays), (ref_records, ref_rest, ref_arrays) = (
-    _result(resumed),
-    _result(reference),
-  )
-  assert records == ref_records
-  assert rest == ref_rest
-  chex.assert_trees_all_equal(arrays, ref_arrays)
+  _assert_same_result(resumed, reference)
   assert not glob.glob(os.path.join(cache, "*.tmp.npz"))  # the rerun's write replaced it
+
+
+def test_autoattack_cut_off_mid_batch_goes_on_from_its_progress_file(tmp_path, monkeypatch):
+  # One chunk of 16 in batches of 8, killed while AutoAttack verifies the chunk's second
+  # batch: the rerun finds the progress file beside the chunk's cache entry, attacks only
+  # that batch, and writes the report of an uninterrupted run.
+  aa_lib = importlib.import_module("agad.attacks.autoattack")
+  source, logits_fn = _templates()
+  specs = [AttackSpec.make("clean", "clean", eps=EPS), SPEC]
+  kw = dict(eps=EPS, batch_size=8, chunk=CHUNK, model_hash="m", log=None, indices=np.arange(CHUNK))
+  reference = run_suite(logits_fn, source, specs, cache_dir=str(tmp_path / "reference"), **kw)
+  cache = str(tmp_path / "killed")
+  real, calls, kill_at = aa_lib._verify, [], [2]
+
+  def verify(*args):
+    calls.append(1)
+    if len(calls) in kill_at:
+      raise Killed()
+    return real(*args)
+
+  monkeypatch.setattr(aa_lib, "_verify", verify)
+  with pytest.raises(Killed):
+    run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
+  key = suite_lib.cache_key("m", SPEC, np.arange(CHUNK), 0)
+  assert os.path.exists(os.path.join(cache, key + ".autoattack_progress.npz"))
+  calls.clear()
+  kill_at.clear()
+  resumed = run_suite(logits_fn, source, specs, cache_dir=cache, **kw)
+  assert len(calls) == 1  # only the second batch was attacked again
+  _assert_same_result(resumed, reference)
+  assert glob.glob(os.path.join(cache, "*progress*")) == []  # removed once the chunk is cached

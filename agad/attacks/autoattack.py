@@ -41,6 +41,7 @@ import numpy as np
 
 from agad.attacks import driver as driver_lib
 from agad.attacks.apgd import apgd_attack
+from agad.attacks.autoattack_progress import Position, Progress, run_identity
 from agad.attacks.dlr import ranked_targets
 from agad.attacks.fab import fab_attack
 from agad.attacks.batching import bucket_sizes, call_logits, lp_norm, padded_batches
@@ -320,17 +321,28 @@ class _Run:
 
     return report
 
-  def stage(self, stage: int, name: str, settings: dict, ranked) -> None:
-    """Stage ``stage``: ``name`` on the points still robust, round by round (targets)."""
-    stage_start = time.time()
+  def stage(self, stage: int, name: str, settings: dict, ranked, position=None, save=None) -> None:
+    """Stage ``stage``: ``name`` on the points still robust, round by round (targets).
+
+    ``position``: a saved ``Position`` inside this stage to go on from (its round's
+    points and the batches of it already run); ``save(position)`` is called after every
+    batch with the position that follows it.
+    """
+    elapsed = position.stage_s if position else 0.0
+    stage_start = time.time() - elapsed
     n_rounds = settings.get("n_targets", 1)
-    for round_index in range(n_rounds):
-      indices = np.nonzero(self.robust)[0]
+    first_round = position.round if position else 0
+    for round_index in range(first_round, n_rounds):
+      # A position after a stage's end (round 0, no batch done) starts the stage afresh.
+      resumed = position is not None and position.batches_done and round_index == first_round
+      indices = position.indices if resumed else np.nonzero(self.robust)[0]
       if len(indices) == 0:
         break
       round_key = jax.random.fold_in(jax.random.fold_in(self.key, stage), round_index)
       batches = list(self.batches(indices))
       for batch, (start, real, padded, valid) in enumerate(batches, 1):
+        if resumed and batch <= position.batches_done:
+          continue
         x, y = jnp.asarray(self.images[padded]), jnp.asarray(self.labels[padded])
         # Per-example keys from the example's index in the evaluated set: a result does
         # not depend on the batch size, the bucket or the other examples of its batch.
@@ -359,6 +371,8 @@ class _Run:
         self.adversarial[broken] = np.asarray(candidate)[: len(real)][ok]
         self.adv_pred[broken] = np.asarray(pred)[: len(real)][ok]
         self.broken_by[broken] = name
+        if save is not None:
+          save(Position(stage, round_index, indices, batch, time.time() - stage_start))
       if self.verbose and (n_rounds > 1 or len(indices) > self.batch_size):
         _log(
           f"[autoattack]   {name} round {round_index + 1}/{n_rounds}: "
@@ -454,6 +468,7 @@ def autoattack(
   driver: str = "auto",
   chunk: int | None = None,
   square_chunk: int = 20,
+  resume_path: str | None = None,
 ) -> dict[str, Any]:
   """Runs AutoAttack and returns per-example results. Stable public entry point.
 
@@ -471,13 +486,20 @@ def autoattack(
     n_target_classes: targets of APGD-T and FAB-T (capped at ``K - 1``).
     min_bucket: smallest bucket size; chunk / square_chunk: steps per compiled chunk
       (defaults: 10 for APGD and FAB, fewer with EOT; 20 queries for Square).
+    resume_path: a file where the per-example results and the position are saved after
+      every batch of every stage (atomically, by process 0). A run that finds the file goes
+      on after the last batch it holds, with the results of an uninterrupted run (the
+      per-example keys make them the same); the file must come from the same images,
+      labels, key, settings and model (else ``ValueError``). Removed when the run ends.
   Returns:
     dict with ``robust`` ``[N]`` bool numpy, ``adversarial`` ``[N,H,W,C]`` float32 numpy
     (clean image where never broken), ``per_attack`` (ordered attack name -> robust
     accuracy after that attack), ``clean_accuracy``, ``robust_accuracy``, ``std_error``,
     ``broken_by`` ``[N]`` str (``"clean"``, an attack name, or ``""`` if robust),
-    ``adversarial_predictions`` ``[N]``, ``times`` (seconds per attack), ``flags``
-    (warnings in the spirit of the reference's checks) and ``n``.
+    ``adversarial_predictions`` ``[N]``, ``times`` (seconds per attack, over every run
+    of a resumed one), ``flags`` (warnings in the spirit of the reference's checks),
+    ``n`` and ``resumed`` (``None``, or where a resumed run went on and the seconds spent
+    before it).
   """
   images, labels = _check_inputs(images, labels, eps)
   start_time = time.time()
@@ -535,14 +557,47 @@ def autoattack(
       f"n={n}, clean accuracy {clean_accuracy:.2%}"
     )
 
-  # Run: each stage on the points still robust.
-  per_attack: collections.OrderedDict[str, float] = collections.OrderedDict()
-  times: dict[str, float] = {}
+  # Run: each stage on the points still robust, from where a saved run stopped.
+  progress = (
+    Progress(
+      resume_path,
+      run_identity(
+        images,
+        labels,
+        key,
+        eps=float(eps),
+        norm=norm,
+        version=version,
+        plan=plan,
+        stochastic=stochastic,
+        batch_size=batch_size,
+        min_bucket=min_bucket,
+        n_target_classes=n_target_classes,
+      ),
+      run,
+      clean_logits.argmax(-1) if n else np.zeros((0,), np.int64),
+      [name for name, _ in plan],
+      start_time,
+    )
+    if resume_path is not None
+    else None
+  )
+  per_attack = progress.per_attack if progress else collections.OrderedDict()
+  times = progress.times if progress else {}
+  if progress:
+    start_time = progress.start_time  # earlier by the seconds spent before a resumed run
+  if progress and progress.resumed and verbose:
+    _log(progress.describe())
   for stage, (name, settings) in enumerate(plan):
-    stage_start = time.time()
-    run.stage(stage, name, settings, ranked)
+    here = progress.position_in(stage) if progress else None
+    if here is False:
+      continue  # done before the interruption: its results came from the file
+    stage_start = time.time() - (here.stage_s if here else 0.0)
+    run.stage(stage, name, settings, ranked, here, progress.save if progress else None)
     per_attack[name] = float(run.robust.mean())
     times[name] = time.time() - stage_start
+    if progress:
+      progress.save(Position(stage + 1))
     if verbose:
       _log(
         f"[autoattack] after {name}: robust accuracy {per_attack[name]:.2%} ({times[name]:.1f} s)"
@@ -550,7 +605,9 @@ def autoattack(
 
   # Report.
   flags += _final_flags(run, per_attack)
-  return _report(
+  if progress:
+    progress.remove()
+  report = _report(
     run,
     clean_accuracy=clean_accuracy,
     per_attack=per_attack,
@@ -559,3 +616,4 @@ def autoattack(
     version=version,
     start_time=start_time,
   )
+  return {**report, "resumed": progress.resumed if progress else None}

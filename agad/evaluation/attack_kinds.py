@@ -154,13 +154,23 @@ RAND_ON_DETERMINISTIC = (
 
 
 def run_autoattack(
-  spec, logits_fn, images, labels, key, *, batch_size: int, stochastic: bool = False
+  spec,
+  logits_fn,
+  images,
+  labels,
+  key,
+  *,
+  batch_size: int,
+  stochastic: bool = False,
+  resume_path: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
   """AutoAttack on one chunk: ``(robust [n], adversarial [n,H,W,C], stages)``.
 
-  ``stages``: ``order``, ``times``, ``broken_by`` [n] and ``flags`` (AutoAttack's own
+  ``stages``: ``order``, ``times``, ``broken_by`` [n], ``flags`` (AutoAttack's own
   warnings, plus a note when ``rand`` was replaced by ``standard`` on a deterministic
-  model). Optional spec settings: ``steps``, ``square_queries``, ``attacks`` (custom).
+  model) and ``earlier_s`` (seconds spent before a resumed run). Optional spec settings:
+  ``steps``, ``square_queries``, ``attacks`` (custom). ``resume_path``: AutoAttack's
+  progress file (``autoattack``), so that an interrupted chunk goes on batch by batch.
   """
   kw = spec.kw
   version = kw.get("version", "standard")
@@ -182,6 +192,7 @@ def run_autoattack(
     batch_size=batch_size,
     stochastic=stochastic,
     verbose=True,
+    resume_path=resume_path,
     **extra,
   )
   stages = {
@@ -190,6 +201,7 @@ def run_autoattack(
     "broken_by": np.asarray(out["broken_by"]).astype(str),
     "flags": notes + list(out["flags"]),
     "version_run": version,
+    "earlier_s": out["resumed"]["earlier_s"] if out["resumed"] else 0.0,
   }
   return np.asarray(out["robust"]), np.asarray(out["adversarial"], np.float32), stages
 

@@ -12,8 +12,9 @@ over everything run at the report's eps, and the checks of ``agad.evaluation.che
 Per-example attack results are cached in ``cache_dir`` under ``sha256(ATTACK_CODE_VERSION,
 params hash, model/config fingerprint, dtype, stochastic, attack spec, seed, example
 indices of the chunk)``: a later run adds attacks without redoing old ones, a long run
-resumes chunk by chunk, and changed attack code, weights, model definition, dtype, data
-or setting never reuse stale results. Verification is never cached: it reruns each time.
+resumes chunk by chunk (AutoAttack within a chunk batch by batch, from its progress file
+beside the entry), and changed attack code, weights, model definition, dtype, data or
+setting never reuse stale results. Verification is never cached: it reruns each time.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class Suite:
       adv_all.append(best[mask])
     return np.concatenate(robust_all), np.concatenate(adv_all)
 
-  def _run_chunk_autoattack(self, spec, chunk_indices, key):
+  def _run_chunk_autoattack(self, spec, chunk_indices, key, path):
     batch = data_lib.read_batch(self.source, chunk_indices)
     images = batch["image"].astype(np.float32) / np.float32(255)
     return attack_kinds.run_autoattack(
@@ -279,6 +280,8 @@ class Suite:
       key,
       batch_size=self.batch_size,
       stochastic=self.stochastic,
+      # Beside the chunk's cache entry: an interrupted AutoAttack goes on batch by batch.
+      resume_path=path[: -len(".npz")] + ".autoattack_progress.npz" if path else None,
     )
 
   def _load(self, path, spec):
@@ -296,7 +299,8 @@ class Suite:
     t0 = time.time()
     stages, extra = None, {}
     if spec.kind == "autoattack":
-      r, a, stages = self._run_chunk_autoattack(spec, chunk_indices, key)
+      r, a, stages = self._run_chunk_autoattack(spec, chunk_indices, key, path)
+      t0 -= stages["earlier_s"]  # the chunk's wall time includes the interrupted runs
       extra = {
         "broken_by": stages["broken_by"],
         "stages": json.dumps({k: stages[k] for k in ("order", "times", "flags", "version_run")}),
