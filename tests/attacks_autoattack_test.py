@@ -446,6 +446,7 @@ def _count_verify(monkeypatch, stop_at=None):
   return calls
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_goes_on_from_its_progress_file_with_the_same_results(
   tmp_path, monkeypatch
 ):
