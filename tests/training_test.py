@@ -428,3 +428,31 @@ def test_validation_step_adds_the_adaptive_attack_and_takes_the_worst_case():
   np.testing.assert_array_equal(out["robust_pgd"], plain["robust_pgd"])
   assert bool(jnp.all(out["robust"] <= out["robust_pgd"]))
   assert int(out["robust"].sum()) < 8, "the adaptive attack should break most points"
+
+
+def test_validation_at_chance_warns_that_the_run_collapsed_and_says_the_fix(monkeypatch):
+  from types import SimpleNamespace
+
+  val = lambda clean, n=2000: {"val/clean_accuracy": clean, "val/robust_accuracy": 0.0, "val/n": n}
+  message = loop.chance_warning(val(0.106), 10, 0.05, 0)
+  assert "validation clean accuracy 0.1060 is at chance (1/10 = 0.1000)" in message
+  assert "--config.optim.lr (now 0.05, e.g. 0.025) or another --config.seed (now 0)" in message
+  assert loop.chance_warning(val(0.121), 10, 0.05, 0) is None  # above 1/K + CHANCE_MARGIN
+  assert loop.chance_warning(val(0.02), 100, 0.1, 1) is not None
+  assert loop.chance_warning(val(0.031), 100, 0.1, 1) is None
+  assert loop.chance_warning(val(0.51), 2, 0.1, 1) is not None  # two classes: chance is 0.5
+  assert loop.chance_warning(val(0.0, n=0), 10, 0.1, 1) is None  # nothing validated
+  # The epoch's validation logs it.
+  warnings = []
+  monkeypatch.setattr(loop.logging, "warning", lambda fmt, *a: warnings.append(fmt % a))
+  trainer = SimpleNamespace(
+    validate=lambda state: val(0.1),
+    exp=SimpleNamespace(info=SimpleNamespace(num_classes=10)),
+    config=SimpleNamespace(optim=SimpleNamespace(lr=0.05), seed=3),
+  )
+  writer = SimpleNamespace(write=lambda step, values: None)
+  assert loop.Trainer._validate_and_log(trainer, 156, None, writer) == val(0.1)
+  assert len(warnings) == 1 and "another --config.seed (now 3)" in warnings[0]
+  trainer.validate = lambda state: val(0.5)
+  loop.Trainer._validate_and_log(trainer, 312, None, writer)
+  assert len(warnings) == 1

@@ -87,6 +87,25 @@ class NonFiniteError(FloatingPointError):
 FINITE_METRICS = ("loss", "grad_norm")
 
 
+# Validation clean accuracy at most this far above chance (1/K) reads as a collapsed run.
+CHANCE_MARGIN = 0.02
+
+
+def chance_warning(val: dict, num_classes: int, lr: float, seed: int) -> str | None:
+  """A warning when validation clean accuracy is at chance: the model has most likely
+  collapsed to a (near) constant output, which training rarely leaves (the table recipe on
+  some seed and CPU instruction set: docs/results/afa.md). ``None`` otherwise."""
+  clean = val["val/clean_accuracy"]
+  if not val.get("val/n") or clean > 1.0 / num_classes + CHANCE_MARGIN:
+    return None
+  return (
+    f"validation clean accuracy {clean:.4f} is at chance (1/{num_classes} = "
+    f"{1.0 / num_classes:.4f}): the model has most likely collapsed to a constant output "
+    "and will not recover. Stop this run and train in a new --workdir with a lower "
+    f"--config.optim.lr (now {lr:g}, e.g. {lr / 2:g}) or another --config.seed (now {seed})."
+  )
+
+
 class Trainer:
   """Builds everything once; ``run()`` trains to the end (or ``stop_after_steps``)."""
 
@@ -436,6 +455,11 @@ class Trainer:
       else "",
       val["val/n"],
     )
+    warning = chance_warning(
+      val, self.exp.info.num_classes, float(self.config.optim.lr), int(self.config.seed)
+    )
+    if warning:
+      logging.warning("%s", warning)
     return val
 
   def _save(self, ckpt, step, state, data_state, fingerprint, metrics) -> None:
