@@ -66,8 +66,12 @@ class Progress:
     self.start_time = start_time
     self.position: Position | None = None
     self.resumed: dict | None = None
-    if os.path.exists(path):
-      self._load(plan_names)
+    try:
+      with open(path, "rb") as f:  # one read: process 0 may replace or remove it meanwhile
+        state = dict(np.load(f, allow_pickle=False))
+    except FileNotFoundError:
+      return
+    self._load(state, plan_names)
 
   def _refuse(self, why: str):
     raise ValueError(
@@ -75,9 +79,7 @@ class Progress:
       "ones, or delete the file to start afresh"
     )
 
-  def _load(self, plan_names) -> None:
-    with np.load(self.path, allow_pickle=False) as f:
-      state = {k: f[k] for k in f.files}
+  def _load(self, state: dict, plan_names) -> None:
     if str(state["identity"]) != self.identity:
       self._refuse(
         "by a run with other images, labels, key or settings (eps, norm, version, "
