@@ -487,7 +487,10 @@ def chaos_eval(
   cache = os.path.join(run_out, "cache")
 
   def cache_entries():
+    """Complete cache entries and partial writes; AutoAttack's progress files (what a
+    killed chunk goes on from) are neither."""
     entries = glob.glob(os.path.join(cache, "*.npz"))
+    entries = [e for e in entries if not e.endswith(".autoattack_progress.npz")]
     return (
       [e for e in entries if not e.endswith(".tmp.npz")],
       [e for e in entries if e.endswith(".tmp.npz")],
