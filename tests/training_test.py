@@ -434,14 +434,15 @@ def test_validation_at_chance_warns_that_the_run_collapsed_and_says_the_fix(monk
   from types import SimpleNamespace
 
   val = lambda clean, n=2000: {"val/clean_accuracy": clean, "val/robust_accuracy": 0.0, "val/n": n}
-  message = loop.chance_warning(val(0.106), 10, 0.05, 0)
+  message = loop.chance_warning(val(0.106), 10, 0.05, 0, 156)
   assert "validation clean accuracy 0.1060 is at chance (1/10 = 0.1000)" in message
   assert "--config.optim.lr (now 0.05, e.g. 0.025) or another --config.seed (now 0)" in message
-  assert loop.chance_warning(val(0.121), 10, 0.05, 0) is None  # above 1/K + CHANCE_MARGIN
-  assert loop.chance_warning(val(0.02), 100, 0.1, 1) is not None
-  assert loop.chance_warning(val(0.031), 100, 0.1, 1) is None
-  assert loop.chance_warning(val(0.51), 2, 0.1, 1) is not None  # two classes: chance is 0.5
-  assert loop.chance_warning(val(0.0, n=0), 10, 0.1, 1) is None  # nothing validated
+  assert loop.chance_warning(val(0.121), 10, 0.05, 0, 156) is None  # above 1/K + CHANCE_MARGIN
+  assert loop.chance_warning(val(0.02), 100, 0.1, 1, 100) is not None
+  assert loop.chance_warning(val(0.02), 100, 0.1, 1, 99) is None  # too early to tell
+  assert loop.chance_warning(val(0.031), 100, 0.1, 1, 500) is None
+  assert loop.chance_warning(val(0.51), 2, 0.1, 1, 500) is not None  # two classes: chance 0.5
+  assert loop.chance_warning(val(0.0, n=0), 10, 0.1, 1, 500) is None  # nothing validated
   # The epoch's validation logs it.
   warnings = []
   monkeypatch.setattr(loop.logging, "warning", lambda fmt, *a: warnings.append(fmt % a))
@@ -455,4 +456,6 @@ def test_validation_at_chance_warns_that_the_run_collapsed_and_says_the_fix(monk
   assert len(warnings) == 1 and "another --config.seed (now 3)" in warnings[0]
   trainer.validate = lambda state: val(0.5)
   loop.Trainer._validate_and_log(trainer, 312, None, writer)
+  trainer.validate = lambda state: val(0.1)
+  loop.Trainer._validate_and_log(trainer, 12, None, writer)  # a smoke run's first epoch
   assert len(warnings) == 1

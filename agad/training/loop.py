@@ -87,16 +87,20 @@ class NonFiniteError(FloatingPointError):
 FINITE_METRICS = ("loss", "grad_norm")
 
 
-# Validation clean accuracy at most this far above chance (1/K) reads as a collapsed run.
+# Validation clean accuracy at most this far above chance (1/K), from step CHANCE_MIN_STEPS
+# on (before, a model may simply not have learnt yet: smoke runs), reads as a collapsed run.
 CHANCE_MARGIN = 0.02
+CHANCE_MIN_STEPS = 100
 
 
-def chance_warning(val: dict, num_classes: int, lr: float, seed: int) -> str | None:
-  """A warning when validation clean accuracy is at chance: the model has most likely
-  collapsed to a (near) constant output, which training rarely leaves (the table recipe on
-  some seed and CPU instruction set: docs/results/afa.md). ``None`` otherwise."""
+def chance_warning(val: dict, num_classes: int, lr: float, seed: int, step: int) -> str | None:
+  """A warning when validation clean accuracy at ``step`` is at chance: the model has most
+  likely collapsed to a (near) constant output, which training rarely leaves (the table
+  recipe on some seed and CPU instruction set: docs/results/afa.md). ``None`` otherwise."""
   clean = val["val/clean_accuracy"]
-  if not val.get("val/n") or clean > 1.0 / num_classes + CHANCE_MARGIN:
+  if step < CHANCE_MIN_STEPS or not val.get("val/n"):
+    return None
+  if clean > 1.0 / num_classes + CHANCE_MARGIN:
     return None
   return (
     f"validation clean accuracy {clean:.4f} is at chance (1/{num_classes} = "
@@ -456,7 +460,7 @@ class Trainer:
       val["val/n"],
     )
     warning = chance_warning(
-      val, self.exp.info.num_classes, float(self.config.optim.lr), int(self.config.seed)
+      val, self.exp.info.num_classes, float(self.config.optim.lr), int(self.config.seed), step
     )
     if warning:
       logging.warning("%s", warning)
