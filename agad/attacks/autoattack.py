@@ -321,8 +321,9 @@ class _Run:
 
     return report
 
-  def stage(self, stage: int, name: str, settings: dict, ranked, position=None, save=None) -> None:
-    """Stage ``stage``: ``name`` on the points still robust, round by round (targets).
+  def stage(self, stage: int, name: str, settings: dict, ranked, position=None, save=None) -> float:
+    """Stage ``stage``: ``name`` on the points still robust, round by round (targets);
+    returns the seconds spent in the stage (those before an interruption included).
 
     ``position``: a saved ``Position`` inside this stage to go on from (its round's
     points and the batches of it already run); ``save(position)`` is called after every
@@ -379,6 +380,7 @@ class _Run:
           f"{len(indices)} points attacked, robust accuracy now {self.robust.mean():.2%} "
           f"({time.time() - stage_start:.0f} s into the stage)"
         )
+    return time.time() - stage_start
 
 
 def _clean_flags(clean_logits: np.ndarray, n: int, stochastic: bool, version: str) -> list[str]:
@@ -592,10 +594,10 @@ def autoattack(
     here = progress.position_in(stage) if progress else None
     if here is False:
       continue  # done before the interruption: its results came from the file
-    stage_start = time.time() - (here.stage_s if here else 0.0)
-    run.stage(stage, name, settings, ranked, here, progress.save if progress else None)
+    times[name] = run.stage(
+      stage, name, settings, ranked, here, progress.save if progress else None
+    )
     per_attack[name] = float(run.robust.mean())
-    times[name] = time.time() - stage_start
     if progress:
       progress.save(Position(stage + 1))
     if verbose:
